@@ -1,0 +1,98 @@
+//! Carriers: reliable ordered byte pipes to the peer. A direct TCP
+//! connection today; relays and other transports plug in through
+//! [`Dialer`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::error::Error;
+
+/// Anything that carries POOL records: a reliable, ordered byte stream.
+pub trait Carrier: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The remote address, if the carrier has one.
+    fn peer_addr(&self) -> Option<SocketAddr>;
+    /// A short word for tables: "tcp", "relay", ...
+    fn kind(&self) -> &'static str;
+}
+
+impl Carrier for TcpStream {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        TcpStream::peer_addr(self).ok()
+    }
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+/// A boxed carrier.
+pub type BoxedCarrier = Box<dyn Carrier>;
+
+/// A boxed future returned by [`Dialer::dial`].
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<BoxedCarrier, Error>> + Send + 'a>>;
+
+/// Opens new carriers to one peer: used for the first connection and for
+/// every resume after a carrier dies.
+pub trait Dialer: Send + Sync + 'static {
+    /// Opens a new carrier.
+    fn dial(&self) -> DialFuture<'_>;
+    /// Where it dials, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Dials TCP to `host:port`, resolving the name on every dial (so a peer
+/// whose address changed is found again).
+#[derive(Clone, Debug)]
+pub struct TcpDialer {
+    addr: String,
+}
+
+impl TcpDialer {
+    /// A dialer for `HOST:PORT`, `1.2.3.4:PORT` or `[::1]:PORT`.
+    pub fn new(addr: impl Into<String>) -> Self {
+        TcpDialer { addr: addr.into() }
+    }
+}
+
+impl Dialer for TcpDialer {
+    fn dial(&self) -> DialFuture<'_> {
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.addr)
+                .await
+                .map_err(|source| Error::Resolve {
+                    addr: self.addr.clone(),
+                    source,
+                })?
+                .collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => {
+                        tune(&s);
+                        return Ok(Box::new(s) as BoxedCarrier);
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(Error::Connect {
+                addr: self.addr.clone(),
+                source: last,
+            })
+        })
+    }
+    fn describe(&self) -> String {
+        self.addr.clone()
+    }
+}
+
+/// `TCP_NODELAY` and large buffers on every carrier socket.
+pub(crate) fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    let _ = sock.set_recv_buffer_size(4 << 20);
+}

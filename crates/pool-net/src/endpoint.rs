@@ -1,0 +1,513 @@
+//! The endpoint: a node's key, trust and (optionally) its listener.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pool_core::{
+    Acceptor, Config, HandshakeError, Initiator, PublicKey, RecordType, SecretKey, SessionId,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::carrier::{tune, BoxedCarrier, Dialer, TcpDialer};
+use crate::error::Error;
+use crate::session::{self, Session, Shared};
+use crate::trust::Trust;
+
+/// How an endpoint is set up. A key is required: there is no default
+/// identity, and no default trust (an endpoint that trusts nobody refuses
+/// every client).
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    key: SecretKey,
+    protocol: Config,
+    trust: Trust,
+    handshake_timeout: Duration,
+    max_pending_handshakes: usize,
+}
+
+impl EndpointConfig {
+    /// A configuration for this node's key.
+    pub fn new(key: SecretKey) -> Self {
+        EndpointConfig {
+            key,
+            protocol: Config::default(),
+            trust: Trust::new(),
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 1024,
+        }
+    }
+    /// Protocol knobs (windows, timers, ciphers).
+    pub fn protocol(mut self, config: Config) -> Self {
+        self.protocol = config;
+        self
+    }
+    /// Who may connect (listener) and the fleet secret (both sides).
+    pub fn trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
+    }
+    /// How long a new carrier may take to present its first record and to
+    /// finish the handshake (default 5 s; slowloris connections are cut).
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+    /// Handshakes in progress at once on a listener (default 1024).
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.max_pending_handshakes = n.max(1);
+        self
+    }
+}
+
+/// Sessions a listener can resume, by id.
+pub(crate) struct Registry {
+    sessions: Mutex<HashMap<SessionId, Weak<Shared>>>,
+}
+
+impl Registry {
+    pub(crate) fn remove(&self, id: &SessionId) {
+        if let Ok(mut m) = self.sessions.lock() {
+            m.remove(id);
+        }
+    }
+    fn get(&self, id: &SessionId) -> Option<Arc<Shared>> {
+        self.sessions.lock().ok()?.get(id)?.upgrade()
+    }
+}
+
+/// Listener counters.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Sessions accepted.
+    pub accepted: AtomicU64,
+    /// Handshakes refused (any reason).
+    pub refused: AtomicU64,
+    /// Resumes accepted.
+    pub resumed: AtomicU64,
+    /// Carriers dropped before a first record (timeouts, garbage).
+    pub dropped: AtomicU64,
+}
+
+struct Inner {
+    config: EndpointConfig,
+    registry: Arc<Registry>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Session>>,
+    local_addr: Option<SocketAddr>,
+    stats: Arc<ListenerStats>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// A POOL node: dials sessions and, when bound, accepts them.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Endpoint({}, {:?})",
+            self.public_key().short(),
+            self.inner.local_addr
+        )
+    }
+}
+
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads exactly one record (handshake class) from a carrier, within `t`.
+pub(crate) async fn read_record<R: AsyncRead + Unpin + ?Sized>(
+    rd: &mut R,
+    addr: &str,
+    t: Duration,
+) -> Result<Vec<u8>, Error> {
+    let fut = async {
+        let mut buf = vec![0u8; 4];
+        rd.read_exact(&mut buf).await?;
+        let len = match pool_core::peek_record(&buf) {
+            Ok(_) => (usize::from(buf[1]) << 16) | (usize::from(buf[2]) << 8) | usize::from(buf[3]),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
+            }
+        };
+        buf.resize(4 + len, 0);
+        rd.read_exact(&mut buf[4..]).await?;
+        Ok(buf)
+    };
+    match tokio::time::timeout(t, fut).await {
+        Err(_) => Err(Error::Timeout {
+            addr: addr.to_string(),
+            secs: t.as_secs(),
+        }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::HandshakeEof {
+            addr: addr.to_string(),
+        }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(Error::Handshake {
+            addr: addr.to_string(),
+            source: HandshakeError::Unexpected("not a POOL record"),
+        }),
+        Ok(Err(e)) => Err(Error::Io(e)),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// Binds a TCP listener; `[::]:PORT` is dual-stack (accepts IPv4 too).
+async fn bind_dual_stack(addr: &str) -> Result<TcpListener, Error> {
+    let sa: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| Error::Resolve {
+            addr: addr.into(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| Error::Resolve {
+            addr: addr.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let bind_err = |source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let domain = if sa.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(bind_err)?;
+    if sa.is_ipv6() {
+        sock.set_only_v6(false).map_err(bind_err)?;
+    }
+    sock.set_reuse_address(true).map_err(bind_err)?;
+    sock.set_nonblocking(true).map_err(bind_err)?;
+    sock.bind(&sa.into()).map_err(bind_err)?;
+    sock.listen(1024).map_err(bind_err)?;
+    TcpListener::from_std(sock.into()).map_err(bind_err)
+}
+
+impl Endpoint {
+    /// An endpoint that only dials.
+    pub fn client(config: EndpointConfig) -> Endpoint {
+        let (_tx, rx) = mpsc::channel(1);
+        Endpoint {
+            inner: Arc::new(Inner {
+                config,
+                registry: Arc::new(Registry {
+                    sessions: Mutex::new(HashMap::new()),
+                }),
+                incoming: tokio::sync::Mutex::new(rx),
+                local_addr: None,
+                stats: Arc::default(),
+                task: None,
+            }),
+        }
+    }
+
+    /// An endpoint listening on `addr` (`[::]:9253`, `0.0.0.0:9253`,
+    /// `127.0.0.1:0`, `host:port`).
+    pub async fn bind(addr: &str, config: EndpointConfig) -> Result<Endpoint, Error> {
+        let listener = bind_dual_stack(addr).await?;
+        let local_addr = listener.local_addr().ok();
+        let (tx, rx) = mpsc::channel(256);
+        let registry = Arc::new(Registry {
+            sessions: Mutex::new(HashMap::new()),
+        });
+        let stats: Arc<ListenerStats> = Arc::default();
+        let acceptor = Arc::new(Mutex::new(Acceptor::new(
+            &config.protocol,
+            config.key.clone(),
+            config.trust.fleet_secret().cloned(),
+        )));
+        let ctx = Arc::new(ListenCtx {
+            config: config.clone(),
+            acceptor: acceptor.clone(),
+            registry: registry.clone(),
+            incoming: tx,
+            stats: stats.clone(),
+            pending: Semaphore::new(config.max_pending_handshakes),
+        });
+        let task = tokio::spawn(accept_loop(listener, ctx));
+        info!(addr = ?local_addr, key = %config.key.public_key(), "listening");
+        Ok(Endpoint {
+            inner: Arc::new(Inner {
+                config,
+                registry,
+                incoming: tokio::sync::Mutex::new(rx),
+                local_addr,
+                stats,
+                task: Some(task),
+            }),
+        })
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.config.key.public_key()
+    }
+
+    /// The listening address, if bound.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.local_addr
+    }
+
+    /// Listener counters.
+    pub fn listener_stats(&self) -> &ListenerStats {
+        &self.inner.stats
+    }
+
+    /// The next session a peer opened with us; `None` if not listening.
+    pub async fn accept(&self) -> Option<Session> {
+        self.inner.incoming.lock().await.recv().await
+    }
+
+    /// Connects to `addr` (`HOST:PORT`, `1.2.3.4:PORT`, `[::1]:PORT`) and
+    /// authenticates it as `peer`. If the carrier dies later the session
+    /// reconnects and resumes on its own.
+    pub async fn connect(&self, addr: &str, peer: PublicKey) -> Result<Session, Error> {
+        self.connect_with(Arc::new(TcpDialer::new(addr)), peer)
+            .await
+    }
+
+    /// Like [`Endpoint::connect`], over any carrier a [`Dialer`] opens.
+    pub async fn connect_with(
+        &self,
+        dialer: Arc<dyn Dialer>,
+        peer: PublicKey,
+    ) -> Result<Session, Error> {
+        let addr = dialer.describe();
+        let t = self.inner.config.handshake_timeout;
+        let mut carrier =
+            tokio::time::timeout(t, dialer.dial())
+                .await
+                .map_err(|_| Error::Timeout {
+                    addr: addr.clone(),
+                    secs: t.as_secs(),
+                })??;
+        let cfg = &self.inner.config;
+        let mut hello = Vec::new();
+        let init = Initiator::start(
+            &cfg.protocol,
+            &cfg.key,
+            peer,
+            cfg.trust.fleet_secret(),
+            unix_nanos(),
+            &mut rand_core::OsRng,
+            &mut hello,
+        )
+        .map_err(|source| Error::Handshake {
+            addr: addr.clone(),
+            source,
+        })?;
+        carrier.write_all(&hello).await?;
+        let record = read_record(&mut carrier, &addr, t).await?;
+        let core = init
+            .finish(Instant::now(), &record)
+            .map_err(|source| Error::Handshake {
+                addr: addr.clone(),
+                source,
+            })?;
+        debug!(to = %addr, session = %core.id(), cipher = core.cipher().name(), "session established");
+        Ok(session::spawn(core, carrier, Some(dialer), None))
+    }
+
+    /// Asks the listener at `addr` for its public key (for trust on first
+    /// use). The answer is unauthenticated: pin it, then every later
+    /// handshake proves it.
+    pub async fn probe_key(addr: &str) -> Result<PublicKey, Error> {
+        let dialer = TcpDialer::new(addr);
+        let mut carrier = dialer.dial().await?;
+        let mut msg = Vec::new();
+        pool_core::write_key_probe(&mut msg);
+        carrier.write_all(&msg).await?;
+        let record = read_record(&mut carrier, addr, Duration::from_secs(5)).await?;
+        pool_core::read_key_info(&record).map_err(|source| Error::Handshake {
+            addr: addr.to_string(),
+            source,
+        })
+    }
+
+    /// Sessions this endpoint accepted that are still alive.
+    pub fn session_count(&self) -> usize {
+        self.inner
+            .registry
+            .sessions
+            .lock()
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+}
+
+struct ListenCtx {
+    config: EndpointConfig,
+    acceptor: Arc<Mutex<Acceptor>>,
+    registry: Arc<Registry>,
+    incoming: mpsc::Sender<Session>,
+    stats: Arc<ListenerStats>,
+    pending: Semaphore,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
+    loop {
+        let (sock, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tune(&sock);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = ctx.pending.try_acquire() else {
+                ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(%from, "too many handshakes in progress; dropping connection");
+                return;
+            };
+            if let Err(e) = handle_carrier(&ctx, sock, from).await {
+                debug!(%from, error = %e, "incoming carrier failed");
+            }
+        });
+    }
+}
+
+async fn handle_carrier(
+    ctx: &ListenCtx,
+    mut sock: TcpStream,
+    from: SocketAddr,
+) -> Result<(), Error> {
+    let addr = from.to_string();
+    let record = match read_record(&mut sock, &addr, ctx.config.handshake_timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let mut out = Vec::new();
+    match record[0] {
+        t if t == RecordType::Hello as u8 => {
+            let source = match from.ip() {
+                std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                std::net::IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            let trust = ctx.config.trust.clone();
+            let res = {
+                let mut acc = ctx.acceptor.lock().unwrap_or_else(|e| e.into_inner());
+                acc.accept(
+                    Instant::now(),
+                    unix_nanos(),
+                    &source,
+                    &record,
+                    &mut |k: &PublicKey| trust.check_client(k),
+                    &mut rand_core::OsRng,
+                    &mut out,
+                )
+            };
+            match res {
+                Ok(core) => {
+                    sock.write_all(&out).await?;
+                    let id = core.id();
+                    info!(%from, peer = %core.peer_key(), session = %id, "session accepted");
+                    let reg = Arc::downgrade(&ctx.registry);
+                    let session =
+                        session::spawn(core, Box::new(sock) as BoxedCarrier, None, Some(reg));
+                    if let Ok(mut m) = ctx.registry.sessions.lock() {
+                        m.insert(id, Arc::downgrade(&session.shared));
+                    }
+                    ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    if ctx.incoming.try_send(session).is_err() {
+                        warn!(%from, "accept queue full; closing the new session");
+                    }
+                }
+                Err(e) => {
+                    ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    match &e {
+                        HandshakeError::Untrusted { key } => {
+                            warn!(%from, %key, "refused untrusted key: {e}")
+                        }
+                        _ => info!(%from, "handshake refused: {e}"),
+                    }
+                    pool_core::write_refusal(&e, &mut out);
+                    let _ = sock.write_all(&out).await;
+                    let _ = sock.shutdown().await;
+                }
+            }
+        }
+        t if t == RecordType::Resume as u8 => {
+            let res = match pool_core::resume_session_id(&record) {
+                Ok(id) => match ctx.registry.get(&id) {
+                    Some(shared) => {
+                        let mut st = shared.lock();
+                        let r = st.core.handle_resume(
+                            Instant::now(),
+                            &record,
+                            &mut rand_core::OsRng,
+                            &mut out,
+                        );
+                        if r.is_ok() {
+                            session::invalidate_carrier(&mut st);
+                            session::process_events(&mut st, &shared);
+                        }
+                        drop(st);
+                        r.map(|()| shared)
+                    }
+                    None => Err(HandshakeError::UnknownSession),
+                },
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(shared) => {
+                    sock.write_all(&out).await?;
+                    ctx.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                    info!(%from, session = %shared.id, "session resumed on a new carrier");
+                    session::attach(&shared, Box::new(sock));
+                }
+                Err(e) => {
+                    ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    info!(%from, "resume refused: {e}");
+                    pool_core::write_refusal(&e, &mut out);
+                    let _ = sock.write_all(&out).await;
+                }
+            }
+        }
+        t if t == RecordType::KeyProbe as u8 => {
+            ctx.acceptor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_key_info(&mut out);
+            sock.write_all(&out).await?;
+        }
+        _ => {
+            ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            let e = HandshakeError::Unexpected("first record must be HELLO, RESUME or KEY_PROBE");
+            pool_core::write_refusal(&e, &mut out);
+            let _ = sock.write_all(&out).await;
+        }
+    }
+    Ok(())
+}

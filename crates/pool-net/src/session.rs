@@ -1,0 +1,560 @@
+//! One task drives one core session: it writes records, runs timers and,
+//! on the initiator, reconnects and resumes when the carrier dies.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use pool_core::{CloseCode, CloseReason, Event, HandshakeError, PublicKey, SessionId, Stats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::carrier::{BoxedCarrier, Dialer};
+use crate::error::Error;
+use crate::stream::Stream;
+
+/// Runtime state guarded by one lock, next to the core session.
+pub(crate) struct State {
+    pub(crate) core: pool_core::Session,
+    pub(crate) read_wakers: HashMap<u64, Waker>,
+    pub(crate) write_wakers: HashMap<u64, Waker>,
+    accept_queue: VecDeque<u64>,
+    /// Generation of the attached carrier; readers of older ones stop.
+    generation: u64,
+    /// A carrier waiting for the driver to adopt its writing half.
+    new_writer: Option<(u64, WriteHalf<BoxedCarrier>)>,
+    remote: Option<SocketAddr>,
+    carrier_kind: &'static str,
+    reconnecting: bool,
+    pub(crate) closed: Option<CloseReason>,
+}
+
+/// What a [`crate::Session`] handle and its streams share with the driver.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Wakes the driver: something to send, or a carrier change.
+    pub(crate) wake: Notify,
+    /// Wakes `accept_stream`, `open_stream` and `closed` waiters.
+    pub(crate) app: Notify,
+    pub(crate) id: SessionId,
+    pub(crate) peer: PublicKey,
+    pub(crate) started: Instant,
+    dialer: Option<Arc<dyn Dialer>>,
+    handles: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a panic elsewhere while holding it; the
+        // state is still the best we have.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add_handle(&self) {
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The last application handle (session or stream) is gone: close.
+    pub(crate) fn drop_handle(&self) {
+        if self.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut st = self.lock();
+            st.core
+                .close(Instant::now(), CloseCode::Normal, "session dropped");
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Applies core events to wakers and queues. Call with the lock held.
+pub(crate) fn process_events(st: &mut State, shared: &Shared) {
+    let mut app = false;
+    while let Some(ev) = st.core.poll_event() {
+        match ev {
+            Event::StreamReadable(id) => {
+                if let Some(w) = st.read_wakers.remove(&id) {
+                    w.wake();
+                }
+            }
+            Event::StreamWritable(id) => {
+                if let Some(w) = st.write_wakers.remove(&id) {
+                    w.wake();
+                }
+            }
+            Event::StreamOpened(id) => {
+                st.accept_queue.push_back(id);
+                app = true;
+            }
+            Event::StreamsAvailable => app = true,
+            Event::CarrierDead => {
+                info!(session = %shared.id, "carrier silent for too long; dropping it");
+                st.generation += 1;
+                shared.wake.notify_one();
+            }
+            Event::Rekeyed(epoch) => debug!(session = %shared.id, epoch, "new key epoch"),
+            Event::Closed(reason) => {
+                info!(session = %shared.id, %reason, "session closed");
+                st.closed = Some(reason);
+                for (_, w) in st.read_wakers.drain() {
+                    w.wake();
+                }
+                for (_, w) in st.write_wakers.drain() {
+                    w.wake();
+                }
+                app = true;
+            }
+            _ => {}
+        }
+    }
+    if app {
+        shared.app.notify_waiters();
+    }
+}
+
+/// Counters and state of a session, for tables and metrics.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SessionStats {
+    /// The core's counters (bytes, frames, RTT, epochs, resumes, ...).
+    pub core: Stats,
+    /// The carrier's remote address, if attached.
+    pub remote: Option<SocketAddr>,
+    /// The carrier kind ("tcp", ...), or "none" while resuming.
+    pub carrier: &'static str,
+    /// How long the session has existed.
+    pub age: Duration,
+}
+
+/// A live POOL session: open and accept streams, read stats, close.
+/// Cloning gives another handle to the same session; the session closes
+/// when the last handle and stream are dropped.
+pub struct Session {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Clone for Session {
+    fn clone(&self) -> Self {
+        self.shared.add_handle();
+        Session {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.drop_handle();
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Session({}, peer={})",
+            self.shared.id,
+            self.shared.peer.short()
+        )
+    }
+}
+
+impl Session {
+    /// The session id (the same on both sides).
+    pub fn id(&self) -> SessionId {
+        self.shared.id
+    }
+
+    /// The peer's authenticated public key.
+    pub fn peer_key(&self) -> PublicKey {
+        self.shared.peer
+    }
+
+    /// Counters, RTT and carrier state.
+    pub fn stats(&self) -> SessionStats {
+        let st = self.shared.lock();
+        SessionStats {
+            core: st.core.stats(),
+            remote: st.remote,
+            carrier: if st.core.carrier_up() {
+                st.carrier_kind
+            } else {
+                "none"
+            },
+            age: self.shared.started.elapsed(),
+        }
+    }
+
+    /// Opens a stream; waits while the peer's stream limit is reached.
+    pub async fn open_stream(&self) -> Result<Stream, Error> {
+        loop {
+            let notified = self.shared.app.notified();
+            {
+                let mut st = self.shared.lock();
+                if let Some(r) = &st.closed {
+                    return Err(Error::Closed(r.clone()));
+                }
+                match st.core.open_stream() {
+                    Ok(id) => {
+                        drop(st);
+                        self.shared.wake.notify_one();
+                        return Ok(Stream::new(self.shared.clone(), id));
+                    }
+                    Err(pool_core::StreamError::SessionClosed(r)) => return Err(Error::Closed(r)),
+                    Err(_) => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The next stream the peer opens, or `None` once the session is closed.
+    pub async fn accept_stream(&self) -> Option<Stream> {
+        loop {
+            let notified = self.shared.app.notified();
+            {
+                let mut st = self.shared.lock();
+                if let Some(id) = st.accept_queue.pop_front() {
+                    return Some(Stream::new(self.shared.clone(), id));
+                }
+                if st.closed.is_some() {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes gracefully: what streams wrote is sent first, then a CLOSE
+    /// with `reason`. Returns when the session is closed.
+    pub async fn close(&self, reason: &str) -> CloseReason {
+        {
+            let mut st = self.shared.lock();
+            st.core.close(Instant::now(), CloseCode::Normal, reason);
+            process_events(&mut st, &self.shared);
+        }
+        self.shared.wake.notify_one();
+        self.closed().await
+    }
+
+    /// Waits until the session is closed and says why.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.shared.app.notified();
+            if let Some(r) = &self.shared.lock().closed {
+                return r.clone();
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Starts a new key epoch now (normally automatic on time and volume).
+    pub fn rekey(&self) {
+        let mut st = self.shared.lock();
+        st.core.force_rekey(&mut rand_core::OsRng);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+
+    /// Drops the current carrier as if it had died (for tests and for
+    /// operators moving a session by hand): the initiator resumes on a new
+    /// one.
+    pub fn drop_carrier(&self) {
+        let mut st = self.shared.lock();
+        st.core.carrier_lost(Instant::now());
+        st.generation += 1;
+        process_events(&mut st, &self.shared);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Creates the shared state and starts the driver on `carrier`.
+pub(crate) fn spawn(
+    core: pool_core::Session,
+    carrier: BoxedCarrier,
+    dialer: Option<Arc<dyn Dialer>>,
+    registry: Option<Weak<crate::endpoint::Registry>>,
+) -> Session {
+    let id = core.id();
+    let peer = core.peer_key();
+    let remote = carrier.peer_addr();
+    let kind = carrier.kind();
+    let mut core = core;
+    core.provide_entropy(&mut rand_core::OsRng);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            core,
+            read_wakers: HashMap::new(),
+            write_wakers: HashMap::new(),
+            accept_queue: VecDeque::new(),
+            generation: 0,
+            new_writer: None,
+            remote,
+            carrier_kind: kind,
+            reconnecting: false,
+            closed: None,
+        }),
+        wake: Notify::new(),
+        app: Notify::new(),
+        id,
+        peer,
+        started: Instant::now(),
+        dialer,
+        handles: AtomicU64::new(1),
+    });
+    attach(&shared, carrier);
+    let span = tracing::info_span!("session", id = %id, peer = %peer.short());
+    let drv = shared.clone();
+    tokio::spawn(
+        async move {
+            drive(drv.clone()).await;
+            if let Some(reg) = registry.and_then(|r| r.upgrade()) {
+                reg.remove(&drv.id);
+            }
+        }
+        .instrument(span),
+    );
+    Session { shared }
+}
+
+/// Makes the current carrier's reader and writer stand down (a resume on
+/// another carrier was accepted under the same lock).
+pub(crate) fn invalidate_carrier(st: &mut State) {
+    st.generation += 1;
+}
+
+/// Attaches a new carrier (after the core accepted it): a reader task for
+/// its reading half; the driver adopts its writing half.
+pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
+    let remote = carrier.peer_addr();
+    let kind = carrier.kind();
+    let (rd, wr) = tokio::io::split(carrier);
+    let gen = {
+        let mut st = shared.lock();
+        st.generation += 1;
+        let gen = st.generation;
+        st.new_writer = Some((gen, wr));
+        st.remote = remote;
+        st.carrier_kind = kind;
+        gen
+    };
+    let sh = shared.clone();
+    tokio::spawn(read_loop(sh, rd, gen).in_current_span());
+    shared.wake.notify_one();
+}
+
+async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64) {
+    let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+    loop {
+        if buf.len() == buf.capacity() {
+            let grow = buf.capacity().clamp(16 << 10, 256 << 10);
+            buf.reserve(grow);
+        }
+        let res = rd.read_buf(&mut buf).await;
+        let mut st = shared.lock();
+        if st.generation != gen {
+            return;
+        }
+        match res {
+            Ok(0) | Err(_) => {
+                debug!("carrier closed by the other end");
+                st.core.carrier_lost(Instant::now());
+                st.generation += 1;
+                process_events(&mut st, &shared);
+                drop(st);
+                shared.wake.notify_one();
+                return;
+            }
+            Ok(_) => {
+                let used = st.core.handle_carrier_data(Instant::now(), &mut buf);
+                process_events(&mut st, &shared);
+                let closed = st.core.is_closed();
+                drop(st);
+                buf.drain(..used);
+                shared.wake.notify_one();
+                if closed {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The driver: writes what the core produces, runs its timers, adopts new
+/// carriers and, on the initiator, resumes after a carrier is lost.
+async fn drive(shared: Arc<Shared>) {
+    let mut writer: Option<(u64, WriteHalf<BoxedCarrier>)> = None;
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let wake = shared.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let (deadline, done, lost) = {
+            let mut st = shared.lock();
+            if let Some(w) = st.new_writer.take() {
+                writer = Some(w);
+            }
+            if writer.as_ref().is_some_and(|(g, _)| *g != st.generation) {
+                writer = None;
+            }
+            out.clear();
+            if writer.is_some() {
+                let want = if st.core.pending_bytes() > 8 << 10 {
+                    256 << 10
+                } else {
+                    16 << 10
+                };
+                let now = Instant::now();
+                loop {
+                    let start = out.len();
+                    let room = want.max(start + pool_core::MAX_RECORD_LEN);
+                    out.resize(room, 0);
+                    match st.core.poll_transmit(now, &mut out[start..]) {
+                        Some(n) => {
+                            out.truncate(start + n);
+                            if out.len() >= want {
+                                break;
+                            }
+                        }
+                        None => {
+                            out.truncate(start);
+                            break;
+                        }
+                    }
+                }
+            }
+            process_events(&mut st, &shared);
+            let lost = !st.core.carrier_up() && !st.core.is_closed();
+            if lost && !st.reconnecting && shared.dialer.is_some() {
+                st.reconnecting = true;
+                let sh = shared.clone();
+                tokio::spawn(reconnect(sh).in_current_span());
+            }
+            (st.core.poll_timeout(), st.core.is_closed(), lost)
+        };
+        if !out.is_empty() {
+            if let Some((gen, w)) = writer.as_mut() {
+                let gen = *gen;
+                if let Err(e) = w.write_all(&out).await {
+                    debug!(error = %e, "carrier write failed");
+                    let mut st = shared.lock();
+                    if st.generation == gen {
+                        st.core.carrier_lost(Instant::now());
+                        st.generation += 1;
+                        process_events(&mut st, &shared);
+                    }
+                    writer = None;
+                }
+            }
+            continue;
+        }
+        if done {
+            if let Some((_, mut w)) = writer.take() {
+                let _ = w.flush().await;
+                let _ = w.shutdown().await;
+            }
+            shared.app.notify_waiters();
+            return;
+        }
+        if lost {
+            writer = None;
+        }
+        match deadline {
+            Some(d) => {
+                let sleep = tokio::time::sleep_until(d.into());
+                tokio::select! {
+                    _ = &mut wake => {}
+                    _ = sleep => {
+                        let mut st = shared.lock();
+                        st.core.handle_timeout(Instant::now());
+                        process_events(&mut st, &shared);
+                    }
+                }
+            }
+            None => wake.await,
+        }
+    }
+}
+
+/// Initiator: dial and resume with backoff until the core's resume
+/// deadline closes the session.
+async fn reconnect(shared: Arc<Shared>) {
+    let Some(dialer) = shared.dialer.clone() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        if shared.lock().core.is_closed() {
+            break;
+        }
+        match resume_once(&shared, dialer.as_ref()).await {
+            Ok(()) => {
+                info!(to = %dialer.describe(), "carrier resumed");
+                break;
+            }
+            Err(Error::Handshake { source, .. })
+                if matches!(
+                    source,
+                    HandshakeError::Refused { code: 7, .. } | HandshakeError::Closed
+                ) =>
+            {
+                warn!(error = %source, "peer no longer knows this session");
+                let mut st = shared.lock();
+                st.core
+                    .close(Instant::now(), CloseCode::Protocol, "peer lost the session");
+                // No carrier: the close completes at once.
+                process_events(&mut st, &shared);
+                break;
+            }
+            Err(e) => {
+                debug!(error = %e, retry_in = ?backoff, "resume attempt failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    shared.lock().reconnecting = false;
+    shared.wake.notify_one();
+}
+
+async fn resume_once(shared: &Arc<Shared>, dialer: &dyn Dialer) -> Result<(), Error> {
+    let addr = dialer.describe();
+    let mut carrier = tokio::time::timeout(Duration::from_secs(5), dialer.dial())
+        .await
+        .map_err(|_| Error::Timeout {
+            addr: addr.clone(),
+            secs: 5,
+        })??;
+    let mut msg = Vec::new();
+    shared
+        .lock()
+        .core
+        .start_resume(&mut rand_core::OsRng, &mut msg)
+        .map_err(|source| Error::Handshake {
+            addr: addr.clone(),
+            source,
+        })?;
+    carrier.write_all(&msg).await?;
+    let record = crate::endpoint::read_record(&mut carrier, &addr, Duration::from_secs(5)).await?;
+    {
+        let mut st = shared.lock();
+        st.core
+            .finish_resume(Instant::now(), &record)
+            .map_err(|source| Error::Handshake {
+                addr: addr.clone(),
+                source,
+            })?;
+        process_events(&mut st, shared);
+    }
+    attach(shared, carrier);
+    Ok(())
+}
