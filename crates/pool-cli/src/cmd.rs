@@ -1,0 +1,269 @@
+//! The commands.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pool_net::{Endpoint, EndpointConfig, FleetSecret, KnownPeers, PublicKey, SecretKey, Trust};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::TrustArgs;
+
+/// A message for the person at the terminal.
+pub(crate) struct CliError(String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<pool_net::Error> for CliError {
+    fn from(e: pool_net::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, CliError>;
+
+fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(CliError(msg.into()))
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError(format!("cannot start the async runtime: {e}")))
+}
+
+pub(crate) fn keygen(out: &Path) -> Result<()> {
+    let mut bytes = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    let key = SecretKey::from_bytes(bytes);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => CliError(format!(
+                "{} already exists; refusing to overwrite a key (remove it first if you really mean to)",
+                out.display()
+            )),
+            _ => CliError(format!("cannot create {}: {e}", out.display())),
+        })?;
+    f.write_all(key.to_file_text().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| CliError(format!("cannot write {}: {e}", out.display())))?;
+    println!("{}", key.public_key());
+    Ok(())
+}
+
+pub(crate) fn load_key(path: &Path) -> Result<SecretKey> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        CliError(format!(
+            "cannot read key file {}: {e} (create one with `pool keygen --out {}`)",
+            path.display(),
+            path.display()
+        ))
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            "key file {} is readable by other users; run: chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError(format!("cannot read key file {}: {e}", path.display())))?;
+    SecretKey::from_file_text(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))
+}
+
+pub(crate) fn pubkey(path: &Path) -> Result<()> {
+    println!("{}", load_key(path)?.public_key());
+    Ok(())
+}
+
+fn parse_key(token: &str, what: &str) -> Result<PublicKey> {
+    PublicKey::from_token(token).map_err(|e| CliError(format!("{what}: {e}")))
+}
+
+fn known_peers_path(args: &TrustArgs) -> PathBuf {
+    if let Some(p) = &args.known_peers {
+        return p.clone();
+    }
+    let base = std::env::var_os("POOL_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/pool")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let _ = std::fs::create_dir_all(&base);
+    base.join("known_peers")
+}
+
+/// Builds the trust policy from the shared flags.
+pub(crate) fn trust(args: &TrustArgs) -> Result<Trust> {
+    let mut t = Trust::new();
+    for k in &args.allow {
+        t = t.allow(parse_key(k, "--allow")?);
+    }
+    if let Some(f) = &args.authorized {
+        t = t.allow_file(f)?;
+    }
+    if let Some(f) = &args.fleet_secret {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| CliError(format!("cannot read fleet secret {}: {e}", f.display())))?;
+        if text.trim().len() < 16 {
+            return err(format!(
+                "fleet secret {} is too short (use at least 16 random characters, e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+                f.display(),
+                f.display()
+            ));
+        }
+        t = t.fleet(FleetSecret::from_text(&text));
+    }
+    if args.tofu {
+        t = t.tofu(&known_peers_path(args))?;
+    }
+    Ok(t)
+}
+
+pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool) -> Result<()> {
+    let key = load_key(key)?;
+    let trust = trust(args)?;
+    if trust.is_empty() {
+        return err("nobody is trusted, so every connection would be refused; \
+             add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu");
+    }
+    let ep = Endpoint::bind(addr, EndpointConfig::new(key).trust(trust)).await?;
+    eprintln!(
+        "pool: listening on {} as {}",
+        ep.local_addr().map(|a| a.to_string()).unwrap_or_else(|| addr.into()),
+        ep.public_key()
+    );
+    let stdout = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    loop {
+        let session = tokio::select! {
+            s = ep.accept() => match s { Some(s) => s, None => return Ok(()) },
+            _ = done_rx.recv() => return Ok(()),
+        };
+        let peer = session.peer_key();
+        eprintln!("pool: session from {peer} ({})", fmt_remote(&session));
+        let stdout = stdout.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            while let Some(mut stream) = session.accept_stream().await {
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let mut out = stdout.lock().await;
+                            if out.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("pool: stream from {peer} failed: {e}");
+                            break;
+                        }
+                    }
+                }
+                let _ = stdout.lock().await.flush().await;
+                // Our side has nothing to say: finishing tells the sender
+                // that everything arrived.
+                let _ = stream.shutdown().await;
+                if once {
+                    // Close gracefully (our FIN and a CLOSE go out) before
+                    // the process exits.
+                    drop(stream);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.close("done")).await;
+                    let _ = done.send(()).await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn fmt_remote(s: &pool_net::Session) -> String {
+    let st = s.stats();
+    match st.remote {
+        Some(a) => format!("{a}, {}", st.core.cipher),
+        None => st.core.cipher.to_string(),
+    }
+}
+
+pub(crate) async fn connect(addr: &str, key: &Path, peer_key: Option<&str>, args: &TrustArgs) -> Result<()> {
+    let key = load_key(key)?;
+    let trust = trust(args)?;
+    let peer = match peer_key {
+        Some(k) => parse_key(k, "--peer-key")?,
+        None if args.tofu => tofu_peer(addr, &trust).await?,
+        None => {
+            return err(
+                "the listener's public key is needed to authenticate it: \
+                 add --peer-key KEY (run `pool pubkey KEYFILE` on the listener), or --tofu to pin it on first use",
+            )
+        }
+    };
+    let ep = Endpoint::client(EndpointConfig::new(key).trust(trust));
+    let session = ep.connect(addr, peer).await?;
+    let stream = session.open_stream().await?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let send = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            wr.write_all(&buf[..n]).await?;
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let recv = async {
+        let mut stdout = tokio::io::stdout();
+        tokio::io::copy(&mut rd, &mut stdout).await?;
+        stdout.flush().await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let (s, r) = tokio::join!(send, recv);
+    s.map_err(|e| CliError(format!("sending to {addr} failed: {e}")))?;
+    r.map_err(|e| CliError(format!("receiving from {addr} failed: {e}")))?;
+    // The listener's FIN came after it read all of ours: nothing is in flight.
+    drop(rd);
+    drop(wr);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.close("done")).await;
+    Ok(())
+}
+
+async fn tofu_peer(addr: &str, trust: &Trust) -> Result<PublicKey> {
+    let Some(kp) = trust.known_peers() else {
+        return err("--tofu needs a known-peers file");
+    };
+    let pinned = kp.lock().ok().and_then(|k| k.lookup(addr));
+    if let Some(k) = pinned {
+        return Ok(k);
+    }
+    let key = Endpoint::probe_key(addr).await?;
+    let mut store = kp.lock().map_err(|_| CliError("known-peers store poisoned".into()))?;
+    pin(&mut store, addr, key)?;
+    eprintln!("pool: trust on first use: pinned {addr} = {key}");
+    Ok(key)
+}
+
+fn pin(store: &mut KnownPeers, addr: &str, key: PublicKey) -> Result<()> {
+    store.pin(addr, key).map_err(CliError::from)
+}
