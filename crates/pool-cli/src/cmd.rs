@@ -4,7 +4,6 @@ use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use pool_net::{Endpoint, EndpointConfig, FleetSecret, KnownPeers, PublicKey, SecretKey, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +16,12 @@ pub(crate) struct CliError(String);
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl CliError {
+    pub(crate) fn msg(m: impl Into<String>) -> Self {
+        CliError(m.into())
     }
 }
 
@@ -36,6 +41,96 @@ type Result<T> = std::result::Result<T, CliError>;
 
 fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(CliError(msg.into()))
+}
+
+/// Reads stdin on a plain thread in large chunks (tokio's stdin goes
+/// through the blocking pool in small steps, which halves throughput).
+fn stdin_chunks() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut buf = vec![0u8; 256 << 10];
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(buf)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+enum Out {
+    Data(Vec<u8>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Writes stdout on a plain thread; `Flush` answers once all before it is out.
+#[derive(Clone)]
+struct Stdout(tokio::sync::mpsc::Sender<Out>);
+
+impl Stdout {
+    fn spawn() -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Out>(8);
+        std::thread::spawn(move || {
+            let mut out = std::io::stdout().lock();
+            let mut broken = false;
+            while let Some(m) = rx.blocking_recv() {
+                match m {
+                    Out::Data(d) if !broken => broken = out.write_all(&d).is_err(),
+                    Out::Data(_) => {}
+                    Out::Flush(done) => {
+                        let _ = out.flush();
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Stdout(tx)
+    }
+    async fn write(&self, data: Vec<u8>) -> bool {
+        self.0.send(Out::Data(data)).await.is_ok()
+    }
+    async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.0.send(Out::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Copies a reader to stdout in large chunks.
+async fn copy_to_stdout<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    out: &Stdout,
+) -> std::io::Result<()> {
+    loop {
+        let mut buf = vec![0u8; 256 << 10];
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        if !out.write(buf).await {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "stdout closed",
+            ));
+        }
+    }
+    out.flush().await;
+    Ok(())
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -146,10 +241,12 @@ pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool)
     let ep = Endpoint::bind(addr, EndpointConfig::new(key).trust(trust)).await?;
     eprintln!(
         "pool: listening on {} as {}",
-        ep.local_addr().map(|a| a.to_string()).unwrap_or_else(|| addr.into()),
+        ep.local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| addr.into()),
         ep.public_key()
     );
-    let stdout = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
+    let stdout = Stdout::spawn();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let session = tokio::select! {
@@ -162,23 +259,9 @@ pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool)
         let done = done_tx.clone();
         tokio::spawn(async move {
             while let Some(mut stream) = session.accept_stream().await {
-                let mut buf = vec![0u8; 256 << 10];
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            let mut out = stdout.lock().await;
-                            if out.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("pool: stream from {peer} failed: {e}");
-                            break;
-                        }
-                    }
+                if let Err(e) = copy_to_stdout(&mut stream, &stdout).await {
+                    eprintln!("pool: stream from {peer} failed: {e}");
                 }
-                let _ = stdout.lock().await.flush().await;
                 // Our side has nothing to say: finishing tells the sender
                 // that everything arrived.
                 let _ = stream.shutdown().await;
@@ -186,7 +269,11 @@ pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool)
                     // Close gracefully (our FIN and a CLOSE go out) before
                     // the process exits.
                     drop(stream);
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.close("done")).await;
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        session.close("done"),
+                    )
+                    .await;
                     let _ = done.send(()).await;
                     return;
                 }
@@ -203,7 +290,12 @@ fn fmt_remote(s: &pool_net::Session) -> String {
     }
 }
 
-pub(crate) async fn connect(addr: &str, key: &Path, peer_key: Option<&str>, args: &TrustArgs) -> Result<()> {
+pub(crate) async fn connect(
+    addr: &str,
+    key: &Path,
+    peer_key: Option<&str>,
+    args: &TrustArgs,
+) -> Result<()> {
     let key = load_key(key)?;
     let trust = trust(args)?;
     let peer = match peer_key {
@@ -221,24 +313,15 @@ pub(crate) async fn connect(addr: &str, key: &Path, peer_key: Option<&str>, args
     let stream = session.open_stream().await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let send = async {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = stdin.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            wr.write_all(&buf[..n]).await?;
+        let mut stdin = stdin_chunks();
+        while let Some(chunk) = stdin.recv().await {
+            wr.write_all(&chunk?).await?;
         }
         wr.shutdown().await?;
         Ok::<_, std::io::Error>(())
     };
-    let recv = async {
-        let mut stdout = tokio::io::stdout();
-        tokio::io::copy(&mut rd, &mut stdout).await?;
-        stdout.flush().await?;
-        Ok::<_, std::io::Error>(())
-    };
+    let stdout = Stdout::spawn();
+    let recv = copy_to_stdout(&mut rd, &stdout);
     let (s, r) = tokio::join!(send, recv);
     s.map_err(|e| CliError(format!("sending to {addr} failed: {e}")))?;
     r.map_err(|e| CliError(format!("receiving from {addr} failed: {e}")))?;
@@ -258,7 +341,9 @@ async fn tofu_peer(addr: &str, trust: &Trust) -> Result<PublicKey> {
         return Ok(k);
     }
     let key = Endpoint::probe_key(addr).await?;
-    let mut store = kp.lock().map_err(|_| CliError("known-peers store poisoned".into()))?;
+    let mut store = kp
+        .lock()
+        .map_err(|_| CliError("known-peers store poisoned".into()))?;
     pin(&mut store, addr, key)?;
     eprintln!("pool: trust on first use: pinned {addr} = {key}");
     Ok(key)

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod cmd;
+mod demo;
 
 /// POOL — encrypted, mutually authenticated sessions that survive a lost
 /// connection.
@@ -36,8 +37,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Show POOL on this machine: a session whose carrier dies mid-transfer and resumes, checked by hash.
+    Demo {
+        /// MiB to send.
+        #[arg(long, default_value_t = 256)]
+        megabytes: u64,
+    },
     /// Create a key pair: writes the private key (mode 0600) and prints the public key.
-    #[command(after_help = "The private key file is never overwritten. Give the printed public key to peers.")]
+    #[command(
+        after_help = "The private key file is never overwritten. Give the printed public key to peers."
+    )]
     Keygen {
         /// Where to write the private key.
         #[arg(long, short, value_name = "FILE")]
@@ -50,7 +59,9 @@ enum Command {
         key: PathBuf,
     },
     /// Accept sessions and print what arrives on their streams to stdout.
-    #[command(after_help = "EXAMPLE:\n  pool listen [::]:9253 --key server.key --allow CLIENT_PUBKEY > received.bin")]
+    #[command(
+        after_help = "EXAMPLE:\n  pool listen [::]:9253 --key server.key --allow CLIENT_PUBKEY > received.bin"
+    )]
     Listen {
         /// Address to listen on: [::]:9253 (all, IPv6 and IPv4), 0.0.0.0:9253, 127.0.0.1:9253.
         #[arg(value_name = "ADDR", default_value = "[::]:9253")]
@@ -65,7 +76,9 @@ enum Command {
         once: bool,
     },
     /// Open a session to a listener and send stdin over a stream; print the reply to stdout.
-    #[command(after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY")]
+    #[command(
+        after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY"
+    )]
     Connect {
         /// The listener: HOST:9253, 1.2.3.4:9253 or [::1]:9253.
         #[arg(value_name = "HOST:PORT")]
@@ -118,6 +131,9 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
+        Command::Demo { megabytes } => {
+            cmd::runtime().and_then(|rt| rt.block_on(demo::demo(megabytes)))
+        }
         Command::Keygen { out } => cmd::keygen(&out),
         Command::Pubkey { key } => cmd::pubkey(&key),
         Command::Listen {
