@@ -4,6 +4,7 @@ use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pool_net::{Endpoint, EndpointConfig, FleetSecret, KnownPeers, PublicKey, SecretKey, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,20 +44,29 @@ fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(CliError(msg.into()))
 }
 
+const CHUNK: usize = 256 << 10;
+
+/// Buffers go back and forth between the async side and a plain thread,
+/// so large chunks are neither allocated nor zeroed per read.
+struct Chunk(Vec<u8>, usize);
+
 /// Reads stdin on a plain thread in large chunks (tokio's stdin goes
 /// through the blocking pool in small steps, which halves throughput).
-fn stdin_chunks() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+fn stdin_chunks() -> (
+    tokio::sync::mpsc::Receiver<std::io::Result<Chunk>>,
+    std::sync::mpsc::SyncSender<Vec<u8>>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
     std::thread::spawn(move || {
         use std::io::Read;
         let mut stdin = std::io::stdin().lock();
         loop {
-            let mut buf = vec![0u8; 256 << 10];
+            let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
             match stdin.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(buf)).is_err() {
+                    if tx.blocking_send(Ok(Chunk(buf, n))).is_err() {
                         break;
                     }
                 }
@@ -68,28 +78,43 @@ fn stdin_chunks() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
             }
         }
     });
-    rx
+    (rx, back_tx)
 }
 
 enum Out {
-    Data(Vec<u8>),
+    Data(Chunk),
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Writes stdout on a plain thread; `Flush` answers once all before it is out.
+/// Writes stdout on a plain thread, as a plain file (std's stdout is line
+/// buffered and scans every byte for newlines); `Flush` answers once all
+/// before it is out.
 #[derive(Clone)]
-struct Stdout(tokio::sync::mpsc::Sender<Out>);
+struct Stdout {
+    tx: tokio::sync::mpsc::Sender<Out>,
+    back: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>>,
+}
 
 impl Stdout {
     fn spawn() -> Self {
+        use std::os::fd::AsFd;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Out>(8);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
         std::thread::spawn(move || {
-            let mut out = std::io::stdout().lock();
+            let stdout = std::io::stdout();
+            let mut out: Box<dyn Write> = match stdout.as_fd().try_clone_to_owned() {
+                Ok(fd) => Box::new(std::fs::File::from(fd)),
+                Err(_) => Box::new(stdout.lock()),
+            };
             let mut broken = false;
             while let Some(m) = rx.blocking_recv() {
                 match m {
-                    Out::Data(d) if !broken => broken = out.write_all(&d).is_err(),
-                    Out::Data(_) => {}
+                    Out::Data(Chunk(buf, n)) => {
+                        if !broken {
+                            broken = out.write_all(&buf[..n]).is_err();
+                        }
+                        let _ = back_tx.try_send(buf);
+                    }
                     Out::Flush(done) => {
                         let _ = out.flush();
                         let _ = done.send(());
@@ -97,14 +122,24 @@ impl Stdout {
                 }
             }
         });
-        Stdout(tx)
+        Stdout {
+            tx,
+            back: Arc::new(std::sync::Mutex::new(back_rx)),
+        }
     }
-    async fn write(&self, data: Vec<u8>) -> bool {
-        self.0.send(Out::Data(data)).await.is_ok()
+    fn buffer(&self) -> Vec<u8> {
+        self.back
+            .lock()
+            .ok()
+            .and_then(|r| r.try_recv().ok())
+            .unwrap_or_else(|| vec![0u8; CHUNK])
+    }
+    async fn write(&self, chunk: Chunk) -> bool {
+        self.tx.send(Out::Data(chunk)).await.is_ok()
     }
     async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.0.send(Out::Flush(tx)).await.is_ok() {
+        if self.tx.send(Out::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -116,13 +151,12 @@ async fn copy_to_stdout<R: tokio::io::AsyncRead + Unpin>(
     out: &Stdout,
 ) -> std::io::Result<()> {
     loop {
-        let mut buf = vec![0u8; 256 << 10];
+        let mut buf = out.buffer();
         let n = rd.read(&mut buf).await?;
         if n == 0 {
             break;
         }
-        buf.truncate(n);
-        if !out.write(buf).await {
+        if !out.write(Chunk(buf, n)).await {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "stdout closed",
@@ -313,9 +347,11 @@ pub(crate) async fn connect(
     let stream = session.open_stream().await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let send = async {
-        let mut stdin = stdin_chunks();
+        let (mut stdin, back) = stdin_chunks();
         while let Some(chunk) = stdin.recv().await {
-            wr.write_all(&chunk?).await?;
+            let Chunk(buf, n) = chunk?;
+            wr.write_all(&buf[..n]).await?;
+            let _ = back.try_send(buf);
         }
         wr.shutdown().await?;
         Ok::<_, std::io::Error>(())

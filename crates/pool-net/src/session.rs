@@ -394,6 +394,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64
 async fn drive(shared: Arc<Shared>) {
     let mut writer: Option<(u64, WriteHalf<BoxedCarrier>)> = None;
     let mut out: Vec<u8> = Vec::new();
+    let mut filled;
     loop {
         let wake = shared.wake.notified();
         tokio::pin!(wake);
@@ -406,29 +407,26 @@ async fn drive(shared: Arc<Shared>) {
             if writer.as_ref().is_some_and(|(g, _)| *g != st.generation) {
                 writer = None;
             }
-            out.clear();
+            filled = 0;
             if writer.is_some() {
-                let want = if st.core.pending_bytes() > 8 << 10 {
-                    256 << 10
+                // A small buffer while idle (pings, acks, frames under 8 KiB:
+                // all pending bytes fit), large batches while data is queued. The
+                // buffer only grows, and is never zeroed again.
+                let bulk = st.core.pending_bytes() > 8 << 10;
+                let want = if bulk { 256 << 10 } else { 12 << 10 };
+                let need = if bulk {
+                    want + pool_core::MAX_RECORD_LEN
                 } else {
-                    16 << 10
+                    want
                 };
+                if out.len() < need {
+                    out.resize(need, 0);
+                }
                 let now = Instant::now();
-                loop {
-                    let start = out.len();
-                    let room = want.max(start + pool_core::MAX_RECORD_LEN);
-                    out.resize(room, 0);
-                    match st.core.poll_transmit(now, &mut out[start..]) {
-                        Some(n) => {
-                            out.truncate(start + n);
-                            if out.len() >= want {
-                                break;
-                            }
-                        }
-                        None => {
-                            out.truncate(start);
-                            break;
-                        }
+                while filled < want {
+                    match st.core.poll_transmit(now, &mut out[filled..]) {
+                        Some(n) => filled += n,
+                        None => break,
                     }
                 }
             }
@@ -441,10 +439,10 @@ async fn drive(shared: Arc<Shared>) {
             }
             (st.core.poll_timeout(), st.core.is_closed(), lost)
         };
-        if !out.is_empty() {
+        if filled > 0 {
             if let Some((gen, w)) = writer.as_mut() {
                 let gen = *gen;
-                if let Err(e) = w.write_all(&out).await {
+                if let Err(e) = w.write_all(&out[..filled]).await {
                     debug!(error = %e, "carrier write failed");
                     let mut st = shared.lock();
                     if st.generation == gen {
