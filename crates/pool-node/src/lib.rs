@@ -1,0 +1,9 @@
+//! # pool-node: a POOL node's services
+//!
+//! The daemon, the TCP bridge (`tcp2pool` / `pool2tcp`), the control
+//! socket behind `pool ctl`, Prometheus metrics and the hash-chained change
+//! journal. Everything here uses only `pool-net`'s public API.
+
+pub mod journal;
+pub mod metrics;
+pub mod model;

@@ -1,0 +1,63 @@
+//! The shapes shared by the control socket, the metrics and the journal.
+
+use serde::{Deserialize, Serialize};
+
+/// One session, as `pool ctl sessions` and `/metrics` show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SessionRow {
+    /// Short session id (hex).
+    pub id: String,
+    /// Peer public key (token).
+    pub peer: String,
+    /// Remote address of the current carrier, if any.
+    pub address: Option<String>,
+    /// Carrier kind: "tcp", "relay", or "none" while resuming.
+    pub carrier: String,
+    /// "initiator" or "responder".
+    pub role: String,
+    /// Seconds since the session started.
+    pub age_secs: f64,
+    /// Streams open now.
+    pub streams: u64,
+    /// Streams opened in total.
+    pub streams_total: u64,
+    /// Carrier bytes sent / received.
+    pub bytes_sent: u64,
+    /// Carrier bytes received.
+    pub bytes_received: u64,
+    /// Smoothed RTT in milliseconds (from session pings), if measured.
+    pub rtt_ms: Option<f64>,
+    /// Jitter in milliseconds (RFC 3550 estimator over RTT samples).
+    pub jitter_ms: f64,
+    /// TCP retransmissions on the current carrier (from TCP_INFO), if known.
+    pub tcp_retransmits: Option<u64>,
+    /// Frames resent after resumes.
+    pub frames_resent: u64,
+    /// Carrier changes (resumes).
+    pub resumes: u64,
+    /// Key epoch.
+    pub epoch: u32,
+    /// Data cipher.
+    pub cipher: String,
+}
+
+/// Node-wide counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeCounters {
+    /// Sessions accepted by the listener.
+    pub sessions_accepted: u64,
+    /// Sessions dialled.
+    pub sessions_dialled: u64,
+    /// Handshakes refused (any reason).
+    pub handshakes_refused: u64,
+    /// Resumes accepted by the listener.
+    pub resumes_accepted: u64,
+    /// Bridge TCP connections accepted (tcp2pool) / made (pool2tcp).
+    pub bridge_connections: u64,
+    /// Bridge connections refused (cap reached, target down, timeouts).
+    pub bridge_errors: u64,
+    /// Journal entries written / dropped (full disk, I/O error).
+    pub journal_written: u64,
+    /// Journal entries that could not be written.
+    pub journal_failed: u64,
+}
