@@ -227,15 +227,17 @@ impl SendQueue {
                 self.tx_offset -= len;
             }
         }
-        if self.lens.is_empty() && self.bytes.capacity() > (1 << 20) {
-            self.bytes.shrink_to(64 << 10);
-        }
         freed
     }
     /// Puts the transmit position back to the first unacknowledged frame
     /// (after a resume); returns how many frames will be sent again.
     fn rewind(&mut self) -> u64 {
-        let again = self.tx_index as u64;
+        // Counted from the high-water mark, not `tx_index`: a restored
+        // session starts with `tx_index` at 0 but has sent up to `sent_hw`.
+        let again = self
+            .sent_hw
+            .saturating_sub(self.base_seq)
+            .min(self.lens.len() as u64);
         self.tx_index = 0;
         self.tx_offset = 0;
         again
@@ -605,6 +607,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.next_ping = now + self.config.keepalive;
+            self.shrink_idle_buffers();
             // A ping frame is produced by poll_transmit when due.
             self.ping_due = true;
         }
@@ -678,7 +681,7 @@ impl Session {
         if self.is_closed() {
             return Err(HandshakeError::Closed);
         }
-        let epoch = self.max_epoch + 1;
+        let epoch = self.next_epoch().ok_or(HandshakeError::Closed)?;
         let mut msg = [0u8; 256];
         let (hs, n) = EpochHandshake::start(
             &self.chain,
@@ -838,13 +841,34 @@ impl Session {
         self.start_rekey();
     }
 
+    /// The epoch after every one proposed so far. A peer can move the
+    /// session to epoch `u32::MAX` (epochs may skip); after it there is
+    /// none, and the session closes rather than wrap to a used epoch.
+    fn next_epoch(&mut self) -> Option<u32> {
+        let next = self.max_epoch.checked_add(1);
+        if next.is_none() {
+            self.fail(CloseReason::Protocol("key epoch numbers exhausted".into()));
+        }
+        next
+    }
+
     fn start_rekey(&mut self) {
-        if self.rekey.is_some() || !self.carrier_up {
+        // Not while an epoch change is under way: a proposal sent before our
+        // answer to the peer's (KEY_UPDATE_ACK) or during a resume would cross
+        // it, and the peer would drop its own rekey and then refuse our ack.
+        if self.rekey.is_some()
+            || self.out_key_ack.is_some()
+            || self.resume.is_some()
+            || !self.carrier_up
+            || self.is_closed()
+        {
             return;
         }
+        let Some(epoch) = self.next_epoch() else {
+            return;
+        };
         let seed = self.derive_rekey_seed();
         let mut rng = crate::rng::SeededRng::new(seed);
-        let epoch = self.max_epoch + 1;
         let mut msg = [0u8; 256];
         if let Ok((hs, n)) =
             EpochHandshake::start(&self.chain, &self.id, epoch, &[], &mut rng, &mut msg)
@@ -970,12 +994,16 @@ impl Session {
     /// [`crate::MAX_RECORD_LEN`] bytes; a smaller one gets smaller records.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
-        if self.is_closed() || !self.carrier_up || self.tx.is_none() {
+        if !self.carrier_up || self.tx.is_none() {
             return None;
         }
         let cap = buf.len().min(MAX_RECORD_LEN);
         if cap < DATA_OVERHEAD + 64 {
             return None;
+        }
+        if self.is_closed() {
+            // Closed by a peer's fault (see `fail`): one last record, the CLOSE.
+            return self.transmit_final_close(buf);
         }
         let body_start = RECORD_HEADER_LEN + DATA_PREFIX_LEN;
         let end = cap - TAG_LEN;
@@ -1107,29 +1135,10 @@ impl Session {
             return None;
         }
 
-        let tx = self.tx.as_mut()?;
-        let body_len = DATA_PREFIX_LEN + (p - body_start) + TAG_LEN;
-        wire::write_record_header(buf, RecordType::Data, body_len);
-        buf[4..8].copy_from_slice(&tx.epoch.to_be_bytes());
-        buf[8..16].copy_from_slice(&tx.counter.to_be_bytes());
-        let (head, rest) = buf.split_at_mut(body_start);
-        let tag = match tx.seal(head, &mut rest[..p - body_start]) {
-            Some(t) => t,
-            None => {
-                // Out of nonces without a new epoch: never reuse one.
-                self.finish_close(CloseReason::Protocol(
-                    "nonce space exhausted before a rekey".into(),
-                ));
-                return None;
-            }
-        };
-        buf[p..p + TAG_LEN].copy_from_slice(&tag);
-        let total = p + TAG_LEN;
+        let total = self.seal_record(buf, p)?;
         if let Some(k) = switch_tx {
             self.tx = Some(k);
         }
-        self.stats.records_sent += 1;
-        self.stats.bytes_sent += total as u64;
         if close_now {
             if let Some((code, reason, _)) = self.pending_close.take() {
                 if !self.is_closed() {
@@ -1138,6 +1147,48 @@ impl Session {
             }
         }
         Some(total)
+    }
+
+    /// Seals the plaintext in `buf[RECORD_HEADER_LEN + DATA_PREFIX_LEN..end]`
+    /// into a data record under the current epoch; returns its length.
+    fn seal_record(&mut self, buf: &mut [u8], end: usize) -> Option<usize> {
+        let body_start = RECORD_HEADER_LEN + DATA_PREFIX_LEN;
+        let tx = self.tx.as_mut()?;
+        let body_len = DATA_PREFIX_LEN + (end - body_start) + TAG_LEN;
+        wire::write_record_header(buf, RecordType::Data, body_len);
+        buf[4..8].copy_from_slice(&tx.epoch.to_be_bytes());
+        buf[8..16].copy_from_slice(&tx.counter.to_be_bytes());
+        let (head, rest) = buf.split_at_mut(body_start);
+        let Some(tag) = tx.seal(head, &mut rest[..end - body_start]) else {
+            // Out of nonces without a new epoch: never reuse one.
+            self.finish_close(CloseReason::Protocol(
+                "nonce space exhausted before a rekey".into(),
+            ));
+            return None;
+        };
+        buf[end..end + TAG_LEN].copy_from_slice(&tag);
+        let total = end + TAG_LEN;
+        self.stats.records_sent += 1;
+        self.stats.bytes_sent += total as u64;
+        Some(total)
+    }
+
+    /// The record carrying the CLOSE frame queued by `fail`, and nothing
+    /// else: after a failure no other frame goes out.
+    fn transmit_final_close(&mut self, buf: &mut [u8]) -> Option<usize> {
+        let (code, reason, _) = self.pending_close.take()?;
+        let f = Frame::Close {
+            code: code.to_u64(),
+            reason: reason.as_bytes(),
+        };
+        let mut p = RECORD_HEADER_LEN + DATA_PREFIX_LEN;
+        if p + 8 + f.encoded_len() + TAG_LEN > buf.len().min(MAX_RECORD_LEN) {
+            return None;
+        }
+        buf[p..p + 8].copy_from_slice(&self.send.tx_next().to_be_bytes());
+        p += 8;
+        p += f.encode(&mut buf[p..]);
+        self.seal_record(buf, p)
     }
 
     /// Bytes of sequenced frames waiting for the carrier.
@@ -1458,6 +1509,20 @@ impl Session {
         Ok(())
     }
 
+    /// Gives back the memory of buffers a burst left behind. Called on the
+    /// keepalive tick, never on the data path (shrinking there and growing
+    /// again on the next write would cost more than the copy itself).
+    fn shrink_idle_buffers(&mut self) {
+        if self.send.lens.is_empty() && self.send.bytes.capacity() > (64 << 10) {
+            self.send.bytes.shrink_to(0);
+        }
+        for st in self.streams.values_mut() {
+            if st.recv_buf.is_empty() && st.recv_buf.capacity() > (16 << 10) {
+                st.recv_buf.shrink_to(0);
+            }
+        }
+    }
+
     fn maybe_grant_session(&mut self) {
         let w = self.config.session_window;
         if self.recv_max_data - self.recv_consumed < w / 2 {
@@ -1688,9 +1753,6 @@ impl Session {
             out[na..n].copy_from_slice(&b[..n - na]);
         }
         st.recv_buf.drain(..n);
-        if st.recv_buf.is_empty() && st.recv_buf.capacity() > (256 << 10) {
-            st.recv_buf.shrink_to(16 << 10);
-        }
         st.recv_consumed += n as u64;
         self.recv_consumed += n as u64;
         self.maybe_grant_stream(id);
@@ -1718,7 +1780,7 @@ impl Session {
             return;
         }
         let mut reason = reason.to_string();
-        reason.truncate(512);
+        crate::error::truncate_utf8(&mut reason, 512);
         self.pending_close = Some((code, reason, false));
         self.state = State::Closing;
     }

@@ -470,7 +470,7 @@ async fn handle_carrier(
                             &mut out,
                         );
                         if r.is_ok() {
-                            session::invalidate_carrier(&mut st);
+                            session::invalidate_carrier(&mut st, &shared);
                             session::process_events(&mut st, &shared);
                         }
                         drop(st);

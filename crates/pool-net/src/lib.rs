@@ -38,7 +38,7 @@ pub use pool_core::{
     SecretKey, SessionId, Stats,
 };
 pub use session::{Session, SessionStats};
-pub use stream::Stream;
+pub use stream::{RecvStream, SendStream, Stream};
 pub use trust::{KnownPeers, Trust};
 
 impl From<KeyError> for Error {

@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     pub(crate) id: SessionId,
     pub(crate) peer: PublicKey,
     pub(crate) started: Instant,
+    /// The current carrier generation, watched by readers so that a
+    /// retired carrier's reader stops at once.
+    generation: tokio::sync::watch::Sender<u64>,
     dialer: Option<Arc<dyn Dialer>>,
     handles: AtomicU64,
 }
@@ -70,6 +73,14 @@ impl Shared {
     }
 }
 
+/// Retires the current carrier: its reader and writer stop, and the socket
+/// closes once both halves are gone.
+fn bump_generation(st: &mut State, shared: &Shared) -> u64 {
+    st.generation += 1;
+    shared.generation.send_replace(st.generation);
+    st.generation
+}
+
 /// Applies core events to wakers and queues. Call with the lock held.
 pub(crate) fn process_events(st: &mut State, shared: &Shared) {
     let mut app = false;
@@ -92,7 +103,7 @@ pub(crate) fn process_events(st: &mut State, shared: &Shared) {
             Event::StreamsAvailable => app = true,
             Event::CarrierDead => {
                 info!(session = %shared.id, "carrier silent for too long; dropping it");
-                st.generation += 1;
+                bump_generation(st, shared);
                 shared.wake.notify_one();
             }
             Event::Rekeyed(epoch) => debug!(session = %shared.id, epoch, "new key epoch"),
@@ -270,7 +281,7 @@ impl Session {
     pub fn drop_carrier(&self) {
         let mut st = self.shared.lock();
         st.core.carrier_lost(Instant::now());
-        st.generation += 1;
+        bump_generation(&mut st, &self.shared);
         process_events(&mut st, &self.shared);
         drop(st);
         self.shared.wake.notify_one();
@@ -308,6 +319,7 @@ pub(crate) fn spawn(
         id,
         peer,
         started: Instant::now(),
+        generation: tokio::sync::watch::Sender::new(0),
         dialer,
         handles: AtomicU64::new(1),
     });
@@ -328,8 +340,8 @@ pub(crate) fn spawn(
 
 /// Makes the current carrier's reader and writer stand down (a resume on
 /// another carrier was accepted under the same lock).
-pub(crate) fn invalidate_carrier(st: &mut State) {
-    st.generation += 1;
+pub(crate) fn invalidate_carrier(st: &mut State, shared: &Shared) {
+    bump_generation(st, shared);
 }
 
 /// Attaches a new carrier (after the core accepted it): a reader task for
@@ -340,8 +352,7 @@ pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
     let (rd, wr) = tokio::io::split(carrier);
     let gen = {
         let mut st = shared.lock();
-        st.generation += 1;
-        let gen = st.generation;
+        let gen = bump_generation(&mut st, shared);
         st.new_writer = Some((gen, wr));
         st.remote = remote;
         st.carrier_kind = kind;
@@ -353,13 +364,25 @@ pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
 }
 
 async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64) {
+    let mut retired = shared.generation.subscribe();
     let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+    let mut last_big = Instant::now();
     loop {
         if buf.len() == buf.capacity() {
             let grow = buf.capacity().clamp(16 << 10, 256 << 10);
             buf.reserve(grow);
+            last_big = Instant::now();
+        } else if buf.is_empty()
+            && buf.capacity() > (64 << 10)
+            && last_big.elapsed() > Duration::from_secs(5)
+        {
+            // A burst is long over: give its buffer back.
+            buf = Vec::with_capacity(16 << 10);
         }
-        let res = rd.read_buf(&mut buf).await;
+        let res = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = retired.wait_for(|g| *g != gen) => return,
+        };
         let mut st = shared.lock();
         if st.generation != gen {
             return;
@@ -368,7 +391,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64
             Ok(0) | Err(_) => {
                 debug!("carrier closed by the other end");
                 st.core.carrier_lost(Instant::now());
-                st.generation += 1;
+                bump_generation(&mut st, &shared);
                 process_events(&mut st, &shared);
                 drop(st);
                 shared.wake.notify_one();
@@ -395,6 +418,8 @@ async fn drive(shared: Arc<Shared>) {
     let mut writer: Option<(u64, WriteHalf<BoxedCarrier>)> = None;
     let mut out: Vec<u8> = Vec::new();
     let mut filled;
+    let mut last_bulk = Instant::now();
+    let mut retired = shared.generation.subscribe();
     loop {
         let wake = shared.wake.notified();
         tokio::pin!(wake);
@@ -419,6 +444,12 @@ async fn drive(shared: Arc<Shared>) {
                 } else {
                     want
                 };
+                if bulk {
+                    last_bulk = Instant::now();
+                } else if out.len() > need && last_bulk.elapsed() > Duration::from_secs(5) {
+                    // The burst is long over: give its buffer back.
+                    out = Vec::new();
+                }
                 if out.len() < need {
                     out.resize(need, 0);
                 }
@@ -442,12 +473,16 @@ async fn drive(shared: Arc<Shared>) {
         if filled > 0 {
             if let Some((gen, w)) = writer.as_mut() {
                 let gen = *gen;
-                if let Err(e) = w.write_all(&out[..filled]).await {
+                let res = tokio::select! {
+                    r = w.write_all(&out[..filled]) => r,
+                    _ = retired.wait_for(|g| *g != gen) => Err(std::io::Error::other("carrier retired")),
+                };
+                if let Err(e) = res {
                     debug!(error = %e, "carrier write failed");
                     let mut st = shared.lock();
                     if st.generation == gen {
                         st.core.carrier_lost(Instant::now());
-                        st.generation += 1;
+                        bump_generation(&mut st, &shared);
                         process_events(&mut st, &shared);
                     }
                     writer = None;
@@ -483,6 +518,10 @@ async fn drive(shared: Arc<Shared>) {
     }
 }
 
+/// How long connections may be refused outright before the peer counts as
+/// gone (a host that answers with a reset has no listener, so no session).
+const REFUSED_GRACE: Duration = Duration::from_secs(3);
+
 /// Initiator: dial and resume with backoff until the core's resume
 /// deadline closes the session.
 async fn reconnect(shared: Arc<Shared>) {
@@ -490,6 +529,7 @@ async fn reconnect(shared: Arc<Shared>) {
         return;
     };
     let mut backoff = Duration::from_millis(10);
+    let mut refused_since: Option<Instant> = None;
     loop {
         if shared.lock().core.is_closed() {
             break;
@@ -513,7 +553,28 @@ async fn reconnect(shared: Arc<Shared>) {
                 process_events(&mut st, &shared);
                 break;
             }
+            Err(Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && refused_since.get_or_insert_with(Instant::now).elapsed() > REFUSED_GRACE =>
+            {
+                // The peer's host answers but nothing listens: its process
+                // is gone, and the session's state with it. Fail now rather
+                // than at the resume deadline.
+                warn!(to = %dialer.describe(), "peer is not listening any more; closing the session");
+                let mut st = shared.lock();
+                st.core.close(
+                    Instant::now(),
+                    CloseCode::Protocol,
+                    "peer is not listening any more",
+                );
+                process_events(&mut st, &shared);
+                break;
+            }
             Err(e) => {
+                if !matches!(&e, Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+                {
+                    refused_since = None;
+                }
                 debug!(error = %e, retry_in = ?backoff, "resume attempt failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

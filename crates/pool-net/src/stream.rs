@@ -13,15 +13,44 @@ use crate::session::Shared;
 /// One bidirectional stream. Reading returns EOF after the peer's FIN;
 /// `shutdown()` sends our FIN; dropping it finishes the sending side and
 /// discards whatever else arrives; [`Stream::reset`] aborts both ways.
+/// [`Stream::into_split`] gives separately owned halves.
 pub struct Stream {
+    inner: Arc<Inner>,
+    finished: bool,
+}
+
+/// The reading half of a [`Stream`].
+pub struct RecvStream {
+    inner: Arc<Inner>,
+}
+
+/// The writing half of a [`Stream`]; dropping it sends FIN.
+pub struct SendStream {
+    inner: Arc<Inner>,
+    finished: bool,
+}
+
+struct Inner {
     shared: Arc<Shared>,
     id: u64,
-    finished: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            let _ = st.core.stream_stop(self.id);
+            st.read_wakers.remove(&self.id);
+            st.write_wakers.remove(&self.id);
+        }
+        self.shared.wake.notify_one();
+        self.shared.drop_handle();
+    }
 }
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Stream({}/{})", self.shared.id, self.id)
+        write!(f, "Stream({}/{})", self.inner.shared.id, self.inner.id)
     }
 }
 
@@ -43,52 +72,28 @@ fn to_io(e: StreamError) -> io::Error {
     }
 }
 
-impl Stream {
-    pub(crate) fn new(shared: Arc<Shared>, id: u64) -> Self {
-        shared.add_handle();
-        Stream {
-            shared,
-            id,
-            finished: false,
-        }
-    }
-
-    /// The stream id within its session.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Aborts the stream in both directions; the peer's reads and writes
-    /// fail with a reset carrying `code`.
-    pub fn reset(&mut self, code: u64) {
+impl Inner {
+    fn reset(&self, code: u64) {
         let mut st = self.shared.lock();
         let _ = st.core.stream_reset(self.id, code);
         drop(st);
-        self.finished = true;
         self.shared.wake.notify_one();
     }
-}
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let mut st = this.shared.lock();
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
         let dst = buf.initialize_unfilled();
-        match st.core.stream_read(this.id, dst) {
+        match st.core.stream_read(self.id, dst) {
             Ok(ReadResult::Data(n)) => {
                 buf.advance(n);
                 drop(st);
                 // Reading may have opened a window the peer waits for.
-                this.shared.wake.notify_one();
+                self.shared.wake.notify_one();
                 Poll::Ready(Ok(()))
             }
             Ok(ReadResult::Fin) => Poll::Ready(Ok(())),
             Ok(ReadResult::Blocked) => {
-                st.read_wakers.insert(this.id, cx.waker().clone());
+                st.read_wakers.insert(self.id, cx.waker().clone());
                 Poll::Pending
             }
             // Forgotten after FIN was read and our side finished: EOF.
@@ -96,24 +101,17 @@ impl AsyncRead for Stream {
             Err(e) => Poll::Ready(Err(to_io(e))),
         }
     }
-}
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let mut st = this.shared.lock();
-        match st.core.stream_write(this.id, data) {
+    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        match st.core.stream_write(self.id, data) {
             Ok(n) => {
                 drop(st);
-                this.shared.wake.notify_one();
+                self.shared.wake.notify_one();
                 Poll::Ready(Ok(n))
             }
             Err(StreamError::Blocked) => {
-                st.write_wakers.insert(this.id, cx.waker().clone());
+                st.write_wakers.insert(self.id, cx.waker().clone());
                 Poll::Pending
             }
             Err(StreamError::Unknown(_)) => Poll::Ready(Err(io::Error::new(
@@ -124,27 +122,20 @@ impl AsyncWrite for Stream {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Written data is in the session's replay buffer: it will be
-        // delivered (or the session fails) whatever happens to the carrier.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.finished {
+    fn poll_finish(&self, cx: &mut Context<'_>, finished: &mut bool) -> Poll<io::Result<()>> {
+        if *finished {
             return Poll::Ready(Ok(()));
         }
-        let mut st = this.shared.lock();
-        match st.core.stream_finish(this.id) {
+        let mut st = self.shared.lock();
+        match st.core.stream_finish(self.id) {
             Ok(()) | Err(StreamError::Unknown(_)) => {
-                this.finished = true;
+                *finished = true;
                 drop(st);
-                this.shared.wake.notify_one();
+                self.shared.wake.notify_one();
                 Poll::Ready(Ok(()))
             }
             Err(StreamError::Blocked) => {
-                st.write_wakers.insert(this.id, cx.waker().clone());
+                st.write_wakers.insert(self.id, cx.waker().clone());
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(to_io(e))),
@@ -152,15 +143,119 @@ impl AsyncWrite for Stream {
     }
 }
 
-impl Drop for Stream {
-    fn drop(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            let _ = st.core.stream_stop(self.id);
-            st.read_wakers.remove(&self.id);
-            st.write_wakers.remove(&self.id);
+impl Stream {
+    pub(crate) fn new(shared: Arc<Shared>, id: u64) -> Self {
+        shared.add_handle();
+        Stream {
+            inner: Arc::new(Inner { shared, id }),
+            finished: false,
         }
-        self.shared.wake.notify_one();
-        self.shared.drop_handle();
+    }
+
+    /// The stream id within its session.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Aborts the stream in both directions; the peer's reads and writes
+    /// fail with a reset carrying `code`.
+    pub fn reset(&mut self, code: u64) {
+        self.inner.reset(code);
+        self.finished = true;
+    }
+
+    /// Splits into a reading and a writing half, each usable from its own
+    /// task.
+    pub fn into_split(self) -> (RecvStream, SendStream) {
+        let r = RecvStream {
+            inner: self.inner.clone(),
+        };
+        let w = SendStream {
+            inner: self.inner.clone(),
+            finished: self.finished,
+        };
+        (r, w)
+    }
+}
+
+impl RecvStream {
+    /// Aborts the whole stream (both directions) with `code`.
+    pub fn reset(&self, code: u64) {
+        self.inner.reset(code);
+    }
+}
+
+impl SendStream {
+    /// Aborts the whole stream (both directions) with `code`.
+    pub fn reset(&mut self, code: u64) {
+        self.inner.reset(code);
+        self.finished = true;
+    }
+}
+
+impl Drop for SendStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut st = self.inner.shared.lock();
+            let _ = st.core.stream_finish(self.inner.id);
+            drop(st);
+            self.inner.shared.wake.notify_one();
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncRead for RecvStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written data is in the session's replay buffer: it will be
+        // delivered (or the session fails) whatever happens to the carrier.
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.inner.poll_finish(cx, &mut this.finished)
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.inner.poll_finish(cx, &mut this.finished)
     }
 }
