@@ -95,12 +95,43 @@ pub struct ListenerStats {
 }
 
 struct Inner {
-    config: EndpointConfig,
-    registry: Arc<Registry>,
+    ctx: Arc<ListenCtx>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Session>>,
     local_addr: Option<SocketAddr>,
-    stats: Arc<ListenerStats>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What an endpoint reports as it works (for journals and audits).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum EndpointEvent {
+    /// A listener accepted a new session.
+    Accepted {
+        /// Session id.
+        id: SessionId,
+        /// Authenticated peer key.
+        peer: PublicKey,
+        /// Carrier address.
+        from: SocketAddr,
+    },
+    /// A handshake was refused.
+    Refused {
+        /// Carrier address.
+        from: SocketAddr,
+        /// The key presented, when it authenticated (untrusted key).
+        key: Option<PublicKey>,
+        /// Why.
+        reason: String,
+    },
+    /// A session resumed on a new carrier from this address.
+    Resumed {
+        /// Session id.
+        id: SessionId,
+        /// Peer key.
+        peer: PublicKey,
+        /// New carrier address.
+        from: SocketAddr,
+    },
 }
 
 impl Drop for Inner {
@@ -209,18 +240,32 @@ async fn bind_dual_stack(addr: &str) -> Result<TcpListener, Error> {
 }
 
 impl Endpoint {
+    fn ctx(config: EndpointConfig, incoming: mpsc::Sender<Session>) -> Arc<ListenCtx> {
+        Arc::new(ListenCtx {
+            acceptor: Mutex::new(Acceptor::new(
+                &config.protocol,
+                config.key.clone(),
+                config.trust.fleet_secret().cloned(),
+            )),
+            pending: Semaphore::new(config.max_pending_handshakes),
+            config: std::sync::RwLock::new(config),
+            registry: Arc::new(Registry {
+                sessions: Mutex::new(HashMap::new()),
+            }),
+            incoming,
+            stats: Arc::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+        })
+    }
+
     /// An endpoint that only dials.
     pub fn client(config: EndpointConfig) -> Endpoint {
-        let (_tx, rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(1);
         Endpoint {
             inner: Arc::new(Inner {
-                config,
-                registry: Arc::new(Registry {
-                    sessions: Mutex::new(HashMap::new()),
-                }),
+                ctx: Self::ctx(config, tx),
                 incoming: tokio::sync::Mutex::new(rx),
                 local_addr: None,
-                stats: Arc::default(),
                 task: None,
             }),
         }
@@ -232,40 +277,60 @@ impl Endpoint {
         let listener = bind_dual_stack(addr).await?;
         let local_addr = listener.local_addr().ok();
         let (tx, rx) = mpsc::channel(256);
-        let registry = Arc::new(Registry {
-            sessions: Mutex::new(HashMap::new()),
-        });
-        let stats: Arc<ListenerStats> = Arc::default();
-        let acceptor = Arc::new(Mutex::new(Acceptor::new(
-            &config.protocol,
-            config.key.clone(),
-            config.trust.fleet_secret().cloned(),
-        )));
-        let ctx = Arc::new(ListenCtx {
-            config: config.clone(),
-            acceptor: acceptor.clone(),
-            registry: registry.clone(),
-            incoming: tx,
-            stats: stats.clone(),
-            pending: Semaphore::new(config.max_pending_handshakes),
-        });
-        let task = tokio::spawn(accept_loop(listener, ctx));
         info!(addr = ?local_addr, key = %config.key.public_key(), "listening");
+        let ctx = Self::ctx(config, tx);
+        let task = tokio::spawn(accept_loop(listener, ctx.clone()));
         Ok(Endpoint {
             inner: Arc::new(Inner {
-                config,
-                registry,
+                ctx,
                 incoming: tokio::sync::Mutex::new(rx),
                 local_addr,
-                stats,
                 task: Some(task),
             }),
         })
     }
 
+    fn config(&self) -> EndpointConfig {
+        self.inner
+            .ctx
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the key and trust for new sessions (SIGHUP reload). Live
+    /// sessions, and their resumes, are not touched.
+    pub fn reload(&self, key: SecretKey, trust: Trust) {
+        let ctx = &self.inner.ctx;
+        let mut cfg = ctx.config.write().unwrap_or_else(|e| e.into_inner());
+        let acceptor = Acceptor::new(&cfg.protocol, key.clone(), trust.fleet_secret().cloned());
+        *ctx.acceptor.lock().unwrap_or_else(|e| e.into_inner()) = acceptor;
+        cfg.key = key;
+        cfg.trust = trust;
+    }
+
+    /// Subscribes to what the listener does (accepts, refusals, resumes).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<EndpointEvent> {
+        self.inner.ctx.events.subscribe()
+    }
+
+    /// Live sessions this endpoint accepted.
+    pub fn sessions(&self) -> Vec<Session> {
+        let m = self.inner.ctx.registry.sessions.lock();
+        let Ok(m) = m else { return Vec::new() };
+        m.values()
+            .filter_map(|w| w.upgrade())
+            .map(|shared| {
+                shared.add_handle();
+                Session { shared }
+            })
+            .collect()
+    }
+
     /// This node's public key.
     pub fn public_key(&self) -> PublicKey {
-        self.inner.config.key.public_key()
+        self.config().key.public_key()
     }
 
     /// The listening address, if bound.
@@ -275,7 +340,7 @@ impl Endpoint {
 
     /// Listener counters.
     pub fn listener_stats(&self) -> &ListenerStats {
-        &self.inner.stats
+        &self.inner.ctx.stats
     }
 
     /// The next session a peer opened with us; `None` if not listening.
@@ -298,7 +363,8 @@ impl Endpoint {
         peer: PublicKey,
     ) -> Result<Session, Error> {
         let addr = dialer.describe();
-        let t = self.inner.config.handshake_timeout;
+        let cfg = self.config();
+        let t = cfg.handshake_timeout;
         let mut carrier =
             tokio::time::timeout(t, dialer.dial())
                 .await
@@ -306,7 +372,6 @@ impl Endpoint {
                     addr: addr.clone(),
                     secs: t.as_secs(),
                 })??;
-        let cfg = &self.inner.config;
         let mut hello = Vec::new();
         let init = Initiator::start(
             &cfg.protocol,
@@ -352,6 +417,7 @@ impl Endpoint {
     /// Sessions this endpoint accepted that are still alive.
     pub fn session_count(&self) -> usize {
         self.inner
+            .ctx
             .registry
             .sessions
             .lock()
@@ -361,8 +427,9 @@ impl Endpoint {
 }
 
 struct ListenCtx {
-    config: EndpointConfig,
-    acceptor: Arc<Mutex<Acceptor>>,
+    config: std::sync::RwLock<EndpointConfig>,
+    acceptor: Mutex<Acceptor>,
+    events: tokio::sync::broadcast::Sender<EndpointEvent>,
     registry: Arc<Registry>,
     incoming: mpsc::Sender<Session>,
     stats: Arc<ListenerStats>,
@@ -401,7 +468,11 @@ async fn handle_carrier(
     from: SocketAddr,
 ) -> Result<(), Error> {
     let addr = from.to_string();
-    let record = match read_record(&mut sock, &addr, ctx.config.handshake_timeout).await {
+    let (handshake_timeout, trust) = {
+        let c = ctx.config.read().unwrap_or_else(|e| e.into_inner());
+        (c.handshake_timeout, c.trust.clone())
+    };
+    let record = match read_record(&mut sock, &addr, handshake_timeout).await {
         Ok(r) => r,
         Err(e) => {
             ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -415,7 +486,6 @@ async fn handle_carrier(
                 std::net::IpAddr::V4(a) => a.octets().to_vec(),
                 std::net::IpAddr::V6(a) => a.octets().to_vec(),
             };
-            let trust = ctx.config.trust.clone();
             let res = {
                 let mut acc = ctx.acceptor.lock().unwrap_or_else(|e| e.into_inner());
                 acc.accept(
@@ -440,6 +510,11 @@ async fn handle_carrier(
                         m.insert(id, Arc::downgrade(&session.shared));
                     }
                     ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = ctx.events.send(EndpointEvent::Accepted {
+                        id,
+                        peer: session.peer_key(),
+                        from,
+                    });
                     if ctx.incoming.try_send(session).is_err() {
                         warn!(%from, "accept queue full; closing the new session");
                     }
@@ -452,6 +527,17 @@ async fn handle_carrier(
                         }
                         _ => info!(%from, "handshake refused: {e}"),
                     }
+                    let key = match &e {
+                        HandshakeError::Untrusted { key } | HandshakeError::Replayed { key } => {
+                            Some(*key)
+                        }
+                        _ => None,
+                    };
+                    let _ = ctx.events.send(EndpointEvent::Refused {
+                        from,
+                        key,
+                        reason: e.to_string(),
+                    });
                     pool_core::write_refusal(&e, &mut out);
                     let _ = sock.write_all(&out).await;
                     let _ = sock.shutdown().await;
@@ -484,6 +570,11 @@ async fn handle_carrier(
                 Ok(shared) => {
                     sock.write_all(&out).await?;
                     ctx.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                    let _ = ctx.events.send(EndpointEvent::Resumed {
+                        id: shared.id,
+                        peer: shared.peer,
+                        from,
+                    });
                     info!(%from, session = %shared.id, "session resumed on a new carrier");
                     session::attach(&shared, Box::new(sock));
                 }

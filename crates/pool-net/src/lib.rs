@@ -31,7 +31,7 @@ mod stream;
 mod trust;
 
 pub use carrier::{BoxedCarrier, Carrier, DialFuture, Dialer, TcpDialer};
-pub use endpoint::{Endpoint, EndpointConfig, ListenerStats};
+pub use endpoint::{Endpoint, EndpointConfig, EndpointEvent, ListenerStats};
 pub use error::Error;
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,

@@ -4,6 +4,8 @@
 //! socket behind `pool ctl`, Prometheus metrics and the hash-chained change
 //! journal. Everything here uses only `pool-net`'s public API.
 
+pub mod bridge;
 pub mod journal;
 pub mod metrics;
 pub mod model;
+pub mod net;

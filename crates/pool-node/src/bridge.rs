@@ -1,0 +1,578 @@
+//! The TCP bridge: `tcp2pool` accepts TCP connections and carries each as
+//! one stream of a shared session to a peer; `pool2tcp` connects each
+//! stream it accepts to a fixed target.
+//!
+//! Every bridge stream starts with a small preamble from the `tcp2pool`
+//! end: the original client's address (for PROXY protocol v2 at the
+//! target) and the service name that selects the target. The target itself
+//! is never chosen by the peer.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Mutex, Semaphore};
+use tracing::{debug, info, warn};
+
+/// Stream reset code: the TCP client or target reset its connection.
+pub const RESET_TCP: u64 = 1;
+/// Stream reset code: the target refused or could not be reached.
+pub const RESET_TARGET_UNREACHABLE: u64 = 2;
+/// Stream reset code: idle timeout.
+pub const RESET_IDLE: u64 = 3;
+/// Stream reset code: no such service at the `pool2tcp` end.
+pub const RESET_NO_SERVICE: u64 = 4;
+
+const PREAMBLE_VERSION: u8 = 1;
+
+/// What a `tcp2pool` end tells the `pool2tcp` end about a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preamble {
+    /// The TCP client's address.
+    pub source: SocketAddr,
+    /// The address the client connected to (the `tcp2pool` listener).
+    pub destination: SocketAddr,
+    /// Which service (target) at the far end; empty for the default.
+    pub service: String,
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
+    let v6 = match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    out.extend_from_slice(&v6.octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> SocketAddr {
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&b[..16]);
+    let ip = Ipv6Addr::from(ip);
+    let port = u16::from_be_bytes([b[16], b[17]]);
+    match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+        None => SocketAddr::new(IpAddr::V6(ip), port),
+    }
+}
+
+impl Preamble {
+    /// `version u8, source (16 + 2), destination (16 + 2), name len u8, name`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40 + self.service.len());
+        out.push(PREAMBLE_VERSION);
+        put_addr(&mut out, &self.source);
+        put_addr(&mut out, &self.destination);
+        let name = &self.service.as_bytes()[..self.service.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out
+    }
+
+    /// Reads a preamble from the start of a stream.
+    pub async fn read(r: &mut RecvStream) -> std::io::Result<Preamble> {
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        let mut head = [0u8; 38];
+        r.read_exact(&mut head).await?;
+        if head[0] != PREAMBLE_VERSION {
+            return Err(bad("unknown bridge preamble version"));
+        }
+        let source = get_addr(&head[1..19]);
+        let destination = get_addr(&head[19..37]);
+        let mut name = vec![0u8; usize::from(head[37])];
+        r.read_exact(&mut name).await?;
+        let service = String::from_utf8(name).map_err(|_| bad("service name is not UTF-8"))?;
+        Ok(Preamble {
+            source,
+            destination,
+            service,
+        })
+    }
+}
+
+/// The PROXY protocol v2 header for a TCP connection (so the target sees
+/// the real client address).
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.push(0x11);
+            h.extend_from_slice(&12u16.to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => {
+            let v6 = |a: SocketAddr| match a.ip() {
+                IpAddr::V4(v) => v.to_ipv6_mapped(),
+                IpAddr::V6(v) => v,
+            };
+            h.push(0x21);
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&v6(src).octets());
+            h.extend_from_slice(&v6(dst).octets());
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+        }
+    }
+    h
+}
+
+/// Timeouts and limits shared by both ends.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Concurrent connections (further ones are refused at once).
+    pub max_connections: usize,
+    /// Dialling the peer (tcp2pool) or the target (pool2tcp).
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is reset.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// Counters of one bridge.
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    /// Connections carried.
+    pub connections: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicU64,
+    /// Connections refused or failed (cap, peer or target down, timeouts).
+    pub errors: AtomicU64,
+    /// Bytes from TCP into POOL.
+    pub bytes_in: AtomicU64,
+    /// Bytes from POOL out to TCP.
+    pub bytes_out: AtomicU64,
+}
+
+/// Which way a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Fin,
+    Reset,
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Abortive close: the TCP peer sees RST, as if the far end had reset.
+fn reset_tcp(w: &OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(Duration::ZERO));
+}
+
+/// Carries bytes both ways between a TCP connection and a stream until
+/// both directions end, carrying FIN and reset faithfully.
+async fn splice(
+    tcp: TcpStream,
+    mut rs: RecvStream,
+    mut ws: SendStream,
+    idle: Option<Duration>,
+    stats: &BridgeStats,
+) {
+    let (mut tr, mut tw): (OwnedReadHalf, OwnedWriteHalf) = tcp.into_split();
+    let last = AtomicU64::new(0);
+    let start = Instant::now();
+    let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+    let up = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match tr.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = ws.shutdown().await;
+                    return End::Fin;
+                }
+                Ok(n) => {
+                    touch();
+                    stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    if ws.write_all(&buf[..n]).await.is_err() {
+                        return End::Reset;
+                    }
+                    if n == buf.len() && buf.len() < (256 << 10) {
+                        buf.resize(256 << 10, 0);
+                    }
+                }
+                Err(e) => {
+                    if is_reset(&e) {
+                        ws.reset(RESET_TCP);
+                    }
+                    return End::Reset;
+                }
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match rs.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = tw.shutdown().await;
+                    return End::Fin;
+                }
+                Ok(n) => {
+                    touch();
+                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Err(e) = tw.write_all(&buf[..n]).await {
+                        if is_reset(&e) {
+                            rs.reset(RESET_TCP);
+                        }
+                        return End::Reset;
+                    }
+                    if n == buf.len() && buf.len() < (256 << 10) {
+                        buf.resize(256 << 10, 0);
+                    }
+                }
+                Err(_) => {
+                    reset_tcp(&tw);
+                    return End::Reset;
+                }
+            }
+        }
+    };
+    let idle_watch = async {
+        let Some(limit) = idle else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            tokio::time::sleep(limit / 4).await;
+            let quiet = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+            if quiet >= limit.as_millis() as u64 {
+                return;
+            }
+        }
+    };
+    let reset = {
+        tokio::pin!(up, down, idle_watch);
+        let (mut up_end, mut down_end) = (None, None);
+        loop {
+            if up_end.is_some() && down_end.is_some() {
+                break false;
+            }
+            tokio::select! {
+                e = &mut up, if up_end.is_none() => {
+                    up_end = Some(e);
+                    if e == End::Reset { break true; }
+                }
+                e = &mut down, if down_end.is_none() => {
+                    down_end = Some(e);
+                    if e == End::Reset { break true; }
+                }
+                () = &mut idle_watch => {
+                    debug!("idle timeout: resetting the connection");
+                    break true;
+                }
+            }
+        }
+    };
+    if reset {
+        rs.reset(RESET_TCP);
+        reset_tcp(&tw);
+    }
+}
+
+/// The `tcp2pool` end.
+#[derive(Clone, Debug)]
+pub struct Tcp2PoolConfig {
+    /// TCP address to listen on.
+    pub listen: String,
+    /// The peer's POOL address.
+    pub peer: String,
+    /// The peer's public key.
+    pub peer_key: PublicKey,
+    /// Service name at the peer (empty: its default target).
+    pub service: String,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// A running `tcp2pool` bridge: one shared session to the peer, opened on
+/// the first connection and again whenever it has closed.
+pub struct Tcp2Pool {
+    cfg: Tcp2PoolConfig,
+    endpoint: Endpoint,
+    session: Mutex<Option<Session>>,
+    permits: Arc<Semaphore>,
+    /// Counters.
+    pub stats: Arc<BridgeStats>,
+}
+
+impl Tcp2Pool {
+    /// A bridge dialling through `endpoint`.
+    pub fn new(cfg: Tcp2PoolConfig, endpoint: Endpoint) -> Arc<Self> {
+        Arc::new(Tcp2Pool {
+            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            cfg,
+            endpoint,
+            session: Mutex::new(None),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The session to the peer, if one is open.
+    pub async fn session(&self) -> Option<Session> {
+        self.session.lock().await.clone().filter(|s| !s.is_closed())
+    }
+
+    async fn get_session(&self) -> Result<Session, pool_net::Error> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = tokio::time::timeout(
+            self.cfg.limits.connect_timeout,
+            self.endpoint.connect(&self.cfg.peer, self.cfg.peer_key),
+        )
+        .await
+        .map_err(|_| pool_net::Error::Timeout {
+            addr: self.cfg.peer.clone(),
+            secs: self.cfg.limits.connect_timeout.as_secs(),
+        })??;
+        info!(peer = %self.cfg.peer, session = %s.id(), "bridge session up");
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Binds the TCP listener (dual-stack for `[::]`).
+    pub async fn bind(&self) -> std::io::Result<TcpListener> {
+        crate::net::bind_tcp(&self.cfg.listen).await
+    }
+
+    /// Accepts connections until `stop` turns true, then returns (live
+    /// connections go on; the caller waits for [`BridgeStats::active`]).
+    pub async fn run(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            let (sock, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%from, max = self.cfg.limits.max_connections, "connection cap reached; refusing");
+                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.stats.active.fetch_add(1, Ordering::Relaxed);
+                me.handle(sock, from).await;
+                me.stats.active.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+
+    async fn handle(&self, sock: TcpStream, from: SocketAddr) {
+        let _ = sock.set_nodelay(true);
+        let local = sock.local_addr().unwrap_or(from);
+        let stream = async {
+            let s = self.get_session().await?;
+            let st = s.open_stream().await?;
+            Ok::<_, pool_net::Error>(st)
+        };
+        let stream = match stream.await {
+            Ok(st) => st,
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%from, peer = %self.cfg.peer, "cannot reach the POOL peer: {e}");
+                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        };
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (rs, mut ws) = stream.into_split();
+        let pre = Preamble {
+            source: from,
+            destination: local,
+            service: self.cfg.service.clone(),
+        };
+        if ws.write_all(&pre.encode()).await.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        splice(sock, rs, ws, self.cfg.limits.idle_timeout, &self.stats).await;
+    }
+}
+
+/// One target of a `pool2tcp` end.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Service name (empty: the default).
+    pub service: String,
+    /// Where streams of this service go: `HOST:PORT`.
+    pub address: String,
+    /// Send a PROXY protocol v2 header first.
+    pub proxy_protocol: bool,
+}
+
+/// The `pool2tcp` end: serves the streams of sessions accepted by an
+/// endpoint.
+pub struct Pool2Tcp {
+    targets: std::sync::RwLock<Vec<Target>>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    /// Counters.
+    pub stats: Arc<BridgeStats>,
+}
+
+impl Pool2Tcp {
+    /// A `pool2tcp` end with these targets.
+    pub fn new(targets: Vec<Target>, limits: Limits) -> Arc<Self> {
+        Arc::new(Pool2Tcp {
+            targets: std::sync::RwLock::new(targets),
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Replaces the targets (on reload); live connections are not touched.
+    pub fn set_targets(&self, targets: Vec<Target>) {
+        if let Ok(mut t) = self.targets.write() {
+            *t = targets;
+        }
+    }
+
+    fn target(&self, service: &str) -> Option<Target> {
+        let t = self.targets.read().ok()?;
+        t.iter()
+            .find(|t| t.service == service)
+            .or_else(|| if service.is_empty() { t.first() } else { None })
+            .cloned()
+    }
+
+    /// Serves every stream of `session` until it closes.
+    pub async fn serve_session(self: Arc<Self>, session: Session) {
+        while let Some(stream) = session.accept_stream().await {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!("connection cap reached; resetting stream");
+                let mut stream = stream;
+                stream.reset(RESET_TARGET_UNREACHABLE);
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.stats.active.fetch_add(1, Ordering::Relaxed);
+                me.handle(stream).await;
+                me.stats.active.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+
+    async fn handle(&self, stream: pool_net::Stream) {
+        let (mut rs, mut ws) = stream.into_split();
+        let pre = match tokio::time::timeout(self.limits.connect_timeout, Preamble::read(&mut rs))
+            .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                ws.reset(RESET_NO_SERVICE);
+                return;
+            }
+        };
+        let Some(target) = self.target(&pre.service) else {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            warn!(service = %pre.service, "no such service here; resetting the stream");
+            ws.reset(RESET_NO_SERVICE);
+            return;
+        };
+        let sock = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            TcpStream::connect(&target.address),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(target = %target.address, "cannot connect to the target: {e}");
+                ws.reset(RESET_TARGET_UNREACHABLE);
+                return;
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(target = %target.address, "connecting to the target timed out");
+                ws.reset(RESET_TARGET_UNREACHABLE);
+                return;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let mut sock = sock;
+        if target.proxy_protocol {
+            let h = proxy_v2_header(pre.source, pre.destination);
+            if sock.write_all(&h).await.is_err() {
+                ws.reset(RESET_TARGET_UNREACHABLE);
+                return;
+            }
+        }
+        splice(sock, rs, ws, self.limits.idle_timeout, &self.stats).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_addresses_round_trip() {
+        for (s, d) in [
+            ("10.1.2.3:4567", "127.0.0.1:8080"),
+            ("[fd00::1]:443", "[::1]:9253"),
+        ] {
+            let p = Preamble {
+                source: s.parse().unwrap(),
+                destination: d.parse().unwrap(),
+                service: "web".into(),
+            };
+            let b = p.encode();
+            assert_eq!(get_addr(&b[1..19]), p.source);
+            assert_eq!(get_addr(&b[19..37]), p.destination);
+            assert_eq!(b[37] as usize, 3);
+        }
+    }
+
+    #[test]
+    fn proxy_v2_layout() {
+        let h = proxy_v2_header("1.2.3.4:5".parse().unwrap(), "6.7.8.9:10".parse().unwrap());
+        assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(h[12], 0x21);
+        assert_eq!(h[13], 0x11);
+        assert_eq!(u16::from_be_bytes([h[14], h[15]]), 12);
+        assert_eq!(&h[16..20], &[1, 2, 3, 4]);
+        assert_eq!(h.len(), 16 + 12);
+    }
+}
