@@ -1,1 +1,59 @@
-fn main() {}
+//! `pool-bench`: benchmarks of the POOL runtime on this machine.
+//!
+//! ```text
+//! pool-bench handshakes  [--seconds 5] [--parallel 16]
+//! pool-bench idle-memory [--sessions 1000]
+//! pool-bench resume      [--rounds 20]
+//! pool-bench throughput  [--bytes 1G] [--cipher chacha|aes]
+//! pool-bench idle-clients ADDR KEY N      (the child of idle-memory)
+//! ```
+//!
+//! Each prints human lines and then `RESULT name=value unit=...` lines,
+//! which `scripts/bench-core` collects. Every benchmark turns the
+//! per-source handshake rate limit off (all clients come from 127.0.0.1).
+
+mod common;
+mod handshakes;
+mod idle;
+mod resume;
+mod throughput;
+
+const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput> [options]
+  handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
+                 sessions/s accepted by a listener on one core, and the
+                 core responder handshake rate
+  idle-memory [--sessions 1000]
+                 listener RSS per idle session (clients in a child process)
+  resume      [--rounds 20] [--interval-ms 1] [--spacing-ms 100]
+                 data stall when the client's carrier is dropped
+  throughput  [--bytes 1G] [--cipher chacha|aes]
+                 one stream over loopback
+  idle-clients ADDR KEY N
+                 (internal) the client process of idle-memory";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let r = match cmd.as_str() {
+        "handshakes" => handshakes::run(rest),
+        "idle-memory" => idle::run(rest),
+        "idle-clients" => idle::clients(rest),
+        "resume" => resume::run(rest),
+        "throughput" => throughput::run(rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return;
+        }
+        other => {
+            eprintln!("unknown command {other}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("pool-bench {cmd}: {e}");
+        std::process::exit(1);
+    }
+}
