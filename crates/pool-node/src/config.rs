@@ -1,0 +1,260 @@
+//! The daemon's TOML configuration. See `docs/pool.example.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::bridge::{Limits, Target};
+
+/// A configuration problem, said so a person can fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown/missing keys.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message, with the line.
+        message: String,
+    },
+    /// A value is wrong.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What and how to fix it.
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The node itself.
+    #[serde(default)]
+    pub node: NodeSection,
+    /// Whom to trust.
+    #[serde(default)]
+    pub trust: TrustSection,
+    /// TCP listeners whose connections go to a POOL peer.
+    #[serde(default)]
+    pub tcp2pool: Vec<Tcp2PoolSection>,
+    /// Where streams arriving over POOL go.
+    #[serde(default)]
+    pub pool2tcp: Vec<Pool2TcpSection>,
+}
+
+fn default_listen() -> String {
+    "[::]:9253".into()
+}
+fn default_key() -> PathBuf {
+    PathBuf::from("/var/lib/pool/node.key")
+}
+fn default_drain() -> u64 {
+    30
+}
+
+/// `[node]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Private key file; created (mode 0600) on first start if missing.
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// POOL listener address; empty to not listen.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Control socket for `pool ctl` (owner-only).
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Prometheus endpoint, e.g. `127.0.0.1:9254`; empty disables.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Change journal file; empty disables.
+    #[serde(default)]
+    pub journal: Option<PathBuf>,
+    /// Seconds to let connections finish on SIGTERM.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            key: default_key(),
+            listen: default_listen(),
+            control: None,
+            metrics: None,
+            journal: None,
+            drain_timeout_secs: default_drain(),
+        }
+    }
+}
+
+/// `[trust]`: the same choices as the command-line trust flags.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    /// Trusted keys.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Authorized-keys file.
+    #[serde(default)]
+    pub authorized: Option<PathBuf>,
+    /// Fleet secret file.
+    #[serde(default)]
+    pub fleet_secret: Option<PathBuf>,
+    /// Trust on first use.
+    #[serde(default)]
+    pub tofu: bool,
+    /// Known-peers file for TOFU.
+    #[serde(default)]
+    pub known_peers: Option<PathBuf>,
+}
+
+fn default_max_conns() -> usize {
+    4096
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    3600
+}
+
+/// `[[tcp2pool]]`
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tcp2PoolSection {
+    /// A name for tables and logs.
+    pub name: String,
+    /// TCP address to listen on.
+    pub listen: String,
+    /// The POOL peer: `HOST:PORT`.
+    pub peer: String,
+    /// The peer's public key.
+    pub peer_key: String,
+    /// Service at the peer (its `[[pool2tcp]]` `service`); empty: its default.
+    #[serde(default)]
+    pub service: String,
+    /// Concurrent connections.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Seconds to reach the peer.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Seconds without traffic before a connection is reset (0: never).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+/// `[[pool2tcp]]`
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pool2TcpSection {
+    /// Service name tcp2pool ends ask for; empty (the default) takes
+    /// requests that name none.
+    #[serde(default)]
+    pub service: String,
+    /// `HOST:PORT` to connect streams to. Peers can never choose another.
+    pub target: String,
+    /// Send a PROXY protocol v2 header with the real client address.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Concurrent connections.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Seconds to reach the target.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Seconds without traffic before a connection is reset (0: never).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+fn limits(max: usize, connect: u64, idle: u64) -> Limits {
+    Limits {
+        max_connections: max.max(1),
+        connect_timeout: Duration::from_secs(connect.max(1)),
+        idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
+    }
+}
+
+impl Tcp2PoolSection {
+    /// The bridge limits.
+    pub fn limits(&self) -> Limits {
+        limits(self.max_connections, self.connect_timeout_secs, self.idle_timeout_secs)
+    }
+}
+
+impl Pool2TcpSection {
+    /// The bridge limits.
+    pub fn limits(&self) -> Limits {
+        limits(self.max_connections, self.connect_timeout_secs, self.idle_timeout_secs)
+    }
+    /// As a bridge target.
+    pub fn target(&self) -> Target {
+        Target {
+            service: self.service.clone(),
+            address: self.target.clone(),
+            proxy_protocol: self.proxy_protocol,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a config text.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: p.clone(),
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for b in &cfg.tcp2pool {
+            if !names.insert(b.name.clone()) {
+                return Err(invalid(format!("two [[tcp2pool]] sections are named `{}`", b.name)));
+            }
+            if pool_net::PublicKey::from_token(&b.peer_key).is_err() {
+                return Err(invalid(format!(
+                    "[[tcp2pool]] `{}`: peer_key `{}` is not a POOL public key (run `pool pubkey KEYFILE` on the peer)",
+                    b.name, b.peer_key
+                )));
+            }
+        }
+        let mut services = std::collections::HashSet::new();
+        for t in &cfg.pool2tcp {
+            if !services.insert(t.service.clone()) {
+                return Err(invalid(format!("two [[pool2tcp]] sections have service `{}`", t.service)));
+            }
+        }
+        if !cfg.pool2tcp.is_empty() && cfg.node.listen.is_empty() {
+            return Err(invalid("[[pool2tcp]] needs [node] listen (the POOL listener)".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<(Config, String), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok((Config::parse(&text, path)?, text))
+    }
+}

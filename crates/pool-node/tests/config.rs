@@ -1,0 +1,38 @@
+//! The documented example config parses, and mistakes get clear errors.
+
+use std::path::Path;
+
+use pool_node::config::{Config, ConfigError};
+
+#[test]
+fn example_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/pool.example.toml");
+    let (cfg, _) = Config::load(&path).expect("docs/pool.example.toml must stay valid");
+    assert_eq!(cfg.node.listen, "[::]:9253");
+    assert_eq!(cfg.tcp2pool.len(), 1);
+    assert_eq!(cfg.tcp2pool[0].name, "web");
+    assert_eq!(cfg.pool2tcp[0].target, "127.0.0.1:80");
+    assert_eq!(cfg.node.drain_timeout_secs, 30);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = Config::parse("[node]\nlisten = \"[::]:9253\"\nlsiten = 1\n", Path::new("x.toml")).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::Parse { .. }));
+    assert!(msg.contains("lsiten"), "{msg}");
+}
+
+#[test]
+fn bad_peer_key_is_explained() {
+    let text = "[[tcp2pool]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\npeer = \"h:1\"\npeer_key = \"nope\"\n";
+    let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(msg.contains("not a POOL public key"), "{msg}");
+}
+
+#[test]
+fn duplicate_bridge_names_refused() {
+    let b = "[[tcp2pool]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\npeer = \"h:1\"\npeer_key = \"uDTsXcomEBnCOnNsAuCPGfz_IbhljoeDxeOmE64zUiU\"\n";
+    let msg = Config::parse(&format!("{b}{b}"), Path::new("x.toml")).unwrap_err().to_string();
+    assert!(msg.contains("two [[tcp2pool]] sections are named `a`"), "{msg}");
+}
