@@ -6,7 +6,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use pool_net::{Endpoint, EndpointConfig, FleetSecret, KnownPeers, PublicKey, SecretKey, Trust};
+use pool_net::{Endpoint, EndpointConfig, KnownPeers, PublicKey, SecretKey, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::TrustArgs;
@@ -226,7 +226,7 @@ fn parse_key(token: &str, what: &str) -> Result<PublicKey> {
     PublicKey::from_token(token).map_err(|e| CliError(format!("{what}: {e}")))
 }
 
-fn known_peers_path(args: &TrustArgs) -> PathBuf {
+pub(crate) fn known_peers_path(args: &TrustArgs) -> PathBuf {
     if let Some(p) = &args.known_peers {
         return p.clone();
     }
@@ -238,31 +238,12 @@ fn known_peers_path(args: &TrustArgs) -> PathBuf {
     base.join("known_peers")
 }
 
-/// Builds the trust policy from the shared flags.
+/// Builds the trust policy from the shared flags (the same rules as the
+/// daemon's `[trust]` section).
 pub(crate) fn trust(args: &TrustArgs) -> Result<Trust> {
-    let mut t = Trust::new();
-    for k in &args.allow {
-        t = t.allow(parse_key(k, "--allow")?);
-    }
-    if let Some(f) = &args.authorized {
-        t = t.allow_file(f)?;
-    }
-    if let Some(f) = &args.fleet_secret {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| CliError(format!("cannot read fleet secret {}: {e}", f.display())))?;
-        if text.trim().len() < 16 {
-            return err(format!(
-                "fleet secret {} is too short (use at least 16 random characters, e.g. `head -c 32 /dev/urandom | base64 > {}`)",
-                f.display(),
-                f.display()
-            ));
-        }
-        t = t.fleet(FleetSecret::from_text(&text));
-    }
-    if args.tofu {
-        t = t.tofu(&known_peers_path(args))?;
-    }
-    Ok(t)
+    let section = crate::node::trust_section(args);
+    pool_node::daemon::build_trust(&section, &known_peers_path(args))
+        .map_err(|e| CliError(e.to_string()))
 }
 
 pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool) -> Result<()> {

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod cmd;
 mod demo;
+mod node;
 
 /// POOL — encrypted, mutually authenticated sessions that survive a lost
 /// connection.
@@ -75,6 +76,37 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run the POOL node: listener, bridges, control socket, metrics, journal.
+    #[command(
+        after_help = "Without --config: listens on [::]:9253 with key /var/lib/pool/node.key (created if missing).\n\
+SIGHUP reloads key, trust and bridges without dropping live connections; SIGTERM drains (drain_timeout_secs).\n\
+See docs/pool.example.toml for every setting."
+    )]
+    Daemon {
+        /// The configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Carry TCP connections over POOL without changing the programs at either end.
+    #[command(subcommand)]
+    Bridge(BridgeCmd),
+    /// Ask a running daemon (over its control socket).
+    #[command(subcommand)]
+    Ctl(CtlCmd),
+    /// Work with the change journal.
+    #[command(subcommand)]
+    Journal(JournalCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for pool and its subcommands into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Open a session to a listener and send stdin over a stream; print the reply to stdout.
     #[command(
         after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY"
@@ -94,24 +126,191 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum BridgeCmd {
+    /// Accept TCP connections and carry each over POOL to a peer running `pool2tcp`.
+    #[command(
+        after_help = "EXAMPLE:\n  pool bridge tcp2pool --listen 127.0.0.1:8080 --peer 10.4.4.101:9253 --peer-key KEY --key client.key"
+    )]
+    Tcp2pool {
+        /// TCP address that clients connect to.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// The pool2tcp end: HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+        /// The pool2tcp end's public key.
+        #[arg(long, value_name = "KEY")]
+        peer_key: String,
+        /// Service at the peer (a `[[pool2tcp]] service` of its daemon config).
+        #[arg(long, default_value = "")]
+        service: String,
+        #[command(flatten)]
+        common: BridgeCommon,
+    },
+    /// Accept POOL sessions and connect each stream to a fixed TCP target.
+    #[command(
+        after_help = "EXAMPLE:\n  pool bridge pool2tcp --listen [::]:9253 --target 127.0.0.1:80 --key server.key --allow CLIENT_KEY"
+    )]
+    Pool2tcp {
+        /// POOL address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "[::]:9253")]
+        listen: String,
+        /// Where streams go: HOST:PORT. Peers cannot choose another target.
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// Send a PROXY protocol v2 header so the target sees the real client address.
+        #[arg(long)]
+        proxy_protocol: bool,
+        #[command(flatten)]
+        common: BridgeCommon,
+    },
+}
+
+#[derive(Args, Debug)]
+struct BridgeCommon {
+    /// This node's private key file.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Concurrent connections (more are refused at once).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Serve `pool ctl` on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9254.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Append the change journal to this file.
+    #[arg(long, value_name = "FILE")]
+    journal: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// Sessions: peer, address, carrier, age, streams, bytes, RTT, jitter, loss, resumes.
+    Sessions {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Node key, listeners, bridges, counts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Reload the configuration (like SIGHUP).
+    Reload {
+        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JournalCmd {
+    /// Check the hash chain: finds edited, removed or reordered lines.
+    Verify {
+        /// The journal file.
+        file: PathBuf,
+    },
+}
+
 /// Whom to trust. Every command that accepts sessions takes these.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TrustArgs {
     /// Trust this peer public key (repeatable).
     #[arg(long, value_name = "KEY")]
-    allow: Vec<String>,
+    pub(crate) allow: Vec<String>,
     /// Trust every key in this file (one key per line, `#` comments).
     #[arg(long, value_name = "FILE")]
-    authorized: Option<PathBuf>,
+    pub(crate) authorized: Option<PathBuf>,
     /// Use this fleet secret; any peer holding it is trusted. All nodes of the fleet need the same file.
     #[arg(long, value_name = "FILE")]
-    fleet_secret: Option<PathBuf>,
+    pub(crate) fleet_secret: Option<PathBuf>,
     /// Trust on first use: pin the first key seen and refuse others later (opt-in).
     #[arg(long)]
-    tofu: bool,
+    pub(crate) tofu: bool,
     /// Where TOFU pins are kept [default: $POOL_HOME/known_peers or ~/.config/pool/known_peers].
     #[arg(long, value_name = "FILE")]
-    known_peers: Option<PathBuf>,
+    pub(crate) known_peers: Option<PathBuf>,
+}
+
+async fn bridge(b: BridgeCmd) -> Result<(), cmd::CliError> {
+    let extras = |c: &BridgeCommon| node::NodeExtras {
+        control: c.control.clone(),
+        metrics: c.metrics.clone(),
+        journal: c.journal.clone(),
+    };
+    match b {
+        BridgeCmd::Tcp2pool {
+            listen,
+            peer,
+            peer_key,
+            service,
+            common,
+        } => {
+            let ex = extras(&common);
+            node::tcp2pool(
+                listen,
+                peer,
+                peer_key,
+                service,
+                common.key,
+                &common.trust,
+                common.max_connections,
+                ex,
+            )
+            .await
+        }
+        BridgeCmd::Pool2tcp {
+            listen,
+            target,
+            proxy_protocol,
+            common,
+        } => {
+            let ex = extras(&common);
+            node::pool2tcp(
+                listen,
+                target,
+                proxy_protocol,
+                common.key,
+                &common.trust,
+                common.max_connections,
+                ex,
+            )
+            .await
+        }
+    }
+}
+
+fn man_pages(dir: &std::path::Path) -> Result<(), cmd::CliError> {
+    fn write(cmd: clap::Command, name: &str, dir: &std::path::Path) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            write(sub.clone(), &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    write(cmd, "pool", dir)?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -142,6 +341,26 @@ fn main() -> ExitCode {
             trust,
             once,
         } => cmd::runtime().and_then(|rt| rt.block_on(cmd::listen(&addr, &key, &trust, once))),
+        Command::Daemon { config } => {
+            cmd::runtime().and_then(|rt| rt.block_on(node::daemon_cmd(config)))
+        }
+        Command::Bridge(b) => cmd::runtime().and_then(|rt| rt.block_on(bridge(b))),
+        Command::Ctl(CtlCmd::Sessions { json, control }) => {
+            node::ctl_sessions(&control.unwrap_or_else(node::default_control), json)
+        }
+        Command::Ctl(CtlCmd::Status { json, control }) => {
+            node::ctl_status(&control.unwrap_or_else(node::default_control), json)
+        }
+        Command::Ctl(CtlCmd::Reload { control }) => {
+            node::ctl_reload(&control.unwrap_or_else(node::default_control))
+        }
+        Command::Journal(JournalCmd::Verify { file }) => node::journal_verify(&file),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "pool", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(&dir),
         Command::Connect {
             addr,
             key,

@@ -248,3 +248,15 @@ pub enum StreamError {
     #[error("session closed: {0}")]
     SessionClosed(CloseReason),
 }
+
+/// Cuts `s` to at most `max` bytes, on a character boundary (a plain
+/// `String::truncate` panics inside a multi-byte character).
+pub(crate) fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}

@@ -32,7 +32,9 @@ fn params(name: &str) -> Result<snow::params::NoiseParams, HandshakeError> {
 
 fn ik_prologue(flags: u8) -> [u8; 9] {
     let mut p = *b"POOL/1 IK";
-    p[8] = b'0' + flags;
+    // `flags` comes from the peer before any authentication: wrap, never
+    // overflow (a panic in debug builds).
+    p[8] = b'0'.wrapping_add(flags);
     p
 }
 
@@ -218,7 +220,7 @@ fn parse_refusal(body: &[u8]) -> HandshakeError {
 /// listener will not go on. Reasons never contain secrets.
 pub fn write_refusal(err: &HandshakeError, out: &mut Vec<u8>) {
     let mut reason = err.to_string();
-    reason.truncate(400);
+    crate::error::truncate_utf8(&mut reason, 400);
     wire::push_record(
         out,
         RecordType::Refuse,

@@ -1102,17 +1102,18 @@ impl Session {
         }
         while let Some(&id) = self.max_stream_data_queue.front() {
             if let Some(st) = self.streams.get_mut(&id) {
-                if st.max_update_queued && !st.recv_done() {
-                    if !put(
+                if st.max_update_queued
+                    && !st.recv_done()
+                    && !put(
                         buf,
                         &mut p,
                         &Frame::MaxStreamData {
                             id,
                             max: st.recv_max,
                         },
-                    ) {
-                        break;
-                    }
+                    )
+                {
+                    break;
                 }
                 st.max_update_queued = false;
             }
@@ -1397,11 +1398,7 @@ impl Session {
         });
         s.min_rtt = Some(s.min_rtt.map_or(sample, |m| m.min(sample)));
         if let Some(prev) = self.last_rtt_sample {
-            let d = if sample > prev {
-                sample - prev
-            } else {
-                prev - sample
-            };
+            let d = sample.abs_diff(prev);
             let j = s.jitter;
             s.jitter = if d > j {
                 j + (d - j) / 16

@@ -138,6 +138,9 @@ pub struct SessionStats {
     pub carrier: &'static str,
     /// How long the session has existed.
     pub age: Duration,
+    /// TCP retransmissions on the current carrier (from `TCP_INFO`), when
+    /// the carrier is TCP and the platform reports it.
+    pub tcp_retransmits: Option<u64>,
 }
 
 /// A live POOL session: open and accept streams, read stats, close.
@@ -196,6 +199,7 @@ impl Session {
                 "none"
             },
             age: self.shared.started.elapsed(),
+            tcp_retransmits: None,
         }
     }
 

@@ -292,6 +292,11 @@ async fn splice(
     }
 }
 
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// The `tcp2pool` end.
 #[derive(Clone, Debug)]
 pub struct Tcp2PoolConfig {
@@ -313,12 +318,24 @@ pub struct Tcp2Pool {
     cfg: Tcp2PoolConfig,
     endpoint: Endpoint,
     session: Mutex<Option<Session>>,
+    current: std::sync::Mutex<Option<Session>>,
+    dialled: AtomicU64,
     permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<BridgeStats>,
 }
 
 impl Tcp2Pool {
+    /// The session to the peer, if one is open (without waiting).
+    pub fn session_now(&self) -> Option<Session> {
+        self.current.lock().ok()?.clone().filter(|s| !s.is_closed())
+    }
+
+    /// Sessions this bridge has dialled.
+    pub fn sessions_dialled(&self) -> u64 {
+        self.dialled.load(Ordering::Relaxed)
+    }
+
     /// A bridge dialling through `endpoint`.
     pub fn new(cfg: Tcp2PoolConfig, endpoint: Endpoint) -> Arc<Self> {
         Arc::new(Tcp2Pool {
@@ -326,6 +343,8 @@ impl Tcp2Pool {
             cfg,
             endpoint,
             session: Mutex::new(None),
+            current: std::sync::Mutex::new(None),
+            dialled: AtomicU64::new(0),
             stats: Arc::default(),
         })
     }
@@ -353,6 +372,10 @@ impl Tcp2Pool {
         })??;
         info!(peer = %self.cfg.peer, session = %s.id(), "bridge session up");
         *guard = Some(s.clone());
+        self.dialled.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(s.clone());
+        }
         Ok(s)
     }
 
@@ -374,7 +397,7 @@ impl Tcp2Pool {
                         continue;
                     }
                 },
-                _ = stop.wait_for(|s| *s) => return,
+                () = stopped(&mut stop) => return,
             };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -454,6 +477,11 @@ impl Pool2Tcp {
             limits,
             stats: Arc::default(),
         })
+    }
+
+    /// The current targets.
+    pub fn targets(&self) -> Vec<Target> {
+        self.targets.read().map(|t| t.clone()).unwrap_or_default()
     }
 
     /// Replaces the targets (on reload); live connections are not touched.

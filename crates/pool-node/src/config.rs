@@ -194,14 +194,22 @@ fn limits(max: usize, connect: u64, idle: u64) -> Limits {
 impl Tcp2PoolSection {
     /// The bridge limits.
     pub fn limits(&self) -> Limits {
-        limits(self.max_connections, self.connect_timeout_secs, self.idle_timeout_secs)
+        limits(
+            self.max_connections,
+            self.connect_timeout_secs,
+            self.idle_timeout_secs,
+        )
     }
 }
 
 impl Pool2TcpSection {
     /// The bridge limits.
     pub fn limits(&self) -> Limits {
-        limits(self.max_connections, self.connect_timeout_secs, self.idle_timeout_secs)
+        limits(
+            self.max_connections,
+            self.connect_timeout_secs,
+            self.idle_timeout_secs,
+        )
     }
     /// As a bridge target.
     pub fn target(&self) -> Target {
@@ -228,7 +236,10 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for b in &cfg.tcp2pool {
             if !names.insert(b.name.clone()) {
-                return Err(invalid(format!("two [[tcp2pool]] sections are named `{}`", b.name)));
+                return Err(invalid(format!(
+                    "two [[tcp2pool]] sections are named `{}`",
+                    b.name
+                )));
             }
             if pool_net::PublicKey::from_token(&b.peer_key).is_err() {
                 return Err(invalid(format!(
@@ -240,11 +251,16 @@ impl Config {
         let mut services = std::collections::HashSet::new();
         for t in &cfg.pool2tcp {
             if !services.insert(t.service.clone()) {
-                return Err(invalid(format!("two [[pool2tcp]] sections have service `{}`", t.service)));
+                return Err(invalid(format!(
+                    "two [[pool2tcp]] sections have service `{}`",
+                    t.service
+                )));
             }
         }
         if !cfg.pool2tcp.is_empty() && cfg.node.listen.is_empty() {
-            return Err(invalid("[[pool2tcp]] needs [node] listen (the POOL listener)".into()));
+            return Err(invalid(
+                "[[pool2tcp]] needs [node] listen (the POOL listener)".into(),
+            ));
         }
         Ok(cfg)
     }

@@ -5,6 +5,8 @@
 //! journal. Everything here uses only `pool-net`'s public API.
 
 pub mod bridge;
+pub mod config;
+pub mod daemon;
 pub mod journal;
 pub mod metrics;
 pub mod model;

@@ -17,7 +17,11 @@ fn example_config_parses() {
 
 #[test]
 fn unknown_key_is_named() {
-    let e = Config::parse("[node]\nlisten = \"[::]:9253\"\nlsiten = 1\n", Path::new("x.toml")).unwrap_err();
+    let e = Config::parse(
+        "[node]\nlisten = \"[::]:9253\"\nlsiten = 1\n",
+        Path::new("x.toml"),
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, ConfigError::Parse { .. }));
     assert!(msg.contains("lsiten"), "{msg}");
@@ -26,13 +30,20 @@ fn unknown_key_is_named() {
 #[test]
 fn bad_peer_key_is_explained() {
     let text = "[[tcp2pool]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\npeer = \"h:1\"\npeer_key = \"nope\"\n";
-    let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+    let msg = Config::parse(text, Path::new("x.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not a POOL public key"), "{msg}");
 }
 
 #[test]
 fn duplicate_bridge_names_refused() {
     let b = "[[tcp2pool]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\npeer = \"h:1\"\npeer_key = \"uDTsXcomEBnCOnNsAuCPGfz_IbhljoeDxeOmE64zUiU\"\n";
-    let msg = Config::parse(&format!("{b}{b}"), Path::new("x.toml")).unwrap_err().to_string();
-    assert!(msg.contains("two [[tcp2pool]] sections are named `a`"), "{msg}");
+    let msg = Config::parse(&format!("{b}{b}"), Path::new("x.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("two [[tcp2pool]] sections are named `a`"),
+        "{msg}"
+    );
 }

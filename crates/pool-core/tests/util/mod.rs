@@ -2,11 +2,13 @@
 //! (two byte queues) that can be cut, corrupted or swapped.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod forge;
+
 use std::time::{Duration, Instant};
 
 use pool_core::{
-    Acceptor, Config, Event, FleetSecret, Initiator, PublicKey, ReadResult, SecretKey, SeededRng,
-    Session, MAX_RECORD_LEN,
+    Acceptor, CloseReason, Config, Event, FleetSecret, Initiator, PublicKey, ReadResult, SecretKey,
+    SeededRng, Session, StreamError, MAX_RECORD_LEN,
 };
 
 pub const T0_UNIX: u64 = 1_800_000_000_000_000_000;
@@ -17,6 +19,9 @@ pub fn key(n: u64) -> SecretKey {
     rand_core::RngCore::fill_bytes(&mut rng, &mut b);
     SecretKey::from_bytes(b)
 }
+
+/// Sees (and may alter) every record one side sends.
+pub type Tamper = Box<dyn FnMut(&mut [u8])>;
 
 pub struct Pair {
     pub a: Session,
@@ -29,10 +34,20 @@ pub struct Pair {
     pub b_events: Vec<Event>,
     pub rng: SeededRng,
     /// Called on every record a sends, before b sees it.
-    pub tamper_ab: Option<Box<dyn FnMut(&mut [u8])>>,
+    pub tamper_ab: Option<Tamper>,
+    /// Called on every record b sends, before a sees it.
+    pub tamper_ba: Option<Tamper>,
     /// While set, a→b bytes stay in flight (so a cut loses them).
     pub hold_ab: bool,
+    /// While set, b→a bytes stay in flight.
+    pub hold_ba: bool,
     buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pair(a={:?}, b={:?})", self.a, self.b)
+    }
 }
 
 /// Runs a full handshake between a fresh initiator (key 1) and responder (key 2).
@@ -41,16 +56,26 @@ pub fn handshake_with(
     cb: &Config,
     fleet: Option<FleetSecret>,
 ) -> Result<Pair, pool_core::HandshakeError> {
+    handshake_fleets(ca, cb, fleet.clone(), fleet)
+}
+
+/// As [`handshake_with`], with each side's own fleet secret (or none).
+pub fn handshake_fleets(
+    ca: &Config,
+    cb: &Config,
+    fleet_a: Option<FleetSecret>,
+    fleet_b: Option<FleetSecret>,
+) -> Result<Pair, pool_core::HandshakeError> {
     let now = Instant::now();
     let mut rng = SeededRng::from_u64(99);
     let (ka, kb) = (key(1), key(2));
-    let mut acceptor = Acceptor::new(cb, kb.clone(), fleet.clone());
+    let mut acceptor = Acceptor::new(cb, kb, fleet_b);
     let mut hello = Vec::new();
     let init = Initiator::start(
         ca,
         &ka,
-        kb.public_key(),
-        fleet.as_ref(),
+        acceptor.public_key(),
+        fleet_a.as_ref(),
         T0_UNIX,
         &mut rng,
         &mut hello,
@@ -67,19 +92,7 @@ pub fn handshake_with(
         &mut welcome,
     )?;
     let a = init.finish(now, &welcome)?;
-    Ok(Pair {
-        a,
-        b,
-        now,
-        ab: Vec::new(),
-        ba: Vec::new(),
-        a_events: Vec::new(),
-        b_events: Vec::new(),
-        rng,
-        tamper_ab: None,
-        hold_ab: false,
-        buf: vec![0u8; MAX_RECORD_LEN],
-    })
+    Ok(Pair::from_sessions(a, b, now, rng))
 }
 
 pub fn pair() -> Pair {
@@ -87,7 +100,27 @@ pub fn pair() -> Pair {
 }
 
 impl Pair {
-    /// Moves records both ways until nothing moves. Returns bytes moved.
+    /// A pair around two sessions made elsewhere (a the initiator).
+    pub fn from_sessions(a: Session, b: Session, now: Instant, rng: SeededRng) -> Pair {
+        Pair {
+            a,
+            b,
+            now,
+            ab: Vec::new(),
+            ba: Vec::new(),
+            a_events: Vec::new(),
+            b_events: Vec::new(),
+            rng,
+            tamper_ab: None,
+            tamper_ba: None,
+            hold_ab: false,
+            hold_ba: false,
+            buf: vec![0u8; MAX_RECORD_LEN],
+        }
+    }
+
+    /// Moves records both ways until nothing moves. Returns bytes moved
+    /// (sent plus handed over).
     pub fn drive(&mut self) -> usize {
         let mut total = 0;
         loop {
@@ -100,16 +133,23 @@ impl Pair {
                 moved += n;
             }
             while let Some(n) = self.b.poll_transmit(self.now, &mut self.buf) {
+                if let Some(t) = &mut self.tamper_ba {
+                    t(&mut self.buf[..n]);
+                }
                 self.ba.extend_from_slice(&self.buf[..n]);
                 moved += n;
             }
+            // Bytes handed over count as movement too: they may cause replies
+            // (for example bytes a test put in flight by hand).
             if !self.ab.is_empty() && self.b.carrier_up() && !self.hold_ab {
                 let used = self.b.handle_carrier_data(self.now, &mut self.ab);
                 self.ab.drain(..used);
+                moved += used;
             }
-            if !self.ba.is_empty() && self.a.carrier_up() {
+            if !self.ba.is_empty() && self.a.carrier_up() && !self.hold_ba {
                 let used = self.a.handle_carrier_data(self.now, &mut self.ba);
                 self.ba.drain(..used);
+                moved += used;
             }
             while let Some(e) = self.a.poll_event() {
                 self.a_events.push(e);
@@ -152,6 +192,7 @@ impl Pair {
     /// The carrier dies: bytes in flight are lost.
     pub fn cut(&mut self) {
         self.hold_ab = false;
+        self.hold_ba = false;
         self.ab.clear();
         self.ba.clear();
         self.a.carrier_lost(self.now);
@@ -170,6 +211,39 @@ impl Pair {
         self.a.finish_resume(self.now, &reply)?;
         Ok(())
     }
+}
+
+/// The reason of the first `Event::Closed` among `events`, if any.
+pub fn closed_reason(events: &[Event]) -> Option<&CloseReason> {
+    events.iter().find_map(|e| match e {
+        Event::Closed(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// Reads what a stream has now: the bytes, and whether its FIN was read.
+pub fn read_available(s: &mut Session, id: u64) -> Result<(Vec<u8>, bool), StreamError> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.stream_read(id, &mut buf)? {
+            ReadResult::Data(n) => got.extend_from_slice(&buf[..n]),
+            ReadResult::Fin => return Ok((got, true)),
+            ReadResult::Blocked => return Ok((got, false)),
+        }
+    }
+}
+
+/// `len` bytes of a deterministic pattern starting at `offset`, distinct per `salt`.
+pub fn pattern(offset: usize, len: usize, salt: u64) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(salt.wrapping_mul(7)) as u8
+                ^ (i >> 8) as u8
+        })
+        .collect()
 }
 
 /// Writes and reads `total` bytes of a deterministic pattern on `streams`
@@ -210,10 +284,8 @@ pub fn transfer(
                     hs[i].update(&chunk[..w]);
                     sent[i] += w;
                 }
-            } else if sent[i] == per {
-                if p.a.stream_finish(ids[i]).is_ok() {
-                    sent[i] += 1;
-                }
+            } else if sent[i] == per && p.a.stream_finish(ids[i]).is_ok() {
+                sent[i] += 1;
             }
         }
         p.drive();

@@ -1,0 +1,368 @@
+//! `pool daemon`, `pool bridge`, `pool ctl`, `pool journal`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pool_node::config::{Config, NodeSection, Pool2TcpSection, Tcp2PoolSection, TrustSection};
+use pool_node::daemon;
+
+use crate::cmd::CliError;
+use crate::TrustArgs;
+
+type Result<T> = std::result::Result<T, CliError>;
+
+impl From<daemon::DaemonError> for CliError {
+    fn from(e: daemon::DaemonError) -> Self {
+        CliError::msg(e.to_string())
+    }
+}
+
+/// The default control socket: `$POOL_CONTROL`, else `/run/pool/control.sock`.
+pub(crate) fn default_control() -> PathBuf {
+    std::env::var_os("POOL_CONTROL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/pool/control.sock"))
+}
+
+pub(crate) fn trust_section(args: &TrustArgs) -> TrustSection {
+    TrustSection {
+        allow: args.allow.clone(),
+        authorized: args.authorized.clone(),
+        fleet_secret: args.fleet_secret.clone(),
+        tofu: args.tofu,
+        known_peers: Some(crate::cmd::known_peers_path(args)),
+    }
+}
+
+pub(crate) async fn run_daemon(
+    config_path: Option<PathBuf>,
+    config: Config,
+    text: String,
+) -> Result<()> {
+    let drain = Duration::from_secs(config.node.drain_timeout_secs);
+    let d = daemon::start(config_path, config, &text).await?;
+    let st = d.status();
+    eprintln!("pool: node {} up", st["key"].as_str().unwrap_or("?"));
+    if let Some(l) = st["listen"].as_str() {
+        eprintln!("pool: POOL listener on {l}");
+    }
+    for (name, addr) in d.bridge_addrs() {
+        eprintln!("pool: tcp2pool `{name}` listening on {addr}");
+    }
+    if let Some(m) = st["metrics"].as_str() {
+        eprintln!("pool: metrics at http://{m}/metrics");
+    }
+    daemon::run_until_signal(d, drain).await?;
+    Ok(())
+}
+
+pub(crate) async fn daemon_cmd(config: Option<PathBuf>) -> Result<()> {
+    let (cfg, text, path) = match config {
+        Some(p) => {
+            let (c, t) = Config::load(&p).map_err(|e| CliError::msg(e.to_string()))?;
+            (c, t, Some(p))
+        }
+        None => {
+            let c = Config::default();
+            (c, String::new(), None)
+        }
+    };
+    run_daemon(path, cfg, text).await
+}
+
+fn require_key(key: &Path) -> Result<()> {
+    if !key.exists() {
+        return Err(CliError::msg(format!(
+            "key file {} does not exist (create one with `pool keygen --out {}`)",
+            key.display(),
+            key.display()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) struct NodeExtras {
+    pub(crate) control: Option<PathBuf>,
+    pub(crate) metrics: Option<String>,
+    pub(crate) journal: Option<PathBuf>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn tcp2pool(
+    listen: String,
+    peer: String,
+    peer_key: String,
+    service: String,
+    key: PathBuf,
+    trust: &TrustArgs,
+    max_connections: usize,
+    extras: NodeExtras,
+) -> Result<()> {
+    require_key(&key)?;
+    let cfg = Config {
+        node: NodeSection {
+            key,
+            listen: String::new(),
+            control: extras.control,
+            metrics: extras.metrics,
+            journal: extras.journal,
+            ..NodeSection::default()
+        },
+        trust: trust_section(trust),
+        tcp2pool: vec![Tcp2PoolSection {
+            name: "tcp2pool".into(),
+            listen,
+            peer,
+            peer_key,
+            service,
+            max_connections,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 3600,
+        }],
+        pool2tcp: Vec::new(),
+    };
+    let cfg = validate(cfg)?;
+    run_daemon(None, cfg, String::new()).await
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn pool2tcp(
+    listen: String,
+    target: String,
+    proxy_protocol: bool,
+    key: PathBuf,
+    trust: &TrustArgs,
+    max_connections: usize,
+    extras: NodeExtras,
+) -> Result<()> {
+    require_key(&key)?;
+    let t = trust_section(trust);
+    if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() && !t.tofu {
+        return Err(CliError::msg(
+            "nobody is trusted, so every connection would be refused; \
+             add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu",
+        ));
+    }
+    let cfg = Config {
+        node: NodeSection {
+            key,
+            listen,
+            control: extras.control,
+            metrics: extras.metrics,
+            journal: extras.journal,
+            ..NodeSection::default()
+        },
+        trust: t,
+        tcp2pool: Vec::new(),
+        pool2tcp: vec![Pool2TcpSection {
+            service: String::new(),
+            target,
+            proxy_protocol,
+            max_connections,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 3600,
+        }],
+    };
+    let cfg = validate(cfg)?;
+    run_daemon(None, cfg, String::new()).await
+}
+
+/// Runs the same checks as a config file gets.
+fn validate(cfg: Config) -> Result<Config> {
+    for b in &cfg.tcp2pool {
+        pool_net::PublicKey::from_token(&b.peer_key)
+            .map_err(|e| CliError::msg(format!("--peer-key: {e}")))?;
+    }
+    Ok(cfg)
+}
+
+fn ctl_request(control: &Path, cmd: &str) -> Result<serde_json::Value> {
+    let mut sock = UnixStream::connect(control).map_err(|e| {
+        CliError::msg(format!(
+            "cannot reach the daemon's control socket {}: {e} (is `pool daemon` running? set --control or POOL_CONTROL)",
+            control.display()
+        ))
+    })?;
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
+    writeln!(sock, "{}", serde_json::json!({ "cmd": cmd }))?;
+    let mut line = String::new();
+    BufReader::new(sock).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(CliError::msg(format!("daemon: {e}")));
+    }
+    Ok(v)
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn human_age(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
+    let v = ctl_request(control, "sessions")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
+        .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
+    println!(
+        "{:<12} {:<10} {:<22} {:<7} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+        "PEER",
+        "ROLE",
+        "ADDRESS",
+        "CARRIER",
+        "AGE",
+        "STREAMS",
+        "SENT",
+        "RECEIVED",
+        "RTT",
+        "JITTER",
+        "LOSS",
+        "RESUMES"
+    );
+    for r in &rows {
+        let peer: String = r.peer.chars().take(12).collect();
+        let rtt = r.rtt_ms.map_or("-".into(), |m| format!("{m:.2}ms"));
+        let loss = format!(
+            "{}/{}",
+            r.tcp_retransmits.map_or("-".into(), |n| n.to_string()),
+            r.frames_resent
+        );
+        println!(
+            "{:<12} {:<10} {:<22} {:<7} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+            peer,
+            r.role,
+            r.address.clone().unwrap_or_else(|| "-".into()),
+            r.carrier,
+            human_age(r.age_secs),
+            r.streams,
+            human_bytes(r.bytes_sent),
+            human_bytes(r.bytes_received),
+            rtt,
+            format!("{:.2}ms", r.jitter_ms),
+            loss,
+            r.resumes
+        );
+    }
+    if rows.is_empty() {
+        println!("(no sessions)");
+    } else {
+        println!("\nLOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.");
+    }
+    Ok(())
+}
+
+pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
+    let v = ctl_request(control, "status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(String::from)
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("node key     {}", s("key"));
+    println!(
+        "uptime       {}",
+        human_age(v["uptime_secs"].as_f64().unwrap_or(0.0))
+    );
+    println!("POOL listen  {}", s("listen"));
+    println!(
+        "metrics      {}",
+        v["metrics"]
+            .as_str()
+            .map(|m| format!("http://{m}/metrics"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("journal      {}", s("journal"));
+    println!("sessions     {}", v["sessions"]);
+    if let Some(bs) = v["tcp2pool"].as_array() {
+        for b in bs {
+            println!(
+                "tcp2pool     {} on {} -> {} (active {}, total {}, errors {})",
+                b["name"].as_str().unwrap_or("?"),
+                b["listen"].as_str().unwrap_or("?"),
+                b["peer"].as_str().unwrap_or("?"),
+                b["active"],
+                b["connections"],
+                b["errors"]
+            );
+        }
+    }
+    if let Some(ts) = v["pool2tcp"]["targets"].as_array() {
+        for t in ts {
+            let svc = t["service"].as_str().unwrap_or("");
+            println!(
+                "pool2tcp     {} -> {}{}",
+                if svc.is_empty() { "(default)" } else { svc },
+                t["target"].as_str().unwrap_or("?"),
+                if t["proxy_protocol"].as_bool() == Some(true) {
+                    " (PROXY v2)"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!(
+            "             active {}, total {}, errors {}",
+            v["pool2tcp"]["active"], v["pool2tcp"]["connections"], v["pool2tcp"]["errors"]
+        );
+    }
+    let c = &v["counters"];
+    println!(
+        "counters     accepted {} dialled {} refused {} resumes {} journal {} written / {} failed",
+        c["sessions_accepted"],
+        c["sessions_dialled"],
+        c["handshakes_refused"],
+        c["resumes_accepted"],
+        c["journal_written"],
+        c["journal_failed"]
+    );
+    Ok(())
+}
+
+pub(crate) fn ctl_reload(control: &Path) -> Result<()> {
+    ctl_request(control, "reload")?;
+    println!("reloaded");
+    Ok(())
+}
+
+pub(crate) fn journal_verify(file: &Path) -> Result<()> {
+    let report = pool_node::journal::verify(file).map_err(|e| CliError::msg(e.to_string()))?;
+    println!("{report}");
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::msg(format!(
+            "{}: {} problem(s) found; the journal has been altered",
+            file.display(),
+            report.problems.len()
+        )))
+    }
+}

@@ -1,0 +1,664 @@
+//! The daemon: one POOL listener, the bridges of its config, the control
+//! socket, metrics and the journal. SIGHUP reloads key, trust and bridges
+//! without dropping live connections; SIGTERM drains with a deadline.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pool_net::{
+    Endpoint, EndpointConfig, EndpointEvent, FleetSecret, PublicKey, SecretKey, Session, Trust,
+};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::bridge::{Pool2Tcp, Tcp2Pool, Tcp2PoolConfig};
+use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
+use crate::journal::Journal;
+use crate::metrics::MetricsSource;
+use crate::model::{NodeCounters, SessionRow};
+
+/// Why the daemon could not start or go on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Key file.
+    #[error("{0}")]
+    Key(String),
+    /// Trust settings.
+    #[error("{0}")]
+    Trust(String),
+    /// A listener could not be opened.
+    #[error("{what}: {source}")]
+    Listen {
+        /// Which listener.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The POOL runtime.
+    #[error(transparent)]
+    Net(#[from] pool_net::Error),
+}
+
+/// Loads a key file, or creates it (mode 0600) when `create` and missing.
+pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, DaemonError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    warn!(
+                        "key file {} is readable by other users; run: chmod 600 {}",
+                        path.display(),
+                        path.display()
+                    );
+                }
+            }
+            SecretKey::from_file_text(&text)
+                .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let mut b = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+            let key = SecretKey::from_bytes(b);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    DaemonError::Key(format!("cannot create key file {}: {e}", path.display()))
+                })?;
+            use std::io::Write;
+            f.write_all(key.to_file_text().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| {
+                    DaemonError::Key(format!("cannot write key file {}: {e}", path.display()))
+                })?;
+            info!(key = %key.public_key(), file = %path.display(), "created a new node key");
+            Ok(key)
+        }
+        Err(e) => Err(DaemonError::Key(format!(
+            "cannot read key file {}: {e} (create one with `pool keygen --out {}`)",
+            path.display(),
+            path.display()
+        ))),
+    }
+}
+
+/// Builds a trust policy from a `[trust]` section (or the trust flags).
+pub fn build_trust(t: &TrustSection, default_known_peers: &Path) -> Result<Trust, DaemonError> {
+    let mut trust = Trust::new();
+    for k in &t.allow {
+        let key =
+            PublicKey::from_token(k).map_err(|e| DaemonError::Trust(format!("allow: {e}")))?;
+        trust = trust.allow(key);
+    }
+    if let Some(f) = &t.authorized {
+        trust = trust
+            .allow_file(f)
+            .map_err(|e| DaemonError::Trust(e.to_string()))?;
+    }
+    if let Some(f) = &t.fleet_secret {
+        let text = std::fs::read_to_string(f).map_err(|e| {
+            DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display()))
+        })?;
+        if text.trim().len() < 16 {
+            return Err(DaemonError::Trust(format!(
+                "fleet secret {} is too short (use at least 16 random characters, e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+                f.display(),
+                f.display()
+            )));
+        }
+        trust = trust.fleet(FleetSecret::from_text(&text));
+    }
+    if t.tofu {
+        let kp = t
+            .known_peers
+            .clone()
+            .unwrap_or_else(|| default_known_peers.to_path_buf());
+        trust = trust
+            .tofu(&kp)
+            .map_err(|e| DaemonError::Trust(e.to_string()))?;
+    }
+    Ok(trust)
+}
+
+struct RunningBridge {
+    section: Tcp2PoolSection,
+    bridge: Arc<Tcp2Pool>,
+    stop: watch::Sender<bool>,
+    addr: String,
+}
+
+/// Shared state of a running daemon.
+pub struct Daemon {
+    config_path: Option<PathBuf>,
+    endpoint: Endpoint,
+    listening: bool,
+    journal: Option<Journal>,
+    bridges: Mutex<HashMap<String, RunningBridge>>,
+    retired: Mutex<Vec<Arc<Tcp2Pool>>>,
+    pool2tcp: Arc<Pool2Tcp>,
+    started: Instant,
+    metrics_addr: Mutex<Option<String>>,
+    control_path: Option<PathBuf>,
+}
+
+fn row(s: &Session) -> SessionRow {
+    let st = s.stats();
+    let c = &st.core;
+    SessionRow {
+        id: s.id().to_string(),
+        peer: s.peer_key().to_string(),
+        address: st.remote.map(|a| a.to_string()),
+        carrier: st.carrier.to_string(),
+        role: String::new(),
+        age_secs: st.age.as_secs_f64(),
+        streams: c.streams_active,
+        streams_total: c.streams_opened,
+        bytes_sent: c.bytes_sent,
+        bytes_received: c.bytes_received,
+        rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1e3),
+        jitter_ms: c.jitter.as_secs_f64() * 1e3,
+        tcp_retransmits: st.tcp_retransmits,
+        frames_resent: c.frames_resent,
+        resumes: c.resumes,
+        epoch: c.epoch,
+        cipher: c.cipher.to_string(),
+    }
+}
+
+impl Daemon {
+    /// All live sessions: accepted ones and the bridges' dialled ones.
+    pub fn sessions(&self) -> Vec<SessionRow> {
+        let mut rows: Vec<SessionRow> = self
+            .endpoint
+            .sessions()
+            .iter()
+            .map(|s| {
+                let mut r = row(s);
+                r.role = "responder".into();
+                r
+            })
+            .collect();
+        let bridges: Vec<Arc<Tcp2Pool>> = self
+            .bridges
+            .lock()
+            .map(|b| b.values().map(|r| r.bridge.clone()).collect())
+            .unwrap_or_default();
+        for b in bridges {
+            if let Some(s) = b.session_now() {
+                let mut r = row(&s);
+                r.role = "initiator".into();
+                rows.push(r);
+            }
+        }
+        rows
+    }
+
+    /// Node-wide counters.
+    pub fn counters(&self) -> NodeCounters {
+        let ls = self.endpoint.listener_stats();
+        let mut c = NodeCounters {
+            sessions_accepted: ls.accepted.load(Ordering::Relaxed),
+            handshakes_refused: ls.refused.load(Ordering::Relaxed),
+            resumes_accepted: ls.resumed.load(Ordering::Relaxed),
+            ..NodeCounters::default()
+        };
+        c.bridge_connections = self.pool2tcp.stats.connections.load(Ordering::Relaxed);
+        c.bridge_errors = self.pool2tcp.stats.errors.load(Ordering::Relaxed);
+        if let Ok(b) = self.bridges.lock() {
+            for r in b.values() {
+                c.bridge_connections += r.bridge.stats.connections.load(Ordering::Relaxed);
+                c.bridge_errors += r.bridge.stats.errors.load(Ordering::Relaxed);
+                c.sessions_dialled += r.bridge.sessions_dialled();
+            }
+        }
+        if let Some(j) = &self.journal {
+            let s = j.stats();
+            c.journal_written = s.written;
+            c.journal_failed = s.failed + s.dropped;
+        }
+        c
+    }
+
+    /// `pool ctl status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let bridges: Vec<serde_json::Value> = self
+            .bridges
+            .lock()
+            .map(|b| {
+                let mut v: Vec<_> = b
+                    .values()
+                    .map(|r| {
+                        json!({
+                            "name": r.section.name,
+                            "mode": "tcp2pool",
+                            "listen": r.addr,
+                            "peer": r.section.peer,
+                            "active": r.bridge.stats.active.load(Ordering::Relaxed),
+                            "connections": r.bridge.stats.connections.load(Ordering::Relaxed),
+                            "errors": r.bridge.stats.errors.load(Ordering::Relaxed),
+                            "bytes_in": r.bridge.stats.bytes_in.load(Ordering::Relaxed),
+                            "bytes_out": r.bridge.stats.bytes_out.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                v
+            })
+            .unwrap_or_default();
+        let p = &self.pool2tcp.stats;
+        json!({
+            "key": self.endpoint.public_key().to_string(),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "listen": self.endpoint.local_addr().map(|a| a.to_string()),
+            "listening": self.listening,
+            "control": self.control_path.as_ref().map(|p| p.display().to_string()),
+            "metrics": self.metrics_addr.lock().ok().and_then(|m| m.clone()),
+            "journal": self.journal.as_ref().map(|j| j.path().display().to_string()),
+            "sessions": self.sessions().len(),
+            "tcp2pool": bridges,
+            "pool2tcp": {
+                "targets": self.pool2tcp.targets().iter().map(|t| json!({"service": t.service, "target": t.address, "proxy_protocol": t.proxy_protocol})).collect::<Vec<_>>(),
+                "active": p.active.load(Ordering::Relaxed),
+                "connections": p.connections.load(Ordering::Relaxed),
+                "errors": p.errors.load(Ordering::Relaxed),
+            },
+            "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
+        })
+    }
+
+    fn journal(&self, event: &str, fields: serde_json::Value) {
+        if let Some(j) = &self.journal {
+            j.record(event, fields);
+        }
+    }
+
+    async fn start_bridge(self: &Arc<Self>, section: Tcp2PoolSection) -> Result<(), DaemonError> {
+        let peer_key = PublicKey::from_token(&section.peer_key)
+            .map_err(|e| DaemonError::Trust(format!("tcp2pool {}: {e}", section.name)))?;
+        let cfg = Tcp2PoolConfig {
+            listen: section.listen.clone(),
+            peer: section.peer.clone(),
+            peer_key,
+            service: section.service.clone(),
+            limits: section.limits(),
+        };
+        let bridge = Tcp2Pool::new(cfg, self.endpoint.clone());
+        let listener = bridge.bind().await.map_err(|source| DaemonError::Listen {
+            what: format!("tcp2pool `{}` on {}", section.name, section.listen),
+            source,
+        })?;
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(name = %section.name, listen = %addr, peer = %section.peer, "tcp2pool bridge up");
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(bridge.clone().run(listener, stop_rx));
+        if let Ok(mut b) = self.bridges.lock() {
+            b.insert(
+                section.name.clone(),
+                RunningBridge {
+                    section,
+                    bridge,
+                    stop,
+                    addr,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn stop_bridge(&self, name: &str) {
+        let removed = self.bridges.lock().ok().and_then(|mut b| b.remove(name));
+        if let Some(r) = removed {
+            let _ = r.stop.send(true);
+            info!(
+                name,
+                "tcp2pool bridge stopped accepting; live connections go on"
+            );
+            if let Ok(mut ret) = self.retired.lock() {
+                ret.push(r.bridge);
+            }
+        }
+    }
+
+    /// The listen addresses of the running tcp2pool bridges, by name.
+    pub fn bridge_addrs(&self) -> HashMap<String, String> {
+        self.bridges
+            .lock()
+            .map(|b| b.iter().map(|(k, v)| (k.clone(), v.addr.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Re-reads the config file: key, trust, bridges. Live connections stay.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), DaemonError> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        let (cfg, text) = Config::load(path)?;
+        let key = load_or_create_key(&cfg.node.key, false)?;
+        let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
+        let old_key = self.endpoint.public_key();
+        self.endpoint.reload(key.clone(), trust);
+        if key.public_key() != old_key {
+            self.journal(
+                "key_changed",
+                json!({"old": old_key.to_string(), "new": key.public_key().to_string()}),
+            );
+        }
+        self.pool2tcp
+            .set_targets(cfg.pool2tcp.iter().map(|t| t.target()).collect());
+        let current: HashMap<String, Tcp2PoolSection> = self
+            .bridges
+            .lock()
+            .map(|b| {
+                b.iter()
+                    .map(|(k, v)| (k.clone(), v.section.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (name, section) in &current {
+            if cfg.tcp2pool.iter().all(|s| s != section) {
+                self.stop_bridge(name);
+            }
+        }
+        for section in cfg.tcp2pool {
+            if current.get(&section.name) != Some(&section) {
+                self.start_bridge(section).await?;
+            }
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        self.journal(
+            "config_reloaded",
+            json!({"path": path.display().to_string(), "sha256": hex}),
+        );
+        info!(sha256 = %hex, "configuration reloaded");
+        Ok(())
+    }
+
+    /// Connections still open on all bridges.
+    pub fn active_connections(&self) -> u64 {
+        let mut n = self.pool2tcp.stats.active.load(Ordering::Relaxed);
+        if let Ok(b) = self.bridges.lock() {
+            n += b
+                .values()
+                .map(|r| r.bridge.stats.active.load(Ordering::Relaxed))
+                .sum::<u64>();
+        }
+        if let Ok(r) = self.retired.lock() {
+            n += r
+                .iter()
+                .map(|b| b.stats.active.load(Ordering::Relaxed))
+                .sum::<u64>();
+        }
+        n
+    }
+}
+
+impl MetricsSource for Daemon {
+    fn sessions(&self) -> Vec<SessionRow> {
+        Daemon::sessions(self)
+    }
+    fn counters(&self) -> NodeCounters {
+        Daemon::counters(self)
+    }
+}
+
+fn default_known_peers(cfg: &Config) -> PathBuf {
+    cfg.node
+        .key
+        .parent()
+        .map(|d| d.join("known_peers"))
+        .unwrap_or_else(|| PathBuf::from("known_peers"))
+}
+
+/// Starts everything a config describes. Returns the running daemon; the
+/// caller runs [`run_until_signal`].
+pub async fn start(
+    config_path: Option<PathBuf>,
+    cfg: Config,
+    text: &str,
+) -> Result<Arc<Daemon>, DaemonError> {
+    let key = load_or_create_key(&cfg.node.key, true)?;
+    let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
+    let listening = !cfg.node.listen.is_empty();
+    if listening && trust.is_empty() && !cfg.pool2tcp.is_empty() {
+        return Err(DaemonError::Trust(
+            "this node listens but trusts nobody, so every session would be refused: \
+             set [trust] allow, authorized, fleet_secret or tofu"
+                .into(),
+        ));
+    }
+    let epcfg = EndpointConfig::new(key.clone()).trust(trust);
+    let endpoint = if listening {
+        Endpoint::bind(&cfg.node.listen, epcfg).await?
+    } else {
+        Endpoint::client(epcfg)
+    };
+    let journal = match &cfg.node.journal {
+        Some(p) if !p.as_os_str().is_empty() => Some(
+            Journal::open(p)
+                .await
+                .map_err(|e| DaemonError::Key(format!("journal: {e}")))?,
+        ),
+        _ => None,
+    };
+    let pool2tcp = Pool2Tcp::new(
+        cfg.pool2tcp.iter().map(|t| t.target()).collect(),
+        cfg.pool2tcp.first().map(|t| t.limits()).unwrap_or_default(),
+    );
+    let daemon = Arc::new(Daemon {
+        config_path,
+        endpoint: endpoint.clone(),
+        listening,
+        journal,
+        bridges: Mutex::new(HashMap::new()),
+        retired: Mutex::new(Vec::new()),
+        pool2tcp: pool2tcp.clone(),
+        started: Instant::now(),
+        metrics_addr: Mutex::new(None),
+        control_path: cfg.node.control.clone(),
+    });
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    daemon.journal(
+        "node_started",
+        json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex}),
+    );
+    for section in cfg.tcp2pool.clone() {
+        daemon.start_bridge(section).await?;
+    }
+    if listening {
+        // Sessions accepted: serve their streams, journal open and close.
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            while let Some(s) = d.endpoint.accept().await {
+                let p2t = d.pool2tcp.clone();
+                let d2 = d.clone();
+                tokio::spawn(async move {
+                    let watch = s.clone();
+                    let id = s.id().to_string();
+                    let peer = s.peer_key().to_string();
+                    tokio::spawn(p2t.serve_session(s));
+                    let reason = watch.closed().await;
+                    d2.journal(
+                        "session_closed",
+                        json!({"session": id, "peer": peer, "reason": reason.to_string()}),
+                    );
+                });
+            }
+        });
+        // Listener events: journal accepts, refusals, resumes.
+        let d = daemon.clone();
+        let mut events = endpoint.events();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(EndpointEvent::Accepted { id, peer, from }) => d.journal(
+                        "session_opened",
+                        json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
+                    ),
+                    Ok(EndpointEvent::Refused { from, key, reason }) => d.journal(
+                        "handshake_refused",
+                        json!({"from": from.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
+                    ),
+                    Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
+                        "session_resumed",
+                        json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
+                    ),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "journal fell behind listener events");
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    if let Some(addr) = cfg.node.metrics.as_ref().filter(|a| !a.is_empty()) {
+        let (bound, _task) = crate::metrics::serve(addr, daemon.clone() as Arc<dyn MetricsSource>)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: format!("metrics on {addr}"),
+                source,
+            })?;
+        info!(addr = %bound, "metrics at http://{bound}/metrics");
+        if let Ok(mut m) = daemon.metrics_addr.lock() {
+            *m = Some(bound.to_string());
+        }
+    }
+    if let Some(path) = &cfg.node.control {
+        serve_control(path, daemon.clone()).map_err(|source| DaemonError::Listen {
+            what: format!("control socket {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(daemon)
+}
+
+/// Serves `pool ctl` on a Unix socket, readable and writable by the owner only.
+fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let Ok(Ok(Some(line))) =
+                    tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
+                else {
+                    return;
+                };
+                let cmd = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("cmd").and_then(|c| c.as_str()).map(String::from))
+                    .unwrap_or_default();
+                let reply = match cmd.as_str() {
+                    "sessions" => serde_json::to_value(d.sessions()).unwrap_or_default(),
+                    "status" => d.status(),
+                    "reload" => match d.reload().await {
+                        Ok(()) => json!({"ok": true}),
+                        Err(e) => json!({"error": e.to_string()}),
+                    },
+                    other => {
+                        json!({"error": format!("unknown command `{other}` (try: sessions, status, reload)")})
+                    }
+                };
+                let mut text = reply.to_string();
+                text.push('\n');
+                let _ = w.write_all(text.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Runs until SIGTERM or SIGINT (then drains for up to `drain`), reloading
+/// on SIGHUP.
+pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = |k| {
+        signal(k).map_err(|source| DaemonError::Listen {
+            what: "signal handler".into(),
+            source,
+        })
+    };
+    let mut hup = sig(SignalKind::hangup())?;
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading");
+                if let Err(e) = daemon.reload().await {
+                    error!("reload failed, keeping the running configuration: {e}");
+                    daemon.journal("config_reload_failed", json!({"error": e.to_string()}));
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!(
+        deadline_secs = drain.as_secs(),
+        "draining: no new connections; waiting for live ones"
+    );
+    let names: Vec<String> = daemon
+        .bridges
+        .lock()
+        .map(|b| b.keys().cloned().collect())
+        .unwrap_or_default();
+    for n in names {
+        daemon.stop_bridge(&n);
+    }
+    let deadline = Instant::now() + drain;
+    while daemon.active_connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = daemon.active_connections();
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain deadline passed; closing the rest"
+        );
+    }
+    daemon.journal("node_stopped", json!({"connections_cut": left}));
+    if let Some(j) = &daemon.journal {
+        j.flush().await;
+    }
+    if let Some(p) = &daemon.control_path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
