@@ -294,7 +294,7 @@ pub struct Acceptor {
     fleet: Option<FleetSecret>,
     config: Config,
     /// Newest handshake timestamp accepted per key (replay protection).
-    seen: HashMap<PublicKey, u64>,
+    seen: HashMap<PublicKey, Recent>,
     limiter: Option<RateLimiter>,
 }
 
@@ -305,6 +305,42 @@ impl std::fmt::Debug for Acceptor {
 }
 
 const MAX_SEEN: usize = 65_536;
+/// Handshakes from one key may arrive this much out of order (a client
+/// opening several sessions at once).
+const REORDER_WINDOW_NS: u64 = 2_000_000_000;
+/// Timestamps remembered per key inside that window.
+const RECENT_CAP: usize = 64;
+
+/// The handshake timestamps accepted from one key. A timestamp is fresh
+/// when it was never accepted, is at most [`REORDER_WINDOW_NS`] older than
+/// the newest, and is newer than any timestamp forgotten to keep the list
+/// short. A recorded HELLO therefore never gets in twice.
+#[derive(Debug, Default)]
+struct Recent {
+    max: u64,
+    forgotten_max: u64,
+    recent: std::collections::VecDeque<u64>,
+}
+
+impl Recent {
+    fn is_fresh(&self, ts: u64) -> bool {
+        let floor = self
+            .max
+            .saturating_sub(REORDER_WINDOW_NS)
+            .max(self.forgotten_max);
+        (ts > floor || (self.recent.is_empty() && self.max == 0)) && !self.recent.contains(&ts)
+    }
+
+    fn insert(&mut self, ts: u64) {
+        if self.recent.len() >= RECENT_CAP {
+            if let Some(old) = self.recent.pop_front() {
+                self.forgotten_max = self.forgotten_max.max(old);
+            }
+        }
+        self.recent.push_back(ts);
+        self.max = self.max.max(ts);
+    }
+}
 
 impl Acceptor {
     /// An acceptor for this node's key; with a fleet secret every peer must
@@ -435,10 +471,8 @@ impl Acceptor {
                 limit_secs: limit.as_secs(),
             });
         }
-        if let Some(&last) = self.seen.get(&peer) {
-            if ts <= last {
-                return Err(HandshakeError::Replayed { key: peer });
-            }
+        if self.seen.get(&peer).is_some_and(|r| !r.is_fresh(ts)) {
+            return Err(HandshakeError::Replayed { key: peer });
         }
         if !is_trusted(&peer) {
             return Err(HandshakeError::Untrusted { key: peer });
@@ -481,9 +515,9 @@ impl Acceptor {
             // Entries older than the skew window can go: such a timestamp
             // would be refused by the skew check anyway.
             let floor = unix_nanos.saturating_sub(self.config.max_clock_skew.as_nanos() as u64);
-            self.seen.retain(|_, t| *t >= floor);
+            self.seen.retain(|_, r| r.max >= floor);
         }
-        self.seen.insert(peer, ts);
+        self.seen.entry(peer).or_default().insert(ts);
     }
 }
 

@@ -80,6 +80,27 @@ fn older_timestamp_after_newer_is_a_replay_but_newer_is_fine() {
 }
 
 #[test]
+fn parallel_handshakes_from_one_key_may_arrive_out_of_order() {
+    let mut acc = Acceptor::new(&Config::default(), util::key(2), None);
+    let now = Instant::now();
+    let k1 = util::key(1);
+    // Three sessions opened at once; their HELLOs arrive in reverse order.
+    let hs: Vec<_> = (0..3)
+        .map(|i| hello(&k1, util::T0_UNIX + i * 1_000_000, 10 + i).1)
+        .collect();
+    for h in hs.iter().rev() {
+        accept_at(&mut acc, now, util::T0_UNIX, b"s", h).expect("fresh, only reordered");
+    }
+    // Any of them again is a replay.
+    for h in &hs {
+        assert!(matches!(
+            accept_at(&mut acc, now, util::T0_UNIX, b"s", h),
+            Err(HandshakeError::Replayed { .. })
+        ));
+    }
+}
+
+#[test]
 fn timestamp_far_from_our_clock_is_clock_skew() {
     let mut acc = Acceptor::new(&Config::default(), util::key(2), None);
     let now = Instant::now();

@@ -581,7 +581,7 @@ async fn reconnect(shared: Arc<Shared>) {
                 }
                 debug!(error = %e, retry_in = ?backoff, "resume attempt failed");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
