@@ -38,11 +38,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show POOL on this machine: a session whose carrier dies mid-transfer and resumes, checked by hash.
+    /// Show POOL on this machine: an HTTP server and client through a bridge pair whose carrier is cut and resumed.
     Demo {
-        /// MiB to send.
+        /// MiB to download through the bridges.
         #[arg(long, default_value_t = 256)]
         megabytes: u64,
+        /// Keep everything running afterwards (Ctrl-C to stop), to try curl and pool ctl.
+        #[arg(long)]
+        keep: bool,
     },
     /// Create a key pair: writes the private key (mode 0600) and prints the public key.
     #[command(
@@ -330,8 +333,8 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Demo { megabytes } => {
-            cmd::runtime().and_then(|rt| rt.block_on(demo::demo(megabytes)))
+        Command::Demo { megabytes, keep } => {
+            cmd::runtime().and_then(|rt| rt.block_on(demo::demo(megabytes, keep)))
         }
         Command::Keygen { out } => cmd::keygen(&out),
         Command::Pubkey { key } => cmd::pubkey(&key),
