@@ -18,6 +18,11 @@ pub trait Carrier: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn peer_addr(&self) -> Option<SocketAddr>;
     /// A short word for tables: "tcp", "relay", ...
     fn kind(&self) -> &'static str;
+    /// A duplicate of the underlying TCP socket, for `TCP_INFO` counters
+    /// (retransmissions); `None` when the carrier is not a TCP socket.
+    fn tcp_socket(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 impl Carrier for TcpStream {
@@ -26,6 +31,12 @@ impl Carrier for TcpStream {
     }
     fn kind(&self) -> &'static str {
         "tcp"
+    }
+    fn tcp_socket(&self) -> Option<std::os::fd::OwnedFd> {
+        socket2::SockRef::from(self)
+            .try_clone()
+            .ok()
+            .map(Into::into)
     }
 }
 

@@ -31,6 +31,19 @@ pub(crate) struct State {
     carrier_kind: &'static str,
     reconnecting: bool,
     pub(crate) closed: Option<CloseReason>,
+    /// A duplicate of the TCP carrier's socket, for `TCP_INFO`.
+    carrier_fd: Option<std::os::fd::OwnedFd>,
+    /// Retransmissions on carriers already retired.
+    retrans_base: u64,
+}
+
+impl State {
+    fn tcp_retransmits_now(&self) -> u64 {
+        self.carrier_fd
+            .as_ref()
+            .and_then(pool_sys::tcp_info)
+            .map_or(0, |i| i.total_retrans)
+    }
 }
 
 /// What a [`crate::Session`] handle and its streams share with the driver.
@@ -77,6 +90,10 @@ impl Shared {
 /// closes once both halves are gone.
 fn bump_generation(st: &mut State, shared: &Shared) -> u64 {
     st.generation += 1;
+    // Keep the retired carrier's retransmissions in the session's total,
+    // and let its socket close.
+    st.retrans_base += st.tcp_retransmits_now();
+    st.carrier_fd = None;
     shared.generation.send_replace(st.generation);
     st.generation
 }
@@ -199,7 +216,8 @@ impl Session {
                 "none"
             },
             age: self.shared.started.elapsed(),
-            tcp_retransmits: None,
+            tcp_retransmits: (st.carrier_fd.is_some() || st.retrans_base > 0)
+                .then(|| st.retrans_base + st.tcp_retransmits_now()),
         }
     }
 
@@ -317,6 +335,8 @@ pub(crate) fn spawn(
             carrier_kind: kind,
             reconnecting: false,
             closed: None,
+            carrier_fd: None,
+            retrans_base: 0,
         }),
         wake: Notify::new(),
         app: Notify::new(),
@@ -353,10 +373,12 @@ pub(crate) fn invalidate_carrier(st: &mut State, shared: &Shared) {
 pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
     let remote = carrier.peer_addr();
     let kind = carrier.kind();
+    let fd = carrier.tcp_socket();
     let (rd, wr) = tokio::io::split(carrier);
     let gen = {
         let mut st = shared.lock();
         let gen = bump_generation(&mut st, shared);
+        st.carrier_fd = fd;
         st.new_writer = Some((gen, wr));
         st.remote = remote;
         st.carrier_kind = kind;
