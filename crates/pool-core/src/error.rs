@@ -80,7 +80,7 @@ pub enum HandshakeError {
     )]
     Crypto,
     /// The initiator's key is not trusted here.
-    #[error("peer key {key} is not trusted here; to trust it, add it with --allow {key} or to the authorized keys file")]
+    #[error("key {key} is not trusted by this listener; to trust it, start the listener with --allow {key} or add the key to its authorized keys file")]
     Untrusted {
         /// The key the peer presented.
         key: PublicKey,
