@@ -167,9 +167,29 @@ async fn copy_to_stdout<R: tokio::io::AsyncRead + Unpin>(
     Ok(())
 }
 
+/// The async runtime: one thread by default, `POOL_THREADS=N` for N
+/// worker threads, `POOL_THREADS=0` for one per core.
+///
+/// One thread is the default because it measured best for a bridge on a
+/// small machine: with two worker threads every hop between a socket task
+/// and the session's driver crosses threads, which cost 2.4x in 50-client
+/// request rate and ~25 µs per round trip (docs/benchmarks.md). Nodes with
+/// many busy sessions on many cores should set `POOL_THREADS=0`.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    let threads: usize = std::env::var("POOL_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    b.enable_all()
         .build()
         .map_err(|e| CliError(format!("cannot start the async runtime: {e}")))
 }
