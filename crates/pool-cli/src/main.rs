@@ -122,7 +122,7 @@ See docs/pool.example.toml for every setting."
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
         /// The listener's public key (as printed by `pool keygen` / `pool pubkey` there).
-        #[arg(long, value_name = "KEY")]
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
         peer_key: Option<String>,
         #[command(flatten)]
         trust: TrustArgs,
@@ -143,7 +143,8 @@ enum BridgeCmd {
         #[arg(long, value_name = "HOST:PORT")]
         peer: String,
         /// The pool2tcp end's public key.
-        #[arg(long, value_name = "KEY")]
+        // Keys are base64url: one in 64 starts with `-`.
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
         peer_key: String,
         /// Service at the peer (a `[[pool2tcp]] service` of its daemon config).
         #[arg(long, default_value = "")]
@@ -232,7 +233,7 @@ enum JournalCmd {
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TrustArgs {
     /// Trust this peer public key (repeatable).
-    #[arg(long, value_name = "KEY")]
+    #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
     pub(crate) allow: Vec<String>,
     /// Trust every key in this file (one key per line, `#` comments).
     #[arg(long, value_name = "FILE")]

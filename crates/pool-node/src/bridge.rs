@@ -290,6 +290,11 @@ async fn splice(
         rs.reset(RESET_TCP);
         reset_tcp(&tw);
     }
+    // Dropping an `OwnedWriteHalf` shuts the write side down first, which
+    // sends a FIN ahead of the RST: the peer would read a clean end of
+    // stream instead of a reset. Close the socket with the read half only.
+    tw.forget();
+    drop(tr);
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
