@@ -261,6 +261,19 @@ async fn sighup_applies_authorized_file_changes() {
     tokio::task::block_in_place(|| sighup_and_wait(&server, &journal));
     server.assert_running();
 
+    // A's live session ends: a revoked key keeps nothing open.
+    wait_journal(
+        &journal,
+        Duration::from_secs(5),
+        "session_revoked for key A",
+        |e| e["event"] == "session_revoked" && e["peer"] == pub_a.as_str(),
+    );
+    let after = fetch(&addr_a, PING).await;
+    assert!(
+        !matches!(&after, Ok(b) if !b.is_empty()),
+        "key A was revoked, but its tcp2pool still got through: {after:?}"
+    );
+
     let pong = tokio::time::timeout(Duration::from_secs(15), fetch(&addr_b, PING))
         .await
         .expect("B: no answer within 15 s after the reload")

@@ -85,6 +85,18 @@ impl Trust {
         self.tofu.clone()
     }
 
+    /// Whether `key` is trusted now, without pinning anything (used to
+    /// close sessions of keys a reload no longer trusts).
+    pub fn trusts(&self, key: &PublicKey) -> bool {
+        if self.keys.contains(key) || self.fleet.is_some() {
+            return true;
+        }
+        self.tofu
+            .as_ref()
+            .and_then(|t| t.lock().ok().map(|kp| kp.is_pinned_client(key)))
+            .unwrap_or(false)
+    }
+
     /// Decides on an authenticated client key (listener side).
     pub(crate) fn check_client(&self, key: &PublicKey) -> bool {
         if self.keys.contains(key) || self.fleet.is_some() {
@@ -166,6 +178,10 @@ impl KnownPeers {
         f.sync_all().map_err(io)?;
         self.entries.push((name.to_string(), key));
         Ok(())
+    }
+
+    fn is_pinned_client(&self, key: &PublicKey) -> bool {
+        self.entries.iter().any(|(n, k)| n == CLIENT && k == key)
     }
 
     fn check_or_pin_client(&mut self, key: &PublicKey) -> bool {

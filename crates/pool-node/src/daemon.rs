@@ -355,6 +355,21 @@ impl Daemon {
         let key = load_or_create_key(&cfg.node.key, false)?;
         let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
         let old_key = self.endpoint.public_key();
+        // Sessions of peers the new trust no longer covers end now; the
+        // others, and their connections, go on.
+        for s in self.endpoint.sessions() {
+            if !trust.trusts(&s.peer_key()) {
+                warn!(peer = %s.peer_key(), "key no longer trusted: closing its session");
+                self.journal(
+                    "session_revoked",
+                    json!({"session": s.id().to_string(), "peer": s.peer_key().to_string()}),
+                );
+                let s2 = s.clone();
+                tokio::spawn(async move {
+                    s2.close("your key is no longer trusted by this node").await;
+                });
+            }
+        }
         self.endpoint.reload(key.clone(), trust);
         if key.public_key() != old_key {
             self.journal(
