@@ -446,6 +446,9 @@ async fn drive(shared: Arc<Shared>) {
     let mut filled;
     let mut last_bulk = Instant::now();
     let mut retired = shared.generation.subscribe();
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
     loop {
         let wake = shared.wake.notified();
         tokio::pin!(wake);
@@ -529,10 +532,18 @@ async fn drive(shared: Arc<Shared>) {
         }
         match deadline {
             Some(d) => {
-                let sleep = tokio::time::sleep_until(d.into());
+                // Re-arm only when the deadline moves earlier: the ack timer
+                // moves later with every record, and re-registering a timer
+                // each time costs a wake-up of the I/O driver (an eventfd
+                // write) per record. An early fire is harmless.
+                if armed.is_none_or(|a| d < a) {
+                    sleep.as_mut().reset(d.into());
+                    armed = Some(d);
+                }
                 tokio::select! {
                     _ = &mut wake => {}
-                    _ = sleep => {
+                    _ = &mut sleep => {
+                        armed = None;
                         let mut st = shared.lock();
                         st.core.handle_timeout(Instant::now());
                         process_events(&mut st, &shared);
