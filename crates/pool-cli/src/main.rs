@@ -25,7 +25,9 @@ public key to the peers that should trust you, and tell each node whom it trusts
 pool keygen --out server.key                 # prints the server's public key\n  \
 pool keygen --out client.key                 # prints the client's public key\n  \
 pool listen [::]:9253 --key server.key --allow CLIENT_PUBKEY\n  \
-echo hello | pool connect 127.0.0.1:9253 --key client.key --peer-key SERVER_PUBKEY\n\n\
+echo hello | pool connect 127.0.0.1:9253 --key client.key --peer-key SERVER_PUBKEY\n  \
+pool bridge pool2tcp --listen [::]:9253 --target 127.0.0.1:80 --key server.key --allow CLIENT_PUBKEY\n  \
+pool bridge tcp2pool --listen 127.0.0.1:8080 --peer SERVER:9253 --peer-key SERVER_PUBKEY --key client.key\n\n\
 Set RUST_LOG=debug for detailed logs."
 )]
 struct Cli {
@@ -79,6 +81,23 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Open a session to a listener and send stdin over a stream; print the reply to stdout.
+    #[command(
+        after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY"
+    )]
+    Connect {
+        /// The listener: HOST:9253, 1.2.3.4:9253 or [::1]:9253.
+        #[arg(value_name = "HOST:PORT")]
+        addr: String,
+        /// This node's private key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The listener's public key (as printed by `pool keygen` / `pool pubkey` there).
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
+        peer_key: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
     /// Run the POOL node: listener, bridges, control socket, metrics, journal.
     #[command(
         after_help = "Without --config: listens on [::]:9253 with key /var/lib/pool/node.key (created if missing).\n\
@@ -109,23 +128,6 @@ See docs/pool.example.toml for every setting."
         /// Where to write them.
         #[arg(default_value = ".")]
         dir: PathBuf,
-    },
-    /// Open a session to a listener and send stdin over a stream; print the reply to stdout.
-    #[command(
-        after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY"
-    )]
-    Connect {
-        /// The listener: HOST:9253, 1.2.3.4:9253 or [::1]:9253.
-        #[arg(value_name = "HOST:PORT")]
-        addr: String,
-        /// This node's private key file.
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        /// The listener's public key (as printed by `pool keygen` / `pool pubkey` there).
-        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
-        peer_key: Option<String>,
-        #[command(flatten)]
-        trust: TrustArgs,
     },
 }
 
