@@ -22,6 +22,10 @@
 //! ```
 //!
 //! The protocol itself lives in `pool-core`; this crate only drives it.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod carrier;
 mod endpoint;

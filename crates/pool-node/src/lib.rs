@@ -3,6 +3,10 @@
 //! The daemon, the TCP bridge (`tcp2pool` / `pool2tcp`), the control
 //! socket behind `pool ctl`, Prometheus metrics and the hash-chained change
 //! journal. Everything here uses only `pool-net`'s public API.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod bridge;
 pub mod config;
