@@ -88,14 +88,14 @@ wait_port() {
     return 1
 }
 
-# pick_port VAR: store in VAR a random free TCP port in 20000-40000 that
+# pick_port VAR: store in VAR a random free TCP port in 20000-32000 (below the kernel's ephemeral range, so outgoing connections never hold it) that
 # this shell has not handed out before. (Sets a variable rather than printing
 # so that the record of handed-out ports survives: no subshell.)
 PICKED_PORTS=" "
 pick_port() {
     local _pp_port _pp_try   # names unlikely to shadow the caller's VAR
     for ((_pp_try = 0; _pp_try < 200; _pp_try++)); do
-        _pp_port=$((20000 + RANDOM % 20001))
+        _pp_port=$((20000 + RANDOM % 12001))
         [[ $PICKED_PORTS == *" $_pp_port "* ]] && continue
         port_listening "$_pp_port" && continue
         PICKED_PORTS+="$_pp_port "
