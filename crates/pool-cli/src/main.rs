@@ -1,4 +1,7 @@
 //! `pool`: keys, and a netcat-like pair over encrypted, resumable sessions.
+// The doc comments below are the command-line help (clap), where addresses
+// like [::]:9253 are meant literally, not as rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
