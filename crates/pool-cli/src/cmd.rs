@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -195,46 +194,19 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub(crate) fn keygen(out: &Path) -> Result<()> {
-    let mut bytes = [0u8; 32];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    let key = SecretKey::from_bytes(bytes);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => CliError(format!(
-                "{} already exists; refusing to overwrite a key (remove it first if you really mean to)",
-                out.display()
-            )),
-            _ => CliError(format!("cannot create {}: {e}", out.display())),
-        })?;
-    f.write_all(key.to_file_text().as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| CliError(format!("cannot write {}: {e}", out.display())))?;
+    let key = pool_node::daemon::create_key_file(out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => CliError(format!(
+            "{} already exists; refusing to overwrite a key (remove it first if you really mean to)",
+            out.display()
+        )),
+        _ => CliError(format!("cannot create {}: {e}", out.display())),
+    })?;
     println!("{}", key.public_key());
     Ok(())
 }
 
 pub(crate) fn load_key(path: &Path) -> Result<SecretKey> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        CliError(format!(
-            "cannot read key file {}: {e} (create one with `pool keygen --out {}`)",
-            path.display(),
-            path.display()
-        ))
-    })?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(
-            "key file {} is readable by other users; run: chmod 600 {}",
-            path.display(),
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError(format!("cannot read key file {}: {e}", path.display())))?;
-    SecretKey::from_file_text(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))
+    Ok(pool_node::daemon::load_or_create_key(path, false)?)
 }
 
 pub(crate) fn pubkey(path: &Path) -> Result<()> {

@@ -21,19 +21,7 @@ use tokio::task::JoinHandle;
 use crate::cmd::CliError;
 
 fn write_key(path: &Path) -> Result<SecretKey, CliError> {
-    let mut b = [0u8; 32];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    let key = SecretKey::from_bytes(b);
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(key.to_file_text().as_bytes())?;
-    Ok(key)
+    Ok(daemon::create_key_file(path)?)
 }
 
 /// Deterministic body bytes, so client and server agree without storing them.

@@ -206,7 +206,8 @@ pub(crate) async fn read_record<R: AsyncRead + Unpin + ?Sized>(
 }
 
 /// Binds a TCP listener; `[::]:PORT` is dual-stack (accepts IPv4 too).
-async fn bind_dual_stack(addr: &str) -> Result<TcpListener, Error> {
+/// Every listener of POOL (sessions, bridges, metrics) binds this way.
+pub async fn bind_tcp(addr: &str) -> Result<TcpListener, Error> {
     let sa: SocketAddr = tokio::net::lookup_host(addr)
         .await
         .map_err(|source| Error::Resolve {
@@ -274,7 +275,7 @@ impl Endpoint {
     /// An endpoint listening on `addr` (`[::]:9253`, `0.0.0.0:9253`,
     /// `127.0.0.1:0`, `host:port`).
     pub async fn bind(addr: &str, config: EndpointConfig) -> Result<Endpoint, Error> {
-        let listener = bind_dual_stack(addr).await?;
+        let listener = bind_tcp(addr).await?;
         let local_addr = listener.local_addr().ok();
         let (tx, rx) = mpsc::channel(256);
         info!(addr = ?local_addr, key = %config.key.public_key(), "listening");

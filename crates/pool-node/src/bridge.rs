@@ -177,9 +177,14 @@ fn is_reset(e: &std::io::Error) -> bool {
     )
 }
 
-/// Abortive close: the TCP peer sees RST, as if the far end had reset.
+/// Abortive close: once the socket is dropped the TCP peer sees RST, as
+/// if the far end had reset.
+fn abort_on_close(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
 fn reset_tcp(w: &OwnedWriteHalf) {
-    let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(Duration::ZERO));
+    abort_on_close(w.as_ref());
 }
 
 /// Carries bytes both ways between a TCP connection and a stream until
@@ -407,7 +412,7 @@ impl Tcp2Pool {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(%from, max = self.cfg.limits.max_connections, "connection cap reached; refusing");
-                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                abort_on_close(&sock);
                 continue;
             };
             let me = self.clone();
@@ -433,7 +438,7 @@ impl Tcp2Pool {
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(%from, peer = %self.cfg.peer, "cannot reach the POOL peer: {e}");
-                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                abort_on_close(&sock);
                 return;
             }
         };

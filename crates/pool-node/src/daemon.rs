@@ -50,7 +50,25 @@ pub enum DaemonError {
     Net(#[from] pool_net::Error),
 }
 
-/// Loads a key file, or creates it (mode 0600) when `create` and missing.
+/// Creates a new private key file (mode 0600, never overwriting one) and
+/// returns the key. Used by `pool keygen` and by the daemon's first start.
+pub fn create_key_file(path: &Path) -> std::io::Result<SecretKey> {
+    use std::io::Write;
+    let mut b = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    let key = SecretKey::from_bytes(b);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(key.to_file_text().as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
+/// Loads a key file (warning when others can read it), or creates it when
+/// `create` and missing.
 pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, DaemonError> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -70,23 +88,9 @@ pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, Daemon
             if let Some(dir) = path.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            let mut b = [0u8; 32];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-            let key = SecretKey::from_bytes(b);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| {
-                    DaemonError::Key(format!("cannot create key file {}: {e}", path.display()))
-                })?;
-            use std::io::Write;
-            f.write_all(key.to_file_text().as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|e| {
-                    DaemonError::Key(format!("cannot write key file {}: {e}", path.display()))
-                })?;
+            let key = create_key_file(path).map_err(|e| {
+                DaemonError::Key(format!("cannot create key file {}: {e}", path.display()))
+            })?;
             info!(key = %key.public_key(), file = %path.display(), "created a new node key");
             Ok(key)
         }
@@ -96,6 +100,12 @@ pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, Daemon
             path.display()
         ))),
     }
+}
+
+/// SHA-256 of a text, in hex (config digests in the journal).
+fn sha256_hex(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Builds a trust policy from a `[trust]` section (or the trust flags).
@@ -491,8 +501,7 @@ pub async fn start(
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
     });
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = sha256_hex(text);
     daemon.journal(
         "node_started",
         json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex}),
