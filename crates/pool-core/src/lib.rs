@@ -29,6 +29,7 @@ mod crypto;
 mod error;
 mod handshake;
 mod keys;
+pub mod relay;
 mod rng;
 mod session;
 pub mod wire;
