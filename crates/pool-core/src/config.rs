@@ -15,6 +15,7 @@ pub struct Config {
     pub(crate) ack_delay: Duration,
     pub(crate) keepalive: Duration,
     pub(crate) dead_after: Duration,
+    pub(crate) probe_timeout: Option<Duration>,
     pub(crate) resume_deadline: Duration,
     pub(crate) rekey_after: Duration,
     pub(crate) rekey_after_records: u64,
@@ -39,6 +40,7 @@ impl Default for Config {
             ack_delay: Duration::from_millis(10),
             keepalive: Duration::from_secs(5),
             dead_after: Duration::from_secs(20),
+            probe_timeout: Some(Duration::from_secs(2)),
             resume_deadline: Duration::from_secs(60),
             rekey_after: Duration::from_secs(120),
             rekey_after_records: 1 << 40,
@@ -92,6 +94,15 @@ impl Config {
     setter!(
         /// A carrier that delivered nothing for this long is dead (default 20 s).
         dead_after: Duration
+    );
+    setter!(
+        /// A carrier that leaves sent data or a ping unanswered for this
+        /// long (and at least 4 round trips) is dead: the path is broken
+        /// even if TCP has not noticed (default 2 s; `None` leaves only
+        /// `dead_after`). This bounds how fast a session moves off a cut
+        /// path while data flows; an idle one notices within one keepalive
+        /// more.
+        probe_timeout: Option<Duration>
     );
     setter!(
         /// A session without a carrier for this long is closed (default 60 s).

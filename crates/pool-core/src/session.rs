@@ -104,6 +104,8 @@ pub enum Event {
     CarrierDead,
     /// A new key epoch is in use.
     Rekeyed(u32),
+    /// The peer told us where it accepts direct carriers.
+    PeerPaths(Vec<std::net::SocketAddr>),
     /// The session is over.
     Closed(CloseReason),
 }
@@ -325,6 +327,13 @@ pub struct Session {
     carrier_up: bool,
     lost_at: Option<Instant>,
     last_recv: Instant,
+    /// Since when the carrier owes us an answer (an ack of sent frames or
+    /// a pong); see `Config::probe_timeout`.
+    awaiting_since: Option<Instant>,
+    ping_outstanding: bool,
+    /// Our direct-path candidates, encoded for a PATHS frame.
+    local_paths: Vec<u8>,
+    paths_queued: bool,
 
     send: SendQueue,
     recv_next: u64,
@@ -464,6 +473,10 @@ impl Session {
             carrier_up: false,
             lost_at: None,
             last_recv: now,
+            awaiting_since: None,
+            ping_outstanding: false,
+            local_paths: Vec::new(),
+            paths_queued: false,
             send: SendQueue::new(config.replay_buffer),
             recv_next: 0,
             ack_sent: 0,
@@ -576,6 +589,9 @@ impl Session {
             }
             consider(self.next_ping);
             consider(self.last_recv + self.config.dead_after);
+            if let Some(d) = self.probe_deadline() {
+                consider(d);
+            }
             if self.rekey.is_none() && self.resume.is_none() {
                 consider(self.epoch_started + self.config.rekey_after);
             }
@@ -600,7 +616,9 @@ impl Session {
             }
             return;
         }
-        if now >= self.last_recv + self.config.dead_after {
+        if now >= self.last_recv + self.config.dead_after
+            || self.probe_deadline().is_some_and(|d| now >= d)
+        {
             self.carrier_lost(now);
             self.events.push_back(Event::CarrierDead);
             return;
@@ -622,6 +640,8 @@ impl Session {
     /// resume deadline.
     pub fn carrier_lost(&mut self, now: Instant) {
         self.carrier_up = false;
+        self.awaiting_since = None;
+        self.ping_outstanding = false;
         self.tx = None;
         self.rx = None;
         self.rx_next = None;
@@ -794,6 +814,9 @@ impl Session {
         self.carrier_up = true;
         self.lost_at = None;
         self.last_recv = now;
+        self.awaiting_since = None;
+        self.ping_outstanding = false;
+        self.paths_queued = !self.local_paths.is_empty();
         self.next_ping = now;
         self.ping_due = true;
         // Tell the peer where we are at once: this is also the commit point.
@@ -803,6 +826,41 @@ impl Session {
         self.wake_blocked();
         self.events.push_back(Event::Rekeyed(epoch));
         Ok(())
+    }
+
+    /// Whether the peer owes us an ack (frames on the carrier not yet
+    /// acknowledged) or a pong.
+    fn owed_answer(&self) -> bool {
+        self.send.tx_index > 0 || self.ping_outstanding
+    }
+
+    /// When the current carrier counts as broken if nothing arrives.
+    fn probe_deadline(&self) -> Option<Instant> {
+        let t = self.config.probe_timeout?;
+        let since = self.awaiting_since?;
+        let t = t.max(self.stats.rtt.unwrap_or_default() * 4);
+        Some(since.max(self.last_recv) + t)
+    }
+
+    /// Initiator: gives up a resume started with [`Session::start_resume`]
+    /// whose carrier failed before an answer; the current carrier, if any,
+    /// goes on as before.
+    pub fn cancel_resume(&mut self) {
+        self.resume = None;
+    }
+
+    /// Sets the addresses where this side accepts direct carriers; they go
+    /// to the peer in a PATHS frame now and after every resume (at most
+    /// [`wire::MAX_PATHS`]).
+    pub fn set_local_paths(&mut self, addrs: &[std::net::SocketAddr]) {
+        let mut enc = Vec::with_capacity(addrs.len().min(wire::MAX_PATHS) * 18);
+        for a in addrs.iter().take(wire::MAX_PATHS) {
+            crate::relay::put_addr(&mut enc, a);
+        }
+        if enc != self.local_paths {
+            self.local_paths = enc;
+            self.paths_queued = !self.local_paths.is_empty();
+        }
     }
 
     fn requeue_limits(&mut self) {
@@ -1025,6 +1083,7 @@ impl Session {
             || self.out_key_ack.is_some()
             || self.max_data_queued
             || self.max_streams_queued
+            || self.paths_queued
             || !self.max_stream_data_queue.is_empty();
         let ack_wanted = self.recv_next > self.ack_sent
             || self.ack_due.is_some_and(|d| d <= now && self.ack_sent == 0);
@@ -1059,6 +1118,7 @@ impl Session {
             let stamp = now.saturating_duration_since(self.start).as_micros() as u64;
             if put(buf, &mut p, &Frame::Ping { stamp }) {
                 self.ping_due = false;
+                self.ping_outstanding = true;
             }
         }
         while let Some(&stamp) = self.pongs.front() {
@@ -1100,6 +1160,17 @@ impl Session {
         {
             self.max_streams_queued = false;
         }
+        if self.paths_queued
+            && put(
+                buf,
+                &mut p,
+                &Frame::Paths {
+                    addrs: &self.local_paths,
+                },
+            )
+        {
+            self.paths_queued = false;
+        }
         while let Some(&id) = self.max_stream_data_queue.front() {
             if let Some(st) = self.streams.get_mut(&id) {
                 if st.max_update_queued
@@ -1137,6 +1208,9 @@ impl Session {
         }
 
         let total = self.seal_record(buf, p)?;
+        if self.awaiting_since.is_none() && self.owed_answer() {
+            self.awaiting_since = Some(now);
+        }
         if let Some(k) = switch_tx {
             self.tx = Some(k);
         }
@@ -1282,6 +1356,7 @@ impl Session {
         self.stats.records_received += 1;
         self.stats.bytes_received += (RECORD_HEADER_LEN + DATA_PREFIX_LEN + n + TAG_LEN) as u64;
         self.last_recv = now;
+        self.awaiting_since = None;
         let plain = &body[..n];
         let mut r = Reader::new(plain);
         let mut seq = r.u64().map_err(|e| CloseReason::Protocol(e.to_string()))?;
@@ -1316,6 +1391,9 @@ impl Session {
                 self.ack_due = Some(now + self.config.ack_delay);
             }
         }
+        if self.owed_answer() {
+            self.awaiting_since = Some(now);
+        }
         Ok(())
     }
 
@@ -1334,7 +1412,18 @@ impl Session {
                     self.pongs.push_back(stamp);
                 }
             }
-            Frame::Pong { stamp } => self.rtt_sample(now, stamp),
+            Frame::Pong { stamp } => {
+                self.ping_outstanding = false;
+                self.rtt_sample(now, stamp);
+            }
+            Frame::Paths { addrs } => {
+                let list = addrs
+                    .chunks_exact(18)
+                    .filter_map(|c| c.try_into().ok())
+                    .map(crate::relay::get_addr)
+                    .collect();
+                self.events.push_back(Event::PeerPaths(list));
+            }
             Frame::KeyUpdate { epoch, msg } => self.handle_key_update(now, epoch, msg)?,
             Frame::KeyUpdateAck { epoch, msg } => self.handle_key_update_ack(now, epoch, msg)?,
             Frame::Stream { id, fin, data } => self.on_stream_data(id, fin, data)?,

@@ -205,6 +205,7 @@ mod ty {
     pub(super) const MAX_STREAM_DATA: u8 = 0x0c;
     pub(super) const MAX_STREAMS: u8 = 0x0d;
     pub(super) const CLOSE: u8 = 0x0e;
+    pub(super) const PATHS: u8 = 0x0f;
 }
 
 /// One frame inside a data record. Frames that change session state are
@@ -283,7 +284,17 @@ pub enum Frame<'a> {
         /// UTF-8 reason.
         reason: &'a [u8],
     },
+    /// The sender's direct-path candidates: addresses where it accepts
+    /// carriers, 18 bytes each (IPv6 or IPv4-mapped, port), at most
+    /// [`MAX_PATHS`]. Advisory; sent again after every resume.
+    Paths {
+        /// The encoded addresses.
+        addrs: &'a [u8],
+    },
 }
+
+/// Most direct-path candidates one PATHS frame carries.
+pub const MAX_PATHS: usize = 16;
 
 impl Frame<'_> {
     /// Whether this frame takes a sequence number (and is resent on resume).
@@ -315,6 +326,7 @@ impl Frame<'_> {
             Frame::Close { code, reason } => {
                 varint_len(*code) + varint_len(reason.len() as u64) + reason.len()
             }
+            Frame::Paths { addrs } => varint_len(addrs.len() as u64) + addrs.len(),
         }
     }
 
@@ -385,6 +397,12 @@ impl Frame<'_> {
                 put_varint(out, &mut p, reason.len() as u64);
                 out[p..p + reason.len()].copy_from_slice(reason);
                 p += reason.len();
+            }
+            Frame::Paths { addrs } => {
+                byte(out, &mut p, ty::PATHS);
+                put_varint(out, &mut p, addrs.len() as u64);
+                out[p..p + addrs.len()].copy_from_slice(addrs);
+                p += addrs.len();
             }
         }
         p
@@ -462,6 +480,15 @@ pub(crate) fn decode_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, WireErro
                 reason: r.bytes(len as usize)?,
             }
         }
+        ty::PATHS => {
+            let len = r.varint()?;
+            if len > (MAX_PATHS * 18) as u64 || len % 18 != 0 {
+                return Err(WireError::FieldTooLong);
+            }
+            Frame::Paths {
+                addrs: r.bytes(len as usize)?,
+            }
+        }
         other => return Err(WireError::UnknownFrameType(other)),
     })
 }
@@ -480,7 +507,7 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = (u8, u64, u64, Vec<u8>, bool, u32)> {
         (
-            0u8..11,
+            0u8..12,
             0..=VARINT_MAX,
             0..=VARINT_MAX,
             proptest::collection::vec(any::<u8>(), 0..300),
@@ -505,6 +532,9 @@ mod tests {
             7 => Frame::MaxData { max: a },
             8 => Frame::MaxStreamData { id: a, max: b },
             9 => Frame::MaxStreams { max: b },
+            10 => Frame::Paths {
+                addrs: &d[..(d.len() / 18).min(MAX_PATHS) * 18],
+            },
             _ => Frame::Close { code: a, reason: d },
         }
     }

@@ -68,7 +68,10 @@ fn rtt_measures_the_delay_of_the_carrier() {
 
 #[test]
 fn silent_carrier_is_declared_dead_then_resume_deadline_closes() {
-    let mut p = util::pair();
+    // Only the keepalive rule here; the probe rule is tested below.
+    let mut c = Config::default();
+    c.probe_timeout(None);
+    let mut p = util::handshake_with(&c, &c, None).unwrap();
     p.drive();
     p.advance(Duration::from_secs(3));
     // The carrier stops delivering in both directions, without an error.
@@ -125,7 +128,8 @@ fn resume_before_the_deadline_keeps_the_session() {
     let mut c = Config::default();
     c.dead_after(Duration::from_secs(4))
         .keepalive(Duration::from_secs(1))
-        .resume_deadline(Duration::from_secs(10));
+        .resume_deadline(Duration::from_secs(10))
+        .probe_timeout(None);
     let mut p = util::handshake_with(&c, &c, None).unwrap();
     p.drive();
     p.hold_ab = true;
@@ -153,7 +157,8 @@ fn one_way_silence_is_noticed_by_the_deaf_side() {
     // dead; a keeps hearing b's pings until b drops the carrier.
     let mut c = Config::default();
     c.dead_after(Duration::from_secs(6))
-        .keepalive(Duration::from_secs(2));
+        .keepalive(Duration::from_secs(2))
+        .probe_timeout(None);
     let mut p = util::handshake_with(&c, &c, None).unwrap();
     p.drive();
     p.hold_ab = true;
@@ -161,4 +166,71 @@ fn one_way_silence_is_noticed_by_the_deaf_side() {
     assert!(p.b_events.contains(&Event::CarrierDead));
     assert!(!p.b.carrier_up());
     assert!(!p.a_events.contains(&Event::CarrierDead));
+}
+
+#[test]
+fn unanswered_data_declares_the_path_dead_within_the_probe_timeout() {
+    // Default config: probe timeout 2 s. The path goes silent both ways
+    // while a has data in flight: a gives up on it ~2 s later, far before
+    // dead_after (20 s), and so does b (its pings go unanswered).
+    let mut p = util::pair();
+    p.drive();
+    p.advance(Duration::from_secs(1));
+    p.hold_ab = true;
+    p.hold_ba = true;
+    let id = p.a.open_stream().unwrap();
+    p.a.stream_write(id, &[7u8; 1000]).unwrap();
+    let cut = p.now;
+    let mut dead_at = None;
+    for _ in 0..100 {
+        p.advance(Duration::from_millis(100));
+        if dead_at.is_none() && p.a_events.contains(&Event::CarrierDead) {
+            dead_at = Some(p.now - cut);
+        }
+    }
+    let d = dead_at.expect("a noticed the cut");
+    assert!(
+        d >= Duration::from_secs(2) && d <= Duration::from_millis(2200),
+        "dead after {d:?}"
+    );
+    assert!(!p.a.carrier_up());
+    // The data is still queued for the next carrier: nothing lost.
+    p.cut();
+    p.resume().expect("resume");
+    p.drive();
+    let mut got = vec![0u8; 2000];
+    let n = match p.b.stream_read(id, &mut got).unwrap() {
+        pool_core::ReadResult::Data(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(n, 1000);
+}
+
+#[test]
+fn a_slow_path_that_answers_is_never_declared_dead() {
+    // The carrier delivers in bursts 1.5 s apart (both ways) while data
+    // flows: slow, but it answers before the 2 s probe timeout each time.
+    let mut p = util::pair();
+    p.drive();
+    let id = p.a.open_stream().unwrap();
+    let mut sent = 0usize;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    for _ in 0..20 {
+        sent += p.a.stream_write(id, &[1u8; 8192]).unwrap_or(0);
+        p.hold_ab = true;
+        p.hold_ba = true;
+        p.advance(Duration::from_millis(1500));
+        p.hold_ab = false;
+        p.hold_ba = false;
+        p.drive();
+        while let Ok(pool_core::ReadResult::Data(n)) = p.b.stream_read(id, &mut buf) {
+            got += n;
+        }
+        p.drive();
+    }
+    assert!(sent > 0 && got == sent, "sent {sent}, got {got}");
+    assert!(!p.a_events.contains(&Event::CarrierDead));
+    assert!(!p.b_events.contains(&Event::CarrierDead));
+    assert!(p.a.carrier_up() && p.b.carrier_up());
 }
