@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pool_net::{Endpoint, EndpointConfig, KnownPeers, PublicKey, SecretKey, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::TrustArgs;
+use crate::{PathArgs, TrustArgs};
 
 /// A message for the person at the terminal.
 pub(crate) struct CliError(String);
@@ -238,14 +238,30 @@ pub(crate) fn trust(args: &TrustArgs) -> Result<Trust> {
         .map_err(|e| CliError(e.to_string()))
 }
 
-pub(crate) async fn listen(addr: &str, key: &Path, args: &TrustArgs, once: bool) -> Result<()> {
+/// Endpoint settings from the path flags.
+pub(crate) fn with_paths(cfg: EndpointConfig, paths: &PathArgs) -> EndpointConfig {
+    cfg.relays(paths.relays.clone())
+        .direct_retry(std::time::Duration::from_secs(paths.direct_retry))
+}
+
+pub(crate) async fn listen(
+    addr: &str,
+    key: &Path,
+    args: &TrustArgs,
+    paths: &PathArgs,
+    once: bool,
+) -> Result<()> {
     let key = load_key(key)?;
     let trust = trust(args)?;
     if trust.is_empty() {
         return err("nobody is trusted, so every connection would be refused; \
              add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu");
     }
-    let ep = Endpoint::bind(addr, EndpointConfig::new(key).trust(trust)).await?;
+    let ep = Endpoint::bind(
+        addr,
+        with_paths(EndpointConfig::new(key).trust(trust), paths),
+    )
+    .await?;
     eprintln!(
         "pool: listening on {} as {}",
         ep.local_addr()
@@ -298,25 +314,35 @@ fn fmt_remote(s: &pool_net::Session) -> String {
 }
 
 pub(crate) async fn connect(
-    addr: &str,
+    addr: Option<&str>,
     key: &Path,
     peer_key: Option<&str>,
     args: &TrustArgs,
+    paths: &PathArgs,
 ) -> Result<()> {
     let key = load_key(key)?;
     let trust = trust(args)?;
-    let peer = match peer_key {
-        Some(k) => parse_key(k, "--peer-key")?,
-        None if args.tofu => tofu_peer(addr, &trust).await?,
-        None => {
+    if addr.is_none() && paths.relays.is_empty() {
+        return err(
+            "give the listener's address (HOST:PORT), or --relay HOST:9255 to reach it by key",
+        );
+    }
+    let peer = match (peer_key, addr) {
+        (Some(k), _) => parse_key(k, "--peer-key")?,
+        (None, Some(addr)) if args.tofu => tofu_peer(addr, &trust).await?,
+        (None, _) => {
             return err(
                 "the listener's public key is needed to authenticate it: \
                  add --peer-key KEY (run `pool pubkey KEYFILE` on the listener), or --tofu to pin it on first use",
             )
         }
     };
-    let ep = Endpoint::client(EndpointConfig::new(key).trust(trust));
-    let session = ep.connect(addr, peer).await?;
+    let ep = Endpoint::client(with_paths(EndpointConfig::new(key).trust(trust), paths));
+    let session = match addr {
+        Some(a) => ep.connect(a, peer).await?,
+        None => ep.connect_key(peer).await?,
+    };
+    let addr = addr.map_or_else(|| format!("{} (via relay)", peer.short()), str::to_string);
     let stream = session.open_stream().await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let send = async {

@@ -160,6 +160,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             metrics: Some("127.0.0.1:0".into()),
             journal: Some(dir.join("server-journal.log")),
             drain_timeout_secs: 2,
+            ..NodeSection::default()
         },
         trust: TrustSection {
             allow: vec![client_key.public_key().to_string()],
@@ -192,6 +193,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             metrics: None,
             journal: None,
             drain_timeout_secs: 2,
+            ..NodeSection::default()
         },
         trust: TrustSection::default(),
         tcp2pool: vec![Tcp2PoolSection {

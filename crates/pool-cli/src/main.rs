@@ -80,18 +80,21 @@ enum Command {
         key: PathBuf,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten)]
+        paths: PathArgs,
         /// Exit after the first stream ends.
         #[arg(long)]
         once: bool,
     },
     /// Open a session to a listener and send stdin over a stream; print the reply to stdout.
     #[command(
-        after_help = "EXAMPLE:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY"
+        after_help = "EXAMPLES:\n  tar c dir | pool connect host.example:9253 --key my.key --peer-key SERVER_PUBKEY\n  \
+pool connect --relay relay.example:9255 --key my.key --peer-key SERVER_PUBKEY   (by key alone; moves to a direct path when one works)"
     )]
     Connect {
-        /// The listener: HOST:9253, 1.2.3.4:9253 or [::1]:9253.
+        /// The listener: HOST:9253, 1.2.3.4:9253 or [::1]:9253 (optional with --relay).
         #[arg(value_name = "HOST:PORT")]
-        addr: String,
+        addr: Option<String>,
         /// This node's private key file.
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
@@ -100,6 +103,8 @@ enum Command {
         peer_key: Option<String>,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten)]
+        paths: PathArgs,
     },
     /// Run the POOL node: listener, bridges, control socket, metrics, journal.
     #[command(
@@ -234,6 +239,17 @@ enum JournalCmd {
     },
 }
 
+/// Relays and path changes.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct PathArgs {
+    /// A relay (HOST:PORT, port 9255 by default; repeatable): listeners register there and can be reached by key alone; sessions start there when no direct path works and fall back there when it dies.
+    #[arg(long = "relay", value_name = "HOST:PORT")]
+    pub(crate) relays: Vec<String>,
+    /// While on a relay, try direct paths again this often (seconds).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub(crate) direct_retry: u64,
+}
+
 /// Whom to trust. Every command that accepts sessions takes these.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TrustArgs {
@@ -348,8 +364,10 @@ fn main() -> ExitCode {
             addr,
             key,
             trust,
+            paths,
             once,
-        } => cmd::runtime().and_then(|rt| rt.block_on(cmd::listen(&addr, &key, &trust, once))),
+        } => cmd::runtime()
+            .and_then(|rt| rt.block_on(cmd::listen(&addr, &key, &trust, &paths, once))),
         Command::Daemon { config } => {
             cmd::runtime().and_then(|rt| rt.block_on(node::daemon_cmd(config)))
         }
@@ -375,8 +393,16 @@ fn main() -> ExitCode {
             key,
             peer_key,
             trust,
-        } => cmd::runtime()
-            .and_then(|rt| rt.block_on(cmd::connect(&addr, &key, peer_key.as_deref(), &trust))),
+            paths,
+        } => cmd::runtime().and_then(|rt| {
+            rt.block_on(cmd::connect(
+                addr.as_deref(),
+                &key,
+                peer_key.as_deref(),
+                &trust,
+                &paths,
+            ))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

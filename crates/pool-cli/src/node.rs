@@ -230,11 +230,12 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
     let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
         .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
     println!(
-        "{:<12} {:<10} {:<22} {:<7} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
         "PEER",
         "ROLE",
         "ADDRESS",
-        "CARRIER",
+        "PATH",
+        "MOVES",
         "AGE",
         "STREAMS",
         "SENT",
@@ -253,11 +254,12 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
             r.frames_resent
         );
         println!(
-            "{:<12} {:<10} {:<22} {:<7} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+            "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
             peer,
             r.role,
             r.address.clone().unwrap_or_else(|| "-".into()),
-            r.carrier,
+            r.path,
+            r.path_changes,
             human_age(r.age_secs),
             r.streams,
             human_bytes(r.bytes_sent),
@@ -271,7 +273,7 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
     if rows.is_empty() {
         println!("(no sessions)");
     } else {
-        println!("\nLOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.");
+        println!("\nPATH = direct or relay (ADDRESS is then the relay's); MOVES = path changes. LOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.");
     }
     Ok(())
 }

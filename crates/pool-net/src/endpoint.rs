@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::carrier::{tune, BoxedCarrier, Dialer, TcpDialer};
 use crate::error::Error;
+use crate::paths::{PathCtx, PathDialer};
 use crate::session::{self, Session, Shared};
 use crate::trust::Trust;
 
@@ -29,6 +30,8 @@ pub struct EndpointConfig {
     trust: Trust,
     handshake_timeout: Duration,
     max_pending_handshakes: usize,
+    relays: Vec<String>,
+    direct_retry: Duration,
 }
 
 impl EndpointConfig {
@@ -40,6 +43,8 @@ impl EndpointConfig {
             trust: Trust::new(),
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 1024,
+            relays: Vec::new(),
+            direct_retry: Duration::from_secs(60),
         }
     }
     /// Protocol knobs (windows, timers, ciphers).
@@ -56,6 +61,33 @@ impl EndpointConfig {
     /// finish the handshake (default 5 s; slowloris connections are cut).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
+        self
+    }
+    /// Relays (`HOST:PORT`, default port 9255): a listening endpoint
+    /// registers at each so that peers can reach it by key alone; every
+    /// endpoint uses them to reach peers without a direct path, and falls
+    /// back to them when a direct path dies.
+    pub fn relays(mut self, relays: Vec<String>) -> Self {
+        self.relays = relays
+            .into_iter()
+            .map(|r| {
+                if r.parse::<SocketAddr>().is_ok()
+                    || r.rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+                {
+                    r
+                } else {
+                    format!("{r}:{}", pool_core::relay::DEFAULT_PORT)
+                }
+            })
+            .collect();
+        self
+    }
+    /// While a session runs through a relay, how often direct paths are
+    /// tried again (default 60 s; also at once when candidates arrive or a
+    /// local address changes).
+    pub fn direct_retry(mut self, every: Duration) -> Self {
+        self.direct_retry = every.max(Duration::from_millis(100));
         self
     }
     /// Handshakes in progress at once on a listener (default 1024).
@@ -96,6 +128,7 @@ pub struct ListenerStats {
 
 struct Inner {
     ctx: Arc<ListenCtx>,
+    relay_tasks: Vec<tokio::task::JoinHandle<()>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Session>>,
     local_addr: Option<SocketAddr>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -137,6 +170,9 @@ pub enum EndpointEvent {
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(t) = &self.task {
+            t.abort();
+        }
+        for t in &self.relay_tasks {
             t.abort();
         }
     }
@@ -241,8 +277,14 @@ pub async fn bind_tcp(addr: &str) -> Result<TcpListener, Error> {
 }
 
 impl Endpoint {
-    fn ctx(config: EndpointConfig, incoming: mpsc::Sender<Session>) -> Arc<ListenCtx> {
+    fn ctx(
+        config: EndpointConfig,
+        incoming: mpsc::Sender<Session>,
+        listen: Option<SocketAddr>,
+    ) -> Arc<ListenCtx> {
+        let paths = PathCtx::new(listen, config.relays.clone(), config.direct_retry);
         Arc::new(ListenCtx {
+            paths,
             acceptor: Mutex::new(Acceptor::new(
                 &config.protocol,
                 config.key.clone(),
@@ -264,7 +306,8 @@ impl Endpoint {
         let (tx, rx) = mpsc::channel(1);
         Endpoint {
             inner: Arc::new(Inner {
-                ctx: Self::ctx(config, tx),
+                ctx: Self::ctx(config, tx, None),
+                relay_tasks: Vec::new(),
                 incoming: tokio::sync::Mutex::new(rx),
                 local_addr: None,
                 task: None,
@@ -279,11 +322,17 @@ impl Endpoint {
         let local_addr = listener.local_addr().ok();
         let (tx, rx) = mpsc::channel(256);
         info!(addr = ?local_addr, key = %config.key.public_key(), "listening");
-        let ctx = Self::ctx(config, tx);
+        let relays = config.relays.clone();
+        let ctx = Self::ctx(config, tx, local_addr);
         let task = tokio::spawn(accept_loop(listener, ctx.clone()));
+        let relay_tasks = relays
+            .into_iter()
+            .map(|r| tokio::spawn(register_loop(Arc::downgrade(&ctx), r)))
+            .collect();
         Ok(Endpoint {
             inner: Arc::new(Inner {
                 ctx,
+                relay_tasks,
                 incoming: tokio::sync::Mutex::new(rx),
                 local_addr,
                 task: Some(task),
@@ -352,9 +401,40 @@ impl Endpoint {
     /// Connects to `addr` (`HOST:PORT`, `1.2.3.4:PORT`, `[::1]:PORT`) and
     /// authenticates it as `peer`. If the carrier dies later the session
     /// reconnects and resumes on its own.
+    ///
+    /// With relays configured ([`EndpointConfig::relays`]) the session can
+    /// also start on, and fall back to, a relay.
     pub async fn connect(&self, addr: &str, peer: PublicKey) -> Result<Session, Error> {
-        self.connect_with(Arc::new(TcpDialer::new(addr)), peer)
-            .await
+        self.connect_paths(Some(addr.to_string()), peer).await
+    }
+
+    /// Connects to `peer` by key alone, through the configured relays; the
+    /// session moves to a direct path by itself when one works.
+    pub async fn connect_key(&self, peer: PublicKey) -> Result<Session, Error> {
+        if self.inner.ctx.paths.relays.is_empty() {
+            return Err(Error::NoPath {
+                peer: peer.to_token(),
+            });
+        }
+        self.connect_paths(None, peer).await
+    }
+
+    async fn connect_paths(
+        &self,
+        direct: Option<String>,
+        peer: PublicKey,
+    ) -> Result<Session, Error> {
+        let cfg = self.config();
+        let dialer = Arc::new(PathDialer::new(
+            cfg.key.clone(),
+            peer,
+            direct,
+            self.inner.ctx.paths.relays.clone(),
+        ));
+        let paths = dialer
+            .has_relays()
+            .then(|| (self.inner.ctx.paths.clone(), Some(dialer.clone())));
+        self.handshake(dialer, peer, paths).await
     }
 
     /// Like [`Endpoint::connect`], over any carrier a [`Dialer`] opens.
@@ -362,6 +442,15 @@ impl Endpoint {
         &self,
         dialer: Arc<dyn Dialer>,
         peer: PublicKey,
+    ) -> Result<Session, Error> {
+        self.handshake(dialer, peer, None).await
+    }
+
+    async fn handshake(
+        &self,
+        dialer: Arc<dyn Dialer>,
+        peer: PublicKey,
+        paths: Option<(Arc<PathCtx>, Option<Arc<PathDialer>>)>,
     ) -> Result<Session, Error> {
         let addr = dialer.describe();
         let cfg = self.config();
@@ -396,7 +485,7 @@ impl Endpoint {
                 source,
             })?;
         debug!(to = %addr, session = %core.id(), cipher = core.cipher().name(), "session established");
-        Ok(session::spawn(core, carrier, Some(dialer), None))
+        Ok(session::spawn(core, carrier, Some(dialer), None, paths))
     }
 
     /// Asks the listener at `addr` for its public key (for trust on first
@@ -428,6 +517,7 @@ impl Endpoint {
 }
 
 struct ListenCtx {
+    paths: Arc<PathCtx>,
     config: std::sync::RwLock<EndpointConfig>,
     acceptor: Mutex<Acceptor>,
     events: tokio::sync::broadcast::Sender<EndpointEvent>,
@@ -456,7 +546,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
                 debug!(%from, "too many handshakes in progress; dropping connection");
                 return;
             };
-            if let Err(e) = handle_carrier(&ctx, sock, from).await {
+            if let Err(e) = handle_carrier(&ctx, Box::new(sock), from).await {
                 debug!(%from, error = %e, "incoming carrier failed");
             }
         });
@@ -465,7 +555,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
 
 async fn handle_carrier(
     ctx: &ListenCtx,
-    mut sock: TcpStream,
+    mut sock: BoxedCarrier,
     from: SocketAddr,
 ) -> Result<(), Error> {
     let addr = from.to_string();
@@ -505,8 +595,8 @@ async fn handle_carrier(
                     let id = core.id();
                     info!(%from, peer = %core.peer_key(), session = %id, "session accepted");
                     let reg = Arc::downgrade(&ctx.registry);
-                    let session =
-                        session::spawn(core, Box::new(sock) as BoxedCarrier, None, Some(reg));
+                    let paths = Some((ctx.paths.clone(), None));
+                    let session = session::spawn(core, sock, None, Some(reg), paths);
                     if let Ok(mut m) = ctx.registry.sessions.lock() {
                         m.insert(id, Arc::downgrade(&session.shared));
                     }
@@ -577,7 +667,7 @@ async fn handle_carrier(
                         from,
                     });
                     info!(%from, session = %shared.id, "session resumed on a new carrier");
-                    session::attach(&shared, Box::new(sock));
+                    session::attach(&shared, sock);
                 }
                 Err(e) => {
                     ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -602,4 +692,145 @@ async fn handle_carrier(
         }
     }
     Ok(())
+}
+
+/// How often a registered node pings its relay, and how long it waits
+/// for any answer before it reconnects.
+const RELAY_PING: Duration = Duration::from_secs(15);
+const RELAY_SILENT: Duration = Duration::from_secs(40);
+
+/// Keeps this listener registered at one relay: reconnects with backoff
+/// when the relay goes away, and accepts the circuits it announces.
+async fn register_loop(ctx: Weak<ListenCtx>, relay: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(c) = ctx.upgrade() else { return };
+        let key = c
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone();
+        drop(c);
+        match crate::relay::handshake(&relay, &key, pool_core::relay::Intent::Register).await {
+            Ok((sock, relay_addr, observed)) => {
+                info!(%relay, %observed, "registered at relay");
+                backoff = Duration::from_millis(100);
+                if let Some(c) = ctx.upgrade() {
+                    c.paths.set_observed(observed.ip());
+                }
+                let e = serve_registration(&ctx, sock, &relay, relay_addr).await;
+                warn!(%relay, "relay registration lost: {e}; registering again");
+            }
+            Err(e) => {
+                warn!(%relay, "cannot register at relay: {e}; retrying in {backoff:?}");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn serve_registration(
+    ctx: &Weak<ListenCtx>,
+    sock: TcpStream,
+    relay: &str,
+    relay_addr: SocketAddr,
+) -> Error {
+    use pool_core::relay::Msg;
+    let (mut rd, mut wr) = sock.into_split();
+    // Reads run in their own task: a read cut short by the ping timer
+    // would lose bytes.
+    let (tx, mut rx) = mpsc::channel(16);
+    let name = relay.to_string();
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = crate::relay::read_msg(&mut rd, &name).await;
+            let stop = m.is_err();
+            if tx.send(m).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
+    let mut ping = tokio::time::interval(RELAY_PING);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return Error::Relay { addr: relay.to_string(), code: 0, message: "connection closed".into() },
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > RELAY_SILENT {
+                    return Error::Relay { addr: relay.to_string(), code: 0, message: "relay silent".into() };
+                }
+                if let Err(e) = crate::relay::write_msg(&mut wr, &Msg::Ping(unix_nanos())).await {
+                    return e.into();
+                }
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        match msg {
+            Err(e) => return e,
+            Ok(Msg::Ping(t)) => {
+                if let Err(e) = crate::relay::write_msg(&mut wr, &Msg::Pong(t)).await {
+                    return e.into();
+                }
+            }
+            Ok(Msg::Pong(_)) => {}
+            Ok(Msg::Incoming { circuit, from }) => {
+                let Some(c) = ctx.upgrade() else {
+                    return Error::NotListening;
+                };
+                let relay = relay.to_string();
+                tokio::spawn(async move {
+                    let key = c
+                        .config
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .key
+                        .clone();
+                    let Ok(_permit) = c.pending.try_acquire() else {
+                        c.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    match crate::relay::accept_circuit(&relay, &key, circuit).await {
+                        Ok(carrier) => {
+                            debug!(%relay, peer = %from.short(), "relayed carrier");
+                            if let Err(e) = handle_carrier(&c, Box::new(carrier), relay_addr).await
+                            {
+                                debug!(%relay, error = %e, "relayed carrier failed");
+                            }
+                        }
+                        Err(e) => debug!(%relay, error = %e, "cannot accept relayed circuit"),
+                    }
+                });
+            }
+            Ok(Msg::Error { code, message }) => {
+                return Error::Relay {
+                    addr: relay.to_string(),
+                    code,
+                    message,
+                };
+            }
+            Ok(other) => {
+                return Error::Relay {
+                    addr: relay.to_string(),
+                    code: 0,
+                    message: format!("unexpected {other:?} on the control connection"),
+                };
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

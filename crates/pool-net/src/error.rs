@@ -76,6 +76,22 @@ pub enum Error {
     /// The endpoint has no listener (made with [`crate::Endpoint::client`]).
     #[error("this endpoint does not listen")]
     NotListening,
+    /// A relay refused or failed.
+    #[error("relay {addr}: {message}")]
+    Relay {
+        /// The relay's address.
+        addr: String,
+        /// The relay's ERROR code (0 when the failure was local).
+        code: u8,
+        /// What happened and what to do.
+        message: String,
+    },
+    /// No way to reach the peer: no address and no relay.
+    #[error("no path to {peer}: give its address, or a relay where it is registered (--relay HOST:9255)")]
+    NoPath {
+        /// The peer's key.
+        peer: String,
+    },
     /// Any other I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),

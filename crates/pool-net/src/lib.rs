@@ -30,6 +30,8 @@
 mod carrier;
 mod endpoint;
 mod error;
+mod paths;
+mod relay;
 mod session;
 mod stream;
 mod trust;
@@ -41,6 +43,7 @@ pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,
     SecretKey, SessionId, Stats,
 };
+pub use relay::{RelayCarrier, RelayDialer};
 pub use session::{Session, SessionStats};
 pub use stream::{RecvStream, SendStream, Stream};
 pub use trust::{KnownPeers, Trust};

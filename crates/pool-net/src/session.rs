@@ -15,6 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::carrier::{BoxedCarrier, Dialer};
 use crate::error::Error;
+use crate::paths::{PathCtx, PathDialer};
 use crate::stream::Stream;
 
 /// Runtime state guarded by one lock, next to the core session.
@@ -28,8 +29,13 @@ pub(crate) struct State {
     /// A carrier waiting for the driver to adopt its writing half.
     new_writer: Option<(u64, WriteHalf<BoxedCarrier>)>,
     remote: Option<SocketAddr>,
-    carrier_kind: &'static str,
+    pub(crate) carrier_kind: &'static str,
     reconnecting: bool,
+    /// The peer's direct-path candidates (from its PATHS frames).
+    pub(crate) peer_paths: Vec<SocketAddr>,
+    /// Carrier switches to another kind or address.
+    path_changes: u64,
+    last_path_change: Option<Instant>,
     pub(crate) closed: Option<CloseReason>,
     /// A duplicate of the TCP carrier's socket, for `TCP_INFO`.
     carrier_fd: Option<std::os::fd::OwnedFd>,
@@ -61,6 +67,10 @@ pub(crate) struct Shared {
     generation: tokio::sync::watch::Sender<u64>,
     dialer: Option<Arc<dyn Dialer>>,
     handles: AtomicU64,
+    /// Wakes the path manager: the peer's candidates changed.
+    pub(crate) paths_changed: Notify,
+    /// One resume at a time (reconnect and path upgrade both resume).
+    resume_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -124,6 +134,13 @@ pub(crate) fn process_events(st: &mut State, shared: &Shared) {
                 shared.wake.notify_one();
             }
             Event::Rekeyed(epoch) => debug!(session = %shared.id, epoch, "new key epoch"),
+            Event::PeerPaths(paths) => {
+                if paths != st.peer_paths {
+                    debug!(session = %shared.id, ?paths, "peer's direct-path candidates");
+                    st.peer_paths = paths;
+                    shared.paths_changed.notify_one();
+                }
+            }
             Event::Closed(reason) => {
                 info!(session = %shared.id, %reason, "session closed");
                 st.closed = Some(reason);
@@ -151,8 +168,15 @@ pub struct SessionStats {
     pub core: Stats,
     /// The carrier's remote address, if attached.
     pub remote: Option<SocketAddr>,
-    /// The carrier kind ("tcp", ...), or "none" while resuming.
+    /// The carrier kind ("tcp", "relay"), or "none" while resuming.
     pub carrier: &'static str,
+    /// The path: "direct", "relay", or "none" while resuming.
+    pub path: &'static str,
+    /// How many times the session moved to another carrier kind or
+    /// address (relay to direct, direct to relay, a new address).
+    pub path_changes: u64,
+    /// How long ago the last path change was.
+    pub last_path_change: Option<Duration>,
     /// How long the session has existed.
     pub age: Duration,
     /// TCP retransmissions on the current carrier (from `TCP_INFO`), when
@@ -207,14 +231,22 @@ impl Session {
     /// Counters, RTT and carrier state.
     pub fn stats(&self) -> SessionStats {
         let st = self.shared.lock();
+        let carrier = if st.core.carrier_up() {
+            st.carrier_kind
+        } else {
+            "none"
+        };
         SessionStats {
             core: st.core.stats(),
             remote: st.remote,
-            carrier: if st.core.carrier_up() {
-                st.carrier_kind
-            } else {
-                "none"
+            carrier,
+            path: match carrier {
+                "none" => "none",
+                "relay" => "relay",
+                _ => "direct",
             },
+            path_changes: st.path_changes,
+            last_path_change: st.last_path_change.map(|t| t.elapsed()),
             age: self.shared.started.elapsed(),
             tcp_retransmits: (st.carrier_fd.is_some() || st.retrans_base > 0)
                 .then(|| st.retrans_base + st.tcp_retransmits_now()),
@@ -316,6 +348,7 @@ pub(crate) fn spawn(
     carrier: BoxedCarrier,
     dialer: Option<Arc<dyn Dialer>>,
     registry: Option<Weak<crate::endpoint::Registry>>,
+    paths: Option<(Arc<PathCtx>, Option<Arc<PathDialer>>)>,
 ) -> Session {
     let id = core.id();
     let peer = core.peer_key();
@@ -334,6 +367,9 @@ pub(crate) fn spawn(
             remote,
             carrier_kind: kind,
             reconnecting: false,
+            peer_paths: Vec::new(),
+            path_changes: 0,
+            last_path_change: None,
             closed: None,
             carrier_fd: None,
             retrans_base: 0,
@@ -346,6 +382,8 @@ pub(crate) fn spawn(
         generation: tokio::sync::watch::Sender::new(0),
         dialer,
         handles: AtomicU64::new(1),
+        paths_changed: Notify::new(),
+        resume_lock: tokio::sync::Mutex::new(()),
     });
     attach(&shared, carrier);
     let span = tracing::info_span!("session", id = %id, peer = %peer.short());
@@ -357,8 +395,11 @@ pub(crate) fn spawn(
                 reg.remove(&drv.id);
             }
         }
-        .instrument(span),
+        .instrument(span.clone()),
     );
+    if let Some((ctx, dialer)) = paths {
+        tokio::spawn(crate::paths::run(shared.clone(), ctx, dialer).instrument(span));
+    }
     Session { shared }
 }
 
@@ -378,6 +419,12 @@ pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
     let gen = {
         let mut st = shared.lock();
         let gen = bump_generation(&mut st, shared);
+        if gen > 1
+            && (st.carrier_kind != kind || st.remote.map(|a| a.ip()) != remote.map(|a| a.ip()))
+        {
+            st.path_changes += 1;
+            st.last_path_change = Some(Instant::now());
+        }
         st.carrier_fd = fd;
         st.new_writer = Some((gen, wr));
         st.remote = remote;
@@ -624,33 +671,60 @@ async fn reconnect(shared: Arc<Shared>) {
 
 async fn resume_once(shared: &Arc<Shared>, dialer: &dyn Dialer) -> Result<(), Error> {
     let addr = dialer.describe();
-    let mut carrier = tokio::time::timeout(Duration::from_secs(5), dialer.dial())
+    let carrier = tokio::time::timeout(Duration::from_secs(5), dialer.dial())
         .await
         .map_err(|_| Error::Timeout {
             addr: addr.clone(),
             secs: 5,
         })??;
+    resume_on(shared, carrier, &addr).await
+}
+
+/// Resumes the session on `carrier`. The current carrier, if any, keeps
+/// working until the peer's answer (make-before-break); on failure it
+/// simply stays.
+pub(crate) async fn resume_on(
+    shared: &Arc<Shared>,
+    mut carrier: BoxedCarrier,
+    addr: &str,
+) -> Result<(), Error> {
+    let _one = shared.resume_lock.lock().await;
     let mut msg = Vec::new();
     shared
         .lock()
         .core
         .start_resume(&mut rand_core::OsRng, &mut msg)
         .map_err(|source| Error::Handshake {
-            addr: addr.clone(),
+            addr: addr.to_string(),
             source,
         })?;
-    carrier.write_all(&msg).await?;
-    let record = crate::endpoint::read_record(&mut carrier, &addr, Duration::from_secs(5)).await?;
-    {
-        let mut st = shared.lock();
+    let answer = async {
+        carrier.write_all(&msg).await?;
+        crate::endpoint::read_record(&mut carrier, addr, Duration::from_secs(5)).await
+    }
+    .await;
+    let mut st = shared.lock();
+    let res = answer.and_then(|record| {
         st.core
             .finish_resume(Instant::now(), &record)
             .map_err(|source| Error::Handshake {
-                addr: addr.clone(),
+                addr: addr.to_string(),
                 source,
-            })?;
-        process_events(&mut st, shared);
+            })
+    });
+    match res {
+        Ok(()) => {
+            // Retire the old carrier under the same lock: its reader must
+            // not see the new epoch's keys.
+            bump_generation(&mut st, shared);
+            process_events(&mut st, shared);
+            drop(st);
+            attach(shared, carrier);
+            Ok(())
+        }
+        Err(e) => {
+            st.core.cancel_resume();
+            Err(e)
+        }
     }
-    attach(shared, carrier);
-    Ok(())
 }

@@ -312,7 +312,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub struct Tcp2PoolConfig {
     /// TCP address to listen on.
     pub listen: String,
-    /// The peer's POOL address.
+    /// The peer's POOL address; empty: by key, through the relays.
     pub peer: String,
     /// The peer's public key.
     pub peer_key: PublicKey,
@@ -371,15 +371,21 @@ impl Tcp2Pool {
                 return Ok(s.clone());
             }
         }
-        let s = tokio::time::timeout(
-            self.cfg.limits.connect_timeout,
-            self.endpoint.connect(&self.cfg.peer, self.cfg.peer_key),
-        )
-        .await
-        .map_err(|_| pool_net::Error::Timeout {
-            addr: self.cfg.peer.clone(),
-            secs: self.cfg.limits.connect_timeout.as_secs(),
-        })??;
+        let connect = async {
+            if self.cfg.peer.is_empty() {
+                self.endpoint.connect_key(self.cfg.peer_key).await
+            } else {
+                self.endpoint
+                    .connect(&self.cfg.peer, self.cfg.peer_key)
+                    .await
+            }
+        };
+        let s = tokio::time::timeout(self.cfg.limits.connect_timeout, connect)
+            .await
+            .map_err(|_| pool_net::Error::Timeout {
+                addr: self.cfg.peer.clone(),
+                secs: self.cfg.limits.connect_timeout.as_secs(),
+            })??;
         info!(peer = %self.cfg.peer, session = %s.id(), "bridge session up");
         *guard = Some(s.clone());
         self.dialled.fetch_add(1, Ordering::Relaxed);

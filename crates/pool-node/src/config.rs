@@ -87,6 +87,17 @@ pub struct NodeSection {
     /// Seconds to let connections finish on SIGTERM.
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
+    /// Relays (`HOST:PORT`): the node registers at each (reachable by key
+    /// alone) and uses them when no direct path works. Read at start.
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// While on a relay, seconds between tries of direct paths.
+    #[serde(default = "default_direct_retry")]
+    pub direct_retry_secs: u64,
+}
+
+fn default_direct_retry() -> u64 {
+    60
 }
 
 impl Default for NodeSection {
@@ -98,6 +109,8 @@ impl Default for NodeSection {
             metrics: None,
             journal: None,
             drain_timeout_secs: default_drain(),
+            relays: Vec::new(),
+            direct_retry_secs: default_direct_retry(),
         }
     }
 }
@@ -141,7 +154,9 @@ pub struct Tcp2PoolSection {
     pub name: String,
     /// TCP address to listen on.
     pub listen: String,
-    /// The POOL peer: `HOST:PORT`.
+    /// The POOL peer: `HOST:PORT`; empty to reach it by key through the
+    /// node's relays.
+    #[serde(default)]
     pub peer: String,
     /// The peer's public key.
     pub peer_key: String,

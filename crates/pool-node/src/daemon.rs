@@ -175,6 +175,9 @@ fn row(s: &Session) -> SessionRow {
         peer: s.peer_key().to_string(),
         address: st.remote.map(|a| a.to_string()),
         carrier: st.carrier.to_string(),
+        path: st.path.to_string(),
+        path_changes: st.path_changes,
+        last_path_change_secs: st.last_path_change.map(|d| d.as_secs_f64()),
         role: String::new(),
         age_secs: st.age.as_secs_f64(),
         streams: c.streams_active,
@@ -471,7 +474,10 @@ pub async fn start(
                 .into(),
         ));
     }
-    let epcfg = EndpointConfig::new(key.clone()).trust(trust);
+    let epcfg = EndpointConfig::new(key.clone())
+        .trust(trust)
+        .relays(cfg.node.relays.clone())
+        .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs));
     let endpoint = if listening {
         Endpoint::bind(&cfg.node.listen, epcfg).await?
     } else {

@@ -13,6 +13,15 @@ pub struct SessionRow {
     pub address: Option<String>,
     /// Carrier kind: "tcp", "relay", or "none" while resuming.
     pub carrier: String,
+    /// Path: "direct", "relay", or "none" while resuming.
+    #[serde(default)]
+    pub path: String,
+    /// Moves between paths (relay to direct, back, new addresses).
+    #[serde(default)]
+    pub path_changes: u64,
+    /// Seconds since the last path change, if any.
+    #[serde(default)]
+    pub last_path_change_secs: Option<f64>,
     /// "initiator" or "responder".
     pub role: String,
     /// Seconds since the session started.

@@ -47,6 +47,60 @@ pub fn tcp_info(_sock: &impl AsFd) -> Option<TcpInfo> {
     None
 }
 
+/// The IP addresses of this host's interfaces that are up and running
+/// (`getifaddrs`), loopback included; empty if the call fails.
+#[cfg(target_os = "linux")]
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid place for the list pointer; on success the
+    // list is ours until `freeifaddrs` below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a non-null node of the list `getifaddrs` built,
+        // not freed yet.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        let want = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_uint;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & want != want {
+            continue;
+        }
+        // SAFETY: `ifa_addr` is non-null and points to a sockaddr whose
+        // family field is valid to read.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        match family {
+            libc::AF_INET => {
+                // SAFETY: the family says this is a `sockaddr_in`.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says this is a `sockaddr_in6`.
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: `head` came from a successful `getifaddrs` and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The IP addresses of this host's interfaces; empty off Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    Vec::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +111,12 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let info = tcp_info(&c).expect("TCP_INFO on a connected TCP socket");
         assert_eq!(info.total_retrans, 0);
+    }
+
+    #[test]
+    fn lists_loopback() {
+        let a = local_addresses();
+        assert!(a.iter().any(|ip| ip.is_loopback()), "{a:?}");
     }
 
     #[test]
