@@ -1,0 +1,367 @@
+//! Sessions that change path, in real network namespaces: two nodes (A, B)
+//! that reach a relay (R) but not each other, and a direct veth link A–B
+//! the tests switch on and off. Every scenario runs a paced, timestamped
+//! transfer from B to A through a real bridge pair (`pool daemon` on both
+//! ends, `pool relay` in R) and checks it by hash and chunk index at the
+//! end: not one byte lost or duplicated.
+//!
+//! ```text
+//!   A 10.77.1.1 ── 10.77.1.254  R  10.77.2.254 ── 10.77.2.2 B
+//!   A 10.77.3.1 ───────────── (direct) ───────────── 10.77.3.2 B
+//! ```
+//!
+//! Needs root (CI runs as root) and `ip` (iproute2) and `python3`.
+//! Namespaces are removed when a test ends, pass or fail.
+mod util;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three namespaces, deleted on drop.
+struct Topo {
+    a: String,
+    r: String,
+    b: String,
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.r, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+impl Topo {
+    fn new(tag: &str) -> Topo {
+        require_program("ip", "iproute2");
+        require_program("python3", "python3");
+        let p = format!("pool{}{tag}", std::process::id());
+        let t = Topo {
+            a: format!("{p}a"),
+            r: format!("{p}r"),
+            b: format!("{p}b"),
+        };
+        for ns in [&t.a, &t.r, &t.b] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (a, r, b) = (t.a.as_str(), t.r.as_str(), t.b.as_str());
+        ip(&["-n", a, "link", "add", "ar", "type", "veth", "peer", "name", "ra", "netns", r]);
+        ip(&["-n", b, "link", "add", "br", "type", "veth", "peer", "name", "rb", "netns", r]);
+        ip(&["-n", a, "link", "add", "ab", "type", "veth", "peer", "name", "ba", "netns", b]);
+        ip(&["-n", a, "addr", "add", "10.77.1.1/24", "dev", "ar"]);
+        ip(&["-n", r, "addr", "add", "10.77.1.254/24", "dev", "ra"]);
+        ip(&["-n", b, "addr", "add", "10.77.2.2/24", "dev", "br"]);
+        ip(&["-n", r, "addr", "add", "10.77.2.254/24", "dev", "rb"]);
+        ip(&["-n", a, "addr", "add", "10.77.3.1/24", "dev", "ab"]);
+        ip(&["-n", b, "addr", "add", "10.77.3.2/24", "dev", "ba"]);
+        for (ns, dev) in [(a, "ar"), (r, "ra"), (b, "br"), (r, "rb")] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        // The relay host does not route between the nodes.
+        let st = Command::new("ip")
+            .args(["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
+            .status()
+            .expect("sysctl");
+        assert!(st.success());
+        t
+    }
+
+    fn direct(&self, up: bool) {
+        let s = if up { "up" } else { "down" };
+        ip(&["-n", &self.a, "link", "set", "ab", s]);
+        ip(&["-n", &self.b, "link", "set", "ba", s]);
+    }
+
+    fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]).args(args);
+        c
+    }
+}
+
+fn paced_py() -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/paced.py");
+    p.to_string_lossy().into_owned()
+}
+
+/// One session's row from `pool ctl sessions --json`.
+#[derive(Debug, Clone)]
+struct Row {
+    id: String,
+    path: String,
+    address: String,
+    path_changes: u64,
+    resumes: u64,
+}
+
+fn sessions(control: &PathBuf) -> Vec<Row> {
+    let out = pool_cmd(&[
+        "ctl",
+        "sessions",
+        "--json",
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| Row {
+                    id: r["id"].as_str().unwrap_or("").into(),
+                    path: r["path"].as_str().unwrap_or("").into(),
+                    address: r["address"].as_str().unwrap_or("-").into(),
+                    path_changes: r["path_changes"].as_u64().unwrap_or(0),
+                    resumes: r["resumes"].as_u64().unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until node A's one session is on `path`; returns its row.
+fn wait_path(control: &PathBuf, path: &str, timeout: Duration) -> Row {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = sessions(control);
+        if let Some(r) = rows.iter().find(|r| r.path == path) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session did not reach path `{path}` within {timeout:?}: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Nodes {
+    topo: Topo,
+    dir: TempDir,
+    relay: Proc,
+    _b: Proc,
+    _a: Proc,
+    _source: Proc,
+    fetch: Proc,
+    a_ctl: PathBuf,
+    b_ctl: PathBuf,
+}
+
+impl Nodes {
+    /// Relay, both daemons, a paced source behind B and a fetch at A, with
+    /// the direct link `direct_up` at the start.
+    fn start(tag: &str, direct_up: bool) -> Nodes {
+        let topo = Topo::new(tag);
+        topo.direct(direct_up);
+        let dir = TempDir::new(&format!("paths-{tag}"));
+        let (a_key, a_pub) = keygen(&dir, "a");
+        let (b_key, b_pub) = keygen(&dir, "b");
+        let mut relay = Proc::spawn(
+            "relay",
+            topo.exec(&topo.r, POOL, &["relay", "--listen", "0.0.0.0:9255"]),
+            &dir,
+        );
+        relay.wait_log("relay listening on", Duration::from_secs(10));
+        let b_ctl = dir.join("b.sock");
+        let a_ctl = dir.join("a.sock");
+        let b_cfg = format!(
+            "[node]\nkey = {:?}\nlisten = \"0.0.0.0:9253\"\ncontrol = {:?}\njournal = {:?}\n\
+             relays = [\"10.77.2.254:9255\"]\ndirect_retry_secs = 2\n\n\
+             [trust]\nallow = [\"{a_pub}\"]\n\n[[pool2tcp]]\ntarget = \"127.0.0.1:7100\"\n",
+            b_key,
+            b_ctl,
+            dir.join("b.journal")
+        );
+        let a_cfg = format!(
+            "[node]\nkey = {:?}\nlisten = \"\"\ncontrol = {:?}\n\
+             relays = [\"10.77.1.254:9255\"]\ndirect_retry_secs = 2\n\n\
+             [trust]\nallow = [\"{b_pub}\"]\n\n\
+             [[tcp2pool]]\nname = \"paced\"\nlisten = \"127.0.0.1:7000\"\npeer_key = \"{b_pub}\"\n",
+            a_key, a_ctl
+        );
+        std::fs::write(dir.join("b.toml"), b_cfg).unwrap();
+        std::fs::write(dir.join("a.toml"), a_cfg).unwrap();
+        let b_toml = dir.join("b.toml");
+        let a_toml = dir.join("a.toml");
+        let mut source = Proc::spawn(
+            "source",
+            topo.exec(
+                &topo.b,
+                "python3",
+                &[
+                    &paced_py(),
+                    "serve",
+                    "127.0.0.1",
+                    "7100",
+                    "4",
+                    dir.join("stop").to_str().unwrap(),
+                ],
+            ),
+            &dir,
+        );
+        source.wait_log("listening", Duration::from_secs(10));
+        let mut b = Proc::spawn(
+            "b",
+            topo.exec(&topo.b, POOL, &["daemon", "--config", b_toml.to_str().unwrap()]),
+            &dir,
+        );
+        b.wait_log("registered at relay", Duration::from_secs(15));
+        let mut a = Proc::spawn(
+            "a",
+            topo.exec(&topo.a, POOL, &["daemon", "--config", a_toml.to_str().unwrap()]),
+            &dir,
+        );
+        a.wait_log("tcp2pool bridge up", Duration::from_secs(15));
+        let fetch = Proc::spawn(
+            "fetch",
+            topo.exec(&topo.a, "python3", &[&paced_py(), "fetch", "127.0.0.1", "7000"]),
+            &dir,
+        );
+        Nodes {
+            topo,
+            dir,
+            relay,
+            _b: b,
+            _a: a,
+            _source: source,
+            fetch,
+            a_ctl,
+            b_ctl,
+        }
+    }
+
+    /// Stops the source and checks the transfer: same hash at both ends,
+    /// no chunk lost, duplicated or corrupt. Returns the fetch report.
+    fn finish(mut self) -> serde_json::Value {
+        std::fs::write(self.dir.join("stop"), b"").unwrap();
+        let st = self.fetch.wait_exit(Duration::from_secs(60));
+        assert!(st.success(), "fetch failed:\n{}", self.fetch.log());
+        let got: serde_json::Value = serde_json::from_str(
+            self.fetch.log().lines().last().unwrap_or("{}"),
+        )
+        .expect("fetch report");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sent = loop {
+            let log = self._source.log();
+            if let Some(l) = log.lines().find(|l| l.contains("sha256")) {
+                break serde_json::from_str::<serde_json::Value>(l).expect("source report");
+            }
+            assert!(Instant::now() < deadline, "source never finished: {log}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("sent {sent}\nreceived {got}");
+        assert_eq!(got["lost"], 0, "{got}");
+        assert_eq!(got["duplicated"], 0, "{got}");
+        assert_eq!(got["corrupt"], 0, "{got}");
+        assert_eq!(got["chunks"], sent["chunks"], "{got} vs {sent}");
+        assert_eq!(got["sha256"], sent["sha256"], "{got} vs {sent}");
+        assert!(got["chunks"].as_u64().unwrap_or(0) > 100, "{got}");
+        got
+    }
+}
+
+#[test]
+fn starts_on_the_relay_moves_to_direct_and_falls_back_with_zero_loss() {
+    let n = Nodes::start("1", false);
+    let on_relay = wait_path(&n.a_ctl, "relay", Duration::from_secs(20));
+    assert!(on_relay.address.starts_with("10.77.1.254"), "{on_relay:?}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The direct link appears: the session moves to it by itself.
+    n.topo.direct(true);
+    let t = Instant::now();
+    let direct = wait_path(&n.a_ctl, "direct", Duration::from_secs(15));
+    eprintln!("moved to direct after {:?}: {direct:?}", t.elapsed());
+    assert_eq!(direct.id, on_relay.id, "same session");
+    assert!(direct.address.starts_with("10.77.3.2"), "{direct:?}");
+    assert!(direct.path_changes >= 1);
+    // B sees the same session on the direct path too.
+    let b_rows = sessions(&n.b_ctl);
+    assert!(
+        b_rows.iter().any(|r| r.path == "direct" && r.address.starts_with("10.77.3.1")),
+        "{b_rows:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The direct link dies: back to the relay, same session.
+    n.topo.direct(false);
+    let t = Instant::now();
+    let back = wait_path(&n.a_ctl, "relay", Duration::from_secs(15));
+    eprintln!("fell back to the relay after {:?}: {back:?}", t.elapsed());
+    assert_eq!(back.id, on_relay.id, "same session");
+    assert!(back.path_changes >= 2);
+    std::thread::sleep(Duration::from_secs(1));
+    n.finish();
+}
+
+#[test]
+fn an_address_change_mid_transfer_keeps_the_session() {
+    let n = Nodes::start("2", true);
+    let direct = wait_path(&n.a_ctl, "direct", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    // A's address on the direct link changes under the transfer.
+    ip(&["-n", &n.topo.a, "addr", "del", "10.77.3.1/24", "dev", "ab"]);
+    ip(&["-n", &n.topo.a, "addr", "add", "10.77.3.11/24", "dev", "ab"]);
+    // B soon carries the same session from A's new address.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = sessions(&n.b_ctl);
+        if rows
+            .iter()
+            .any(|r| r.path == "direct" && r.address.starts_with("10.77.3.11"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never saw the session from 10.77.3.11: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = wait_path(&n.a_ctl, "direct", Duration::from_secs(5));
+    assert_eq!(after.id, direct.id, "same session");
+    assert!(after.resumes > direct.resumes, "{direct:?} -> {after:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    n.finish();
+}
+
+#[test]
+fn killing_and_restarting_the_relay_does_not_touch_a_direct_session() {
+    let mut n = Nodes::start("3", true);
+    let direct = wait_path(&n.a_ctl, "direct", Duration::from_secs(20));
+    n.relay.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = wait_path(&n.a_ctl, "direct", Duration::from_secs(1));
+    let mut relay = Proc::spawn(
+        "relay2",
+        n.topo.exec(&n.topo.r, POOL, &["relay", "--listen", "0.0.0.0:9255"]),
+        &n.dir,
+    );
+    relay.wait_log("relay listening on", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = wait_path(&n.a_ctl, "direct", Duration::from_secs(1));
+    for r in [&during, &after] {
+        assert_eq!(r.id, direct.id);
+        assert_eq!(r.resumes, direct.resumes, "the session never moved: {r:?}");
+        assert_eq!(r.path_changes, direct.path_changes, "{r:?}");
+    }
+    n.relay = relay;
+    n.finish();
+}
