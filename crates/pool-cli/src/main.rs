@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 mod cmd;
 mod demo;
 mod node;
+mod relay;
 
 /// POOL — encrypted, mutually authenticated sessions that survive a lost
 /// connection.
@@ -117,6 +118,13 @@ See docs/pool.example.toml for every setting."
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run a relay: splice sealed sessions between nodes that cannot reach each other.
+    #[command(
+        after_help = "EXAMPLE:\n  pool relay --listen [::]:9255 --metrics 127.0.0.1:9257 --journal /var/lib/pool/relay.journal\n\n\
+Nodes prove they hold their key before anything is forwarded; the relay cannot read what it forwards\n\
+(it sees keys, addresses, sizes and timing). SIGTERM or SIGINT stops it. See docs/relay.md."
+    )]
+    Relay(relay::RelayArgs),
     /// Carry TCP connections over POOL without changing the programs at either end.
     #[command(subcommand)]
     Bridge(BridgeCmd),
@@ -371,6 +379,7 @@ fn main() -> ExitCode {
         Command::Daemon { config } => {
             cmd::runtime().and_then(|rt| rt.block_on(node::daemon_cmd(config)))
         }
+        Command::Relay(a) => relay::runtime().and_then(|rt| rt.block_on(relay::relay(a))),
         Command::Bridge(b) => cmd::runtime().and_then(|rt| rt.block_on(bridge(b))),
         Command::Ctl(CtlCmd::Sessions { json, control }) => {
             node::ctl_sessions(&control.unwrap_or_else(node::default_control), json)

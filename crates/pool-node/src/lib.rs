@@ -15,3 +15,4 @@ pub mod journal;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod relay;

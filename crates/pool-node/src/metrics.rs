@@ -373,9 +373,17 @@ pub async fn serve(
     addr: &str,
     source: Arc<dyn MetricsSource>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_registry(addr, PoolCollector::registry(source)).await
+}
+
+/// Like [`serve`], for any registry (the relay serves its own).
+pub async fn serve_registry(
+    addr: &str,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = crate::net::bind_tcp(addr).await?;
     let bound = listener.local_addr()?;
-    let registry = Arc::new(PoolCollector::registry(source));
+    let registry = Arc::new(registry);
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {

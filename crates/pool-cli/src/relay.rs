@@ -1,0 +1,109 @@
+//! `pool relay`: the relay server.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use pool_net::PublicKey;
+use pool_node::relay::{load_authorized, RelayConfig, RelayServer};
+
+use crate::cmd::CliError;
+
+/// `pool relay` flags.
+#[derive(Args, Debug)]
+pub(crate) struct RelayArgs {
+    /// Address to listen on: [::]:9255 (all, IPv6 and IPv4), 0.0.0.0:9255, 127.0.0.1:0 (any free port).
+    #[arg(long, value_name = "ADDR", default_value = "[::]:9255")]
+    listen: String,
+    /// Serve Prometheus metrics (/metrics, /health) here, e.g. 127.0.0.1:9257.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Append the change journal to this file.
+    #[arg(long, value_name = "FILE")]
+    journal: Option<PathBuf>,
+    /// Connections open at once, all nodes together (more are refused).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Connections open at once per node key (control and circuits).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_per_node: usize,
+    /// Bytes per second one node may send through the relay (0: no cap).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    max_rate_per_node: u64,
+    /// Serve only this node key (repeatable); without --allow or --authorized, any key that proves it holds its secret.
+    #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
+    allow: Vec<String>,
+    /// Serve only the keys in this file (one key per line, `#` comments).
+    #[arg(long, value_name = "FILE")]
+    authorized: Option<PathBuf>,
+}
+
+fn config(args: RelayArgs) -> Result<RelayConfig, CliError> {
+    let mut cfg = RelayConfig::new(args.listen)
+        .max_connections(args.max_connections)
+        .max_connections_per_node(args.max_per_node)
+        .max_rate_per_node(args.max_rate_per_node);
+    for a in &args.allow {
+        let key =
+            PublicKey::from_token(a).map_err(|e| CliError::msg(format!("--allow {a}: {e}")))?;
+        cfg = cfg.allow(key);
+    }
+    if let Some(file) = &args.authorized {
+        let keys = load_authorized(file).map_err(|e| CliError::msg(e.to_string()))?;
+        if keys.is_empty() {
+            return Err(CliError::msg(format!(
+                "--authorized {}: the file holds no key, so every node would be refused; add keys (one per line)",
+                file.display()
+            )));
+        }
+        cfg.allow.extend(keys);
+    }
+    if let Some(j) = args.journal {
+        cfg = cfg.journal(j);
+    }
+    if let Some(m) = args.metrics {
+        cfg = cfg.metrics(m);
+    }
+    Ok(cfg)
+}
+
+/// The relay splices many connections: it runs on every core unless
+/// `POOL_THREADS` says otherwise.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    if std::env::var_os("POOL_THREADS").is_some() {
+        return crate::cmd::runtime();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::msg(format!("cannot start the async runtime: {e}")))
+}
+
+pub(crate) async fn relay(args: RelayArgs) -> Result<(), CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let cfg = config(args)?;
+    let allow = cfg.allow.len();
+    let server = RelayServer::bind(cfg)
+        .await
+        .map_err(|e| CliError::msg(e.to_string()))?;
+    let sig =
+        |k| signal(k).map_err(|e| CliError::msg(format!("cannot install a signal handler: {e}")));
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    if let Some(m) = server.metrics_addr() {
+        eprintln!("pool: metrics at http://{m}/metrics");
+    }
+    if allow > 0 {
+        eprintln!("pool: relay serves {allow} allowed key(s)");
+    }
+    eprintln!("pool: relay listening on {}", server.local_addr());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(server.run(rx));
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("pool: relay stopping");
+    let _ = stop.send(true);
+    let _ = run.await;
+    Ok(())
+}
