@@ -60,16 +60,16 @@ impl Topo {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let (a, r, b) = (t.a.as_str(), t.r.as_str(), t.b.as_str());
-        ip(&["-n", a, "link", "add", "ar", "type", "veth", "peer", "name", "ra", "netns", r]);
-        ip(&["-n", b, "link", "add", "br", "type", "veth", "peer", "name", "rb", "netns", r]);
-        ip(&["-n", a, "link", "add", "ab", "type", "veth", "peer", "name", "ba", "netns", b]);
-        ip(&["-n", a, "addr", "add", "10.77.1.1/24", "dev", "ar"]);
-        ip(&["-n", r, "addr", "add", "10.77.1.254/24", "dev", "ra"]);
-        ip(&["-n", b, "addr", "add", "10.77.2.2/24", "dev", "br"]);
-        ip(&["-n", r, "addr", "add", "10.77.2.254/24", "dev", "rb"]);
-        ip(&["-n", a, "addr", "add", "10.77.3.1/24", "dev", "ab"]);
-        ip(&["-n", b, "addr", "add", "10.77.3.2/24", "dev", "ba"]);
-        for (ns, dev) in [(a, "ar"), (r, "ra"), (b, "br"), (r, "rb")] {
+        ip(&["-n", a, "link", "add", "name", "a2r", "type", "veth", "peer", "name", "r2a", "netns", r]);
+        ip(&["-n", b, "link", "add", "name", "b2r", "type", "veth", "peer", "name", "r2b", "netns", r]);
+        ip(&["-n", a, "link", "add", "name", "a2b", "type", "veth", "peer", "name", "b2a", "netns", b]);
+        ip(&["-n", a, "addr", "add", "10.77.1.1/24", "dev", "a2r"]);
+        ip(&["-n", r, "addr", "add", "10.77.1.254/24", "dev", "r2a"]);
+        ip(&["-n", b, "addr", "add", "10.77.2.2/24", "dev", "b2r"]);
+        ip(&["-n", r, "addr", "add", "10.77.2.254/24", "dev", "r2b"]);
+        ip(&["-n", a, "addr", "add", "10.77.3.1/24", "dev", "a2b"]);
+        ip(&["-n", b, "addr", "add", "10.77.3.2/24", "dev", "b2a"]);
+        for (ns, dev) in [(a, "a2r"), (r, "r2a"), (b, "b2r"), (r, "r2b")] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         // The relay host does not route between the nodes.
@@ -83,8 +83,8 @@ impl Topo {
 
     fn direct(&self, up: bool) {
         let s = if up { "up" } else { "down" };
-        ip(&["-n", &self.a, "link", "set", "ab", s]);
-        ip(&["-n", &self.b, "link", "set", "ba", s]);
+        ip(&["-n", &self.a, "link", "set", "a2b", s]);
+        ip(&["-n", &self.b, "link", "set", "b2a", s]);
     }
 
     fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Command {
@@ -219,13 +219,13 @@ impl Nodes {
         source.wait_log("listening", Duration::from_secs(10));
         let mut b = Proc::spawn(
             "b",
-            topo.exec(&topo.b, POOL, &["daemon", "--config", b_toml.to_str().unwrap()]),
+            topo.exec(&topo.b, POOL, &["-v", "daemon", "--config", b_toml.to_str().unwrap()]),
             &dir,
         );
         b.wait_log("registered at relay", Duration::from_secs(15));
         let mut a = Proc::spawn(
             "a",
-            topo.exec(&topo.a, POOL, &["daemon", "--config", a_toml.to_str().unwrap()]),
+            topo.exec(&topo.a, POOL, &["-v", "daemon", "--config", a_toml.to_str().unwrap()]),
             &dir,
         );
         a.wait_log("tcp2pool bridge up", Duration::from_secs(15));
@@ -317,8 +317,8 @@ fn an_address_change_mid_transfer_keeps_the_session() {
     let direct = wait_path(&n.a_ctl, "direct", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     // A's address on the direct link changes under the transfer.
-    ip(&["-n", &n.topo.a, "addr", "del", "10.77.3.1/24", "dev", "ab"]);
-    ip(&["-n", &n.topo.a, "addr", "add", "10.77.3.11/24", "dev", "ab"]);
+    ip(&["-n", &n.topo.a, "addr", "del", "10.77.3.1/24", "dev", "a2b"]);
+    ip(&["-n", &n.topo.a, "addr", "add", "10.77.3.11/24", "dev", "a2b"]);
     // B soon carries the same session from A's new address.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -331,6 +331,11 @@ pub struct Session {
     /// a pong); see `Config::probe_timeout`.
     awaiting_since: Option<Instant>,
     ping_outstanding: bool,
+    last_ping_sent: Instant,
+    /// When stream data last moved (either way): while it moves, pings go
+    /// out every half probe timeout so that a receiver, which owes no
+    /// acks, also notices a dead path quickly.
+    last_data_at: Instant,
     /// Our direct-path candidates, encoded for a PATHS frame.
     local_paths: Vec<u8>,
     paths_queued: bool,
@@ -475,6 +480,8 @@ impl Session {
             last_recv: now,
             awaiting_since: None,
             ping_outstanding: false,
+            last_ping_sent: now,
+            last_data_at: now,
             local_paths: Vec::new(),
             paths_queued: false,
             send: SendQueue::new(config.replay_buffer),
@@ -592,6 +599,9 @@ impl Session {
             if let Some(d) = self.probe_deadline() {
                 consider(d);
             }
+            if let Some(d) = self.fast_ping_at() {
+                consider(d);
+            }
             if self.rekey.is_none() && self.resume.is_none() {
                 consider(self.epoch_started + self.config.rekey_after);
             }
@@ -622,6 +632,9 @@ impl Session {
             self.carrier_lost(now);
             self.events.push_back(Event::CarrierDead);
             return;
+        }
+        if self.fast_ping_at().is_some_and(|d| now >= d) {
+            self.ping_due = true;
         }
         if now >= self.next_ping {
             self.next_ping = now + self.config.keepalive;
@@ -832,6 +845,17 @@ impl Session {
     /// acknowledged) or a pong.
     fn owed_answer(&self) -> bool {
         self.send.tx_index > 0 || self.ping_outstanding
+    }
+
+    /// When the next liveness ping is due while data moves (every half
+    /// probe timeout, for one keepalive interval after the last data).
+    fn fast_ping_at(&self) -> Option<Instant> {
+        let p = self.config.probe_timeout?;
+        if self.ping_outstanding || self.ping_due {
+            return None;
+        }
+        let at = self.last_ping_sent + p / 2;
+        (at < self.last_data_at + self.config.keepalive).then_some(at)
     }
 
     /// When the current carrier counts as broken if nothing arrives.
@@ -1119,6 +1143,7 @@ impl Session {
             if put(buf, &mut p, &Frame::Ping { stamp }) {
                 self.ping_due = false;
                 self.ping_outstanding = true;
+                self.last_ping_sent = now;
             }
         }
         while let Some(&stamp) = self.pongs.front() {
@@ -1191,6 +1216,7 @@ impl Session {
             self.max_stream_data_queue.pop_front();
         }
         // Sequenced frames from the replay buffer, as many as fit.
+        let tx_index_before = self.send.tx_index;
         while self.send.tx_index < self.send.lens.len() {
             let len = self.send.lens[self.send.tx_index] as usize;
             if p + len > end {
@@ -1208,6 +1234,9 @@ impl Session {
         }
 
         let total = self.seal_record(buf, p)?;
+        if self.send.tx_index > tx_index_before {
+            self.last_data_at = now;
+        }
         if self.awaiting_since.is_none() && self.owed_answer() {
             self.awaiting_since = Some(now);
         }
@@ -1386,6 +1415,7 @@ impl Session {
             }
         }
         if delivered_bytes > 0 {
+            self.last_data_at = now;
             self.unacked_bytes += delivered_bytes;
             if self.ack_due.is_none() {
                 self.ack_due = Some(now + self.config.ack_delay);

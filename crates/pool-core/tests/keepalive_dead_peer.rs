@@ -234,3 +234,32 @@ fn a_slow_path_that_answers_is_never_declared_dead() {
     assert!(!p.b_events.contains(&Event::CarrierDead));
     assert!(p.a.carrier_up() && p.b.carrier_up());
 }
+
+#[test]
+fn a_receiver_notices_a_dead_path_too() {
+    // b sends, a only receives (a owes acks but is owed nothing). While
+    // data moves, a pings every half probe timeout, so when the path goes
+    // silent a notices within 1.5 probe timeouts, not at the next
+    // keepalive.
+    let mut p = util::pair();
+    p.drive();
+    let id = p.b.open_stream().unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    for _ in 0..30 {
+        let _ = p.b.stream_write(id, &[3u8; 4096]);
+        p.advance(Duration::from_millis(100));
+        while let Ok(pool_core::ReadResult::Data(_)) = p.a.stream_read(id, &mut buf) {}
+    }
+    p.hold_ab = true;
+    p.hold_ba = true;
+    let cut = p.now;
+    let mut dead_at = None;
+    for _ in 0..100 {
+        p.advance(Duration::from_millis(100));
+        if dead_at.is_none() && p.a_events.contains(&Event::CarrierDead) {
+            dead_at = Some(p.now - cut);
+        }
+    }
+    let d = dead_at.expect("the receiver noticed");
+    assert!(d <= Duration::from_millis(3100), "dead after {d:?}");
+}
