@@ -240,8 +240,14 @@ pub(crate) fn trust(args: &TrustArgs) -> Result<Trust> {
 
 /// Endpoint settings from the path flags.
 pub(crate) fn with_paths(cfg: EndpointConfig, paths: &PathArgs) -> EndpointConfig {
-    cfg.relays(paths.relays.clone())
+    let mut protocol = pool_net::Config::default();
+    protocol.probe_timeout(Some(std::time::Duration::from_millis(
+        paths.probe_timeout_ms.max(50),
+    )));
+    cfg.protocol(protocol)
+        .relays(paths.relays.clone())
         .direct_retry(std::time::Duration::from_secs(paths.direct_retry))
+        .relay_only(paths.relay_only)
 }
 
 pub(crate) async fn listen(

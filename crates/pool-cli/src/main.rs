@@ -256,6 +256,12 @@ pub(crate) struct PathArgs {
     /// While on a relay, try direct paths again this often (seconds).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub(crate) direct_retry: u64,
+    /// A path that leaves data or a ping unanswered this long is dead, and the session moves (milliseconds; at least 4 RTT).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub(crate) probe_timeout_ms: u64,
+    /// Stay on the relay: never try direct paths (to measure or debug a relay).
+    #[arg(long)]
+    pub(crate) relay_only: bool,
 }
 
 /// Whom to trust. Every command that accepts sessions takes these.

@@ -14,7 +14,7 @@
 //! Namespaces are removed when a test ends, pass or fail.
 mod util;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -60,9 +60,18 @@ impl Topo {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let (a, r, b) = (t.a.as_str(), t.r.as_str(), t.b.as_str());
-        ip(&["-n", a, "link", "add", "name", "a2r", "type", "veth", "peer", "name", "r2a", "netns", r]);
-        ip(&["-n", b, "link", "add", "name", "b2r", "type", "veth", "peer", "name", "r2b", "netns", r]);
-        ip(&["-n", a, "link", "add", "name", "a2b", "type", "veth", "peer", "name", "b2a", "netns", b]);
+        ip(&[
+            "-n", a, "link", "add", "name", "a2r", "type", "veth", "peer", "name", "r2a", "netns",
+            r,
+        ]);
+        ip(&[
+            "-n", b, "link", "add", "name", "b2r", "type", "veth", "peer", "name", "r2b", "netns",
+            r,
+        ]);
+        ip(&[
+            "-n", a, "link", "add", "name", "a2b", "type", "veth", "peer", "name", "b2a", "netns",
+            b,
+        ]);
         ip(&["-n", a, "addr", "add", "10.77.1.1/24", "dev", "a2r"]);
         ip(&["-n", r, "addr", "add", "10.77.1.254/24", "dev", "r2a"]);
         ip(&["-n", b, "addr", "add", "10.77.2.2/24", "dev", "b2r"]);
@@ -109,7 +118,7 @@ struct Row {
     resumes: u64,
 }
 
-fn sessions(control: &PathBuf) -> Vec<Row> {
+fn sessions(control: &Path) -> Vec<Row> {
     let out = pool_cmd(&[
         "ctl",
         "sessions",
@@ -137,7 +146,7 @@ fn sessions(control: &PathBuf) -> Vec<Row> {
 }
 
 /// Waits until node A's one session is on `path`; returns its row.
-fn wait_path(control: &PathBuf, path: &str, timeout: Duration) -> Row {
+fn wait_path(control: &Path, path: &str, timeout: Duration) -> Row {
     let deadline = Instant::now() + timeout;
     loop {
         let rows = sessions(control);
@@ -219,19 +228,31 @@ impl Nodes {
         source.wait_log("listening", Duration::from_secs(10));
         let mut b = Proc::spawn(
             "b",
-            topo.exec(&topo.b, POOL, &["-v", "daemon", "--config", b_toml.to_str().unwrap()]),
+            topo.exec(
+                &topo.b,
+                POOL,
+                &["-v", "daemon", "--config", b_toml.to_str().unwrap()],
+            ),
             &dir,
         );
         b.wait_log("registered at relay", Duration::from_secs(15));
         let mut a = Proc::spawn(
             "a",
-            topo.exec(&topo.a, POOL, &["-v", "daemon", "--config", a_toml.to_str().unwrap()]),
+            topo.exec(
+                &topo.a,
+                POOL,
+                &["-v", "daemon", "--config", a_toml.to_str().unwrap()],
+            ),
             &dir,
         );
         a.wait_log("tcp2pool bridge up", Duration::from_secs(15));
         let fetch = Proc::spawn(
             "fetch",
-            topo.exec(&topo.a, "python3", &[&paced_py(), "fetch", "127.0.0.1", "7000"]),
+            topo.exec(
+                &topo.a,
+                "python3",
+                &[&paced_py(), "fetch", "127.0.0.1", "7000"],
+            ),
             &dir,
         );
         Nodes {
@@ -253,10 +274,9 @@ impl Nodes {
         std::fs::write(self.dir.join("stop"), b"").unwrap();
         let st = self.fetch.wait_exit(Duration::from_secs(60));
         assert!(st.success(), "fetch failed:\n{}", self.fetch.log());
-        let got: serde_json::Value = serde_json::from_str(
-            self.fetch.log().lines().last().unwrap_or("{}"),
-        )
-        .expect("fetch report");
+        let got: serde_json::Value =
+            serde_json::from_str(self.fetch.log().lines().last().unwrap_or("{}"))
+                .expect("fetch report");
         let deadline = Instant::now() + Duration::from_secs(10);
         let sent = loop {
             let log = self._source.log();
@@ -295,7 +315,9 @@ fn starts_on_the_relay_moves_to_direct_and_falls_back_with_zero_loss() {
     // B sees the same session on the direct path too.
     let b_rows = sessions(&n.b_ctl);
     assert!(
-        b_rows.iter().any(|r| r.path == "direct" && r.address.starts_with("10.77.3.1")),
+        b_rows
+            .iter()
+            .any(|r| r.path == "direct" && r.address.starts_with("10.77.3.1")),
         "{b_rows:?}"
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -318,7 +340,15 @@ fn an_address_change_mid_transfer_keeps_the_session() {
     std::thread::sleep(Duration::from_millis(500));
     // A's address on the direct link changes under the transfer.
     ip(&["-n", &n.topo.a, "addr", "del", "10.77.3.1/24", "dev", "a2b"]);
-    ip(&["-n", &n.topo.a, "addr", "add", "10.77.3.11/24", "dev", "a2b"]);
+    ip(&[
+        "-n",
+        &n.topo.a,
+        "addr",
+        "add",
+        "10.77.3.11/24",
+        "dev",
+        "a2b",
+    ]);
     // B soon carries the same session from A's new address.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -351,7 +381,8 @@ fn killing_and_restarting_the_relay_does_not_touch_a_direct_session() {
     let during = wait_path(&n.a_ctl, "direct", Duration::from_secs(1));
     let mut relay = Proc::spawn(
         "relay2",
-        n.topo.exec(&n.topo.r, POOL, &["relay", "--listen", "0.0.0.0:9255"]),
+        n.topo
+            .exec(&n.topo.r, POOL, &["relay", "--listen", "0.0.0.0:9255"]),
         &n.dir,
     );
     relay.wait_log("relay listening on", Duration::from_secs(10));

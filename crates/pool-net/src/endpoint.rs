@@ -32,6 +32,7 @@ pub struct EndpointConfig {
     max_pending_handshakes: usize,
     relays: Vec<String>,
     direct_retry: Duration,
+    relay_only: bool,
 }
 
 impl EndpointConfig {
@@ -45,6 +46,7 @@ impl EndpointConfig {
             max_pending_handshakes: 1024,
             relays: Vec::new(),
             direct_retry: Duration::from_secs(60),
+            relay_only: false,
         }
     }
     /// Protocol knobs (windows, timers, ciphers).
@@ -88,6 +90,12 @@ impl EndpointConfig {
     /// local address changes).
     pub fn direct_retry(mut self, every: Duration) -> Self {
         self.direct_retry = every.max(Duration::from_millis(100));
+        self
+    }
+    /// Keep dialled sessions on the relays: never try direct paths (for
+    /// measuring or debugging a relay; default off).
+    pub fn relay_only(mut self, on: bool) -> Self {
+        self.relay_only = on;
         self
     }
     /// Handshakes in progress at once on a listener (default 1024).
@@ -425,15 +433,21 @@ impl Endpoint {
         peer: PublicKey,
     ) -> Result<Session, Error> {
         let cfg = self.config();
+        let direct = if cfg.relay_only && !cfg.relays.is_empty() {
+            None
+        } else {
+            direct
+        };
         let dialer = Arc::new(PathDialer::new(
             cfg.key.clone(),
             peer,
             direct,
             self.inner.ctx.paths.relays.clone(),
         ));
+        let upgrade = (!cfg.relay_only).then(|| dialer.clone());
         let paths = dialer
             .has_relays()
-            .then(|| (self.inner.ctx.paths.clone(), Some(dialer.clone())));
+            .then(|| (self.inner.ctx.paths.clone(), upgrade));
         self.handshake(dialer, peer, paths).await
     }
 

@@ -134,12 +134,10 @@ pub(crate) fn process_events(st: &mut State, shared: &Shared) {
                 shared.wake.notify_one();
             }
             Event::Rekeyed(epoch) => debug!(session = %shared.id, epoch, "new key epoch"),
-            Event::PeerPaths(paths) => {
-                if paths != st.peer_paths {
-                    debug!(session = %shared.id, ?paths, "peer's direct-path candidates");
-                    st.peer_paths = paths;
-                    shared.paths_changed.notify_one();
-                }
+            Event::PeerPaths(paths) if paths != st.peer_paths => {
+                debug!(session = %shared.id, ?paths, "peer's direct-path candidates");
+                st.peer_paths = paths;
+                shared.paths_changed.notify_one();
             }
             Event::Closed(reason) => {
                 info!(session = %shared.id, %reason, "session closed");

@@ -94,6 +94,14 @@ pub struct NodeSection {
     /// While on a relay, seconds between tries of direct paths.
     #[serde(default = "default_direct_retry")]
     pub direct_retry_secs: u64,
+    /// A path that leaves data or a ping unanswered this long (and at
+    /// least 4 RTT) is dead and the session moves: milliseconds.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_ms: u64,
+}
+
+fn default_probe_timeout() -> u64 {
+    2000
 }
 
 fn default_direct_retry() -> u64 {
@@ -111,6 +119,7 @@ impl Default for NodeSection {
             drain_timeout_secs: default_drain(),
             relays: Vec::new(),
             direct_retry_secs: default_direct_retry(),
+            probe_timeout_ms: default_probe_timeout(),
         }
     }
 }

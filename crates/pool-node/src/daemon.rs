@@ -474,7 +474,12 @@ pub async fn start(
                 .into(),
         ));
     }
+    let mut protocol = pool_net::Config::default();
+    protocol.probe_timeout(Some(Duration::from_millis(
+        cfg.node.probe_timeout_ms.max(50),
+    )));
     let epcfg = EndpointConfig::new(key.clone())
+        .protocol(protocol)
         .trust(trust)
         .relays(cfg.node.relays.clone())
         .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs));
