@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{PathArgs, TrustArgs};
 
 /// A message for the person at the terminal.
-pub(crate) struct CliError(String);
+pub(crate) struct CliError(pub(crate) String);
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -37,9 +37,9 @@ impl From<std::io::Error> for CliError {
     }
 }
 
-type Result<T> = std::result::Result<T, CliError>;
+pub(crate) type Result<T> = std::result::Result<T, CliError>;
 
-fn err<T>(msg: impl Into<String>) -> Result<T> {
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(CliError(msg.into()))
 }
 
@@ -214,7 +214,7 @@ pub(crate) fn pubkey(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn parse_key(token: &str, what: &str) -> Result<PublicKey> {
+pub(crate) fn parse_key(token: &str, what: &str) -> Result<PublicKey> {
     PublicKey::from_token(token).map_err(|e| CliError(format!("{what}: {e}")))
 }
 

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod cmd;
 mod demo;
+mod migrate;
 mod node;
 mod relay;
 
@@ -134,6 +135,9 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
     /// Work with the change journal.
     #[command(subcommand)]
     Journal(JournalCmd),
+    /// Paths of sessions: where each runs (direct or relay), and whether a direct path works.
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -208,6 +212,40 @@ struct BridgeCommon {
     /// Append the change journal to this file.
     #[arg(long, value_name = "FILE")]
     journal: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateCmd {
+    /// Every peer: path (direct / relay), via, RTT, path changes, last change.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Check a direct path to a POOL node: reachability, handshake time, throughput.
+    #[command(
+        after_help = "EXAMPLE:\n  pool migrate test 10.4.4.101            (port 9253, key /var/lib/pool/node.key)\n\
+The peer must trust this node's key. Throughput is measured against the peer daemon's `pool.discard` service."
+    )]
+    Test {
+        /// The node's host name or address.
+        host: String,
+        /// Its POOL port.
+        #[arg(default_value_t = 9253)]
+        port: u16,
+        /// This node's private key file.
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/pool/node.key")]
+        key: PathBuf,
+        /// The peer's public key (default: ask the listener, unauthenticated, then prove it in the handshake).
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
+        peer_key: Option<String>,
+        /// MiB to send for the throughput figure (0: skip).
+        #[arg(long, default_value_t = 64)]
+        megabytes: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,6 +435,24 @@ fn main() -> ExitCode {
             node::ctl_reload(&control.unwrap_or_else(node::default_control))
         }
         Command::Journal(JournalCmd::Verify { file }) => node::journal_verify(&file),
+        Command::Migrate(MigrateCmd::Status { json, control }) => {
+            migrate::status(&control.unwrap_or_else(node::default_control), json)
+        }
+        Command::Migrate(MigrateCmd::Test {
+            host,
+            port,
+            key,
+            peer_key,
+            megabytes,
+        }) => cmd::runtime().and_then(|rt| {
+            rt.block_on(migrate::test(
+                &host,
+                port,
+                &key,
+                peer_key.as_deref(),
+                megabytes,
+            ))
+        }),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "pool", &mut std::io::stdout());

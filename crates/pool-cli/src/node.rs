@@ -178,7 +178,7 @@ fn validate(cfg: Config) -> Result<Config> {
     Ok(cfg)
 }
 
-fn ctl_request(control: &Path, cmd: &str) -> Result<serde_json::Value> {
+pub(crate) fn ctl_request(control: &Path, cmd: &str) -> Result<serde_json::Value> {
     let mut sock = UnixStream::connect(control).map_err(|e| {
         CliError::msg(format!(
             "cannot reach the daemon's control socket {}: {e} (is `pool daemon` running? set --control or POOL_CONTROL)",

@@ -171,6 +171,8 @@ struct Nodes {
     fetch: Proc,
     a_ctl: PathBuf,
     b_ctl: PathBuf,
+    a_key: PathBuf,
+    b_pub: String,
 }
 
 impl Nodes {
@@ -190,6 +192,7 @@ impl Nodes {
         relay.wait_log("relay listening on", Duration::from_secs(10));
         let b_ctl = dir.join("b.sock");
         let a_ctl = dir.join("a.sock");
+        let a_key_path = a_key.clone();
         let b_cfg = format!(
             "[node]\nkey = {:?}\nlisten = \"0.0.0.0:9253\"\ncontrol = {:?}\njournal = {:?}\n\
              relays = [\"10.77.2.254:9255\"]\ndirect_retry_secs = 2\n\n\
@@ -203,7 +206,7 @@ impl Nodes {
              relays = [\"10.77.1.254:9255\"]\ndirect_retry_secs = 2\n\n\
              [trust]\nallow = [\"{b_pub}\"]\n\n\
              [[tcp2pool]]\nname = \"paced\"\nlisten = \"127.0.0.1:7000\"\npeer_key = \"{b_pub}\"\n",
-            a_key, a_ctl
+            a_key_path, a_ctl
         );
         std::fs::write(dir.join("b.toml"), b_cfg).unwrap();
         std::fs::write(dir.join("a.toml"), a_cfg).unwrap();
@@ -265,6 +268,8 @@ impl Nodes {
             fetch,
             a_ctl,
             b_ctl,
+            a_key,
+            b_pub,
         }
     }
 
@@ -394,5 +399,46 @@ fn killing_and_restarting_the_relay_does_not_touch_a_direct_session() {
         assert_eq!(r.path_changes, direct.path_changes, "{r:?}");
     }
     n.relay = relay;
+
+    // `pool migrate status` shows the path; `pool migrate test` checks the
+    // direct path by hand (and says why when it does not work).
+    let status = pool_cmd(&["migrate", "status", "--control", n.a_ctl.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("direct"), "{text}");
+    let test = |host: &str| {
+        run(
+            n.topo.exec(
+                &n.topo.a,
+                POOL,
+                &[
+                    "migrate",
+                    "test",
+                    host,
+                    "--key",
+                    n.a_key.to_str().unwrap(),
+                    "--peer-key",
+                    &n.b_pub,
+                    "--megabytes",
+                    "16",
+                ],
+            ),
+            Duration::from_secs(30),
+        )
+    };
+    let ok = test("10.77.3.2");
+    let out = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("handshake") && out.contains("Gbit/s") && out.contains("verdict"),
+        "{out}"
+    );
+    let bad = test("10.77.2.2");
+    assert!(!bad.status.success());
+    let why = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert!(why.contains("NOT reachable"), "{why}");
     n.finish();
 }

@@ -30,6 +30,12 @@ pub const RESET_NO_SERVICE: u64 = 4;
 
 const PREAMBLE_VERSION: u8 = 1;
 
+/// The reserved service that reads a stream to its end, discards it and
+/// answers with the byte count (8 bytes, big-endian): what
+/// `pool migrate test` measures throughput against. Only authenticated,
+/// trusted peers reach it, like every service.
+pub const DISCARD_SERVICE: &str = "pool.discard";
+
 /// What a `tcp2pool` end tells the `pool2tcp` end about a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preamble {
@@ -547,6 +553,20 @@ impl Pool2Tcp {
                 return;
             }
         };
+        if pre.service == DISCARD_SERVICE {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0u64;
+            loop {
+                match rs.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = ws.write_all(&n.to_be_bytes()).await;
+            let _ = ws.shutdown().await;
+            return;
+        }
         let Some(target) = self.target(&pre.service) else {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             warn!(service = %pre.service, "no such service here; resetting the stream");
