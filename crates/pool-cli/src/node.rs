@@ -304,6 +304,25 @@ pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
     );
     println!("journal      {}", s("journal"));
     println!("sessions     {}", v["sessions"]);
+    if let Some(relays) = v["relays"].as_array() {
+        for r in relays {
+            let state = if r["registered"].as_bool().unwrap_or(false) {
+                format!(
+                    "registered, seen as {}",
+                    r["observed"].as_str().unwrap_or("?")
+                )
+            } else {
+                format!(
+                    "NOT registered: {}",
+                    r["error"].as_str().unwrap_or("connecting")
+                )
+            };
+            println!(
+                "relay        {} ({state})",
+                r["relay"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if let Some(bs) = v["tcp2pool"].as_array() {
         for b in bs {
             println!(

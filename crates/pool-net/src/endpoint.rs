@@ -291,8 +291,19 @@ impl Endpoint {
         listen: Option<SocketAddr>,
     ) -> Arc<ListenCtx> {
         let paths = PathCtx::new(listen, config.relays.clone(), config.direct_retry);
+        let relays = config
+            .relays
+            .iter()
+            .map(|r| RelayStatus {
+                relay: r.clone(),
+                registered: false,
+                observed: None,
+                error: None,
+            })
+            .collect();
         Arc::new(ListenCtx {
             paths,
+            relays: Mutex::new(relays),
             acceptor: Mutex::new(Acceptor::new(
                 &config.protocol,
                 config.key.clone(),
@@ -518,6 +529,16 @@ impl Endpoint {
         })
     }
 
+    /// The relays this listener registers at, and how that goes.
+    pub fn relay_status(&self) -> Vec<RelayStatus> {
+        self.inner
+            .ctx
+            .relays
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
     /// Sessions this endpoint accepted that are still alive.
     pub fn session_count(&self) -> usize {
         self.inner
@@ -530,8 +551,23 @@ impl Endpoint {
     }
 }
 
+/// A listener's registration at one relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStatus {
+    /// The relay (`HOST:PORT`, as configured).
+    pub relay: String,
+    /// Whether the registration is up now.
+    pub registered: bool,
+    /// Our address as the relay saw it (last registration).
+    pub observed: Option<SocketAddr>,
+    /// What went wrong last, if the registration is down.
+    pub error: Option<String>,
+}
+
 struct ListenCtx {
     paths: Arc<PathCtx>,
+    relays: Mutex<Vec<RelayStatus>>,
     config: std::sync::RwLock<EndpointConfig>,
     acceptor: Mutex<Acceptor>,
     events: tokio::sync::broadcast::Sender<EndpointEvent>,
@@ -717,6 +753,17 @@ const RELAY_SILENT: Duration = Duration::from_secs(40);
 /// when the relay goes away, and accepts the circuits it announces.
 async fn register_loop(ctx: Weak<ListenCtx>, relay: String) {
     let mut backoff = Duration::from_millis(100);
+    let set = |registered: bool, observed: Option<SocketAddr>, error: Option<String>| {
+        if let Some(c) = ctx.upgrade() {
+            if let Ok(mut r) = c.relays.lock() {
+                if let Some(s) = r.iter_mut().find(|s| s.relay == relay) {
+                    s.registered = registered;
+                    s.observed = observed.or(s.observed);
+                    s.error = error;
+                }
+            }
+        }
+    };
     loop {
         let Some(c) = ctx.upgrade() else { return };
         let key = c
@@ -733,11 +780,14 @@ async fn register_loop(ctx: Weak<ListenCtx>, relay: String) {
                 if let Some(c) = ctx.upgrade() {
                     c.paths.set_observed(observed.ip());
                 }
+                set(true, Some(observed), None);
                 let e = serve_registration(&ctx, sock, &relay, relay_addr).await;
                 warn!(%relay, "relay registration lost: {e}; registering again");
+                set(false, None, Some(e.to_string()));
             }
             Err(e) => {
                 warn!(%relay, "cannot register at relay: {e}; retrying in {backoff:?}");
+                set(false, None, Some(e.to_string()));
             }
         }
         tokio::time::sleep(backoff).await;

@@ -37,7 +37,7 @@ mod stream;
 mod trust;
 
 pub use carrier::{BoxedCarrier, Carrier, DialFuture, Dialer, TcpDialer};
-pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats};
+pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats, RelayStatus};
 pub use error::Error;
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,

@@ -284,6 +284,10 @@ impl Daemon {
             "metrics": self.metrics_addr.lock().ok().and_then(|m| m.clone()),
             "journal": self.journal.as_ref().map(|j| j.path().display().to_string()),
             "sessions": self.sessions().len(),
+            "relays": self.endpoint.relay_status().iter().map(|r| json!({
+                "relay": r.relay, "registered": r.registered,
+                "observed": r.observed.map(|a| a.to_string()), "error": r.error,
+            })).collect::<Vec<_>>(),
             "tcp2pool": bridges,
             "pool2tcp": {
                 "targets": self.pool2tcp.targets().iter().map(|t| json!({"service": t.service, "target": t.address, "proxy_protocol": t.proxy_protocol})).collect::<Vec<_>>(),

@@ -226,6 +226,25 @@ impl Collector for PoolCollector {
             None,
             sessions_now.metric_type(),
         )?)?;
+        {
+            let mut family = e.encode_descriptor(
+                "pool_sessions_on_path",
+                "Sessions open now by path: direct, relay, or none (resuming).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for path in ["direct", "relay", "none"] {
+                let n = sessions.iter().filter(|r| r.path == path).count() as u64;
+                ConstGauge::new(n).encode(family.encode_family(&[("path", path)])?)?;
+            }
+        }
+        let moves = ConstGauge::new(sessions.iter().map(|r| r.path_changes).sum::<u64>());
+        moves.encode(e.encode_descriptor(
+            "pool_session_path_changes",
+            "Path changes (relay to direct, back, new addresses) summed over the sessions open now; falls when sessions close.",
+            None,
+            moves.metric_type(),
+        )?)?;
         counter(
             e,
             "pool_sessions_accepted",

@@ -373,8 +373,22 @@ async fn metrics_match_the_source() {
         "TCP_INFO unknown"
     );
 
-    // 1 + 8 aggregate samples, 9 + 6 per-peer samples, nothing else.
-    assert_eq!(x.samples.len(), 1 + 8 + 9 + 6, "{:?}", x.samples.keys());
+    // Sessions by path: the fake sessions have no path yet.
+    assert_eq!(
+        x.samples
+            .get("pool_sessions_on_path{path=\"none\"}")
+            .copied(),
+        Some(0.0)
+    );
+    assert_eq!(x.value("pool_session_path_changes", None), Some(0.0));
+    // 1 + 3 (by path) + 1 (path changes) + 8 aggregate samples, 9 + 6
+    // per-peer samples, nothing else.
+    assert_eq!(
+        x.samples.len(),
+        1 + 3 + 1 + 8 + 9 + 6,
+        "{:?}",
+        x.samples.keys()
+    );
     task.abort();
 }
 
