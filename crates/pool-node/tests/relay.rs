@@ -801,3 +801,70 @@ async fn journal_and_metrics_record_the_circuit() {
     assert!(pool_node::journal::verify(&path).unwrap().is_intact());
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_carried_to_the_other_end() {
+    let r = relay(local()).await;
+    let (a, b) = (key(35), key(36));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let (sa, mut sb) = pair(r.local_addr(), &a, &b, &mut b_ctl).await;
+    // A resets (abortive close).
+    socket2::SockRef::from(&sa)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(sa);
+    let mut tmp = [0u8; 16];
+    let got = tokio::time::timeout(T, sb.read(&mut tmp)).await.unwrap();
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "B saw {got:?}, not a reset"
+    );
+    wait_until("circuit closed", || r.stats().circuits == 0).await;
+    r.shutdown().await;
+}
+
+/// Not a test: prints relayed against direct loopback throughput.
+/// `cargo test --release -p pool-node --test relay -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn relayed_throughput_against_direct() {
+    const N: usize = 2 << 30;
+    async fn blast(mut tx: TcpStream, mut rx: TcpStream) -> f64 {
+        let t0 = Instant::now();
+        let w = tokio::spawn(async move {
+            let chunk = vec![1u8; 256 << 10];
+            let mut left = N;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                tx.write_all(&chunk[..n]).await.unwrap();
+                left -= n;
+            }
+            tx.shutdown().await.unwrap();
+        });
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0;
+        loop {
+            let n = rx.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        w.await.unwrap();
+        assert_eq!(got, N);
+        N as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (c, s) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    let direct = blast(c.unwrap(), s.unwrap().0).await;
+    let r = relay(local()).await;
+    let (a, b) = (key(37), key(38));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let (sa, sb) = pair(r.local_addr(), &a, &b, &mut b_ctl).await;
+    let relayed = blast(sa, sb).await;
+    eprintln!(
+        "2 GiB one way on loopback: direct {direct:.2} Gbit/s, through the relay {relayed:.2} Gbit/s ({:.0} %)",
+        relayed / direct * 100.0
+    );
+    r.shutdown().await;
+}
