@@ -275,6 +275,23 @@ pub struct RelayStats {
     pub refused_protocol: u64,
 }
 
+/// One node key with connections open at the relay, as
+/// [`RelayHandle::nodes`] lists it. Byte counts start when the key's first
+/// open connection did (they are forgotten once it has none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStats {
+    /// The node's key.
+    pub key: PublicKey,
+    /// Whether it has a control connection (is reachable by CONNECT).
+    pub registered: bool,
+    /// Its connections open now (control, circuits, pending).
+    pub connections: u64,
+    /// Bytes it sent into circuits.
+    pub sent: u64,
+    /// Bytes circuits delivered to it.
+    pub received: u64,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
@@ -431,6 +448,22 @@ impl Shared {
             refused_no_answer: r(Refusal::NoAnswer),
             refused_protocol: r(Refusal::Protocol),
         }
+    }
+
+    fn nodes(&self) -> Vec<NodeStats> {
+        let registered: HashSet<PublicKey> = lock(&self.nodes).keys().copied().collect();
+        let mut rows: Vec<NodeStats> = lock(&self.per_node)
+            .values()
+            .map(|slot| NodeStats {
+                key: slot.state.key,
+                registered: registered.contains(&slot.state.key),
+                connections: slot.connections as u64,
+                sent: slot.state.sent.load(Ordering::Relaxed),
+                received: slot.state.received.load(Ordering::Relaxed),
+            })
+            .collect();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        rows
     }
 
     /// Counts a connection against `key`'s cap; `None` when the cap is
@@ -731,6 +764,12 @@ impl RelayHandle {
     #[must_use]
     pub fn stats(&self) -> RelayStats {
         self.shared.stats()
+    }
+
+    /// The node keys with connections open now, sorted by key.
+    #[must_use]
+    pub fn nodes(&self) -> Vec<NodeStats> {
+        self.shared.nodes()
     }
 
     /// Stops the relay: closes the listener and every connection, flushes

@@ -260,6 +260,15 @@ async fn circuit_carries_bytes_verbatim_and_half_close() {
     let s = r.stats();
     assert_eq!(s.circuits_total, 1);
     assert_eq!(s.bytes, 2 * N as u64);
+    // Both directions ended, so the circuit did: A has no connection left,
+    // B its control connection.
+    wait_until("circuit closed", || r.stats().circuits == 0).await;
+    let nodes = r.nodes();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].key, b.public_key());
+    assert!(nodes[0].registered);
+    assert_eq!(nodes[0].connections, 1);
+    assert_eq!((nodes[0].sent, nodes[0].received), (N as u64, N as u64));
     drop((sa, sb));
     wait_until("circuit closed", || r.stats().circuits == 0).await;
     assert_eq!(r.stats().nodes, 1);
@@ -676,6 +685,57 @@ async fn stalled_receiver_does_not_slow_another_pair() {
         stalled_at
     );
     flood.abort();
+    r.shutdown().await;
+}
+
+/// Pair 1 moves bulk as fast as it can (its receiver reads); pair 2's
+/// small round trips stay fast beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_pair_does_not_starve_another() {
+    let r = relay(local()).await;
+    let addr = r.local_addr();
+    let (a1, b1, a2, b2) = (key(39), key(40), key(41), key(42));
+    let mut b1_ctl = register(addr, &b1).await;
+    let mut b2_ctl = register(addr, &b2).await;
+    let (mut s_a1, mut s_b1) = pair(addr, &a1, &b1, &mut b1_ctl).await;
+    let (mut sa, mut sb) = pair(addr, &a2, &b2, &mut b2_ctl).await;
+    let flood = tokio::spawn(async move {
+        let chunk = vec![0x5a; 256 << 10];
+        while s_a1.write_all(&chunk).await.is_ok() {}
+    });
+    let sink = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut n = 0u64;
+        while let Ok(k) = s_b1.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = r.stats().bytes;
+    let mut rtts = Vec::new();
+    for i in 0..200u32 {
+        let t0 = Instant::now();
+        sa.write_all(&i.to_be_bytes()).await.unwrap();
+        let mut four = [0u8; 4];
+        sb.read_exact(&mut four).await.unwrap();
+        sb.write_all(&four).await.unwrap();
+        sa.read_exact(&mut four).await.unwrap();
+        rtts.push(t0.elapsed());
+    }
+    let flooded = r.stats().bytes - before;
+    rtts.sort();
+    let median = rtts[rtts.len() / 2];
+    let p99 = rtts[rtts.len() * 99 / 100];
+    eprintln!("pair 2 beside a {flooded}-byte flood: rtt median {median:?}, p99 {p99:?}");
+    assert!(flooded > 1 << 20, "the flood did not run ({flooded} bytes)");
+    assert!(median < Duration::from_millis(50), "median {median:?}");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    flood.abort();
+    sink.abort();
     r.shutdown().await;
 }
 
