@@ -462,7 +462,7 @@ impl Shared {
                 received: slot.state.received.load(Ordering::Relaxed),
             })
             .collect();
-        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        rows.sort_by_key(|r| r.key);
         rows
     }
 
