@@ -192,3 +192,46 @@ fn relay_command_explains_a_busy_port() {
     assert!(err.contains("cannot listen on"), "{err}");
     drop(dir);
 }
+
+/// Killed hard while nodes are registered and a circuit is open, the relay
+/// starts again on the same port at once, and nodes register again.
+#[test]
+fn relay_command_restarts_on_the_same_port_after_kill() {
+    let dir = TempDir::new("relay-restart");
+    let (a_path, _) = keygen(&dir, "a");
+    let (b_path, _) = keygen(&dir, "b");
+    let (a, b) = (load(&a_path), load(&b_path));
+    let mut relay = Proc::pool("relay1", &["relay", "--listen", "127.0.0.1:0"], &dir);
+    let addr = relay.wait_log("relay listening on ", T);
+
+    let circuit = |b_ctl: &mut Conn| {
+        let mut ca = auth(&addr, &a, Intent::Connect(b.public_key()));
+        let Msg::Incoming { circuit, .. } = b_ctl.next() else {
+            panic!("expected INCOMING")
+        };
+        let mut cb = auth(&addr, &b, Intent::Accept(circuit));
+        assert!(matches!(cb.next(), Msg::Welcome { .. }));
+        assert!(matches!(ca.next(), Msg::Welcome { .. }));
+        ca.s.write_all(b"ping").unwrap();
+        let mut four = [0u8; 4];
+        cb.s.read_exact(&mut four).unwrap();
+        assert_eq!(&four, b"ping");
+        (ca, cb)
+    };
+    let mut b_ctl = auth(&addr, &b, Intent::Register);
+    assert!(matches!(b_ctl.next(), Msg::Welcome { .. }));
+    let (mut ca, _cb) = circuit(&mut b_ctl);
+
+    relay.kill9();
+    // The nodes see their connections end.
+    let mut tmp = [0u8; 8];
+    assert!(matches!(b_ctl.s.read(&mut tmp), Ok(0) | Err(_)));
+    assert!(matches!(ca.s.read(&mut tmp), Ok(0) | Err(_)));
+
+    let mut relay = Proc::pool("relay2", &["relay", "--listen", &addr], &dir);
+    assert_eq!(relay.wait_log("relay listening on ", T), addr);
+    let mut b_ctl = auth(&addr, &b, Intent::Register);
+    assert!(matches!(b_ctl.next(), Msg::Welcome { .. }));
+    let _ = circuit(&mut b_ctl);
+    relay.assert_running();
+}
