@@ -541,7 +541,8 @@ pub struct RelayServer {
     listener: TcpListener,
     local: SocketAddr,
     shared: Arc<Shared>,
-    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Aborted (the endpoint stops) when the server is dropped or stops.
+    metrics: Option<(SocketAddr, AbortOnDrop<()>)>,
 }
 
 impl fmt::Debug for RelayServer {
@@ -608,7 +609,7 @@ impl RelayServer {
                         addr: addr.clone(),
                         source,
                     })?;
-                Some(served)
+                Some((served.0, AbortOnDrop(served.1)))
             }
             None => None,
         };
@@ -715,9 +716,7 @@ impl RelayServer {
         drop(listener);
         conns.abort_all();
         while conns.join_next().await.is_some() {}
-        if let Some((_, task)) = metrics {
-            task.abort();
-        }
+        drop(metrics);
         let s = shared.stats();
         shared.journal(
             "relay_stopped",
