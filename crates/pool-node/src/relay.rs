@@ -1182,13 +1182,27 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
         .try_send(Ctl::Incoming { circuit, from: key })
         .is_ok();
     drop(peer_tx);
+    // Waits for the ACCEPT, unless the node hangs up first (bytes it sends
+    // meanwhile stay in the socket for the circuit). `None`: it hung up.
     let accepted = if offered {
-        tokio::time::timeout(shared.cfg.accept_timeout, rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
+        let stream = &a.conn.stream;
+        let gone = async {
+            let mut one = [0u8; 1];
+            if matches!(stream.peek(&mut one).await, Ok(n) if n > 0) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(shared.cfg.accept_timeout, rx) => Some(r.ok().and_then(Result::ok)),
+            () = gone => None,
+        }
     } else {
-        None
+        Some(None)
+    };
+    let Some(accepted) = accepted else {
+        lock(&shared.pending).remove(&circuit);
+        debug!(node = %key, %peer, "relay: node left before its CONNECT was accepted");
+        return;
     };
     lock(&shared.pending).remove(&circuit);
     let Some(b) = accepted else {

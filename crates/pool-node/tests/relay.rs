@@ -447,6 +447,24 @@ async fn peer_that_never_accepts_gives_no_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_abandoned_before_accept_is_forgotten() {
+    let r = relay(local().accept_timeout(Duration::from_secs(30))).await;
+    let (a, b) = (key(43), key(44));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let ca = auth(r.local_addr(), &a, Intent::Connect(b.public_key())).await;
+    let (circuit, _) = b_ctl.expect_incoming().await;
+    assert_eq!(r.stats().pending, 1);
+    drop(ca);
+    // Forgotten long before the accept timeout.
+    let t0 = Instant::now();
+    wait_until("pending dropped", || r.stats().pending == 0).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let mut cb = auth(r.local_addr(), &b, Intent::Accept(circuit)).await;
+    cb.expect_error(ERR_PROTOCOL).await;
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_silence_are_closed_and_server_keeps_serving() {
     let hs = Duration::from_millis(500);
     let r = relay(local().handshake_timeout(hs)).await;
