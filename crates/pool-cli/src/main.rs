@@ -121,7 +121,7 @@ See docs/pool.example.toml for every setting."
     },
     /// Run a relay: splice sealed sessions between nodes that cannot reach each other.
     #[command(
-        after_help = "EXAMPLE:\n  pool relay --listen [::]:9255 --metrics 127.0.0.1:9257 --journal /var/lib/pool/relay.journal\n\n\
+        after_help = "EXAMPLE:\n  pool relay --listen [::]:9255 --metrics 127.0.0.1:9257 --journal /var/lib/pool-relay/relay.journal\n\n\
 Nodes prove they hold their key before anything is forwarded; the relay cannot read what it forwards\n\
 (it sees keys, addresses, sizes and timing). SIGTERM or SIGINT stops it. See docs/relay.md."
     )]

@@ -78,9 +78,26 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::msg(format!("cannot start the async runtime: {e}")))
 }
 
+/// The soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 pub(crate) async fn relay(args: RelayArgs) -> Result<(), CliError> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = config(args)?;
+    if let Some(limit) = open_files_limit() {
+        let want = cfg.max_connections as u64 + 64;
+        if limit < want {
+            eprintln!(
+                "pool: warning: the open-file limit is {limit}, below --max-connections {} (plus some for the relay itself); \
+                 connections will fail before the cap. Raise it (ulimit -n {want}, or LimitNOFILE= in the systemd unit) or lower --max-connections",
+                cfg.max_connections
+            );
+        }
+    }
     let allow = cfg.allow.len();
     let server = RelayServer::bind(cfg)
         .await

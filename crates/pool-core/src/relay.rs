@@ -221,8 +221,13 @@ impl Msg {
             Msg::Welcome { observed } => put_addr(out, observed),
             Msg::Error { code, message } => {
                 out.push(*code);
-                let m = message.as_bytes();
-                out.extend_from_slice(&m[..m.len().min(MAX_BODY - 1)]);
+                // Cut a long message on a character boundary, so that it
+                // decodes to a prefix of itself.
+                let mut end = message.len().min(MAX_BODY - 1);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&message.as_bytes()[..end]);
             }
             Msg::Incoming { circuit, from } => {
                 out.extend_from_slice(circuit);
@@ -487,6 +492,24 @@ mod tests {
             at += used;
         }
         assert_eq!(at, buf.len());
+    }
+
+    #[test]
+    fn long_error_is_cut_on_a_character_boundary() {
+        let message = "é".repeat(MAX_BODY); // 2 bytes each
+        let mut buf = Vec::new();
+        Msg::Error {
+            code: ERR_PROTOCOL,
+            message: message.clone(),
+        }
+        .encode(&mut buf);
+        assert!(buf.len() <= 3 + MAX_BODY);
+        let (Msg::Error { message: got, .. }, used) = Msg::decode(&buf).unwrap().unwrap() else {
+            panic!("not an ERROR")
+        };
+        assert_eq!(used, buf.len());
+        assert!(!got.contains('\u{fffd}'));
+        assert!(message.starts_with(&got) && got.len() >= MAX_BODY - 2);
     }
 
     #[test]

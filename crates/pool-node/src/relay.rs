@@ -37,7 +37,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
@@ -275,6 +275,23 @@ pub struct RelayStats {
     pub refused_protocol: u64,
 }
 
+/// One node key with connections open at the relay, as
+/// [`RelayHandle::nodes`] lists it. Byte counts start when the key's first
+/// open connection did (they are forgotten once it has none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStats {
+    /// The node's key.
+    pub key: PublicKey,
+    /// Whether it has a control connection (is reachable by CONNECT).
+    pub registered: bool,
+    /// Its connections open now (control, circuits, pending).
+    pub connections: u64,
+    /// Bytes it sent into circuits.
+    pub sent: u64,
+    /// Bytes circuits delivered to it.
+    pub received: u64,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
@@ -433,6 +450,22 @@ impl Shared {
         }
     }
 
+    fn nodes(&self) -> Vec<NodeStats> {
+        let registered: HashSet<PublicKey> = lock(&self.nodes).keys().copied().collect();
+        let mut rows: Vec<NodeStats> = lock(&self.per_node)
+            .values()
+            .map(|slot| NodeStats {
+                key: slot.state.key,
+                registered: registered.contains(&slot.state.key),
+                connections: slot.connections as u64,
+                sent: slot.state.sent.load(Ordering::Relaxed),
+                received: slot.state.received.load(Ordering::Relaxed),
+            })
+            .collect();
+        rows.sort_by_key(|r| r.key);
+        rows
+    }
+
     /// Counts a connection against `key`'s cap; `None` when the cap is
     /// reached.
     fn enter_node(self: &Arc<Self>, key: PublicKey) -> Option<NodeGuard> {
@@ -508,7 +541,8 @@ pub struct RelayServer {
     listener: TcpListener,
     local: SocketAddr,
     shared: Arc<Shared>,
-    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Aborted (the endpoint stops) when the server is dropped or stops.
+    metrics: Option<(SocketAddr, AbortOnDrop<()>)>,
 }
 
 impl fmt::Debug for RelayServer {
@@ -575,7 +609,7 @@ impl RelayServer {
                         addr: addr.clone(),
                         source,
                     })?;
-                Some(served)
+                Some((served.0, AbortOnDrop(served.1)))
             }
             None => None,
         };
@@ -682,9 +716,7 @@ impl RelayServer {
         drop(listener);
         conns.abort_all();
         while conns.join_next().await.is_some() {}
-        if let Some((_, task)) = metrics {
-            task.abort();
-        }
+        drop(metrics);
         let s = shared.stats();
         shared.journal(
             "relay_stopped",
@@ -731,6 +763,12 @@ impl RelayHandle {
     #[must_use]
     pub fn stats(&self) -> RelayStats {
         self.shared.stats()
+    }
+
+    /// The node keys with connections open now, sorted by key.
+    #[must_use]
+    pub fn nodes(&self) -> Vec<NodeStats> {
+        self.shared.nodes()
     }
 
     /// Stops the relay: closes the listener and every connection, flushes
@@ -1144,13 +1182,27 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
         .try_send(Ctl::Incoming { circuit, from: key })
         .is_ok();
     drop(peer_tx);
+    // Waits for the ACCEPT, unless the node hangs up first (bytes it sends
+    // meanwhile stay in the socket for the circuit). `None`: it hung up.
     let accepted = if offered {
-        tokio::time::timeout(shared.cfg.accept_timeout, rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
+        let stream = &a.conn.stream;
+        let gone = async {
+            let mut one = [0u8; 1];
+            if matches!(stream.peek(&mut one).await, Ok(n) if n > 0) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(shared.cfg.accept_timeout, rx) => Some(r.ok().and_then(Result::ok)),
+            () = gone => None,
+        }
     } else {
-        None
+        Some(None)
+    };
+    let Some(accepted) = accepted else {
+        lock(&shared.pending).remove(&circuit);
+        debug!(node = %key, %peer, "relay: node left before its CONNECT was accepted");
+        return;
     };
     lock(&shared.pending).remove(&circuit);
     let Some(b) = accepted else {
@@ -1258,6 +1310,12 @@ fn hex(b: &[u8]) -> String {
 /// A task aborted when this is dropped.
 struct AbortOnDrop<T>(JoinHandle<T>);
 
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
@@ -1315,33 +1373,49 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
     let (rb, wb) = cb.stream.into_split();
     // Each direction on its own task (both cores can copy), aborted with
     // this one (the relay stopping aborts connection tasks).
-    let mut t1 = AbortOnDrop(tokio::spawn(pump(
+    let (stop_1, stop_2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let t1 = AbortOnDrop(tokio::spawn(pump(
         ra,
         std::mem::take(&mut ca.buf),
         wb,
-        shared.clone(),
-        na.state.clone(),
-        nb.state.clone(),
-        a_to_b.clone(),
+        Direction {
+            shared: shared.clone(),
+            from: na.state.clone(),
+            to: nb.state.clone(),
+            count: a_to_b.clone(),
+            stop: stop_1.clone(),
+            stop_other: stop_2.clone(),
+        },
     )));
-    let mut t2 = AbortOnDrop(tokio::spawn(pump(
+    let t2 = AbortOnDrop(tokio::spawn(pump(
         rb,
         std::mem::take(&mut cb.buf),
         wa,
-        shared.clone(),
-        nb.state.clone(),
-        na.state.clone(),
-        b_to_a.clone(),
+        Direction {
+            shared: shared.clone(),
+            from: nb.state.clone(),
+            to: na.state.clone(),
+            count: b_to_a.clone(),
+            stop: stop_2,
+            stop_other: stop_1,
+        },
     )));
-    let failed = |r: &Result<PumpResult, tokio::task::JoinError>| !matches!(r, Ok(Ok(())));
-    let reason = tokio::select! {
-        r = &mut t1.0 => {
-            if failed(&r) { t2.0.abort(); let _ = (&mut t2.0).await; "reset or error" }
-            else if failed(&(&mut t2.0).await) { "reset or error" } else { "closed" }
-        }
-        r = &mut t2.0 => {
-            if failed(&r) { t1.0.abort(); let _ = (&mut t1.0).await; "reset or error" }
-            else if failed(&(&mut t1.0).await) { "reset or error" } else { "closed" }
+    let (r1, r2) = tokio::join!(t1.join(), t2.join());
+    let why = |r: Result<PumpResult, tokio::task::JoinError>| match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    let reason = match (why(r1), why(r2)) {
+        (None, None) => "closed".to_owned(),
+        (Some(e), None) | (None, Some(e)) => e,
+        // One failed and stopped the other: name the first cause.
+        (Some(e1), Some(e2)) => {
+            if e1 == STOPPED {
+                e2
+            } else {
+                e1
+            }
         }
     };
     c.circuits.fetch_sub(1, Ordering::Relaxed);
@@ -1350,7 +1424,7 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
         b_to_a.load(Ordering::Relaxed),
     );
     let secs = started.elapsed().as_secs_f64();
-    info!(circuit = %id, from = %ka, to = %kb, bytes_from_to = ab, bytes_to_from = ba, secs, reason, "relay: circuit closed");
+    info!(circuit = %id, from = %ka, to = %kb, bytes_from_to = ab, bytes_to_from = ba, secs, %reason, "relay: circuit closed");
     shared.journal(
         "circuit_closed",
         json!({
@@ -1366,52 +1440,97 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
     drop((na, nb, ca._slot, cb._slot));
 }
 
-/// One circuit direction: `first` (bytes read with the handshake), then
-/// everything `r` sends, into `w`; EOF is carried as a half-close.
-async fn pump(
-    mut r: OwnedReadHalf,
-    first: Vec<u8>,
-    mut w: OwnedWriteHalf,
+/// What one circuit direction counts into and how it is stopped.
+struct Direction {
     shared: Arc<Shared>,
     from: Arc<NodeState>,
     to: Arc<NodeState>,
     count: Arc<AtomicU64>,
-) -> PumpResult {
-    let moved = |n: usize| {
+    /// Notified when the other direction failed.
+    stop: Arc<Notify>,
+    /// Notifies the other direction when this one fails.
+    stop_other: Arc<Notify>,
+}
+
+impl Direction {
+    fn moved(&self, n: usize) {
         let n = n as u64;
-        count.fetch_add(n, Ordering::Relaxed);
-        shared.counters.bytes.fetch_add(n, Ordering::Relaxed);
-        from.sent.fetch_add(n, Ordering::Relaxed);
-        to.received.fetch_add(n, Ordering::Relaxed);
-    };
-    let limit = |n: usize| {
-        let wait = from
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.shared.counters.bytes.fetch_add(n, Ordering::Relaxed);
+        self.from.sent.fetch_add(n, Ordering::Relaxed);
+        self.to.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    async fn limit(&self, n: usize) {
+        let wait = self
+            .from
             .bucket
             .as_ref()
             .map(|b| lock(b).take(Instant::now(), n))
             .unwrap_or(Duration::ZERO);
-        async move {
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// One circuit direction: `first` (bytes read with the handshake), then
+/// everything `r` sends, into `w`. EOF is carried as a half-close; a reset
+/// or failure on either socket resets both (no FIN first) and stops the
+/// other direction.
+async fn pump(
+    mut r: OwnedReadHalf,
+    first: Vec<u8>,
+    mut w: OwnedWriteHalf,
+    d: Direction,
+) -> PumpResult {
+    let mut buf = first;
+    let mut n = buf.len();
+    let result = loop {
+        if n > 0 {
+            d.limit(n).await;
+            let written = tokio::select! {
+                biased;
+                () = d.stop.notified() => break Err(stopped()),
+                w = w.write_all(&buf[..n]) => w,
+            };
+            if let Err(e) = written {
+                break Err(e);
             }
+            d.moved(n);
         }
+        if buf.len() < SPLICE_BUF {
+            buf.resize(SPLICE_BUF, 0);
+        }
+        let read = tokio::select! {
+            biased;
+            () = d.stop.notified() => break Err(stopped()),
+            r = r.read(&mut buf) => r,
+        };
+        n = match read {
+            Ok(0) => return w.shutdown().await,
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
     };
-    if !first.is_empty() {
-        limit(first.len()).await;
-        w.write_all(&first).await?;
-        moved(first.len());
-    }
-    drop(first);
-    let mut buf = vec![0u8; SPLICE_BUF];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        limit(n).await;
-        w.write_all(&buf[..n]).await?;
-        moved(n);
-    }
+    // Both sockets close abortively once both directions have let go;
+    // `forget` keeps tokio from sending FIN when the write half drops.
+    abort_on_close(r.as_ref());
+    abort_on_close(w.as_ref());
+    w.forget();
+    d.stop_other.notify_one();
+    result
+}
+
+const STOPPED: &str = "the other direction of the circuit failed";
+
+fn stopped() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, STOPPED)
+}
+
+/// Abortive close: once the socket is dropped its TCP peer sees RST.
+fn abort_on_close(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
 /// The relay's metrics, read from its counters on each scrape.

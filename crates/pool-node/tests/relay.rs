@@ -260,6 +260,15 @@ async fn circuit_carries_bytes_verbatim_and_half_close() {
     let s = r.stats();
     assert_eq!(s.circuits_total, 1);
     assert_eq!(s.bytes, 2 * N as u64);
+    // Both directions ended, so the circuit did: A has no connection left,
+    // B its control connection.
+    wait_until("circuit closed", || r.stats().circuits == 0).await;
+    let nodes = r.nodes();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].key, b.public_key());
+    assert!(nodes[0].registered);
+    assert_eq!(nodes[0].connections, 1);
+    assert_eq!((nodes[0].sent, nodes[0].received), (N as u64, N as u64));
     drop((sa, sb));
     wait_until("circuit closed", || r.stats().circuits == 0).await;
     assert_eq!(r.stats().nodes, 1);
@@ -434,6 +443,24 @@ async fn peer_that_never_accepts_gives_no_answer() {
     let mut cb = auth(r.local_addr(), &b, Intent::Accept(circuit)).await;
     cb.expect_error(ERR_PROTOCOL).await;
     assert_eq!(r.stats().pending, 0);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_abandoned_before_accept_is_forgotten() {
+    let r = relay(local().accept_timeout(Duration::from_secs(30))).await;
+    let (a, b) = (key(43), key(44));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let ca = auth(r.local_addr(), &a, Intent::Connect(b.public_key())).await;
+    let (circuit, _) = b_ctl.expect_incoming().await;
+    assert_eq!(r.stats().pending, 1);
+    drop(ca);
+    // Forgotten long before the accept timeout.
+    let t0 = Instant::now();
+    wait_until("pending dropped", || r.stats().pending == 0).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let mut cb = auth(r.local_addr(), &b, Intent::Accept(circuit)).await;
+    cb.expect_error(ERR_PROTOCOL).await;
     r.shutdown().await;
 }
 
@@ -679,6 +706,57 @@ async fn stalled_receiver_does_not_slow_another_pair() {
     r.shutdown().await;
 }
 
+/// Pair 1 moves bulk as fast as it can (its receiver reads); pair 2's
+/// small round trips stay fast beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_pair_does_not_starve_another() {
+    let r = relay(local()).await;
+    let addr = r.local_addr();
+    let (a1, b1, a2, b2) = (key(39), key(40), key(41), key(42));
+    let mut b1_ctl = register(addr, &b1).await;
+    let mut b2_ctl = register(addr, &b2).await;
+    let (mut s_a1, mut s_b1) = pair(addr, &a1, &b1, &mut b1_ctl).await;
+    let (mut sa, mut sb) = pair(addr, &a2, &b2, &mut b2_ctl).await;
+    let flood = tokio::spawn(async move {
+        let chunk = vec![0x5a; 256 << 10];
+        while s_a1.write_all(&chunk).await.is_ok() {}
+    });
+    let sink = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut n = 0u64;
+        while let Ok(k) = s_b1.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = r.stats().bytes;
+    let mut rtts = Vec::new();
+    for i in 0..200u32 {
+        let t0 = Instant::now();
+        sa.write_all(&i.to_be_bytes()).await.unwrap();
+        let mut four = [0u8; 4];
+        sb.read_exact(&mut four).await.unwrap();
+        sb.write_all(&four).await.unwrap();
+        sa.read_exact(&mut four).await.unwrap();
+        rtts.push(t0.elapsed());
+    }
+    let flooded = r.stats().bytes - before;
+    rtts.sort();
+    let median = rtts[rtts.len() / 2];
+    let p99 = rtts[rtts.len() * 99 / 100];
+    eprintln!("pair 2 beside a {flooded}-byte flood: rtt median {median:?}, p99 {p99:?}");
+    assert!(flooded > 1 << 20, "the flood did not run ({flooded} bytes)");
+    assert!(median < Duration::from_millis(50), "median {median:?}");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+    flood.abort();
+    sink.abort();
+    r.shutdown().await;
+}
+
 async fn read_to_eof_half(r: &mut tokio::net::tcp::ReadHalf<'_>) -> Vec<u8> {
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
@@ -800,4 +878,71 @@ async fn journal_and_metrics_record_the_circuit() {
     assert_eq!(events[1]["key"], b.public_key().to_string());
     assert!(pool_node::journal::verify(&path).unwrap().is_intact());
     let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_carried_to_the_other_end() {
+    let r = relay(local()).await;
+    let (a, b) = (key(35), key(36));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let (sa, mut sb) = pair(r.local_addr(), &a, &b, &mut b_ctl).await;
+    // A resets (abortive close).
+    socket2::SockRef::from(&sa)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(sa);
+    let mut tmp = [0u8; 16];
+    let got = tokio::time::timeout(T, sb.read(&mut tmp)).await.unwrap();
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "B saw {got:?}, not a reset"
+    );
+    wait_until("circuit closed", || r.stats().circuits == 0).await;
+    r.shutdown().await;
+}
+
+/// Not a test: prints relayed against direct loopback throughput.
+/// `cargo test --release -p pool-node --test relay -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn relayed_throughput_against_direct() {
+    const N: usize = 2 << 30;
+    async fn blast(mut tx: TcpStream, mut rx: TcpStream) -> f64 {
+        let t0 = Instant::now();
+        let w = tokio::spawn(async move {
+            let chunk = vec![1u8; 256 << 10];
+            let mut left = N;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                tx.write_all(&chunk[..n]).await.unwrap();
+                left -= n;
+            }
+            tx.shutdown().await.unwrap();
+        });
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0;
+        loop {
+            let n = rx.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        w.await.unwrap();
+        assert_eq!(got, N);
+        N as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (c, s) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    let direct = blast(c.unwrap(), s.unwrap().0).await;
+    let r = relay(local()).await;
+    let (a, b) = (key(37), key(38));
+    let mut b_ctl = register(r.local_addr(), &b).await;
+    let (sa, sb) = pair(r.local_addr(), &a, &b, &mut b_ctl).await;
+    let relayed = blast(sa, sb).await;
+    eprintln!(
+        "2 GiB one way on loopback: direct {direct:.2} Gbit/s, through the relay {relayed:.2} Gbit/s ({:.0} %)",
+        relayed / direct * 100.0
+    );
+    r.shutdown().await;
 }
