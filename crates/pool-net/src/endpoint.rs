@@ -645,7 +645,9 @@ async fn handle_carrier(
                     let id = core.id();
                     info!(%from, peer = %core.peer_key(), session = %id, "session accepted");
                     let reg = Arc::downgrade(&ctx.registry);
-                    let paths = Some((ctx.paths.clone(), None));
+                    // Candidates only matter to a peer that reached us
+                    // through a relay, i.e. when we register at relays.
+                    let paths = (!ctx.paths.relays.is_empty()).then(|| (ctx.paths.clone(), None));
                     let session = session::spawn(core, sock, None, Some(reg), paths);
                     if let Ok(mut m) = ctx.registry.sessions.lock() {
                         m.insert(id, Arc::downgrade(&session.shared));

@@ -65,7 +65,10 @@ impl PathCtx {
             relays,
             direct_retry,
         });
-        tokio::spawn(watch_addresses(Arc::downgrade(&ctx)));
+        // Only nodes with relays move sessions between paths.
+        if !ctx.relays.is_empty() {
+            tokio::spawn(watch_addresses(Arc::downgrade(&ctx)));
+        }
         ctx
     }
 
