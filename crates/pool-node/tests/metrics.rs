@@ -87,6 +87,7 @@ fn fake() -> Arc<FakeSource> {
             bridge_errors: 16,
             journal_written: 17,
             journal_failed: 18,
+            ..NodeCounters::default()
         },
     })
 }
