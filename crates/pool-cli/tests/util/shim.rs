@@ -54,6 +54,12 @@ pub struct ShimNodes {
 
 /// Starts `dest` (exposing `ports`) and `source` (routing 127.0.0.1/32 to it).
 pub fn shim_nodes(dir: &TempDir, ports: &[u16]) -> ShimNodes {
+    shim_nodes_with(dir, ports, "")
+}
+
+/// As [`shim_nodes`], with `[[route]]` sections of the source node's
+/// config ahead of the 127.0.0.1/32 one.
+pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
     let d = dir.path().display();
@@ -78,7 +84,7 @@ pub fn shim_nodes(dir: &TempDir, ports: &[u16]) -> ShimNodes {
     let text = format!(
         "[node]\nkey = \"{}\"\nlisten = \"\"\ncontrol = \"{d}/source.sock\"\n\
          journal = \"{d}/source-journal.log\"\nmetrics = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\n\n\
-         [shim]\nlisten = \"127.0.0.1:0\"\nconnect_timeout_secs = 3\n\n\
+         [shim]\nlisten = \"127.0.0.1:0\"\nconnect_timeout_secs = 3\n\n{routes}\n\
          [[route]]\ncidr = \"127.0.0.1/32\"\npeer = \"{pool_addr}\"\npeer_key = \"{dpub}\"\n",
         skey.display()
     );
