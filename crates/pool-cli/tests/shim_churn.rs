@@ -99,11 +99,19 @@ fn threads_dup2_and_close_for_thirty_seconds() {
     let n = v["connections"].as_u64().unwrap_or(0);
     assert!(n as f64 >= secs * 10.0, "only {n} connections in {secs} s");
     for c in v["per_thread"].as_array().expect("per_thread") {
-        assert!(c.as_u64().unwrap_or(0) > 0, "a thread made no progress: {v}");
+        assert!(
+            c.as_u64().unwrap_or(0) > 0,
+            "a thread made no progress: {v}"
+        );
     }
     // Every shimmed connection went through the daemons; none is left open.
     assert_eq!(
-        wait_counter(&nodes.dest_control, "shim_exposed", n, Duration::from_secs(10)),
+        wait_counter(
+            &nodes.dest_control,
+            "shim_exposed",
+            n,
+            Duration::from_secs(10)
+        ),
         n
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -80,7 +80,10 @@ fn fallback_off_refuses_at_once() {
     assert!(out.status.success(), "{stdout}");
     let res: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     for (i, r) in res.as_array().expect("array").iter().enumerate() {
-        assert_eq!(r[0], "ECONNREFUSED", "connect {i} (blocking, non-blocking, blocking): {res}");
+        assert_eq!(
+            r[0], "ECONNREFUSED",
+            "connect {i} (blocking, non-blocking, blocking): {res}"
+        );
         let ms = r[1].as_f64().unwrap_or(f64::MAX);
         assert!(ms < 50.0, "connect {i} took {ms:.1} ms: {res}");
     }
@@ -93,7 +96,16 @@ fn fallback_off_refuses_at_once() {
 
     // And `curl` says so the way it does for a refused connection.
     let mut curl = shimmed("curl", &nobody_listening(), &port.to_string());
-    curl.args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}/")]);
+    curl.args([
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
     let out = run(curl, Duration::from_secs(10));
-    assert_eq!(out.status.code(), Some(7), "curl exit code for a refused connection");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl exit code for a refused connection"
+    );
 }

@@ -40,7 +40,11 @@ fn start_nginx(dir: &TempDir, port: u16) -> Proc {
 fn download_and_kill(kill_source: bool) -> (Option<i32>, Duration, u64) {
     require_program("nginx", "nginx");
     require_program("curl", "curl");
-    let dir = TempDir::new(if kill_source { "shim-kill-src" } else { "shim-kill-dst" });
+    let dir = TempDir::new(if kill_source {
+        "shim-kill-src"
+    } else {
+        "shim-kill-dst"
+    });
     std::fs::create_dir_all(dir.join("www")).expect("mkdir www");
     std::fs::write(dir.join("www/big.bin"), pattern(7, 32 << 20)).expect("write file");
     let port = free_port();

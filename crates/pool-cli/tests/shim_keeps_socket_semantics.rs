@@ -75,7 +75,12 @@ fn same_results_as_the_kernel() {
     assert_eq!(shim, plain, "under the shim (left) vs plain (right)");
     // ...and it did go through the daemons: three connections.
     assert_eq!(
-        wait_counter(&nodes.dest_control, "shim_exposed", 3, Duration::from_secs(5)),
+        wait_counter(
+            &nodes.dest_control,
+            "shim_exposed",
+            3,
+            Duration::from_secs(5)
+        ),
         3
     );
 }
@@ -128,16 +133,29 @@ print(json.dumps({"nb": errno.errorcode.get(e, '0'), "nb_ms": nb_ms, "after": af
     );
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["nb"], "EINPROGRESS", "{v}");
-    assert!(v["nb_ms"].as_f64().unwrap_or(1e9) < 20.0, "non-blocking connect waited: {v}");
+    assert!(
+        v["nb_ms"].as_f64().unwrap_or(1e9) < 20.0,
+        "non-blocking connect waited: {v}"
+    );
     assert_eq!(v["after"], "ECONNRESET", "{v}");
     assert!(v["ended_s"].as_f64().unwrap_or(1e9) < 10.0, "{v}");
     assert_eq!(v["blocking"], "ETIMEDOUT", "{v}");
     let b = v["blocking_s"].as_f64().unwrap_or(0.0);
-    assert!((2.5..10.0).contains(&b), "blocking connect returned after {b:.1} s: {v}");
-    let failed = wait_journal(&nodes.source_journal, Duration::from_secs(5), "shim_failed", |e| {
-        e["event"] == "shim_failed"
-    });
-    assert_eq!(failed["destination"], format!("127.0.0.2:{port}"), "{failed}");
+    assert!(
+        (2.5..10.0).contains(&b),
+        "blocking connect returned after {b:.1} s: {v}"
+    );
+    let failed = wait_journal(
+        &nodes.source_journal,
+        Duration::from_secs(5),
+        "shim_failed",
+        |e| e["event"] == "shim_failed",
+    );
+    assert_eq!(
+        failed["destination"],
+        format!("127.0.0.2:{port}"),
+        "{failed}"
+    );
 }
 
 /// Another port, UDP to a selected port, and a Unix socket: all work as

@@ -68,17 +68,34 @@ fn curl_to_nginx_through_pool() {
         String::from_utf8_lossy(&out.stderr)
     );
     let fetched = std::fs::read(&out_file).expect("read fetched file");
-    assert_eq!(sha256_hex(&fetched), sha256_hex(&content), "SHA-256 of the file");
+    assert_eq!(
+        sha256_hex(&fetched),
+        sha256_hex(&content),
+        "SHA-256 of the file"
+    );
 
     let mut curl = shimmed("curl", &nodes.shim_addr, &port.to_string());
-    curl.args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("http://127.0.0.1:{port}/no/such/file"));
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg(format!("http://127.0.0.1:{port}/no/such/file"));
     let out = run(curl, Duration::from_secs(20));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
 
     // Through POOL: the destination daemon connected both to nginx.
     assert_eq!(
-        wait_counter(&nodes.dest_control, "shim_exposed", base + 2, Duration::from_secs(5)),
+        wait_counter(
+            &nodes.dest_control,
+            "shim_exposed",
+            base + 2,
+            Duration::from_secs(5)
+        ),
         base + 2
     );
     assert_eq!(counter(&nodes.source_control, "shim_streams"), 2);
@@ -105,7 +122,10 @@ fn curl_to_nginx_through_pool() {
         .filter(|r| r["peer"] == nodes.source_pub.as_str())
         .map(|r| r["shim_streams"].as_u64().unwrap_or(0))
         .sum();
-    assert_eq!(shim_streams, 2, "pool ctl sessions on the destination: {rows}");
+    assert_eq!(
+        shim_streams, 2,
+        "pool ctl sessions on the destination: {rows}"
+    );
     let (status, body) = http_get(&nodes.dest_metrics, "/metrics");
     assert_eq!(status, 200);
     assert!(
@@ -125,7 +145,10 @@ fn curl_to_nginx_through_pool() {
         nodes.source_control.to_str().expect("utf-8"),
     ]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.lines().next().unwrap_or("").ends_with("SHIM"), "{table}");
+    assert!(
+        table.lines().next().unwrap_or("").ends_with("SHIM"),
+        "{table}"
+    );
 
     nginx.assert_running();
     nodes.source.assert_running();
@@ -153,7 +176,18 @@ fn redis_benchmark_under_shim() {
     let ports = port.to_string();
 
     let mut bench = shimmed("redis-benchmark", &nodes.shim_addr, &ports);
-    bench.args(["-h", "127.0.0.1", "-p", &ports, "-c", "10", "-n", "3000", "-q"])
+    bench
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &ports,
+            "-c",
+            "10",
+            "-n",
+            "3000",
+            "-q",
+        ])
         .args(["-t", "ping,set,get"]);
     let out = run(bench, Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
@@ -201,13 +235,21 @@ fn children_of_bash_and_python_are_shimmed() {
     let mut bash = shimmed("bash", &nodes.shim_addr, &port.to_string());
     bash.arg("-c").arg(format!("curl -sS --max-time 10 {url}"));
     let out = run(bash, Duration::from_secs(20));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the target\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the target\n"
+    );
     assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 1);
 
     let py = shimmed("python3", &nodes.shim_addr, &port.to_string());
     let script = "import os, sys\nrc = os.system('curl -sS --max-time 10 ' + sys.argv[1])\nsys.exit(rc >> 8)";
     let stdout = python(py, script, &[url], Duration::from_secs(20));
     assert_eq!(stdout, "hello from the target\n");
-    wait_counter(&nodes.dest_control, "shim_exposed", 2, Duration::from_secs(5));
+    wait_counter(
+        &nodes.dest_control,
+        "shim_exposed",
+        2,
+        Duration::from_secs(5),
+    );
     assert_eq!(counter(&nodes.source_control, "shim_streams"), 2);
 }

@@ -20,10 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{Pool2Tcp, Tcp2Pool, Tcp2PoolConfig};
 use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
-use crate::shim::ShimNode;
 use crate::journal::Journal;
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
+use crate::shim::ShimNode;
 
 /// Why the daemon could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -234,10 +234,7 @@ impl Daemon {
         }
         for r in &mut rows {
             r.shim_streams = self.pool2tcp.shim.per_session(&r.id)
-                + self
-                    .shim
-                    .as_ref()
-                    .map_or(0, |s| s.node.per_session(&r.id));
+                + self.shim.as_ref().map_or(0, |s| s.node.per_session(&r.id));
         }
         rows
     }
@@ -561,12 +558,13 @@ pub async fn start(
             if std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("pool_shim")) {
                 warn!("LD_PRELOAD names the shim; it leaves the `pool` process alone");
             }
-            let listener = ShimNode::bind(&section.listen)
-                .await
-                .map_err(|source| DaemonError::Listen {
-                    what: format!("[shim] listener on {}", section.listen),
-                    source,
-                })?;
+            let listener =
+                ShimNode::bind(&section.listen)
+                    .await
+                    .map_err(|source| DaemonError::Listen {
+                        what: format!("[shim] listener on {}", section.listen),
+                        source,
+                    })?;
             let addr = listener
                 .local_addr()
                 .map(|a| a.to_string())

@@ -119,11 +119,15 @@ impl Cidr {
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -498,7 +502,10 @@ impl ShimNode {
             Err(_) => {
                 return Err((
                     STATUS_TIMED_OUT,
-                    format!("{peer} did not answer within {:?}", self.limits.connect_timeout),
+                    format!(
+                        "{peer} did not answer within {:?}",
+                        self.limits.connect_timeout
+                    ),
                 ))
             }
         };
@@ -511,12 +518,11 @@ impl ShimNode {
     async fn handle(&self, mut sock: TcpStream, from: SocketAddr) {
         let _ = sock.set_nodelay(true);
         let mut h = [0u8; HEADER_LEN];
-        let header = match tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut h))
-            .await
-        {
-            Ok(Ok(_)) => ShimHeader::decode(&h),
-            _ => None,
-        };
+        let header =
+            match tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut h)).await {
+                Ok(Ok(_)) => ShimHeader::decode(&h),
+                _ => None,
+            };
         let Some(header) = header else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             debug!(%from, "not a shim header; closing");
@@ -536,10 +542,12 @@ impl ShimNode {
                     .map_err(|e| (STATUS_UNREACHABLE, e))?,
             };
             let session = self.session(&peer, key).await?;
-            let stream = session
-                .open_stream()
-                .await
-                .map_err(|e| (STATUS_UNREACHABLE, format!("cannot open a stream to {peer}: {e}")))?;
+            let stream = session.open_stream().await.map_err(|e| {
+                (
+                    STATUS_UNREACHABLE,
+                    format!("cannot open a stream to {peer}: {e}"),
+                )
+            })?;
             let (mut rs, mut ws) = stream.into_split();
             let pre = Preamble {
                 source: from,
@@ -637,7 +645,9 @@ mod tests {
         let v6 = Cidr::parse("fd00::/8").unwrap();
         assert!(v6.contains("fd12::1".parse().unwrap()));
         assert!(!v6.contains("fe80::1".parse().unwrap()));
-        assert!(Cidr::parse("::/0").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("::/0")
+            .unwrap()
+            .contains("::1".parse().unwrap()));
         for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "fd00::/129"] {
             assert_eq!(Cidr::parse(bad), None, "{bad}");
         }

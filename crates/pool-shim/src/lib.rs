@@ -310,7 +310,8 @@ fn local_port(fd: c_int) -> Option<u16> {
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut l = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
     // SAFETY: `ss` and `l` are valid and `l` is the size of `ss`.
-    let rc = unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut l) };
+    let rc =
+        unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut l) };
     if rc != 0 {
         return None;
     }
@@ -325,7 +326,8 @@ fn is_live(r: &Real, fd: c_int, e: &Entry, s: &Settings) -> bool {
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut l = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
     // SAFETY: `ss` and `l` are valid and `l` is the size of `ss`.
-    let rc = unsafe { (r.getpeername)(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut l) };
+    let rc =
+        unsafe { (r.getpeername)(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut l) };
     rc == 0
         && read_sockaddr((&ss as *const libc::sockaddr_storage).cast(), l)
             .is_some_and(|(a, _, _)| a == s.daemon)

@@ -36,7 +36,11 @@ impl Ports {
         let mut bad = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let range = match item.split_once('-') {
-                Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                Some((a, b)) => a
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+                    .zip(b.trim().parse::<u16>().ok()),
                 None => item.parse::<u16>().ok().map(|a| (a, a)),
             };
             match range {
@@ -84,7 +88,9 @@ impl Settings {
         let mut problems = Vec::new();
         let (ports, bad) = Ports::parse(&get("POOL_SHIM_PORTS").unwrap_or_default());
         for b in bad {
-            problems.push(format!("POOL_SHIM_PORTS: `{b}` is not a port or a range (skipped)"));
+            problems.push(format!(
+                "POOL_SHIM_PORTS: `{b}` is not a port or a range (skipped)"
+            ));
         }
         let daemon = match get("POOL_SHIM_DAEMON") {
             Some(t) if !t.trim().is_empty() => match t.trim().parse::<SocketAddr>() {
@@ -110,7 +116,10 @@ impl Settings {
     /// Whether a connection to `dest` (v4-mapped addresses already
     /// unwrapped) goes through the daemon.
     pub fn intercepts(&self, dest: SocketAddr) -> bool {
-        !self.disabled && dest.port() != 0 && self.ports.selected(dest.port()) && dest != self.daemon
+        !self.disabled
+            && dest.port() != 0
+            && self.ports.selected(dest.port())
+            && dest != self.daemon
     }
 }
 

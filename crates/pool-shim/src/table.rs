@@ -97,9 +97,11 @@ pub fn set(fd: i32, e: Option<&Entry>) {
 /// Changes only the state of a live entry.
 pub fn set_state(fd: i32, state: u8) {
     if let Some(s) = slot(fd) {
-        let _ = s.meta.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
-            (m & 0xff != 0).then_some((m & !0xff) | u64::from(state))
-        });
+        let _ = s
+            .meta
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+                (m & 0xff != 0).then_some((m & !0xff) | u64::from(state))
+            });
     }
 }
 
@@ -115,8 +117,10 @@ pub fn copy(oldfd: i32, newfd: i32) {
 /// Clears `first..=last` (after `close_range`, `closefrom`).
 pub fn clear_range(first: u32, last: u32) {
     let end = (last as usize).min(MAX_FD - 1);
-    for i in first as usize..=end {
-        let s = &TABLE[i];
+    let Some(slots) = TABLE.get(first as usize..=end) else {
+        return;
+    };
+    for s in slots {
         if s.meta.load(Ordering::Relaxed) != 0 {
             s.meta.store(0, Ordering::Release);
         }

@@ -73,7 +73,11 @@ mod tests {
     /// The same bytes are checked by `pool_node::shim`'s tests.
     #[test]
     fn header_test_vector() {
-        let h = encode("10.1.2.3:8080".parse().unwrap(), FLAG_WANT_STATUS, 0x0102_0304);
+        let h = encode(
+            "10.1.2.3:8080".parse().unwrap(),
+            FLAG_WANT_STATUS,
+            0x0102_0304,
+        );
         let want: [u8; 28] = [
             b'P', b'S', b'H', b'1', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
             1, 2, 3, 1, 2, 3, 4,

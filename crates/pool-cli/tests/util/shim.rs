@@ -75,7 +75,11 @@ pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes 
     std::fs::write(dir.join("dest.toml"), text).expect("write dest.toml");
     let mut dest = Proc::pool(
         "dest-daemon",
-        &["daemon", "--config", &dir.join("dest.toml").display().to_string()],
+        &[
+            "daemon",
+            "--config",
+            &dir.join("dest.toml").display().to_string(),
+        ],
         dir,
     );
     let pool_addr = dest.wait_log("POOL listener on ", Duration::from_secs(10));
@@ -91,7 +95,11 @@ pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes 
     std::fs::write(dir.join("source.toml"), text).expect("write source.toml");
     let mut source = Proc::pool(
         "source-daemon",
-        &["daemon", "--config", &dir.join("source.toml").display().to_string()],
+        &[
+            "daemon",
+            "--config",
+            &dir.join("source.toml").display().to_string(),
+        ],
         dir,
     );
     let shim_addr = source.wait_log("shim listener on ", Duration::from_secs(10));
