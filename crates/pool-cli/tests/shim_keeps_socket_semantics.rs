@@ -45,6 +45,12 @@ out.append(['blocking connect', e(b.connect_ex(('127.0.0.1', port)))])
 out.append(['blocking again', e(b.connect_ex(('127.0.0.1', port)))])
 b.sendall(b'pong')
 out.append(['blocking echo', b.recv(4).decode()])
+import subprocess
+# The child (vfork + close_range in Python's subprocess) closes every
+# descriptor it inherited: that must not touch the parent's sockets.
+out.append(['child ran', subprocess.run(['true'], close_fds=True).returncode])
+out.append(['getpeername after a child', b.getpeername()])
+out.append(['connect after a child', e(b.connect_ex(('127.0.0.1', port)))])
 v6 = socket.socket(socket.AF_INET6)
 out.append(['v4-mapped connect', e(v6.connect_ex(('::ffff:127.0.0.1', port)))])
 out.append(['v4-mapped getpeername', v6.getpeername()[:2]])

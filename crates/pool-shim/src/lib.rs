@@ -20,7 +20,7 @@
 use std::ffi::{c_int, c_uint, c_ulong, c_void};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use libc::{sockaddr, socklen_t};
@@ -114,6 +114,21 @@ unsafe fn next<T: Copy>(name: &[u8]) -> Option<T> {
 static REAL: OnceLock<Real> = OnceLock::new();
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+/// The process the fd table belongs to. A `vfork` child shares this
+/// library's memory with its parent but not its descriptors: it must not
+/// touch the table (Python's `subprocess` closes every inherited
+/// descriptor in a `vfork` child). `fork` children update it (atfork).
+static OWNER: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn after_fork_in_child() {
+    OWNER.store(std::process::id(), Ordering::Relaxed);
+}
+
+/// Whether this process owns the table (false in a `vfork` child).
+fn owns_table() -> bool {
+    let owner = OWNER.load(Ordering::Relaxed);
+    owner == 0 || owner == std::process::id()
+}
 
 fn resolve() -> Real {
     // SAFETY: each type is that function's C signature in glibc/musl.
@@ -179,6 +194,10 @@ extern "C" fn init() {
     let _ = catch_unwind(|| {
         real();
         settings();
+        OWNER.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: registers a plain function with no state to run in the
+        // child after fork; failure only means vfork detection is off.
+        let _ = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
     });
 }
 
@@ -464,7 +483,7 @@ enum Outcome {
 fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> Outcome {
     let saved = errno();
     let s = settings();
-    if s.disabled {
+    if s.disabled || !owns_table() {
         return Outcome::Pass;
     }
     let Some((dest, raw, raw_len)) = read_sockaddr(addr, len) else {
@@ -611,7 +630,9 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// The C contract of `close`.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    table::set(fd, None);
+    if owns_table() {
+        table::set(fd, None);
+    }
     // SAFETY: the program's own argument, to the real function.
     unsafe { (real().close)(fd) }
 }
@@ -624,7 +645,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: the program's own argument, to the real function.
     let n = unsafe { (real().dup)(fd) };
-    if n >= 0 {
+    if n >= 0 && owns_table() {
         table::copy(fd, n);
     }
     n
@@ -638,7 +659,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     // SAFETY: the program's own arguments, to the real function.
     let n = unsafe { (real().dup2)(old, new) };
-    if n >= 0 {
+    if n >= 0 && owns_table() {
         table::copy(old, n);
     }
     n
@@ -652,14 +673,14 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: the program's own arguments, to the real function.
     let n = unsafe { (real().dup3)(old, new, flags) };
-    if n >= 0 {
+    if n >= 0 && owns_table() {
         table::copy(old, n);
     }
     n
 }
 
 fn after_fcntl(fd: c_int, cmd: c_int, rc: c_int) -> c_int {
-    if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+    if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && owns_table() {
         table::copy(fd, rc);
     }
     rc
@@ -702,7 +723,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     // SAFETY: the program's own arguments, to the real function.
     let rc = unsafe { (real().close_range)(first, last, flags) };
-    if rc == 0 && flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 {
+    if rc == 0 && flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && owns_table() {
         table::clear_range(first, last);
     }
     rc
@@ -723,7 +744,9 @@ pub unsafe extern "C" fn closefrom(low: c_int) {
             let _ = unsafe { libc::syscall(libc::SYS_close_range, low, c_uint::MAX, 0) };
         }
     }
-    table::clear_range(low.max(0) as u32, u32::MAX);
+    if owns_table() {
+        table::clear_range(low.max(0) as u32, u32::MAX);
+    }
 }
 
 #[cfg(test)]
