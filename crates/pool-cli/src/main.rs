@@ -121,6 +121,9 @@ See docs/pool.example.toml for every setting."
     /// Work with the change journal.
     #[command(subcommand)]
     Journal(JournalCmd),
+    /// The LD_PRELOAD shim (libpool_shim.so): unmodified programs onto POOL.
+    #[command(subcommand)]
+    Shim(ShimCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -232,6 +235,17 @@ enum JournalCmd {
         /// The journal file.
         file: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ShimCmd {
+    /// Print where libpool_shim.so is (for LD_PRELOAD).
+    #[command(
+        after_help = "Looks next to this `pool` binary, then in ../lib and ../lib/pool beside it, /usr/local/lib/pool and /usr/lib/pool.\n\
+Use: LD_PRELOAD=$(pool shim path) POOL_SHIM_PORTS=80,443 curl http://10.0.0.5/\n\
+Build it with: cargo build --release -p pool-shim (target/release/libpool_shim.so). See docs/shim.md."
+    )]
+    Path,
 }
 
 /// Whom to trust. Every command that accepts sessions takes these.
@@ -364,6 +378,7 @@ fn main() -> ExitCode {
             node::ctl_reload(&control.unwrap_or_else(node::default_control))
         }
         Command::Journal(JournalCmd::Verify { file }) => node::journal_verify(&file),
+        Command::Shim(ShimCmd::Path) => node::shim_path(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "pool", &mut std::io::stdout());

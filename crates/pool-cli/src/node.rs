@@ -387,6 +387,38 @@ pub(crate) fn ctl_reload(control: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `pool shim path`: where `libpool_shim.so` is.
+pub(crate) fn shim_path() -> Result<()> {
+    const NAME: &str = "libpool_shim.so";
+    let mut places = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        places.push(dir.join(NAME));
+        places.push(dir.join("../lib").join(NAME));
+        places.push(dir.join("../lib/pool").join(NAME));
+    }
+    places.push(PathBuf::from("/usr/local/lib/pool").join(NAME));
+    places.push(PathBuf::from("/usr/lib/pool").join(NAME));
+    match places.iter().find(|p| p.is_file()) {
+        Some(p) => {
+            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+            println!("{}", p.display());
+            Ok(())
+        }
+        None => Err(CliError::msg(format!(
+            "{NAME} not found (looked in {}); build it with `cargo build --release -p pool-shim` \
+             and install it with `install -m 0644 target/release/{NAME} /usr/local/lib/pool/`",
+            places
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 pub(crate) fn journal_verify(file: &Path) -> Result<()> {
     let report = pool_node::journal::verify(file).map_err(|e| CliError::msg(e.to_string()))?;
     println!("{report}");
