@@ -306,7 +306,10 @@ fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     (rc == 0).then_some(v)
 }
 
-/// The kernel's TCP state of a socket (`TCP_CLOSE` = 7 when unconnected).
+/// `TCP_CLOSE` in `tcpi_state`: an unconnected TCP socket.
+const TCP_CLOSE: u8 = 7;
+
+/// The kernel's TCP state of a socket; `None` if it is not a TCP socket.
 fn tcp_state(fd: c_int) -> Option<u8> {
     // SAFETY: tcp_info is plain integers; all zero is valid.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -489,14 +492,18 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
     let Some((dest, raw, raw_len)) = read_sockaddr(addr, len) else {
         return Outcome::Pass;
     };
-    if !s.intercepts(dest) || fd < 0 || fd as usize >= table::MAX_FD {
+    // Descriptors beyond the table are still carried (never in clear),
+    // only without bookkeeping (`getpeername` shows the daemon).
+    if !s.intercepts(dest) || fd < 0 {
         return Outcome::Pass;
     }
     let family = c_int::from(u16::from_ne_bytes([raw[0], raw[1]]));
-    let is_tcp = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-        && sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
-        && sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(family);
-    if !is_tcp {
+    // TCP_INFO answers only for TCP sockets (not UDP, SCTP or Unix).
+    let Some(state) = tcp_state(fd) else {
+        set_errno(saved);
+        return Outcome::Pass;
+    };
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(family) {
         set_errno(saved);
         return Outcome::Pass;
     }
@@ -515,7 +522,7 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
         table::set(fd, None);
     }
     // Connecting, connected, listening: let the kernel answer.
-    if tcp_state(fd) != Some(7) {
+    if state != TCP_CLOSE {
         set_errno(saved);
         return Outcome::Pass;
     }
