@@ -217,7 +217,9 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e }
 }
 
-/// A `sockaddr` copied out of the program's memory.
+/// A `sockaddr` copied out of the program's memory, in the form and length
+/// the kernel's `getpeername` would give it back (`sin_zero` and
+/// `sin6_flowinfo` zero, 16 or 28 bytes whatever length was passed).
 fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddr, [u8; 32], u8)> {
     if addr.is_null() {
         return None;
@@ -232,8 +234,22 @@ fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddr, [
     // contract of connect); we read at most that many.
     unsafe { std::ptr::copy_nonoverlapping(addr.cast::<u8>(), raw.as_mut_ptr(), n) };
     let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let canonical = match c_int::from(family) {
+        libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+        libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+        _ => return None,
+    };
+    if len < canonical {
+        return None;
+    }
+    raw[canonical..].fill(0);
+    if canonical == std::mem::size_of::<libc::sockaddr_in>() {
+        raw[8..16].fill(0); // sin_zero
+    } else {
+        raw[4..8].fill(0); // sin6_flowinfo
+    }
     let dest = match c_int::from(family) {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+        libc::AF_INET => {
             // SAFETY: `raw` holds at least a sockaddr_in; unaligned read.
             let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
             SocketAddr::new(
@@ -241,7 +257,7 @@ fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddr, [
                 u16::from_be(sin.sin_port),
             )
         }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+        libc::AF_INET6 => {
             // SAFETY: `raw` holds at least a sockaddr_in6; unaligned read.
             let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
@@ -253,7 +269,7 @@ fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddr, [
         }
         _ => return None,
     };
-    Some((dest, raw, n as u8))
+    Some((dest, raw, canonical as u8))
 }
 
 /// A socket address as the kernel takes it, for a socket of `domain`
@@ -772,6 +788,14 @@ mod tests {
             let (back, _, n) =
                 read_sockaddr((&ss as *const libc::sockaddr_storage).cast(), l).unwrap();
             assert_eq!(back, a, "v4-mapped unwrapped");
+            assert_eq!(socklen_t::from(n), l);
+            // Passed with the length of a sockaddr_storage: given back
+            // with its own length, as the kernel would.
+            let (_, _, n) = read_sockaddr(
+                (&ss as *const libc::sockaddr_storage).cast(),
+                std::mem::size_of::<libc::sockaddr_storage>() as socklen_t,
+            )
+            .unwrap();
             assert_eq!(socklen_t::from(n), l);
         }
         assert!(to_raw("[::1]:1".parse().unwrap(), libc::AF_INET).is_none());
