@@ -229,3 +229,98 @@ print(json.dumps(out))
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(counter(&nodes.source_control, "shim_connections"), 0);
 }
+
+/// `fork`: the child sees the inherited shimmed socket as the parent does
+/// (`getpeername`, echo), and its own new connections are shimmed too.
+#[test]
+fn fork_child_keeps_and_makes_connections() {
+    require_program("python3", "python3");
+    let dir = TempDir::new("shim-fork");
+    let port = echo_server();
+    let nodes = shim_nodes(&dir, &[port]);
+    let script = r#"
+import json, os, socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(('127.0.0.1', port), timeout=5)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        out = [s.getpeername()]
+        s.sendall(b'child'); out.append(s.recv(5).decode())
+        t = socket.create_connection(('127.0.0.1', port), timeout=5)
+        t.sendall(b'new'); out.append(t.recv(3).decode()); out.append(t.getpeername())
+        os.write(w, json.dumps(out).encode())
+    finally:
+        os._exit(0)
+os.close(w)
+child = json.loads(os.read(r, 4096))
+os.waitpid(pid, 0)
+s.sendall(b'parent')
+print(json.dumps({"child": child, "parent": [s.getpeername(), s.recv(6).decode()]}))
+"#;
+    let out = python(
+        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        script,
+        &[port.to_string()],
+        Duration::from_secs(20),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let peer = serde_json::json!(["127.0.0.1", port]);
+    assert_eq!(
+        v["child"],
+        serde_json::json!([peer, "child", "new", peer]),
+        "{v}"
+    );
+    assert_eq!(v["parent"], serde_json::json!([peer, "parent"]), "{v}");
+    assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 2);
+}
+
+/// An IPv6 destination (`[::1]:PORT`, routed by a `::1/128` route) is
+/// carried like an IPv4 one; the destination daemon connects to `::1`.
+#[test]
+fn ipv6_destination() {
+    require_program("python3", "python3");
+    let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = TempDir::new("shim-ipv6");
+    let nodes = shim_nodes_with(
+        &dir,
+        &[port],
+        "[[route]]\ncidr = \"::1/128\"\npeer = \"{dest}\"\npeer_key = \"{dest_key}\"\n",
+    );
+    let script = r#"
+import json, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET6)
+s.settimeout(5)
+s.connect(('::1', port))
+s.sendall(b'six')
+print(json.dumps([s.recv(3).decode(), list(s.getpeername()[:2])]))
+"#;
+    let out = python(
+        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        script,
+        &[port.to_string()],
+        Duration::from_secs(20),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v, serde_json::json!(["six", ["::1", port]]), "{v}");
+    assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 1);
+}

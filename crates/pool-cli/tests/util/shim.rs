@@ -58,7 +58,8 @@ pub fn shim_nodes(dir: &TempDir, ports: &[u16]) -> ShimNodes {
 }
 
 /// As [`shim_nodes`], with `[[route]]` sections of the source node's
-/// config ahead of the 127.0.0.1/32 one.
+/// config ahead of the 127.0.0.1/32 one (`{dest}` and `{dest_key}` in them
+/// stand for the destination daemon's address and key).
 pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
@@ -85,6 +86,9 @@ pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes 
     let pool_addr = dest.wait_log("POOL listener on ", Duration::from_secs(10));
     let dest_metrics = dest.wait_log("metrics at http://", Duration::from_secs(10));
     let dest_metrics = dest_metrics.trim_end_matches("/metrics").to_string();
+    let routes = routes
+        .replace("{dest}", &pool_addr)
+        .replace("{dest_key}", &dpub);
     let text = format!(
         "[node]\nkey = \"{}\"\nlisten = \"\"\ncontrol = \"{d}/source.sock\"\n\
          journal = \"{d}/source-journal.log\"\nmetrics = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\n\n\
