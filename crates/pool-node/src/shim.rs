@@ -574,7 +574,17 @@ impl ShimNode {
             }
             Ok((session, rs, ws))
         };
-        match carried.await {
+        // Bounded as a whole: a session stuck resuming must not hold the
+        // program's connection forever.
+        let limit = self.limits.connect_timeout * 2 + Duration::from_secs(2);
+        let carried = match tokio::time::timeout(limit, carried).await {
+            Ok(r) => r,
+            Err(_) => Err((
+                STATUS_TIMED_OUT,
+                format!("{peer} did not carry the connection within {limit:?}"),
+            )),
+        };
+        match carried {
             Ok((session, rs, ws)) => {
                 if want_status && sock.write_all(&[STATUS_OK]).await.is_err() {
                     rs.reset(crate::bridge::RESET_TCP);

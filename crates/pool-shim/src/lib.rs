@@ -419,6 +419,44 @@ fn send_all(fd: c_int, mut b: &[u8]) -> bool {
     true
 }
 
+/// How long a blocking `connect` may wait for the destination: about as
+/// long as the kernel's own SYN retries (127 s by default).
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(130);
+
+/// Reads the daemon's status byte for a blocking `connect` (restarting on
+/// signals, ignoring the program's `SO_RCVTIMEO`, bounded by
+/// [`STATUS_WAIT`]); the errno to return if there is none.
+fn wait_status(fd: c_int) -> Result<u8, c_int> {
+    let deadline = std::time::Instant::now() + STATUS_WAIT;
+    let mut b = [0u8; 1];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(libc::ETIMEDOUT);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, left.as_millis().min(60_000) as c_int) };
+        if rc <= 0 {
+            continue; // EINTR, or a slice of the wait elapsed
+        }
+        // SAFETY: one writable byte.
+        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+        if n == 1 {
+            return Ok(b[0]);
+        }
+        if n < 0 && matches!(errno(), libc::EINTR | libc::EAGAIN) {
+            continue;
+        }
+        // The daemon closed or reset the connection without answering.
+        return Err(libc::ECONNREFUSED);
+    }
+}
+
 enum ToDaemon {
     /// Connected to the daemon; the socket's local port.
     Connected(u16),
@@ -471,22 +509,16 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
         return ToDaemon::Unavailable;
     };
     if blocking {
-        let mut b = [0u8; 1];
-        loop {
-            // SAFETY: one writable byte.
-            let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, 0) };
-            if n == 1 {
-                break;
+        match wait_status(fd) {
+            Ok(wire::STATUS_OK) => {}
+            Ok(status) => {
+                disconnect(r, fd);
+                return ToDaemon::Refused(wire::status_errno(status));
             }
-            if n < 0 && matches!(errno(), libc::EINTR | libc::EAGAIN) {
-                continue;
+            Err(e) => {
+                disconnect(r, fd);
+                return ToDaemon::Refused(e);
             }
-            disconnect(r, fd);
-            return ToDaemon::Refused(libc::ECONNREFUSED);
-        }
-        if b[0] != wire::STATUS_OK {
-            disconnect(r, fd);
-            return ToDaemon::Refused(wire::status_errno(b[0]));
         }
     }
     ToDaemon::Connected(port)
