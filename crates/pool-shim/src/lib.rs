@@ -464,6 +464,8 @@ enum ToDaemon {
     Unavailable,
     /// The daemon answered a blocking connect with a refusal.
     Refused(c_int),
+    /// The socket could not connect at all (its own state); this errno.
+    Error(c_int),
 }
 
 /// Connects the (now blocking) socket to the daemon and sends the header;
@@ -496,9 +498,23 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
         } else {
             e
         };
-        if e != 0 {
-            disconnect(r, fd);
-            return ToDaemon::Unavailable;
+        match e {
+            0 => {}
+            // The daemon is not there (or not reachable from this socket).
+            libc::ECONNREFUSED
+            | libc::ETIMEDOUT
+            | libc::ENETUNREACH
+            | libc::EHOSTUNREACH
+            | libc::EADDRNOTAVAIL
+            | libc::ECONNRESET
+            | libc::EACCES
+            | libc::EPERM => {
+                disconnect(r, fd);
+                return ToDaemon::Unavailable;
+            }
+            // The socket's own state (EISCONN, EALREADY, EBADF, ...): what
+            // the kernel would have said to the program's connect too.
+            other => return ToDaemon::Error(other),
         }
     }
     let flags = if blocking { wire::FLAG_WANT_STATUS } else { 0 };
@@ -607,7 +623,7 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
                 Outcome::Done(0)
             }
         }
-        ToDaemon::Refused(e) => {
+        ToDaemon::Refused(e) | ToDaemon::Error(e) => {
             set_errno(e);
             Outcome::Done(-1)
         }
