@@ -253,3 +253,72 @@ fn children_of_bash_and_python_are_shimmed() {
     );
     assert_eq!(counter(&nodes.source_control, "shim_streams"), 2);
 }
+
+/// nginx itself under the shim, as a reverse proxy with a master and two
+/// worker processes (forked after the library is loaded): its upstream
+/// connections — non-blocking `connect`, epoll, `SO_ERROR` — go through
+/// POOL, while its own listener is untouched.
+#[test]
+fn nginx_as_a_shimmed_reverse_proxy() {
+    require_program("nginx", "nginx");
+    require_program("curl", "curl");
+    let dir = TempDir::new("shim-nginx-proxy");
+    let (backend, accepted) = http_server("from the backend\n");
+    let front = free_port();
+    let nodes = shim_nodes(&dir, &[backend]);
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 64; }}\n\
+         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/client_body;\n\
+         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
+         scgi_temp_path {d}/scgi;\n\
+         server {{ listen 127.0.0.1:{front}; location / {{ proxy_pass http://127.0.0.1:{backend}; }} }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+    let mut cmd = shimmed("nginx", &nodes.shim_addr, &backend.to_string());
+    cmd.arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"));
+    let mut nginx = Proc::spawn("nginx", cmd, &dir);
+    // SIGTERM first (also on a failing test), so the master stops its
+    // workers; the Proc guard's SIGKILL would leave them running.
+    let _stop = StopGracefully(nginx.pid());
+    wait_port(&format!("127.0.0.1:{front}"), Duration::from_secs(10));
+    for i in 0..5 {
+        let (status, body) = http_get(&format!("127.0.0.1:{front}"), "/");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "from the backend\n"),
+            "request {i}"
+        );
+    }
+    // Every upstream connection was carried by POOL (the backend's only
+    // client is the destination daemon).
+    assert_eq!(
+        wait_counter(
+            &nodes.dest_control,
+            "shim_exposed",
+            5,
+            Duration::from_secs(5)
+        ),
+        5
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(counter(&nodes.source_control, "shim_streams"), 5);
+    nginx.assert_running();
+}
+
+struct StopGracefully(u32);
+
+impl Drop for StopGracefully {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.to_string()])
+            .status();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
