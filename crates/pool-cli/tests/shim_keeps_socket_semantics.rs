@@ -324,3 +324,39 @@ print(json.dumps([s.recv(3).decode(), list(s.getpeername()[:2])]))
     assert_eq!(v, serde_json::json!(["six", ["::1", port]]), "{v}");
     assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 1);
 }
+
+/// `LD_PRELOAD` set for the daemons too (as with /etc/ld.so.preload),
+/// every port selected: the library leaves the `pool` process alone, so
+/// the source daemon's own connection to the destination daemon is not
+/// sent back into itself, and programs are still carried.
+#[test]
+fn the_daemon_itself_is_left_alone() {
+    require_program("curl", "curl");
+    let dir = TempDir::new("shim-self");
+    let (port, _) = http_server("not looped\n");
+    let nodes = shim_nodes_full(&dir, &[port], "", true);
+    for p in [&nodes.source, &nodes.dest] {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid())).unwrap_or_default();
+        assert!(
+            maps.contains("libpool_shim.so"),
+            "{} does not have the shim loaded",
+            p.name
+        );
+    }
+    let mut curl = shimmed("curl", &nodes.shim_addr, "");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let out = run(curl, Duration::from_secs(20));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "not looped\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 1);
+    assert_eq!(counter(&nodes.source_control, "shim_failed"), 0);
+}

@@ -61,6 +61,31 @@ pub fn shim_nodes(dir: &TempDir, ports: &[u16]) -> ShimNodes {
 /// config ahead of the 127.0.0.1/32 one (`{dest}` and `{dest_key}` in them
 /// stand for the destination daemon's address and key).
 pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes {
+    shim_nodes_full(dir, ports, routes, false)
+}
+
+/// `pool daemon --config FILE`, with the shim preloaded into it if
+/// `preload` (it must leave the daemon alone).
+fn daemon(name: &str, config: &Path, dir: &TempDir, preload: bool) -> Proc {
+    let mut cmd = Command::new(POOL);
+    cmd.arg("daemon").arg("--config").arg(config);
+    if preload {
+        cmd.env("LD_PRELOAD", shim_lib())
+            .env_remove("POOL_SHIM_PORTS")
+            .env_remove("POOL_SHIM_DAEMON")
+            .env_remove("POOL_SHIM_FALLBACK");
+    }
+    Proc::spawn(name, cmd, dir)
+}
+
+/// As [`shim_nodes_with`]; `preload_daemons` runs both daemons themselves
+/// with `LD_PRELOAD=libpool_shim.so` (every port selected).
+pub fn shim_nodes_full(
+    dir: &TempDir,
+    ports: &[u16],
+    routes: &str,
+    preload_daemons: bool,
+) -> ShimNodes {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
     let d = dir.path().display();
@@ -74,15 +99,7 @@ pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes 
         text.push_str(&format!("\n[[expose]]\nport = {p}\n"));
     }
     std::fs::write(dir.join("dest.toml"), text).expect("write dest.toml");
-    let mut dest = Proc::pool(
-        "dest-daemon",
-        &[
-            "daemon",
-            "--config",
-            &dir.join("dest.toml").display().to_string(),
-        ],
-        dir,
-    );
+    let mut dest = daemon("dest-daemon", &dir.join("dest.toml"), dir, preload_daemons);
     let pool_addr = dest.wait_log("POOL listener on ", Duration::from_secs(10));
     let dest_metrics = dest.wait_log("metrics at http://", Duration::from_secs(10));
     let dest_metrics = dest_metrics.trim_end_matches("/metrics").to_string();
@@ -97,14 +114,11 @@ pub fn shim_nodes_with(dir: &TempDir, ports: &[u16], routes: &str) -> ShimNodes 
         skey.display()
     );
     std::fs::write(dir.join("source.toml"), text).expect("write source.toml");
-    let mut source = Proc::pool(
+    let mut source = daemon(
         "source-daemon",
-        &[
-            "daemon",
-            "--config",
-            &dir.join("source.toml").display().to_string(),
-        ],
+        &dir.join("source.toml"),
         dir,
+        preload_daemons,
     );
     let shim_addr = source.wait_log("shim listener on ", Duration::from_secs(10));
     let source_metrics = source.wait_log("metrics at http://", Duration::from_secs(10));
