@@ -175,6 +175,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             connect_timeout_secs: 5,
             idle_timeout_secs: 60,
         }],
+        ..Config::default()
     };
     let server = daemon::start(None, server_cfg, "").await?;
     let server_status = server.status();
@@ -207,6 +208,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             idle_timeout_secs: 60,
         }],
         pool2tcp: Vec::new(),
+        ..Config::default()
     };
     let client = daemon::start(None, client_cfg, "").await?;
     let front: SocketAddr = client

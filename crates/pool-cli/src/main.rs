@@ -138,6 +138,9 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
     /// Paths of sessions: where each runs (direct or relay), and whether a direct path works.
     #[command(subcommand)]
     Migrate(MigrateCmd),
+    /// The LD_PRELOAD shim (libpool_shim.so): unmodified programs onto POOL.
+    #[command(subcommand)]
+    Shim(ShimCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -302,6 +305,17 @@ pub(crate) struct PathArgs {
     pub(crate) relay_only: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum ShimCmd {
+    /// Print where libpool_shim.so is (for LD_PRELOAD).
+    #[command(
+        after_help = "Looks next to this `pool` binary, then in ../lib and ../lib/pool beside it, /usr/local/lib/pool and /usr/lib/pool.\n\
+Use: LD_PRELOAD=$(pool shim path) POOL_SHIM_PORTS=80,443 curl http://10.0.0.5/\n\
+Build it with: cargo build --release -p pool-shim (target/release/libpool_shim.so). See docs/shim.md."
+    )]
+    Path,
+}
+
 /// Whom to trust. Every command that accepts sessions takes these.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TrustArgs {
@@ -453,6 +467,7 @@ fn main() -> ExitCode {
                 megabytes,
             ))
         }),
+        Command::Shim(ShimCmd::Path) => node::shim_path(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "pool", &mut std::io::stdout());

@@ -51,6 +51,9 @@ pub(crate) async fn run_daemon(
     for (name, addr) in d.bridge_addrs() {
         eprintln!("pool: tcp2pool `{name}` listening on {addr}");
     }
+    if let Some(addr) = d.shim_addr() {
+        eprintln!("pool: shim listener on {addr}");
+    }
     if let Some(m) = st["metrics"].as_str() {
         eprintln!("pool: metrics at http://{m}/metrics");
     }
@@ -122,6 +125,7 @@ pub(crate) async fn tcp2pool(
             idle_timeout_secs: 3600,
         }],
         pool2tcp: Vec::new(),
+        ..Config::default()
     };
     let cfg = validate(cfg)?;
     run_daemon(None, cfg, String::new()).await
@@ -164,6 +168,7 @@ pub(crate) async fn pool2tcp(
             connect_timeout_secs: 10,
             idle_timeout_secs: 3600,
         }],
+        ..Config::default()
     };
     let cfg = validate(cfg)?;
     run_daemon(None, cfg, String::new()).await
@@ -230,7 +235,7 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
     let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
         .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
     println!(
-        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}",
         "PEER",
         "ROLE",
         "ADDRESS",
@@ -243,7 +248,8 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
         "RTT",
         "JITTER",
         "LOSS",
-        "RESUMES"
+        "RESUMES",
+        "SHIM"
     );
     for r in &rows {
         let peer: String = r.peer.chars().take(12).collect();
@@ -254,7 +260,7 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
             r.frames_resent
         );
         println!(
-            "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7}",
+            "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}",
             peer,
             r.role,
             r.address.clone().unwrap_or_else(|| "-".into()),
@@ -267,13 +273,14 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
             rtt,
             format!("{:.2}ms", r.jitter_ms),
             loss,
-            r.resumes
+            r.resumes,
+            r.shim_streams
         );
     }
     if rows.is_empty() {
         println!("(no sessions)");
     } else {
-        println!("\nPATH = direct or relay (ADDRESS is then the relay's); MOVES = path changes. LOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.");
+        println!("\nPATH = direct or relay (ADDRESS is then the relay's); MOVES = path changes. LOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.\nSHIM = streams that carried connections of programs under libpool_shim.so.");
     }
     Ok(())
 }
@@ -355,6 +362,33 @@ pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
             v["pool2tcp"]["active"], v["pool2tcp"]["connections"], v["pool2tcp"]["errors"]
         );
     }
+    if let Some(sh) = v["shim"].as_object() {
+        println!(
+            "shim         on {} (active {}, connections {}, carried {}, failed {})",
+            sh.get("listen").and_then(|l| l.as_str()).unwrap_or("?"),
+            sh.get("active").cloned().unwrap_or_default(),
+            sh.get("connections").cloned().unwrap_or_default(),
+            sh.get("streams").cloned().unwrap_or_default(),
+            sh.get("failed").cloned().unwrap_or_default()
+        );
+    }
+    if let Some(ports) = v["expose"]["ports"].as_array() {
+        if !ports.is_empty() {
+            let list: Vec<String> = ports
+                .iter()
+                .map(|p| match p["target"].as_str() {
+                    Some(t) => format!("{} -> {t}", p["port"]),
+                    None => p["port"].to_string(),
+                })
+                .collect();
+            println!(
+                "expose       {} (connected {}, refused {})",
+                list.join(", "),
+                v["expose"]["exposed"],
+                v["expose"]["refused"]
+            );
+        }
+    }
     let c = &v["counters"];
     println!(
         "counters     accepted {} dialled {} refused {} resumes {} journal {} written / {} failed",
@@ -372,6 +406,38 @@ pub(crate) fn ctl_reload(control: &Path) -> Result<()> {
     ctl_request(control, "reload")?;
     println!("reloaded");
     Ok(())
+}
+
+/// `pool shim path`: where `libpool_shim.so` is.
+pub(crate) fn shim_path() -> Result<()> {
+    const NAME: &str = "libpool_shim.so";
+    let mut places = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        places.push(dir.join(NAME));
+        places.push(dir.join("../lib").join(NAME));
+        places.push(dir.join("../lib/pool").join(NAME));
+    }
+    places.push(PathBuf::from("/usr/local/lib/pool").join(NAME));
+    places.push(PathBuf::from("/usr/lib/pool").join(NAME));
+    match places.iter().find(|p| p.is_file()) {
+        Some(p) => {
+            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+            println!("{}", p.display());
+            Ok(())
+        }
+        None => Err(CliError::msg(format!(
+            "{NAME} not found (looked in {}); build it with `cargo build --release -p pool-shim` \
+             and install it with `install -m 0644 target/release/{NAME} /usr/local/lib/pool/`",
+            places
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 pub(crate) fn journal_verify(file: &Path) -> Result<()> {

@@ -185,7 +185,7 @@ fn is_reset(e: &std::io::Error) -> bool {
 
 /// Abortive close: once the socket is dropped the TCP peer sees RST, as
 /// if the far end had reset.
-fn abort_on_close(s: &TcpStream) {
+pub(crate) fn abort_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
@@ -195,7 +195,7 @@ fn reset_tcp(w: &OwnedWriteHalf) {
 
 /// Carries bytes both ways between a TCP connection and a stream until
 /// both directions end, carrying FIN and reset faithfully.
-async fn splice(
+pub(crate) async fn splice(
     tcp: TcpStream,
     mut rs: RecvStream,
     mut ws: SendStream,
@@ -309,7 +309,7 @@ async fn splice(
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
@@ -488,6 +488,8 @@ pub struct Pool2Tcp {
     permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<BridgeStats>,
+    /// Streams from peers' shims (service `":PORT"`): the exposed ports.
+    pub shim: Arc<crate::shim::ShimExpose>,
 }
 
 impl Pool2Tcp {
@@ -498,6 +500,7 @@ impl Pool2Tcp {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             stats: Arc::default(),
+            shim: Arc::default(),
         })
     }
 
@@ -523,6 +526,8 @@ impl Pool2Tcp {
 
     /// Serves every stream of `session` until it closes.
     pub async fn serve_session(self: Arc<Self>, session: Session) {
+        let peer = session.peer_key();
+        let id = session.id().to_string();
         while let Some(stream) = session.accept_stream().await {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -532,16 +537,17 @@ impl Pool2Tcp {
                 continue;
             };
             let me = self.clone();
+            let id = id.clone();
             tokio::spawn(async move {
                 me.stats.active.fetch_add(1, Ordering::Relaxed);
-                me.handle(stream).await;
+                me.handle(stream, peer, &id).await;
                 me.stats.active.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
     }
 
-    async fn handle(&self, stream: pool_net::Stream) {
+    async fn handle(&self, stream: pool_net::Stream, peer: PublicKey, session: &str) {
         let (mut rs, mut ws) = stream.into_split();
         let pre = match tokio::time::timeout(self.limits.connect_timeout, Preamble::read(&mut rs))
             .await
@@ -565,6 +571,12 @@ impl Pool2Tcp {
             }
             let _ = ws.write_all(&n.to_be_bytes()).await;
             let _ = ws.shutdown().await;
+            return;
+        }
+        if pre.service.starts_with(':') {
+            self.shim
+                .serve(session, peer, pre, rs, ws, &self.limits)
+                .await;
             return;
         }
         let Some(target) = self.target(&pre.service) else {

@@ -53,6 +53,88 @@ pub struct Config {
     /// Where streams arriving over POOL go.
     #[serde(default)]
     pub pool2tcp: Vec<Pool2TcpSection>,
+    /// The listener for programs run under `libpool_shim.so`.
+    #[serde(default)]
+    pub shim: Option<ShimSection>,
+    /// Where shimmed connections go, by destination address.
+    #[serde(default)]
+    pub route: Vec<RouteSection>,
+    /// Local ports that shimmed connections from peers may reach.
+    #[serde(default)]
+    pub expose: Vec<ExposeSection>,
+}
+
+fn default_shim_listen() -> String {
+    "127.0.0.1:9256".into()
+}
+fn default_peer_port() -> u16 {
+    9253
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[shim]`: accept connections from programs run with
+/// `LD_PRELOAD=libpool_shim.so` and carry them to the destination's daemon.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShimSection {
+    /// Turn the listener off without removing the section.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Loopback address the shim connects to (`POOL_SHIM_DAEMON`).
+    #[serde(default = "default_shim_listen")]
+    pub listen: String,
+    /// The POOL port of destination daemons when no `[[route]]` matches.
+    #[serde(default = "default_peer_port")]
+    pub default_peer_port: u16,
+    /// Concurrent shimmed connections.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Seconds to reach the destination (its daemon, then the program).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Seconds without traffic before a connection is reset (0: never).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+impl ShimSection {
+    /// The connection limits.
+    pub fn limits(&self) -> Limits {
+        limits(
+            self.max_connections,
+            self.connect_timeout_secs,
+            self.idle_timeout_secs,
+        )
+    }
+}
+
+/// `[[route]]`: shimmed connections to `cidr` go to this POOL peer.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Destination range, `10.0.0.0/8`, `fd00::/8` or one address.
+    pub cidr: String,
+    /// The POOL daemon that serves it: `HOST:PORT`.
+    pub peer: String,
+    /// Its public key; without one the key must be pinned (TOFU) or the
+    /// peer a fleet member.
+    #[serde(default)]
+    pub peer_key: Option<String>,
+}
+
+/// `[[expose]]`: a port that shimmed connections from trusted peers may
+/// reach on this host. Every other port is refused.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeSection {
+    /// The destination port programs connect to.
+    pub port: u16,
+    /// Where to connect instead; default: loopback (of the destination's
+    /// address family) at `port`.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -280,6 +362,36 @@ impl Config {
                     t.service
                 )));
             }
+        }
+        for r in &cfg.route {
+            if crate::shim::Cidr::parse(&r.cidr).is_none() {
+                return Err(invalid(format!(
+                    "[[route]] cidr `{}` is not an address range (write 10.0.0.0/8, fd00::/8 or 10.1.2.3)",
+                    r.cidr
+                )));
+            }
+            if let Some(k) = &r.peer_key {
+                if pool_net::PublicKey::from_token(k).is_err() {
+                    return Err(invalid(format!(
+                        "[[route]] `{}`: peer_key `{k}` is not a POOL public key (run `pool pubkey KEYFILE` on the peer)",
+                        r.cidr
+                    )));
+                }
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for e in &cfg.expose {
+            if e.port == 0 || !ports.insert(e.port) {
+                return Err(invalid(format!(
+                    "[[expose]] port {} is 0 or listed twice",
+                    e.port
+                )));
+            }
+        }
+        if !cfg.expose.is_empty() && cfg.node.listen.is_empty() {
+            return Err(invalid(
+                "[[expose]] needs [node] listen (the POOL listener)".into(),
+            ));
         }
         if !cfg.pool2tcp.is_empty() && cfg.node.listen.is_empty() {
             return Err(invalid(

@@ -23,6 +23,7 @@ use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
 use crate::journal::Journal;
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
+use crate::shim::ShimNode;
 
 /// Why the daemon could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +166,13 @@ pub struct Daemon {
     started: Instant,
     metrics_addr: Mutex<Option<String>>,
     control_path: Option<PathBuf>,
+    shim: Option<RunningShim>,
+}
+
+struct RunningShim {
+    node: Arc<ShimNode>,
+    addr: String,
+    stop: watch::Sender<bool>,
 }
 
 fn row(s: &Session) -> SessionRow {
@@ -191,6 +199,7 @@ fn row(s: &Session) -> SessionRow {
         resumes: c.resumes,
         epoch: c.epoch,
         cipher: c.cipher.to_string(),
+        shim_streams: 0,
     }
 }
 
@@ -219,6 +228,17 @@ impl Daemon {
                 rows.push(r);
             }
         }
+        if let Some(shim) = &self.shim {
+            for s in shim.node.sessions() {
+                let mut r = row(&s);
+                r.role = "initiator".into();
+                rows.push(r);
+            }
+        }
+        for r in &mut rows {
+            r.shim_streams = self.pool2tcp.shim.per_session(&r.id)
+                + self.shim.as_ref().map_or(0, |s| s.node.per_session(&r.id));
+        }
         rows
     }
 
@@ -239,6 +259,16 @@ impl Daemon {
                 c.bridge_errors += r.bridge.stats.errors.load(Ordering::Relaxed);
                 c.sessions_dialled += r.bridge.sessions_dialled();
             }
+        }
+        let ex = &self.pool2tcp.shim.stats;
+        c.shim_exposed = ex.exposed.load(Ordering::Relaxed);
+        c.shim_refused = ex.refused.load(Ordering::Relaxed);
+        if let Some(shim) = &self.shim {
+            let st = &shim.node.stats;
+            c.shim_connections = st.connections.load(Ordering::Relaxed);
+            c.shim_streams = st.streams.load(Ordering::Relaxed);
+            c.shim_failed = st.failed.load(Ordering::Relaxed);
+            c.sessions_dialled += shim.node.sessions_dialled();
         }
         if let Some(j) = &self.journal {
             let s = j.stats();
@@ -275,6 +305,22 @@ impl Daemon {
             })
             .unwrap_or_default();
         let p = &self.pool2tcp.stats;
+        let shim = self.shim.as_ref().map(|s| {
+            let st = &s.node.stats;
+            json!({
+                "listen": s.addr,
+                "active": st.active.load(Ordering::Relaxed),
+                "connections": st.connections.load(Ordering::Relaxed),
+                "streams": st.streams.load(Ordering::Relaxed),
+                "failed": st.failed.load(Ordering::Relaxed),
+            })
+        });
+        let ex = &self.pool2tcp.shim.stats;
+        let expose = json!({
+            "ports": self.pool2tcp.shim.rules().iter().map(|r| json!({"port": r.port, "target": r.target})).collect::<Vec<_>>(),
+            "exposed": ex.exposed.load(Ordering::Relaxed),
+            "refused": ex.refused.load(Ordering::Relaxed),
+        });
         json!({
             "key": self.endpoint.public_key().to_string(),
             "uptime_secs": self.started.elapsed().as_secs(),
@@ -295,6 +341,8 @@ impl Daemon {
                 "connections": p.connections.load(Ordering::Relaxed),
                 "errors": p.errors.load(Ordering::Relaxed),
             },
+            "shim": shim,
+            "expose": expose,
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
         })
     }
@@ -396,6 +444,13 @@ impl Daemon {
         }
         self.pool2tcp
             .set_targets(cfg.pool2tcp.iter().map(|t| t.target()).collect());
+        self.pool2tcp
+            .shim
+            .configure(cfg.expose.clone(), self.journal.clone());
+        if let Some(shim) = &self.shim {
+            let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
+            shim.node.configure(&cfg.route, trust);
+        }
         let current: HashMap<String, Tcp2PoolSection> = self
             .bridges
             .lock()
@@ -425,9 +480,17 @@ impl Daemon {
         Ok(())
     }
 
-    /// Connections still open on all bridges.
+    /// The shim listener's address, if `[shim]` is on.
+    pub fn shim_addr(&self) -> Option<String> {
+        self.shim.as_ref().map(|s| s.addr.clone())
+    }
+
+    /// Connections still open on all bridges and the shim listener.
     pub fn active_connections(&self) -> u64 {
         let mut n = self.pool2tcp.stats.active.load(Ordering::Relaxed);
+        if let Some(s) = &self.shim {
+            n += s.node.stats.active.load(Ordering::Relaxed);
+        }
         if let Ok(b) = self.bridges.lock() {
             n += b
                 .values()
@@ -471,7 +534,7 @@ pub async fn start(
     let key = load_or_create_key(&cfg.node.key, true)?;
     let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
     let listening = !cfg.node.listen.is_empty();
-    if listening && trust.is_empty() && !cfg.pool2tcp.is_empty() {
+    if listening && trust.is_empty() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty()) {
         return Err(DaemonError::Trust(
             "this node listens but trusts nobody, so every session would be refused: \
              set [trust] allow, authorized, fleet_secret or tofu"
@@ -504,6 +567,38 @@ pub async fn start(
         cfg.pool2tcp.iter().map(|t| t.target()).collect(),
         cfg.pool2tcp.first().map(|t| t.limits()).unwrap_or_default(),
     );
+    pool2tcp.shim.configure(cfg.expose.clone(), journal.clone());
+    let shim = match cfg.shim.as_ref().filter(|s| s.enabled) {
+        Some(section) => {
+            if std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("pool_shim")) {
+                warn!("LD_PRELOAD names the shim; it leaves the `pool` process alone");
+            }
+            let listener =
+                ShimNode::bind(&section.listen)
+                    .await
+                    .map_err(|source| DaemonError::Listen {
+                        what: format!("[shim] listener on {}", section.listen),
+                        source,
+                    })?;
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let node = ShimNode::new(
+                endpoint.clone(),
+                &cfg.route,
+                build_trust(&cfg.trust, &default_known_peers(&cfg))?,
+                section.default_peer_port,
+                section.limits(),
+                journal.clone(),
+            );
+            let (stop, stop_rx) = watch::channel(false);
+            tokio::spawn(node.clone().run(listener, stop_rx));
+            info!(listen = %addr, "shim listener up");
+            Some(RunningShim { node, addr, stop })
+        }
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         config_path,
         endpoint: endpoint.clone(),
@@ -515,6 +610,7 @@ pub async fn start(
         started: Instant::now(),
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
+        shim,
     });
     let hex = sha256_hex(text);
     daemon.journal(
@@ -680,6 +776,9 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
         .unwrap_or_default();
     for n in names {
         daemon.stop_bridge(&n);
+    }
+    if let Some(s) = &daemon.shim {
+        let _ = s.stop.send(true);
     }
     let deadline = Instant::now() + drain;
     while daemon.active_connections() > 0 && Instant::now() < deadline {

@@ -1,6 +1,7 @@
 //! # pool-node: a POOL node's services
 //!
-//! The daemon, the TCP bridge (`tcp2pool` / `pool2tcp`), the control
+//! The daemon, the TCP bridge (`tcp2pool` / `pool2tcp`), the shim's
+//! daemon side (`[shim]`, `[[route]]`, `[[expose]]`), the control
 //! socket behind `pool ctl`, Prometheus metrics and the hash-chained change
 //! journal. Everything here uses only `pool-net`'s public API.
 #![cfg_attr(
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod relay;
+pub mod shim;

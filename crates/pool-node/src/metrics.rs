@@ -271,6 +271,36 @@ impl Collector for PoolCollector {
         )?;
         counter(
             e,
+            "pool_shim_connections",
+            "Connections from programs under libpool_shim.so accepted by this node.",
+            c.shim_connections,
+        )?;
+        counter(
+            e,
+            "pool_shim_streams",
+            "Shimmed connections carried to their destination's daemon.",
+            c.shim_streams,
+        )?;
+        counter(
+            e,
+            "pool_shim_failed",
+            "Shimmed connections that failed here (no route, peer down) or were refused by the destination.",
+            c.shim_failed,
+        )?;
+        counter(
+            e,
+            "pool_shim_exposed",
+            "Shim streams from peers connected to an exposed port.",
+            c.shim_exposed,
+        )?;
+        counter(
+            e,
+            "pool_shim_refused",
+            "Shim streams from peers refused (port not exposed, target down).",
+            c.shim_refused,
+        )?;
+        counter(
+            e,
             "pool_bridge_connections",
             "Bridge TCP connections accepted (tcp2pool) or made (pool2tcp).",
             c.bridge_connections,

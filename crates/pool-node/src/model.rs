@@ -48,6 +48,10 @@ pub struct SessionRow {
     pub epoch: u32,
     /// Data cipher.
     pub cipher: String,
+    /// Streams of this session that carried shimmed connections
+    /// (`LD_PRELOAD=libpool_shim.so`), in total.
+    #[serde(default)]
+    pub shim_streams: u64,
 }
 
 /// Node-wide counters.
@@ -69,4 +73,19 @@ pub struct NodeCounters {
     pub journal_written: u64,
     /// Journal entries that could not be written.
     pub journal_failed: u64,
+    /// Connections from programs under the shim (source node).
+    #[serde(default)]
+    pub shim_connections: u64,
+    /// Of those, carried to the destination.
+    #[serde(default)]
+    pub shim_streams: u64,
+    /// Of those, failed (no route, peer down, refused by the destination).
+    #[serde(default)]
+    pub shim_failed: u64,
+    /// Shim streams from peers connected to an exposed port (destination node).
+    #[serde(default)]
+    pub shim_exposed: u64,
+    /// Shim streams from peers refused (port not exposed, target down).
+    #[serde(default)]
+    pub shim_refused: u64,
 }

@@ -47,3 +47,40 @@ fn duplicate_bridge_names_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn example_config_has_the_shim_sections() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/pool.example.toml");
+    let (cfg, _) = Config::load(&path).expect("docs/pool.example.toml must stay valid");
+    let shim = cfg.shim.expect("[shim]");
+    assert!(shim.enabled);
+    assert_eq!(shim.listen, "127.0.0.1:9256");
+    assert_eq!(shim.default_peer_port, 9253);
+    assert_eq!(cfg.route[0].cidr, "10.4.4.0/24");
+    assert_eq!(cfg.expose[0].port, 80);
+    assert_eq!(cfg.expose[0].target, None);
+}
+
+#[test]
+fn shim_sections_are_checked() {
+    let parse = |t: &str| {
+        Config::parse(t, Path::new("x.toml"))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let defaults = Config::parse("[shim]\n", Path::new("x.toml")).expect("[shim] alone");
+    assert_eq!(
+        defaults.shim.map(|s| s.listen),
+        Some("127.0.0.1:9256".into())
+    );
+    let e = parse("[[route]]\ncidr = \"10.0.0.0/33\"\npeer = \"h:1\"\n").unwrap_err();
+    assert!(e.contains("not an address range"), "{e}");
+    let e =
+        parse("[[route]]\ncidr = \"10.0.0.0/8\"\npeer = \"h:1\"\npeer_key = \"x\"\n").unwrap_err();
+    assert!(e.contains("not a POOL public key"), "{e}");
+    let e = parse("[[expose]]\nport = 80\n[[expose]]\nport = 80\n").unwrap_err();
+    assert!(e.contains("listed twice"), "{e}");
+    let e = parse("[node]\nlisten = \"\"\n[[expose]]\nport = 80\n").unwrap_err();
+    assert!(e.contains("needs [node] listen"), "{e}");
+    parse("[[route]]\ncidr = \"fd00::/8\"\npeer = \"[fd00::1]:9253\"\n").expect("IPv6 route");
+}

@@ -87,6 +87,11 @@ fn fake() -> Arc<FakeSource> {
             bridge_errors: 16,
             journal_written: 17,
             journal_failed: 18,
+            shim_connections: 19,
+            shim_streams: 20,
+            shim_failed: 21,
+            shim_exposed: 22,
+            shim_refused: 23,
         },
     })
 }
@@ -281,7 +286,7 @@ fn parse_exposition(text: &str) -> Exposition {
     x
 }
 
-const AGGREGATE_COUNTERS: [&str; 8] = [
+const AGGREGATE_COUNTERS: [&str; 13] = [
     "pool_sessions_accepted",
     "pool_sessions_dialled",
     "pool_handshakes_refused",
@@ -290,6 +295,11 @@ const AGGREGATE_COUNTERS: [&str; 8] = [
     "pool_bridge_errors",
     "pool_journal_entries_written",
     "pool_journal_entries_failed",
+    "pool_shim_connections",
+    "pool_shim_streams",
+    "pool_shim_failed",
+    "pool_shim_exposed",
+    "pool_shim_refused",
 ];
 
 const PEER_FAMILIES: [(&str, &str); 9] = [
@@ -381,11 +391,11 @@ async fn metrics_match_the_source() {
         Some(0.0)
     );
     assert_eq!(x.value("pool_session_path_changes", None), Some(0.0));
-    // 1 + 3 (by path) + 1 (path changes) + 8 aggregate samples, 9 + 6
+    // 1 + 3 (by path) + 1 (path changes) + 13 aggregate samples, 9 + 6
     // per-peer samples, nothing else.
     assert_eq!(
         x.samples.len(),
-        1 + 3 + 1 + 8 + 9 + 6,
+        1 + 3 + 1 + 13 + 9 + 6,
         "{:?}",
         x.samples.keys()
     );

@@ -13,6 +13,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod shim;
+
 /// The binary under test.
 pub const POOL: &str = env!("CARGO_BIN_EXE_pool");
 

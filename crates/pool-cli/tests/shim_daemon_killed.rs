@@ -1,0 +1,103 @@
+//! A daemon killed (SIGKILL) in the middle of a download by `curl` under
+//! the shim: curl fails with an error, promptly — it never hangs and never
+//! reports success for a cut transfer. (curl is rate-limited to 2 MB/s, so
+//! it takes a few seconds to read what its socket had already buffered
+//! before it sees the end.)
+mod util;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use util::shim::*;
+use util::*;
+
+fn start_nginx(dir: &TempDir, port: u16) -> Proc {
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 64; }}\n\
+         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/client_body;\n\
+         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
+         scgi_temp_path {d}/scgi;\n default_type application/octet-stream;\n\
+         server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"));
+    let nginx = Proc::spawn("nginx", cmd, dir);
+    wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    nginx
+}
+
+/// Starts a rate-limited download under the shim, kills one daemon once
+/// bytes flow, and returns curl's exit code and how long it took to end
+/// after the kill.
+fn download_and_kill(kill_source: bool) -> (Option<i32>, Duration, u64) {
+    require_program("nginx", "nginx");
+    require_program("curl", "curl");
+    let dir = TempDir::new(if kill_source {
+        "shim-kill-src"
+    } else {
+        "shim-kill-dst"
+    });
+    std::fs::create_dir_all(dir.join("www")).expect("mkdir www");
+    std::fs::write(dir.join("www/big.bin"), pattern(7, 32 << 20)).expect("write file");
+    let port = free_port();
+    let _nginx = start_nginx(&dir, port);
+    let mut nodes = shim_nodes(&dir, &[port]);
+    let out_file = dir.join("partial.bin");
+    let mut curl = shimmed("curl", &nodes.shim_addr, &port.to_string());
+    curl.args(["-sS", "--limit-rate", "2M", "-o"])
+        .arg(&out_file)
+        .arg(format!("http://127.0.0.1:{port}/big.bin"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = curl.spawn().expect("start curl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0) < (1 << 20) {
+        assert!(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if kill_source {
+        nodes.source.kill9();
+    } else {
+        nodes.dest.kill9();
+    }
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait curl") {
+            break st;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("curl hangs 60 s after the daemon was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let got = std::fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0);
+    (status.code(), killed.elapsed(), got)
+}
+
+#[test]
+fn source_daemon_killed_mid_transfer() {
+    let (code, took, got) = download_and_kill(true);
+    eprintln!("source daemon killed: curl exit {code:?} after {took:?}, {got} bytes");
+    assert_ne!(code, Some(0), "curl reported success for a cut transfer");
+    assert!(got < 32 << 20, "the whole file arrived");
+    assert!(took < Duration::from_secs(15), "curl took {took:?} to fail");
+}
+
+#[test]
+fn destination_daemon_killed_mid_transfer() {
+    let (code, took, got) = download_and_kill(false);
+    eprintln!("destination daemon killed: curl exit {code:?} after {took:?}, {got} bytes");
+    assert_ne!(code, Some(0), "curl reported success for a cut transfer");
+    assert!(got < 32 << 20, "the whole file arrived");
+    assert!(took < Duration::from_secs(45), "curl took {took:?} to fail");
+}

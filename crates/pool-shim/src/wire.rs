@@ -1,0 +1,93 @@
+//! What the shim tells the local daemon at the start of each connection
+//! (the daemon's `pool_node::shim` reads the same 28 bytes; both test the
+//! same vector, and `docs/shim.md` specifies it).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// `PSH1`: a shim connection, header version 1.
+pub const MAGIC: [u8; 4] = *b"PSH1";
+/// Length of the header.
+pub const HEADER_LEN: usize = 28;
+/// Flag: the program's socket is blocking; answer with one status byte
+/// once the destination is reached (or not), so `connect` can return what
+/// the kernel would.
+pub const FLAG_WANT_STATUS: u8 = 1;
+
+/// Status byte: connected to the destination.
+pub const STATUS_OK: u8 = 0;
+/// Status byte: the destination (or its daemon) refused.
+pub const STATUS_REFUSED: u8 = 1;
+/// Status byte: the destination did not answer in time.
+pub const STATUS_TIMED_OUT: u8 = 2;
+/// Status byte: no way to the destination (no route, peer unreachable).
+pub const STATUS_UNREACHABLE: u8 = 3;
+/// Status byte: the destination's daemon does not expose that port.
+pub const STATUS_NOT_EXPOSED: u8 = 4;
+
+/// `magic[4] flags u8, reserved u8, port u16be, address[16] (IPv4 as
+/// v4-mapped IPv6), pid u32be`.
+pub fn encode(dest: SocketAddr, flags: u8, pid: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = flags;
+    h[6..8].copy_from_slice(&dest.port().to_be_bytes());
+    let v6 = match dest.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    h[8..24].copy_from_slice(&v6.octets());
+    h[24..28].copy_from_slice(&pid.to_be_bytes());
+    h
+}
+
+/// The errno a blocking `connect` returns for a status byte.
+pub fn status_errno(status: u8) -> i32 {
+    match status {
+        STATUS_TIMED_OUT => libc::ETIMEDOUT,
+        STATUS_UNREACHABLE => libc::EHOSTUNREACH,
+        _ => libc::ECONNREFUSED,
+    }
+}
+
+/// Decodes a header (for the tests; the daemon has its own decoder).
+pub fn decode(h: &[u8; HEADER_LEN]) -> Option<(SocketAddr, u8, u32)> {
+    if h[..4] != MAGIC {
+        return None;
+    }
+    let port = u16::from_be_bytes([h[6], h[7]]);
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&h[8..24]);
+    let ip = Ipv6Addr::from(ip);
+    let ip = match ip.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip),
+    };
+    let pid = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+    Some((SocketAddr::new(ip, port), h[4], pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same bytes are checked by `pool_node::shim`'s tests.
+    #[test]
+    fn header_test_vector() {
+        let h = encode(
+            "10.1.2.3:8080".parse().unwrap(),
+            FLAG_WANT_STATUS,
+            0x0102_0304,
+        );
+        let want: [u8; 28] = [
+            b'P', b'S', b'H', b'1', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
+            1, 2, 3, 1, 2, 3, 4,
+        ];
+        assert_eq!(h, want);
+        assert_eq!(
+            decode(&h),
+            Some(("10.1.2.3:8080".parse().unwrap(), 1, 0x0102_0304))
+        );
+        let v6: SocketAddr = "[fd00::7]:443".parse().unwrap();
+        assert_eq!(decode(&encode(v6, 0, 9)), Some((v6, 0, 9)));
+    }
+}
