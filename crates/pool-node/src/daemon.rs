@@ -428,7 +428,7 @@ impl Daemon {
                 });
             }
         }
-        self.endpoint.reload(key.clone(), trust);
+        self.endpoint.reload(key.clone(), trust.clone());
         if key.public_key() != old_key {
             self.journal(
                 "key_changed",
@@ -441,7 +441,7 @@ impl Daemon {
             .shim
             .configure(cfg.expose.clone(), self.journal.clone());
         if let Some(shim) = &self.shim {
-            let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
+            // The same trust (and known-peers store) as the endpoint's.
             shim.node.configure(&cfg.route, trust);
         }
         let current: HashMap<String, Tcp2PoolSection> = self
@@ -534,7 +534,7 @@ pub async fn start(
                 .into(),
         ));
     }
-    let epcfg = EndpointConfig::new(key.clone()).trust(trust);
+    let epcfg = EndpointConfig::new(key.clone()).trust(trust.clone());
     let endpoint = if listening {
         Endpoint::bind(&cfg.node.listen, epcfg).await?
     } else {
@@ -572,7 +572,7 @@ pub async fn start(
             let node = ShimNode::new(
                 endpoint.clone(),
                 &cfg.route,
-                build_trust(&cfg.trust, &default_known_peers(&cfg))?,
+                trust,
                 section.default_peer_port,
                 section.limits(),
                 journal.clone(),
