@@ -6,7 +6,8 @@
 //! connection (a blocking `connect` fails with `ECONNREFUSED`; curl's
 //! non-blocking one sees the connection reset). Without TOFU or a fleet
 //! secret, an unknown key is never guessed: the connection fails with a
-//! `shim_failed` entry (`EHOSTUNREACH` for a blocking `connect`).
+//! `shim_failed` entry (`EHOSTUNREACH` for a blocking `connect`). With a
+//! fleet secret on both nodes the probed key is proven by the handshake.
 mod util;
 
 use std::time::Duration;
@@ -14,16 +15,33 @@ use std::time::Duration;
 use util::shim::*;
 use util::*;
 
-fn start(dir: &TempDir, tofu: bool, exposed: u16) -> (Proc, Proc, String, String) {
+#[derive(Clone, Copy, PartialEq)]
+enum SourceTrust {
+    Nothing,
+    Tofu,
+    Fleet,
+}
+
+fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String, String) {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
     let d = dir.path().display();
     let pool_port = free_port();
     std::fs::write(
+        dir.join("fleet.secret"),
+        "a fleet secret of more than sixteen characters\n",
+    )
+    .expect("write fleet secret");
+    let dest_trust = if trust == SourceTrust::Fleet {
+        format!("fleet_secret = \"{d}/fleet.secret\"")
+    } else {
+        format!("allow = [\"{spub}\"]")
+    };
+    std::fs::write(
         dir.join("dest.toml"),
         format!(
             "[node]\nkey = \"{}\"\nlisten = \"127.0.0.1:{pool_port}\"\ncontrol = \"{d}/dest.sock\"\n\
-             journal = \"{d}/dest-journal.log\"\n[trust]\nallow = [\"{spub}\"]\n[[expose]]\nport = {exposed}\n",
+             journal = \"{d}/dest-journal.log\"\n[trust]\n{dest_trust}\n[[expose]]\nport = {exposed}\n",
             dkey.display()
         ),
     )
@@ -38,10 +56,10 @@ fn start(dir: &TempDir, tofu: bool, exposed: u16) -> (Proc, Proc, String, String
         dir,
     );
     dest.wait_log("POOL listener on ", Duration::from_secs(10));
-    let trust = if tofu {
-        format!("[trust]\ntofu = true\nknown_peers = \"{d}/known_peers\"\n")
-    } else {
-        String::new()
+    let trust = match trust {
+        SourceTrust::Tofu => format!("[trust]\ntofu = true\nknown_peers = \"{d}/known_peers\"\n"),
+        SourceTrust::Fleet => format!("[trust]\nfleet_secret = \"{d}/fleet.secret\"\n"),
+        SourceTrust::Nothing => String::new(),
     };
     std::fs::write(
         dir.join("source.toml"),
@@ -82,7 +100,7 @@ fn tofu_pins_the_destination_key_and_unexposed_ports_are_refused() {
     let dir = TempDir::new("shim-tofu");
     let (port, _) = http_server("over the default route\n");
     let (other, accepted) = http_server("must not be reached\n");
-    let (_source, _dest, shim_addr, dpub) = start(&dir, true, port);
+    let (_source, _dest, shim_addr, dpub) = start(&dir, SourceTrust::Tofu, port);
     let ports = format!("{port},{other}");
     for _ in 0..2 {
         let mut curl = shimmed("curl", &shim_addr, &ports);
@@ -152,7 +170,7 @@ fn without_tofu_an_unknown_key_is_not_guessed() {
     require_program("curl", "curl");
     let dir = TempDir::new("shim-notofu");
     let (port, accepted) = http_server("must not be reached\n");
-    let (_source, _dest, shim_addr, _) = start(&dir, false, port);
+    let (_source, _dest, shim_addr, _) = start(&dir, SourceTrust::Nothing, port);
     let mut curl = shimmed("curl", &shim_addr, &port.to_string());
     curl.args([
         "-sS",
@@ -181,4 +199,31 @@ fn without_tofu_an_unknown_key_is_not_guessed() {
         "{failed}"
     );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// With a fleet secret on both nodes, the default route asks the
+/// destination for its key and the handshake (keyed with the secret)
+/// proves it; nothing is pinned.
+#[test]
+fn fleet_secret_authenticates_the_default_route() {
+    require_program("curl", "curl");
+    let dir = TempDir::new("shim-fleet");
+    let (port, _) = http_server("fleet member\n");
+    let (_source, _dest, shim_addr, _) = start(&dir, SourceTrust::Fleet, port);
+    let mut curl = shimmed("curl", &shim_addr, &port.to_string());
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let out = run(curl, Duration::from_secs(20));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "fleet member\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counter(&dir.join("dest.sock"), "shim_exposed"), 1);
+    assert!(!dir.join("known_peers").exists(), "nothing pinned");
 }

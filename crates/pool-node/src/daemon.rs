@@ -435,7 +435,7 @@ impl Daemon {
                 });
             }
         }
-        self.endpoint.reload(key.clone(), trust);
+        self.endpoint.reload(key.clone(), trust.clone());
         if key.public_key() != old_key {
             self.journal(
                 "key_changed",
@@ -448,7 +448,7 @@ impl Daemon {
             .shim
             .configure(cfg.expose.clone(), self.journal.clone());
         if let Some(shim) = &self.shim {
-            let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
+            // The same trust (and known-peers store) as the endpoint's.
             shim.node.configure(&cfg.route, trust);
         }
         let current: HashMap<String, Tcp2PoolSection> = self
@@ -547,7 +547,7 @@ pub async fn start(
     )));
     let epcfg = EndpointConfig::new(key.clone())
         .protocol(protocol)
-        .trust(trust)
+        .trust(trust.clone())
         .relays(cfg.node.relays.clone())
         .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs));
     let endpoint = if listening {
@@ -587,7 +587,7 @@ pub async fn start(
             let node = ShimNode::new(
                 endpoint.clone(),
                 &cfg.route,
-                build_trust(&cfg.trust, &default_known_peers(&cfg))?,
+                trust,
                 section.default_peer_port,
                 section.limits(),
                 journal.clone(),
