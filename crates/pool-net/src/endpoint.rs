@@ -577,6 +577,17 @@ struct ListenCtx {
     pending: Semaphore,
 }
 
+impl ListenCtx {
+    /// This node's key now (it changes on reload).
+    fn key(&self) -> SecretKey {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone()
+    }
+}
+
 async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
     loop {
         let (sock, from) = match listener.accept().await {
@@ -768,12 +779,7 @@ async fn register_loop(ctx: Weak<ListenCtx>, relay: String) {
     };
     loop {
         let Some(c) = ctx.upgrade() else { return };
-        let key = c
-            .config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .key
-            .clone();
+        let key = c.key();
         drop(c);
         match crate::relay::handshake(&relay, &key, pool_core::relay::Intent::Register).await {
             Ok((sock, relay_addr, observed)) => {
@@ -853,12 +859,7 @@ async fn serve_registration(
                 };
                 let relay = relay.to_string();
                 tokio::spawn(async move {
-                    let key = c
-                        .config
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .key
-                        .clone();
+                    let key = c.key();
                     let Ok(_permit) = c.pending.try_acquire() else {
                         c.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         return;

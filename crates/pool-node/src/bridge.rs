@@ -7,7 +7,7 @@
 //! target) and the service name that selects the target. The target itself
 //! is never chosen by the peer.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,24 +47,12 @@ pub struct Preamble {
     pub service: String,
 }
 
-fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
-    let v6 = match a.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    out.extend_from_slice(&v6.octets());
-    out.extend_from_slice(&a.port().to_be_bytes());
-}
-
+/// The 18-byte address form shared with the relay protocol (IPv4 mapped
+/// into IPv6, then the port).
 fn get_addr(b: &[u8]) -> SocketAddr {
-    let mut ip = [0u8; 16];
-    ip.copy_from_slice(&b[..16]);
-    let ip = Ipv6Addr::from(ip);
-    let port = u16::from_be_bytes([b[16], b[17]]);
-    match ip.to_ipv4_mapped() {
-        Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
-        None => SocketAddr::new(IpAddr::V6(ip), port),
-    }
+    let mut a = [0u8; 18];
+    a.copy_from_slice(&b[..18]);
+    pool_core::relay::get_addr(&a)
 }
 
 impl Preamble {
@@ -72,8 +60,8 @@ impl Preamble {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(40 + self.service.len());
         out.push(PREAMBLE_VERSION);
-        put_addr(&mut out, &self.source);
-        put_addr(&mut out, &self.destination);
+        pool_core::relay::put_addr(&mut out, &self.source);
+        pool_core::relay::put_addr(&mut out, &self.destination);
         let name = &self.service.as_bytes()[..self.service.len().min(255)];
         out.push(name.len() as u8);
         out.extend_from_slice(name);
