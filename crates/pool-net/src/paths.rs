@@ -258,6 +258,9 @@ impl Dialer for PathDialer {
 /// hammered).
 pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<PathCtx>, dialer: Option<Arc<PathDialer>>) {
     let mut version = ctx.version.subscribe();
+    // Our candidates, computed again only when local addresses change (the
+    // core sends them again by itself after every resume).
+    let mut advertise = true;
     let mut due = true;
     let mut next_retry: Option<tokio::time::Instant> = None;
     loop {
@@ -272,13 +275,17 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<PathCtx>, dialer: Option<A
             if st.closed.is_some() {
                 return;
             }
-            st.core.set_local_paths(&ctx.local_paths());
+            if advertise {
+                st.core.set_local_paths(&ctx.local_paths());
+            }
             (
                 st.core.carrier_up() && st.carrier_kind == "relay",
                 st.peer_paths.clone(),
             )
         };
-        shared.wake.notify_one();
+        if std::mem::take(&mut advertise) {
+            shared.wake.notify_one();
+        }
         if let Some(d) = &dialer {
             if on_relay && !candidates.is_empty() {
                 if next_retry.is_none() {
@@ -304,6 +311,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<PathCtx>, dialer: Option<A
                 if r.is_err() {
                     return;
                 }
+                advertise = true;
                 due = true;
             }
             _ = sleep => due = true,
