@@ -161,9 +161,9 @@ fn wait_path(control: &Path, path: &str, timeout: Duration) -> Row {
     }
 }
 
+/// Fields drop in order: the processes go first, then the namespaces, then
+/// the files.
 struct Nodes {
-    topo: Topo,
-    dir: TempDir,
     relay: Proc,
     _b: Proc,
     _a: Proc,
@@ -173,6 +173,8 @@ struct Nodes {
     b_ctl: PathBuf,
     a_key: PathBuf,
     b_pub: String,
+    topo: Topo,
+    dir: TempDir,
 }
 
 impl Nodes {
@@ -480,7 +482,7 @@ fn the_relay_forwards_nothing_for_an_unproven_key_and_a_flood_does_not_slow_anot
     let (c_key, c_pub) = keygen(&n.dir, "c");
     let (d_key, d_pub) = keygen(&n.dir, "d");
     let listen = format!(
-        "{POOL} listen 0.0.0.0:9300 --key {} --allow {d_pub} --relay 10.77.2.254:9255 > /dev/null",
+        "exec {POOL} listen 0.0.0.0:9300 --key {} --allow {d_pub} --relay 10.77.2.254:9255 > /dev/null",
         c_key.display()
     );
     let mut sink = Proc::spawn(
