@@ -5,34 +5,11 @@
 //! before it sees the end.)
 mod util;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use util::shim::*;
 use util::*;
-
-fn start_nginx(dir: &TempDir, port: u16) -> Proc {
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 64; }}\n\
-         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/client_body;\n\
-         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
-         scgi_temp_path {d}/scgi;\n default_type application/octet-stream;\n\
-         server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-p")
-        .arg(dir.path())
-        .arg("-e")
-        .arg(dir.join("nginx-error.log"))
-        .arg("-c")
-        .arg(dir.join("nginx.conf"));
-    let nginx = Proc::spawn("nginx", cmd, dir);
-    wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
-    nginx
-}
 
 /// Starts a rate-limited download under the shim, kills one daemon once
 /// bytes flow, and returns curl's exit code and how long it took to end

@@ -11,30 +11,6 @@ use std::time::Duration;
 use util::shim::*;
 use util::*;
 
-fn start_nginx(dir: &TempDir, port: u16) -> Proc {
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 64; }}\n\
-         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/client_body;\n\
-         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
-         scgi_temp_path {d}/scgi;\n default_type application/octet-stream;\n\
-         server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("write nginx.conf");
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-p")
-        .arg(dir.path())
-        .arg("-e")
-        .arg(dir.join("nginx-error.log"))
-        .arg("-c")
-        .arg(&conf_path);
-    let nginx = Proc::spawn("nginx", cmd, dir);
-    wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
-    nginx
-}
-
 /// nginx serves 3 MiB of random bytes; `curl` under the shim gets exactly
 /// them and a 404 for a missing path. The destination daemon counted both
 /// connections as shim streams from the source node's key, its journal

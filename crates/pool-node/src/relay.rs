@@ -680,37 +680,23 @@ impl RelayServer {
         } = self;
         info!(%local, "relay listening");
         let mut conns = JoinSet::new();
-        while !*stop.borrow() {
+        while let Some((stream, addr)) =
+            crate::bridge::accept_next(&listener, &mut stop, "relay").await
+        {
             while conns.try_join_next().is_some() {}
-            tokio::select! {
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        break;
+            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    conns.spawn(handle(shared.clone(), stream, addr, slot));
+                }
+                Err(_) => {
+                    shared.refused(Refusal::Capacity);
+                    debug!(%addr, "relay: connection cap reached, refusing");
+                    if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
+                        conns.spawn(refuse_at_cap(shared.clone(), stream, addr, p));
                     }
                 }
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, addr)) => {
-                        shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-                        match shared.slots.clone().try_acquire_owned() {
-                            Ok(slot) => {
-                                conns.spawn(handle(shared.clone(), stream, addr, slot));
-                            }
-                            Err(_) => {
-                                shared.refused(Refusal::Capacity);
-                                debug!(%addr, "relay: connection cap reached, refusing");
-                                if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
-                                    conns.spawn(refuse_at_cap(shared.clone(), stream, addr, p));
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // Usually out of file descriptors; wait rather than spin.
-                        warn!(error = %e, "relay: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
             }
         }
         drop(listener);

@@ -413,18 +413,9 @@ impl ShimNode {
 
     /// Accepts program connections until `stop` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        loop {
-            let (sock, from) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "shim accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = crate::bridge::stopped(&mut stop) => return,
-            };
+        while let Some((sock, from)) =
+            crate::bridge::accept_next(&listener, &mut stop, "shim").await
+        {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(%from, "shim connection cap reached; refusing");

@@ -263,3 +263,29 @@ pub fn python(mut cmd: Command, script: &str, args: &[String], timeout: Duration
     );
     stdout
 }
+
+/// A real nginx serving `DIR/www` on 127.0.0.1:`port` (one process, no
+/// daemonizing), up when this returns.
+pub fn start_nginx(dir: &TempDir, port: u16) -> Proc {
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 64; }}\n\
+         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/client_body;\n\
+         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
+         scgi_temp_path {d}/scgi;\n default_type application/octet-stream;\n\
+         server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(&conf_path);
+    let nginx = Proc::spawn("nginx", cmd, dir);
+    wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    nginx
+}
