@@ -63,6 +63,19 @@ start_pool_pair() {
     wait_port "$p2" "$spid" && wait_port "$p1" "$cpid"
 }
 
+# start_forward_pair FWD_BIN DIR FRONT MIDDLE TARGET
+# Two `pool-bench forward` relays (no crypto, a blocked thread per direction):
+# the first listens on FRONT and connects to MIDDLE, the second listens on
+# MIDDLE and connects to TARGET. The floor for any pair of relay processes.
+start_forward_pair() {
+    local bin=$1 dir=$2 p1=$3 p2=$4 p3=$5
+    start_bg "$bin" forward "127.0.0.1:$p2" "127.0.0.1:$p3" 2>>"$dir/forward-server.log"
+    local spid=$LAST_BG
+    start_bg "$bin" forward "127.0.0.1:$p1" "127.0.0.1:$p2" 2>>"$dir/forward-client.log"
+    local cpid=$LAST_BG
+    wait_port "$p2" "$spid" && wait_port "$p1" "$cpid"
+}
+
 # proc_cpu_ticks PID...: user+system CPU clock ticks used so far by these
 # processes (all threads) and their reaped children (socat forks one per
 # connection). Divide by `getconf CLK_TCK`.

@@ -6,6 +6,7 @@
 //! pool-bench resume      [--rounds 20]
 //! pool-bench throughput  [--bytes 1G] [--cipher chacha|aes]
 //! pool-bench idle-clients ADDR KEY N      (the child of idle-memory)
+//! pool-bench forward LISTEN TARGET         (a bare relay: the floor path of bench-bridge)
 //! ```
 //!
 //! Each prints human lines and then `RESULT name=value unit=...` lines,
@@ -13,12 +14,13 @@
 //! per-source handshake rate limit off (all clients come from 127.0.0.1).
 
 mod common;
+mod forward;
 mod handshakes;
 mod idle;
 mod resume;
 mod throughput;
 
-const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput> [options]
+const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -29,7 +31,10 @@ const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput
   throughput  [--bytes 1G] [--cipher chacha|aes]
                  one stream over loopback
   idle-clients ADDR KEY N
-                 (internal) the client process of idle-memory";
+                 (internal) the client process of idle-memory
+  forward LISTEN TARGET
+                 a bare TCP relay, no crypto, a thread per direction: two
+                 in a row are the floor that bench-bridge measures";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,6 +48,7 @@ fn main() {
         "idle-clients" => idle::clients(rest),
         "resume" => resume::run(rest),
         "throughput" => throughput::run(rest),
+        "forward" => forward::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;
