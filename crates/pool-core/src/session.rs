@@ -1838,6 +1838,26 @@ impl Session {
 
     /// Reads into `out`.
     pub fn stream_read(&mut self, id: u64, out: &mut [u8]) -> Result<ReadResult, StreamError> {
+        self.stream_read_with(id, |a, b| {
+            let na = out.len().min(a.len());
+            out[..na].copy_from_slice(&a[..na]);
+            let nb = (out.len() - na).min(b.len());
+            out[na..na + nb].copy_from_slice(&b[..nb]);
+            na + nb
+        })
+    }
+
+    /// Like [`Session::stream_read`], without a copy: `f` gets the bytes
+    /// waiting on the stream, in order, as two slices (the second may be
+    /// empty), and returns how many of them it consumed (at most their
+    /// total length). Returns [`ReadResult::Data`] with that count, which
+    /// may be 0 when `f` takes nothing; `f` is called only when there are
+    /// bytes to read.
+    pub fn stream_read_with(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&[u8], &[u8]) -> usize,
+    ) -> Result<ReadResult, StreamError> {
         let closed = self.close_reason().cloned();
         let Some(st) = self.streams.get_mut(&id) else {
             if let Some(r) = closed {
@@ -1861,12 +1881,10 @@ impl Session {
             }
             return Ok(ReadResult::Blocked);
         }
-        let n = out.len().min(st.recv_buf.len());
         let (a, b) = st.recv_buf.as_slices();
-        let na = n.min(a.len());
-        out[..na].copy_from_slice(&a[..na]);
-        if n > na {
-            out[na..n].copy_from_slice(&b[..n - na]);
+        let n = f(a, b).min(st.recv_buf.len());
+        if n == 0 {
+            return Ok(ReadResult::Data(0));
         }
         st.recv_buf.drain(..n);
         st.recv_consumed += n as u64;

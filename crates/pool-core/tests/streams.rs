@@ -323,3 +323,50 @@ fn unknown_stream_and_closed_session_errors() {
         Err(StreamError::SessionClosed(_))
     ));
 }
+
+#[test]
+fn read_with_takes_what_the_sink_takes_and_keeps_the_rest_in_order() {
+    let mut p = util::pair();
+    let id = p.a.open_stream().unwrap();
+    let msg = util::pattern(0, 50_000, id);
+    assert_eq!(p.a.stream_write(id, &msg), Ok(msg.len()));
+    p.a.stream_finish(id).unwrap();
+    p.drive();
+    let mut got = Vec::new();
+    // A sink that takes nothing leaves everything in place.
+    assert_eq!(
+        p.b.stream_read_with(id, |a, b| {
+            assert_eq!(a.len() + b.len(), msg.len());
+            0
+        }),
+        Ok(ReadResult::Data(0))
+    );
+    // Odd-sized bites across both slices.
+    loop {
+        let r = p.b.stream_read_with(id, |a, b| {
+            let take = 7_777.min(a.len() + b.len());
+            let from_a = take.min(a.len());
+            got.extend_from_slice(&a[..from_a]);
+            got.extend_from_slice(&b[..take - from_a]);
+            take
+        });
+        match r {
+            Ok(ReadResult::Data(n)) => assert!(n > 0 && n <= 7_777),
+            Ok(ReadResult::Fin) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, msg);
+    // A sink claiming more than there is counts only what there was.
+    let id2 = p.a.open_stream().unwrap();
+    p.a.stream_write(id2, b"abc").unwrap();
+    p.drive();
+    assert_eq!(
+        p.b.stream_read_with(id2, |_, _| 1_000),
+        Ok(ReadResult::Data(3))
+    );
+    assert_eq!(
+        p.b.stream_read_with(id2, |_, _| unreachable!("no bytes left")),
+        Ok(ReadResult::Blocked)
+    );
+}

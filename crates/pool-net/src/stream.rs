@@ -72,6 +72,9 @@ fn to_io(e: StreamError) -> io::Error {
     }
 }
 
+/// A consumer of a stream's buffered bytes: see [`RecvStream::read_with`].
+type Sink<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<usize> + 'a;
+
 impl Inner {
     fn reset(&self, code: u64) {
         let mut st = self.shared.lock();
@@ -98,6 +101,37 @@ impl Inner {
             }
             // Forgotten after FIN was read and our side finished: EOF.
             Err(StreamError::Unknown(_)) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+
+    /// `poll_read` without the copy: see [`RecvStream::read_with`].
+    fn poll_read_with(&self, cx: &mut Context<'_>, f: &mut Sink<'_>) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        let mut sink_err = None;
+        let res = st.core.stream_read_with(self.id, |a, b| match f(a, b) {
+            Ok(n) => n,
+            Err(e) => {
+                sink_err = Some(e);
+                0
+            }
+        });
+        match res {
+            Ok(ReadResult::Data(0)) => Poll::Ready(Err(sink_err.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::WriteZero, "read_with: the sink took nothing")
+            }))),
+            Ok(ReadResult::Data(n)) => {
+                drop(st);
+                // Reading may have opened a window the peer waits for.
+                self.shared.wake.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Ok(ReadResult::Fin) => Poll::Ready(Ok(0)),
+            Ok(ReadResult::Blocked) => {
+                st.read_wakers.insert(self.id, cx.waker().clone());
+                Poll::Pending
+            }
+            Err(StreamError::Unknown(_)) => Poll::Ready(Ok(0)),
             Err(e) => Poll::Ready(Err(to_io(e))),
         }
     }
@@ -182,6 +216,24 @@ impl RecvStream {
     /// Aborts the whole stream (both directions) with `code`.
     pub fn reset(&self, code: u64) {
         self.inner.reset(code);
+    }
+
+    /// Reads without copying into a buffer of the caller's: waits until
+    /// bytes have arrived, then hands them to `sink` as two slices (in
+    /// order; the second may be empty), which returns how many it took,
+    /// typically by writing them to a socket with a non-blocking vectored
+    /// write. Returns that count, or `Ok(0)` at the end of the stream.
+    ///
+    /// `sink` runs with the session locked, so it must not block or
+    /// await: a sink that cannot take anything now returns an error such
+    /// as [`io::ErrorKind::WouldBlock`], which is passed back unchanged and
+    /// leaves the bytes in place for the next call. A sink that returns
+    /// `Ok(0)` gives a [`io::ErrorKind::WriteZero`] error.
+    pub async fn read_with<F>(&mut self, mut sink: F) -> io::Result<usize>
+    where
+        F: FnMut(&[u8], &[u8]) -> io::Result<usize>,
+    {
+        std::future::poll_fn(|cx| self.inner.poll_read_with(cx, &mut sink)).await
     }
 }
 

@@ -7,6 +7,7 @@
 //! target) and the service name that selects the target. The target itself
 //! is never chosen by the peer.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -223,9 +224,20 @@ pub(crate) async fn splice(
         }
     };
     let down = async {
-        let mut buf = vec![0u8; 16 << 10];
+        // What arrived on the stream goes straight from the session's
+        // buffer to the socket (one copy fewer than reading it into a
+        // buffer of our own first); it stays there until the socket takes
+        // it, so a slow target holds back the peer through flow control.
         loop {
-            match rs.read(&mut buf).await {
+            let mut tcp_failed = false;
+            let res = rs
+                .read_with(|a, b| {
+                    let r = tw.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
+                    tcp_failed = r.is_err();
+                    r
+                })
+                .await;
+            match res {
                 Ok(0) => {
                     let _ = tw.shutdown().await;
                     return End::Fin;
@@ -233,15 +245,17 @@ pub(crate) async fn splice(
                 Ok(n) => {
                     touch();
                     stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    if let Err(e) = tw.write_all(&buf[..n]).await {
-                        if is_reset(&e) {
-                            rs.reset(RESET_TCP);
-                        }
+                }
+                Err(e) if tcp_failed && e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if tw.writable().await.is_err() {
                         return End::Reset;
                     }
-                    if n == buf.len() && buf.len() < (256 << 10) {
-                        buf.resize(256 << 10, 0);
+                }
+                Err(e) if tcp_failed => {
+                    if is_reset(&e) {
+                        rs.reset(RESET_TCP);
                     }
+                    return End::Reset;
                 }
                 Err(_) => {
                     reset_tcp(&tw);
