@@ -83,29 +83,22 @@ impl Inner {
         self.shared.wake.notify_one();
     }
 
+    /// Copies what has arrived into `buf`, through [`Inner::poll_read_with`].
     fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let mut st = self.shared.lock();
-        let dst = buf.initialize_unfilled();
-        match st.core.stream_read(self.id, dst) {
-            Ok(ReadResult::Data(n)) => {
-                buf.advance(n);
-                drop(st);
-                // Reading may have opened a window the peer waits for.
-                self.shared.wake.notify_one();
-                Poll::Ready(Ok(()))
-            }
-            Ok(ReadResult::Fin) => Poll::Ready(Ok(())),
-            Ok(ReadResult::Blocked) => {
-                st.read_wakers.insert(self.id, cx.waker().clone());
-                Poll::Pending
-            }
-            // Forgotten after FIN was read and our side finished: EOF.
-            Err(StreamError::Unknown(_)) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
+        self.poll_read_with(cx, &mut |a, b| {
+            let na = a.len().min(buf.remaining());
+            buf.put_slice(&a[..na]);
+            let nb = b.len().min(buf.remaining());
+            buf.put_slice(&b[..nb]);
+            Ok(na + nb)
+        })
+        .map_ok(|_| ())
     }
 
-    /// `poll_read` without the copy: see [`RecvStream::read_with`].
+    /// Hands what has arrived to `f`: see [`RecvStream::read_with`].
     fn poll_read_with(&self, cx: &mut Context<'_>, f: &mut Sink<'_>) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
         let mut sink_err = None;
@@ -131,6 +124,7 @@ impl Inner {
                 st.read_wakers.insert(self.id, cx.waker().clone());
                 Poll::Pending
             }
+            // Forgotten after FIN was read and our side finished: EOF.
             Err(StreamError::Unknown(_)) => Poll::Ready(Ok(0)),
             Err(e) => Poll::Ready(Err(to_io(e))),
         }
