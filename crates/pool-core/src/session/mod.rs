@@ -1,0 +1,535 @@
+//! The session state machine: records, sequencing, acks, the replay
+//! buffer, epochs (rekey and resume), streams and flow control.
+//!
+//! Drive it with `handle_*` and `poll_*`; after any input, drain
+//! [`Session::poll_transmit`] and [`Session::poll_event`] until they return
+//! `None`, then sleep until [`Session::poll_timeout`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand_core::RngCore;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::crypto::{self, CipherSuite, DirectionKey, TAG_LEN};
+use crate::error::{CloseCode, CloseReason, HandshakeError, StreamError, WireError};
+use crate::handshake::{split_record, Agreed, EpochHandshake};
+use crate::keys::PublicKey;
+use crate::wire::{
+    self, decode_frame, Frame, Reader, RecordType, DATA_OVERHEAD, DATA_PREFIX_LEN, MAX_RECORD_LEN,
+    RECORD_HEADER_LEN,
+};
+
+mod epoch;
+mod receive;
+mod send_queue;
+pub(crate) mod snapshot;
+mod streams;
+mod transmit;
+
+use send_queue::SendQueue;
+use streams::StreamState;
+
+/// Largest stream payload in one frame; four fit in one record.
+pub(crate) const MAX_STREAM_CHUNK: usize = 16 * 1024 - 32;
+
+/// Which side of the first handshake this session was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Dialled the peer; resumes the session when the carrier dies.
+    Initiator,
+    /// Accepted the peer; waits for a resume when the carrier dies.
+    Responder,
+}
+
+/// A session's identifier: public, derived from the handshake hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub [u8; 16]);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+/// Limits each side announces in the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TransportParams {
+    pub(crate) stream_window: u64,
+    pub(crate) session_window: u64,
+    pub(crate) max_streams: u64,
+}
+
+impl TransportParams {
+    pub(crate) const LEN: usize = 24;
+    pub(crate) fn from_config(c: &Config) -> Self {
+        TransportParams {
+            stream_window: c.stream_window,
+            session_window: c.session_window,
+            max_streams: c.max_streams,
+        }
+    }
+    pub(crate) fn write(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.stream_window.to_be_bytes());
+        out[8..16].copy_from_slice(&self.session_window.to_be_bytes());
+        out[16..24].copy_from_slice(&self.max_streams.to_be_bytes());
+    }
+    pub(crate) fn read(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        Ok(TransportParams {
+            stream_window: r.u64()?,
+            session_window: r.u64()?,
+            max_streams: r.u64()?,
+        })
+    }
+}
+
+/// What the session tells its driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The peer opened a stream.
+    StreamOpened(u64),
+    /// A stream has data, a FIN or a reset to read.
+    StreamReadable(u64),
+    /// A stream that was blocked may be written again.
+    StreamWritable(u64),
+    /// The peer allows more streams.
+    StreamsAvailable,
+    /// Nothing arrived on the carrier for the configured time: drop it
+    /// (the initiator then resumes on a new one).
+    CarrierDead,
+    /// A new key epoch is in use.
+    Rekeyed(u32),
+    /// The peer told us where it accepts direct carriers.
+    PeerPaths(Vec<std::net::SocketAddr>),
+    /// The session is over.
+    Closed(CloseReason),
+}
+
+/// What a stream read produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadResult {
+    /// This many bytes were copied.
+    Data(usize),
+    /// The peer finished its side; no more data will come.
+    Fin,
+    /// Nothing yet: wait for [`Event::StreamReadable`].
+    Blocked,
+}
+
+/// Counters and estimates; a snapshot, cheap to take.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Carrier bytes sent (records, headers included).
+    pub bytes_sent: u64,
+    /// Carrier bytes received.
+    pub bytes_received: u64,
+    /// Records sent.
+    pub records_sent: u64,
+    /// Records received.
+    pub records_received: u64,
+    /// Sequenced frames queued for sending.
+    pub frames_sent: u64,
+    /// Sequenced frames received and delivered (duplicates excluded).
+    pub frames_received: u64,
+    /// Stream payload bytes written by the application.
+    pub stream_bytes_sent: u64,
+    /// Stream payload bytes received.
+    pub stream_bytes_received: u64,
+    /// Frames sent again after a resume.
+    pub frames_resent: u64,
+    /// Duplicate frames dropped on receipt.
+    pub duplicates_dropped: u64,
+    /// Smoothed round-trip time.
+    pub rtt: Option<Duration>,
+    /// Smallest RTT seen.
+    pub min_rtt: Option<Duration>,
+    /// Jitter: smoothed difference between consecutive RTT samples
+    /// (RFC 3550 §6.4.1 estimator, gain 1/16).
+    pub jitter: Duration,
+    /// Current key epoch.
+    pub epoch: u32,
+    /// Rekeys completed.
+    pub rekeys: u64,
+    /// Resumes completed (carrier changes).
+    pub resumes: u64,
+    /// Streams opened (both sides).
+    pub streams_opened: u64,
+    /// Streams open now.
+    pub streams_active: u64,
+    /// Whether a carrier is attached.
+    pub carrier_up: bool,
+    /// Data-path cipher.
+    pub cipher: &'static str,
+}
+
+/// Sequenced frames not yet acknowledged: the replay buffer, which is also
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    Closing,
+    Closed(CloseReason),
+}
+
+struct PendingEpoch {
+    hs: EpochHandshake,
+    epoch: u32,
+}
+
+/// One POOL session: everything but the sockets and the clock.
+pub struct Session {
+    role: Role,
+    config: Config,
+    local: PublicKey,
+    peer: PublicKey,
+    id: SessionId,
+    suite: CipherSuite,
+    chain: Zeroizing<[u8; 32]>,
+    /// Highest epoch with installed keys.
+    committed_epoch: u32,
+    /// Highest epoch proposed, answered or installed.
+    max_epoch: u32,
+    peer_params: TransportParams,
+
+    tx: Option<DirectionKey>,
+    rx: Option<DirectionKey>,
+    rx_next: Option<DirectionKey>,
+    rekey: Option<PendingEpoch>,
+    resume: Option<PendingEpoch>,
+    out_key_update: Option<(u32, Vec<u8>)>,
+    out_key_ack: Option<(u32, Vec<u8>, DirectionKey)>,
+    epoch_started: Instant,
+
+    carrier_up: bool,
+    lost_at: Option<Instant>,
+    last_recv: Instant,
+    /// Since when the carrier owes us an answer (an ack of sent frames or
+    /// a pong); see `Config::probe_timeout`.
+    awaiting_since: Option<Instant>,
+    ping_outstanding: bool,
+    last_ping_sent: Instant,
+    /// When stream data last moved (either way): while it moves, pings go
+    /// out every half probe timeout so that a receiver, which owes no
+    /// acks, also notices a dead path quickly.
+    last_data_at: Instant,
+    /// Our direct-path candidates, encoded for a PATHS frame.
+    local_paths: Vec<u8>,
+    paths_queued: bool,
+
+    send: SendQueue,
+    recv_next: u64,
+    ack_sent: u64,
+    unacked_bytes: usize,
+    ack_due: Option<Instant>,
+
+    streams: HashMap<u64, StreamState>,
+    next_local_index: u64,
+    next_peer_index: u64,
+    peer_max_streams: u64,
+    local_max_streams: u64,
+    peer_streams_closed: u64,
+    max_streams_queued: bool,
+    stream_limit_blocked: bool,
+    max_stream_data_queue: VecDeque<u64>,
+    blocked: Vec<u64>,
+
+    send_max_data: u64,
+    data_sent: u64,
+    recv_max_data: u64,
+    recv_data: u64,
+    recv_consumed: u64,
+    max_data_queued: bool,
+
+    start: Instant,
+    next_ping: Instant,
+    ping_due: bool,
+    entropy: [u8; 32],
+    pongs: VecDeque<u64>,
+    last_rtt_sample: Option<Duration>,
+
+    pending_close: Option<(CloseCode, String, bool)>,
+    state: State,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Session(id={}, role={:?}, peer={})",
+            self.id,
+            self.role,
+            self.peer.short()
+        )
+    }
+}
+
+fn derive_id(hash: &[u8; 32]) -> SessionId {
+    let mut id = [0u8; 16];
+    crypto::hkdf(hash, &[], b"pool session id", &mut id);
+    SessionId(id)
+}
+
+fn next_chain(chain: &[u8; 32], agreed: &Agreed) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    crypto::hkdf(
+        &agreed.hash,
+        &[
+            chain,
+            &agreed.initiator_to_responder,
+            &agreed.responder_to_initiator,
+        ],
+        b"pool chain",
+        &mut *out,
+    );
+    out
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        now: Instant,
+        role: Role,
+        config: Config,
+        local: PublicKey,
+        peer: PublicKey,
+        suite: CipherSuite,
+        agreed: &Agreed,
+        peer_params: TransportParams,
+    ) -> Session {
+        let chain = next_chain(&[0u8; 32], agreed);
+        let (tx, rx) = match role {
+            Role::Initiator => (agreed.initiator_to_responder, agreed.responder_to_initiator),
+            Role::Responder => (agreed.responder_to_initiator, agreed.initiator_to_responder),
+        };
+        let mut s = Session::blank(
+            now,
+            role,
+            config,
+            local,
+            peer,
+            derive_id(&agreed.hash),
+            suite,
+        );
+        s.chain = chain;
+        s.peer_params = peer_params;
+        s.peer_max_streams = peer_params.max_streams;
+        s.send_max_data = peer_params.session_window;
+        s.tx = DirectionKey::new(suite, tx, 0);
+        s.rx = DirectionKey::new(suite, rx, 0);
+        s.carrier_up = s.tx.is_some() && s.rx.is_some();
+        s.stats.carrier_up = s.carrier_up;
+        s
+    }
+
+    pub(crate) fn blank(
+        now: Instant,
+        role: Role,
+        config: Config,
+        local: PublicKey,
+        peer: PublicKey,
+        id: SessionId,
+        suite: CipherSuite,
+    ) -> Session {
+        let params = TransportParams::from_config(&config);
+        Session {
+            role,
+            local,
+            peer,
+            id,
+            suite,
+            chain: Zeroizing::new([0u8; 32]),
+            committed_epoch: 0,
+            max_epoch: 0,
+            peer_params: params,
+            tx: None,
+            rx: None,
+            rx_next: None,
+            rekey: None,
+            resume: None,
+            out_key_update: None,
+            out_key_ack: None,
+            epoch_started: now,
+            carrier_up: false,
+            lost_at: None,
+            last_recv: now,
+            awaiting_since: None,
+            ping_outstanding: false,
+            last_ping_sent: now,
+            last_data_at: now,
+            local_paths: Vec::new(),
+            paths_queued: false,
+            send: SendQueue::new(config.replay_buffer),
+            recv_next: 0,
+            ack_sent: 0,
+            unacked_bytes: 0,
+            ack_due: None,
+            streams: HashMap::new(),
+            next_local_index: 0,
+            next_peer_index: 0,
+            peer_max_streams: 0,
+            local_max_streams: config.max_streams,
+            peer_streams_closed: 0,
+            max_streams_queued: false,
+            stream_limit_blocked: false,
+            max_stream_data_queue: VecDeque::new(),
+            blocked: Vec::new(),
+            send_max_data: 0,
+            data_sent: 0,
+            recv_max_data: config.session_window,
+            recv_data: 0,
+            recv_consumed: 0,
+            max_data_queued: false,
+            start: now,
+            next_ping: now,
+            ping_due: true,
+            entropy: [0; 32],
+            pongs: VecDeque::new(),
+            last_rtt_sample: None,
+            pending_close: None,
+            state: State::Open,
+            events: VecDeque::new(),
+            stats: Stats {
+                cipher: suite.name(),
+                ..Stats::default()
+            },
+            config,
+        }
+    }
+
+    // ---- accessors ----
+
+    /// The session id (shared by both sides).
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+    /// Which side of the handshake this was.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The peer's authenticated static key.
+    pub fn peer_key(&self) -> PublicKey {
+        self.peer
+    }
+    /// This node's static key.
+    pub fn local_key(&self) -> PublicKey {
+        self.local
+    }
+    /// The data-path cipher.
+    pub fn cipher(&self) -> CipherSuite {
+        self.suite
+    }
+    /// Whether a carrier is attached and keyed.
+    pub fn carrier_up(&self) -> bool {
+        self.carrier_up
+    }
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+    /// Why the session ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        match &self.state {
+            State::Closed(r) => Some(r),
+            _ => None,
+        }
+    }
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// Counters and estimates.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.epoch = self.committed_epoch;
+        s.streams_active = self.streams.len() as u64;
+        s.carrier_up = self.carrier_up;
+        s
+    }
+
+    // ---- events and timers ----
+
+    /// The next event, if any. Drain after every input.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Instant| {
+            t = Some(t.map_or(x, |t| t.min(x)));
+        };
+        if self.carrier_up {
+            if let Some(a) = self.ack_due {
+                consider(a);
+            }
+            consider(self.next_ping);
+            consider(self.last_recv + self.config.dead_after);
+            if let Some(d) = self.probe_deadline() {
+                consider(d);
+            }
+            if let Some(d) = self.fast_ping_at() {
+                consider(d);
+            }
+            if self.rekey.is_none() && self.resume.is_none() {
+                consider(self.epoch_started + self.config.rekey_after);
+            }
+        } else if let Some(lost) = self.lost_at {
+            consider(lost + self.config.resume_deadline);
+        }
+        t
+    }
+
+    /// Runs timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if !self.carrier_up {
+            if let Some(lost) = self.lost_at {
+                if now >= lost + self.config.resume_deadline {
+                    self.finish_close(CloseReason::ResumeDeadline {
+                        secs: self.config.resume_deadline.as_secs(),
+                    });
+                }
+            }
+            return;
+        }
+        if now >= self.last_recv + self.config.dead_after
+            || self.probe_deadline().is_some_and(|d| now >= d)
+        {
+            self.carrier_lost(now);
+            self.events.push_back(Event::CarrierDead);
+            return;
+        }
+        if self.fast_ping_at().is_some_and(|d| now >= d) {
+            self.ping_due = true;
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.config.keepalive;
+            self.shrink_idle_buffers();
+            // A ping frame is produced by poll_transmit when due.
+            self.ping_due = true;
+        }
+        self.maybe_start_rekey(now);
+    }
+}

@@ -1,0 +1,397 @@
+//! Receiving: records in, frames dispatched, flow-control credit.
+
+use super::*;
+
+// ---- receiving ----
+impl Session {
+    /// Feeds bytes read from the carrier. Consumes whole records from the
+    /// front of `buf` (decrypting in place) and returns how many bytes it
+    /// consumed; the caller keeps the rest for the next call.
+    ///
+    /// A record that fails authentication or breaks the protocol closes
+    /// the session with a reason (see [`Event::Closed`]).
+    pub fn handle_carrier_data(&mut self, now: Instant, buf: &mut [u8]) -> usize {
+        let mut used = 0;
+        while !self.is_closed() && self.carrier_up {
+            match wire::peek_record(&buf[used..]) {
+                Ok(None) => break,
+                Ok(Some((RecordType::Data, len))) => {
+                    let rec = &mut buf[used..used + len];
+                    used += len;
+                    if let Err(reason) = self.handle_data_record(now, rec) {
+                        self.fail(reason);
+                    }
+                }
+                Ok(Some((_, _))) => {
+                    self.fail(CloseReason::Protocol(
+                        "handshake record on an established carrier".into(),
+                    ));
+                }
+                Err(e) => {
+                    self.fail(CloseReason::Protocol(e.to_string()));
+                }
+            }
+        }
+        if self.is_closed() {
+            return buf.len();
+        }
+        used
+    }
+
+    pub(super) fn fail(&mut self, reason: CloseReason) {
+        let code = match &reason {
+            CloseReason::AuthFailed => CloseCode::Auth,
+            CloseReason::Protocol(m)
+                if m.contains("flow control") || m.contains("stream limit") =>
+            {
+                CloseCode::FlowControl
+            }
+            _ => CloseCode::Protocol,
+        };
+        let text = reason.to_string();
+        self.pending_close = Some((code, text, true));
+        // Closed now for the application; the CLOSE frame goes out with the
+        // next poll_transmit if the carrier can still carry it.
+        self.state = State::Closed(reason.clone());
+        self.events.push_back(Event::Closed(reason));
+        self.carrier_up_after_fail();
+    }
+
+    pub(super) fn carrier_up_after_fail(&mut self) {
+        // Allow exactly one more record (the CLOSE) to be sealed.
+        if self.tx.is_none() {
+            self.pending_close = None;
+        }
+    }
+
+    pub(super) fn handle_data_record(
+        &mut self,
+        now: Instant,
+        rec: &mut [u8],
+    ) -> Result<(), CloseReason> {
+        let epoch = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
+        let counter =
+            u64::from_be_bytes(rec[8..16].try_into().map_err(|_| CloseReason::AuthFailed)?);
+        let use_next = match (&self.rx, &self.rx_next) {
+            (Some(k), _) if k.epoch == epoch => false,
+            (_, Some(k)) if k.epoch == epoch => true,
+            _ => return Err(CloseReason::AuthFailed),
+        };
+        if use_next {
+            self.rx = self.rx_next.take();
+        }
+        let rx = self.rx.as_mut().ok_or(CloseReason::AuthFailed)?;
+        if counter != rx.counter {
+            return Err(CloseReason::AuthFailed);
+        }
+        let (aad, body) = rec.split_at_mut(RECORD_HEADER_LEN + DATA_PREFIX_LEN);
+        let n = rx.open(counter, aad, body).ok_or(CloseReason::AuthFailed)?;
+        rx.counter += 1;
+        self.stats.records_received += 1;
+        self.stats.bytes_received += (RECORD_HEADER_LEN + DATA_PREFIX_LEN + n + TAG_LEN) as u64;
+        self.last_recv = now;
+        self.awaiting_since = None;
+        let plain = &body[..n];
+        let mut r = Reader::new(plain);
+        let mut seq = r.u64().map_err(|e| CloseReason::Protocol(e.to_string()))?;
+        let mut delivered_bytes = 0usize;
+        while !r.is_empty() {
+            let frame = decode_frame(&mut r).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+            if frame.is_sequenced() {
+                if seq < self.recv_next {
+                    seq += 1;
+                    self.stats.duplicates_dropped += 1;
+                    continue;
+                }
+                if seq > self.recv_next {
+                    return Err(CloseReason::Protocol(format!(
+                        "sequence gap: got {seq}, expected {}",
+                        self.recv_next
+                    )));
+                }
+                seq += 1;
+                self.recv_next += 1;
+                self.stats.frames_received += 1;
+                delivered_bytes += frame.encoded_len();
+            }
+            self.handle_frame(now, frame)?;
+            if self.is_closed() {
+                return Ok(());
+            }
+        }
+        if delivered_bytes > 0 {
+            self.last_data_at = now;
+            self.unacked_bytes += delivered_bytes;
+            if self.ack_due.is_none() {
+                self.ack_due = Some(now + self.config.ack_delay);
+            }
+        }
+        if self.owed_answer() {
+            self.awaiting_since = Some(now);
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_frame(
+        &mut self,
+        now: Instant,
+        frame: Frame<'_>,
+    ) -> Result<(), CloseReason> {
+        match frame {
+            Frame::Ack { next } => {
+                if next > self.send.sent_hw {
+                    return Err(CloseReason::Protocol(format!("ack of unsent frame {next}")));
+                }
+                if self.send.ack(next) > 0 {
+                    self.wake_blocked();
+                }
+            }
+            Frame::Ping { stamp } => {
+                if self.pongs.len() < 16 {
+                    self.pongs.push_back(stamp);
+                }
+            }
+            Frame::Pong { stamp } => {
+                self.ping_outstanding = false;
+                self.rtt_sample(now, stamp);
+            }
+            Frame::Paths { addrs } => {
+                let list = addrs
+                    .chunks_exact(18)
+                    .filter_map(|c| c.try_into().ok())
+                    .map(crate::relay::get_addr)
+                    .collect();
+                self.events.push_back(Event::PeerPaths(list));
+            }
+            Frame::KeyUpdate { epoch, msg } => self.handle_key_update(now, epoch, msg)?,
+            Frame::KeyUpdateAck { epoch, msg } => self.handle_key_update_ack(now, epoch, msg)?,
+            Frame::Stream { id, fin, data } => self.on_stream_data(id, fin, data)?,
+            Frame::ResetStream { id, code } => {
+                if let Some(st) = self.peer_stream(id)? {
+                    if st.reset.is_none() {
+                        st.reset = Some(code);
+                        let unread = st.recv_buf.len() as u64;
+                        st.recv_buf = VecDeque::new();
+                        self.recv_consumed += unread;
+                        self.events.push_back(Event::StreamReadable(id));
+                        self.events.push_back(Event::StreamWritable(id));
+                        self.maybe_grant_session();
+                    }
+                }
+            }
+            Frame::MaxData { max } => {
+                if max > self.send_max_data {
+                    self.send_max_data = max;
+                    self.wake_blocked();
+                }
+            }
+            Frame::MaxStreamData { id, max } => {
+                if let Some(st) = self.streams.get_mut(&id) {
+                    if max > st.send_max {
+                        st.send_max = max;
+                        self.wake_blocked();
+                    }
+                }
+            }
+            Frame::MaxStreams { max } => {
+                if max > self.peer_max_streams {
+                    self.peer_max_streams = max;
+                    if self.stream_limit_blocked {
+                        self.stream_limit_blocked = false;
+                        self.events.push_back(Event::StreamsAvailable);
+                    }
+                }
+            }
+            Frame::Close { code, reason } => {
+                let reason = String::from_utf8_lossy(reason).into_owned();
+                self.finish_close(CloseReason::Peer {
+                    code: CloseCode::from_u64(code),
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn rtt_sample(&mut self, now: Instant, stamp: u64) {
+        let sent = self.start + Duration::from_micros(stamp);
+        if sent > now {
+            return;
+        }
+        let sample = now - sent;
+        let s = &mut self.stats;
+        s.rtt = Some(match s.rtt {
+            None => sample,
+            Some(srtt) => (srtt * 7 + sample) / 8,
+        });
+        s.min_rtt = Some(s.min_rtt.map_or(sample, |m| m.min(sample)));
+        if let Some(prev) = self.last_rtt_sample {
+            let d = sample.abs_diff(prev);
+            let j = s.jitter;
+            s.jitter = if d > j {
+                j + (d - j) / 16
+            } else {
+                j - (j - d) / 16
+            };
+        }
+        self.last_rtt_sample = Some(sample);
+    }
+
+    pub(super) fn is_local_stream(&self, id: u64) -> bool {
+        let local_bit = if self.role == Role::Initiator { 0 } else { 1 };
+        id & 1 == local_bit
+    }
+
+    /// The stream a peer frame refers to: `Some` if live, `None` if it was
+    /// closed (the frame is then ignored); creates peer streams on first use.
+    pub(super) fn peer_stream(&mut self, id: u64) -> Result<Option<&mut StreamState>, CloseReason> {
+        if !self.streams.contains_key(&id) {
+            let index = id >> 1;
+            if self.is_local_stream(id) {
+                if index >= self.next_local_index {
+                    return Err(CloseReason::Protocol(format!(
+                        "frame for stream {id} that this side never opened"
+                    )));
+                }
+                return Ok(None);
+            }
+            if index < self.next_peer_index {
+                return Ok(None);
+            }
+            if index >= self.local_max_streams {
+                return Err(CloseReason::Protocol(format!(
+                    "stream limit exceeded: stream {id}, limit {}",
+                    self.local_max_streams
+                )));
+            }
+            for i in self.next_peer_index..=index {
+                let sid = i * 2 + (id & 1);
+                self.streams.insert(sid, self.new_stream_state());
+                self.stats.streams_opened += 1;
+                self.events.push_back(Event::StreamOpened(sid));
+            }
+            self.next_peer_index = index + 1;
+        }
+        Ok(self.streams.get_mut(&id))
+    }
+
+    pub(super) fn new_stream_state(&self) -> StreamState {
+        StreamState {
+            send_max: self.peer_params.stream_window,
+            recv_max: self.config.stream_window,
+            ..StreamState::default()
+        }
+    }
+
+    pub(super) fn on_stream_data(
+        &mut self,
+        id: u64,
+        fin: bool,
+        data: &[u8],
+    ) -> Result<(), CloseReason> {
+        let len = data.len() as u64;
+        if self.recv_data + len > self.recv_max_data {
+            return Err(CloseReason::Protocol(
+                "session flow control window exceeded".into(),
+            ));
+        }
+        self.recv_data += len;
+        self.stats.stream_bytes_received += len;
+        let Some(st) = self.peer_stream(id)? else {
+            self.recv_consumed += len;
+            self.maybe_grant_session();
+            return Ok(());
+        };
+        if st.reset.is_some() || st.fin_received {
+            if st.fin_received && len > 0 {
+                return Err(CloseReason::Protocol(format!(
+                    "data after FIN on stream {id}"
+                )));
+            }
+            self.recv_consumed += len;
+            self.maybe_grant_session();
+            return Ok(());
+        }
+        if st.recv_total + len > st.recv_max {
+            return Err(CloseReason::Protocol(format!(
+                "stream flow control window exceeded on stream {id}"
+            )));
+        }
+        st.recv_total += len;
+        st.fin_received |= fin;
+        let discarding = st.discarding;
+        if discarding {
+            st.recv_consumed += len;
+        } else {
+            st.recv_buf.extend(data.iter());
+        }
+        let done = st.recv_done() && st.send_done();
+        if discarding {
+            self.recv_consumed += len;
+            self.maybe_grant_session();
+            self.maybe_grant_stream(id);
+            if done {
+                self.forget(id);
+            }
+        } else if len > 0 || fin {
+            self.events.push_back(Event::StreamReadable(id));
+        }
+        Ok(())
+    }
+
+    /// Gives back the memory of buffers a burst left behind. Called on the
+    /// keepalive tick, never on the data path (shrinking there and growing
+    /// again on the next write would cost more than the copy itself).
+    pub(super) fn shrink_idle_buffers(&mut self) {
+        if self.send.lens.is_empty() && self.send.bytes.capacity() > (64 << 10) {
+            self.send.bytes.shrink_to(0);
+        }
+        for st in self.streams.values_mut() {
+            if st.recv_buf.is_empty() && st.recv_buf.capacity() > (16 << 10) {
+                st.recv_buf.shrink_to(0);
+            }
+        }
+    }
+
+    pub(super) fn maybe_grant_session(&mut self) {
+        let w = self.config.session_window;
+        if self.recv_max_data - self.recv_consumed < w / 2 {
+            self.recv_max_data = self.recv_consumed + w;
+            self.max_data_queued = true;
+        }
+    }
+
+    pub(super) fn maybe_grant_stream(&mut self, id: u64) {
+        let w = self.config.stream_window;
+        if let Some(st) = self.streams.get_mut(&id) {
+            if !st.fin_received && st.recv_max - st.recv_consumed < w / 2 {
+                st.recv_max = st.recv_consumed + w;
+                if !st.max_update_queued {
+                    st.max_update_queued = true;
+                    self.max_stream_data_queue.push_back(id);
+                }
+            }
+        }
+    }
+
+    pub(super) fn wake_blocked(&mut self) {
+        for id in self.blocked.drain(..) {
+            self.events.push_back(Event::StreamWritable(id));
+        }
+    }
+
+    pub(super) fn forget(&mut self, id: u64) {
+        if self.streams.remove(&id).is_some() && !self.is_local_stream(id) {
+            self.peer_streams_closed += 1;
+            self.local_max_streams += 1;
+            self.max_streams_queued = true;
+        }
+    }
+
+    pub(super) fn finish_close(&mut self, reason: CloseReason) {
+        if !self.is_closed() {
+            self.state = State::Closed(reason.clone());
+            self.events.push_back(Event::Closed(reason));
+        }
+    }
+}

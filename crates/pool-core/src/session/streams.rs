@@ -1,0 +1,273 @@
+//! Streams: the application's side (open, write, finish, reset, stop,
+//! read) and close.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::*;
+
+#[derive(Debug, Default)]
+pub(super) struct StreamState {
+    // Sending side.
+    pub(super) send_max: u64,
+    pub(super) sent: u64,
+    pub(super) fin_queued: bool,
+    // Receiving side.
+    pub(super) recv_buf: VecDeque<u8>,
+    pub(super) recv_total: u64,
+    pub(super) recv_consumed: u64,
+    pub(super) recv_max: u64,
+    pub(super) fin_received: bool,
+    pub(super) fin_read: bool,
+    /// The application no longer reads: incoming data is dropped and credited.
+    pub(super) discarding: bool,
+    pub(super) reset: Option<u64>,
+    pub(super) max_update_queued: bool,
+}
+
+impl StreamState {
+    pub(super) fn recv_done(&self) -> bool {
+        self.reset.is_some() || self.fin_read || (self.discarding && self.fin_received)
+    }
+    pub(super) fn send_done(&self) -> bool {
+        self.reset.is_some() || self.fin_queued
+    }
+}
+
+// ---- the application's side: streams and close ----
+impl Session {
+    pub(super) fn check_open(&self) -> Result<(), StreamError> {
+        match &self.state {
+            State::Closed(r) => Err(StreamError::SessionClosed(r.clone())),
+            State::Closing => Err(StreamError::SessionClosed(CloseReason::Local {
+                code: CloseCode::Normal,
+                reason: "closing".into(),
+            })),
+            State::Open => Ok(()),
+        }
+    }
+
+    /// Opens a stream. The peer learns of it at once (an empty STREAM
+    /// frame), so protocols where the server speaks first work.
+    pub fn open_stream(&mut self) -> Result<u64, StreamError> {
+        self.check_open()?;
+        if self.next_local_index >= self.peer_max_streams {
+            self.stream_limit_blocked = true;
+            return Err(StreamError::Limit);
+        }
+        let hdr_space = 17;
+        if self.send.space() < hdr_space {
+            return Err(StreamError::Blocked);
+        }
+        let bit = if self.role == Role::Initiator { 0 } else { 1 };
+        let id = self.next_local_index * 2 + bit;
+        self.next_local_index += 1;
+        let st = self.new_stream_state();
+        self.streams.insert(id, st);
+        self.stats.streams_opened += 1;
+        self.push_stream_frame(id, false, &[]);
+        Ok(id)
+    }
+
+    pub(super) fn push_stream_frame(&mut self, id: u64, fin: bool, data: &[u8]) {
+        let mut hdr = [0u8; 17];
+        let n = wire::stream_header(id, fin, data.len(), &mut hdr);
+        self.send.push(&[&hdr[..n], data]);
+        self.stats.frames_sent += 1;
+    }
+
+    /// Writes as much of `data` as flow control and the replay buffer
+    /// allow; returns the count, or [`StreamError::Blocked`] if none
+    /// (then wait for [`Event::StreamWritable`]).
+    pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
+        self.check_open()?;
+        let st = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
+        if let Some(code) = st.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if st.fin_queued {
+            return Err(StreamError::Finished);
+        }
+        let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
+        let mut written = 0usize;
+        let mut left = (data.len() as u64).min(credit) as usize;
+        while left > 0 {
+            let space = self.send.space();
+            if space <= 17 {
+                break;
+            }
+            let n = left.min(MAX_STREAM_CHUNK).min(space - 17);
+            self.push_stream_frame(id, false, &data[written..written + n]);
+            written += n;
+            left -= n;
+        }
+        if written == 0 && !data.is_empty() {
+            if !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        if let Some(st) = self.streams.get_mut(&id) {
+            st.sent += written as u64;
+        }
+        self.data_sent += written as u64;
+        self.stats.stream_bytes_sent += written as u64;
+        Ok(written)
+    }
+
+    /// Ends the sending side (FIN). Reading goes on until the peer's FIN.
+    pub fn stream_finish(&mut self, id: u64) -> Result<(), StreamError> {
+        self.check_open()?;
+        let st = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if let Some(code) = st.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if st.fin_queued {
+            return Ok(());
+        }
+        if self.send.space() < 17 {
+            if !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        st.fin_queued = true;
+        let done = st.recv_done();
+        self.push_stream_frame(id, true, &[]);
+        if done {
+            self.forget(id);
+        }
+        Ok(())
+    }
+
+    /// Aborts the stream in both directions; the peer sees `code`.
+    pub fn stream_reset(&mut self, id: u64, code: u64) -> Result<(), StreamError> {
+        self.check_open()?;
+        let st = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if st.reset.is_some() {
+            return Ok(());
+        }
+        st.reset = Some(code);
+        let unread = st.recv_buf.len() as u64;
+        self.recv_consumed += unread;
+        let f = Frame::ResetStream { id, code };
+        let mut tmp = [0u8; 24];
+        let n = f.encode(&mut tmp);
+        self.send.push(&[&tmp[..n]]);
+        self.stats.frames_sent += 1;
+        self.forget(id);
+        self.maybe_grant_session();
+        Ok(())
+    }
+
+    /// The application will not read this stream any more: data that
+    /// arrives is dropped and credited, so the peer is never blocked.
+    /// Also finishes the sending side if it is still open.
+    pub fn stream_stop(&mut self, id: u64) -> Result<(), StreamError> {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        st.discarding = true;
+        let unread = st.recv_buf.len() as u64;
+        st.recv_consumed += unread;
+        st.recv_buf = VecDeque::new();
+        self.recv_consumed += unread;
+        let fin_queued = st.fin_queued || st.reset.is_some();
+        self.maybe_grant_session();
+        self.maybe_grant_stream(id);
+        if !fin_queued && !self.is_closed() {
+            let _ = self.stream_finish(id);
+        }
+        if self
+            .streams
+            .get(&id)
+            .is_some_and(|st| st.recv_done() && st.send_done())
+        {
+            self.forget(id);
+        }
+        Ok(())
+    }
+
+    /// Reads into `out`.
+    pub fn stream_read(&mut self, id: u64, out: &mut [u8]) -> Result<ReadResult, StreamError> {
+        self.stream_read_with(id, |a, b| {
+            let na = out.len().min(a.len());
+            out[..na].copy_from_slice(&a[..na]);
+            let nb = (out.len() - na).min(b.len());
+            out[na..na + nb].copy_from_slice(&b[..nb]);
+            na + nb
+        })
+    }
+
+    /// Like [`Session::stream_read`], without a copy: `f` gets the bytes
+    /// waiting on the stream, in order, as two slices (the second may be
+    /// empty), and returns how many of them it consumed (at most their
+    /// total length). Returns [`ReadResult::Data`] with that count, which
+    /// may be 0 when `f` takes nothing; `f` is called only when there are
+    /// bytes to read.
+    pub fn stream_read_with(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&[u8], &[u8]) -> usize,
+    ) -> Result<ReadResult, StreamError> {
+        let closed = self.close_reason().cloned();
+        let Some(st) = self.streams.get_mut(&id) else {
+            if let Some(r) = closed {
+                return Err(StreamError::SessionClosed(r));
+            }
+            return Err(StreamError::Unknown(id));
+        };
+        if let Some(code) = st.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if st.recv_buf.is_empty() {
+            if st.fin_received {
+                st.fin_read = true;
+                if st.send_done() {
+                    self.forget(id);
+                }
+                return Ok(ReadResult::Fin);
+            }
+            if let Some(r) = closed {
+                return Err(StreamError::SessionClosed(r));
+            }
+            return Ok(ReadResult::Blocked);
+        }
+        let (a, b) = st.recv_buf.as_slices();
+        let n = f(a, b).min(st.recv_buf.len());
+        if n == 0 {
+            return Ok(ReadResult::Data(0));
+        }
+        st.recv_buf.drain(..n);
+        st.recv_consumed += n as u64;
+        self.recv_consumed += n as u64;
+        self.maybe_grant_stream(id);
+        self.maybe_grant_session();
+        Ok(ReadResult::Data(n))
+    }
+
+    /// Bytes waiting to be read on a stream.
+    pub fn stream_readable_bytes(&self, id: u64) -> usize {
+        self.streams.get(&id).map_or(0, |s| s.recv_buf.len())
+    }
+
+    /// Closes the session: queued stream data is sent first, then a CLOSE
+    /// frame with `code` and `reason`.
+    pub fn close(&mut self, now: Instant, code: CloseCode, reason: &str) {
+        let _ = now;
+        if self.is_closed() || self.pending_close.is_some() {
+            return;
+        }
+        if !self.carrier_up {
+            self.finish_close(CloseReason::Local {
+                code,
+                reason: reason.to_string(),
+            });
+            return;
+        }
+        let mut reason = reason.to_string();
+        crate::error::truncate_utf8(&mut reason, 512);
+        self.pending_close = Some((code, reason, false));
+        self.state = State::Closing;
+    }
+}
