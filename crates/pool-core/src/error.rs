@@ -127,12 +127,30 @@ pub enum HandshakeError {
         /// Session's epoch.
         current: u32,
     },
+    /// The peer proved (with its static key) that it no longer knows the
+    /// session: it restarted or dropped it. Resuming cannot work.
+    #[error(
+        "the peer no longer knows this session (it restarted or dropped it); start a new session"
+    )]
+    SessionGone,
     /// The session is closed.
     #[error("session is closed")]
     Closed,
 }
 
 impl HandshakeError {
+    /// The text sent to the peer in a refusal: like the message, but never
+    /// with the initiator's static key (it would undo the identity hiding
+    /// of Noise IK for anyone watching the wire); the listener logs the key
+    /// locally instead.
+    pub fn refusal_text(&self) -> String {
+        match self {
+            HandshakeError::Untrusted { .. } => "your key is not trusted by this listener; its operator finds the key in the listener's log and can trust it".into(),
+            HandshakeError::Replayed { .. } => "replayed handshake refused (its timestamp is not newer than the last one accepted)".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// The refusal code sent to the peer for this error.
     pub fn refuse_code(&self) -> u8 {
         match self {
@@ -142,7 +160,8 @@ impl HandshakeError {
             HandshakeError::Untrusted { .. } => 4,
             HandshakeError::Replayed { .. } | HandshakeError::ClockSkew { .. } => 5,
             HandshakeError::RateLimited => 6,
-            HandshakeError::UnknownSession | HandshakeError::StaleResume { .. } => 7,
+            HandshakeError::UnknownSession | HandshakeError::SessionGone => 7,
+            HandshakeError::StaleResume { .. } => 9,
             _ => 8,
         }
     }

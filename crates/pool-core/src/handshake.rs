@@ -17,7 +17,7 @@ use crate::session::{Role, Session, SessionId, TransportParams};
 use crate::wire::{self, Reader, RecordType, RECORD_HEADER_LEN};
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const FLAG_PSK: u8 = 1;
 const MAC_LEN: usize = 16;
 const NOISE_IK: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
@@ -31,7 +31,7 @@ fn params(name: &str) -> Result<snow::params::NoiseParams, HandshakeError> {
 }
 
 fn ik_prologue(flags: u8) -> [u8; 9] {
-    let mut p = *b"POOL/1 IK";
+    let mut p = *b"POOL/2 IK";
     // `flags` comes from the peer before any authentication: wrap, never
     // overflow (a panic in debug builds).
     p[8] = b'0'.wrapping_add(flags);
@@ -73,15 +73,16 @@ impl std::fmt::Debug for FleetSecret {
     }
 }
 
-/// Key material agreed by a handshake.
+/// Key material agreed by a handshake; the keys are wiped when dropped.
 pub(crate) struct Agreed {
     pub(crate) hash: [u8; 32],
-    pub(crate) initiator_to_responder: [u8; 32],
-    pub(crate) responder_to_initiator: [u8; 32],
+    pub(crate) initiator_to_responder: Zeroizing<[u8; 32]>,
+    pub(crate) responder_to_initiator: Zeroizing<[u8; 32]>,
 }
 
 fn split(hs: &mut snow::HandshakeState) -> Agreed {
     let (a, b) = hs.dangerously_get_raw_split();
+    let (a, b) = (Zeroizing::new(a), Zeroizing::new(b));
     let mut hash = [0u8; 32];
     let h = hs.get_handshake_hash();
     hash.copy_from_slice(&h[..32.min(h.len())]);
@@ -210,21 +211,92 @@ pub(crate) fn split_record(record: &[u8]) -> Result<(RecordType, &[u8]), WireErr
     }
 }
 
+/// A REFUSE record's body: `code (1) | flags (1) | [proof (16)] | reason`.
+/// Flag bit 0: a proof follows (only on "unknown session" answers to a
+/// RESUME, see [`Acceptor::write_resume_refusal`]).
+pub(crate) struct Refusal<'a> {
+    code: u8,
+    proof: Option<&'a [u8]>,
+    reason: &'a [u8],
+}
+
+const REFUSE_PROOF: u8 = 1;
+/// The refusal code for "unknown session".
+const CODE_UNKNOWN_SESSION: u8 = 7;
+
+impl<'a> Refusal<'a> {
+    pub(crate) fn parse(body: &'a [u8]) -> Self {
+        let code = body.first().copied().unwrap_or(0);
+        let flags = body.get(1).copied().unwrap_or(0);
+        let rest = body.get(2..).unwrap_or(&[]);
+        if flags & REFUSE_PROOF != 0 && rest.len() >= MAC_LEN {
+            let (proof, reason) = rest.split_at(MAC_LEN);
+            return Refusal {
+                code,
+                proof: Some(proof),
+                reason,
+            };
+        }
+        Refusal {
+            code,
+            proof: None,
+            reason: rest,
+        }
+    }
+
+    /// Whether this refusal proves that `server` (the peer's static key)
+    /// no longer knows session `id`, answering our RESUME for `epoch`
+    /// whose refusal key was `ours`.
+    pub(crate) fn proves_gone(
+        &self,
+        ours: &SecretKey,
+        server: &PublicKey,
+        id: &SessionId,
+        epoch: u32,
+    ) -> bool {
+        let Some(proof) = self.proof else {
+            return false;
+        };
+        if self.code != CODE_UNKNOWN_SESSION {
+            return false;
+        }
+        let Some(dh) = crate::keys::x25519(ours.as_bytes(), &server.0) else {
+            return false;
+        };
+        let want = refusal_proof(&dh, id, epoch, &ours.public_key());
+        crypto::ct_eq(&want, proof)
+    }
+
+    pub(crate) fn into_error(self) -> HandshakeError {
+        HandshakeError::Refused {
+            code: self.code,
+            reason: String::from_utf8_lossy(self.reason).into_owned(),
+        }
+    }
+}
+
 fn parse_refusal(body: &[u8]) -> HandshakeError {
-    let code = body.first().copied().unwrap_or(0);
-    let reason = String::from_utf8_lossy(body.get(1..).unwrap_or(&[])).into_owned();
-    HandshakeError::Refused { code, reason }
+    Refusal::parse(body).into_error()
+}
+
+/// The MAC that proves a refusal of a RESUME comes from the holder of the
+/// server's static key: keyed by X25519(server static, refusal key).
+fn refusal_proof(dh: &[u8; 32], id: &SessionId, epoch: u32, refuse: &PublicKey) -> [u8; MAC_LEN] {
+    let mut k = Zeroizing::new([0u8; 32]);
+    crypto::hkdf(b"pool refusal proof", &[dh], b"unknown session", &mut *k);
+    crypto::mac16(&*k, &[&id.0, &epoch.to_be_bytes(), &refuse.0])
 }
 
 /// Writes a REFUSE record: a plaintext, unauthenticated notice of why the
-/// listener will not go on. Reasons never contain secrets.
+/// listener will not go on. Reasons never contain secrets, and never the
+/// initiator's static key (the listener logs that locally).
 pub fn write_refusal(err: &HandshakeError, out: &mut Vec<u8>) {
-    let mut reason = err.to_string();
+    let mut reason = err.refusal_text();
     crate::error::truncate_utf8(&mut reason, 400);
     wire::push_record(
         out,
         RecordType::Refuse,
-        &[&[err.refuse_code()], reason.as_bytes()],
+        &[&[err.refuse_code(), 0], reason.as_bytes()],
     );
 }
 
@@ -363,6 +435,37 @@ impl Acceptor {
     /// This node's public key.
     pub fn public_key(&self) -> PublicKey {
         self.local.public_key()
+    }
+
+    /// Writes the answer to a RESUME for a session this node does not know:
+    /// a refusal with a proof that only this node's static key can make,
+    /// bound to that RESUME, so the initiator can close the session at once
+    /// instead of trying until its deadline (an unproven refusal could be
+    /// anyone's). Costs one X25519; callers rate-limit RESUMEs per source.
+    pub fn write_resume_refusal(&self, record: &[u8], out: &mut Vec<u8>) {
+        let proof = (|| {
+            let (ty, body) = split_record(record).ok()?;
+            if ty != RecordType::Resume {
+                return None;
+            }
+            let mut r = Reader::new(body);
+            let id = SessionId(r.array().ok()?);
+            let epoch = r.u32().ok()?;
+            let _base = r.u32().ok()?;
+            let refuse = PublicKey(r.array().ok()?);
+            let dh = crate::keys::x25519(self.local.as_bytes(), &refuse.0)?;
+            Some(refusal_proof(&dh, &id, epoch, &refuse))
+        })();
+        let err = HandshakeError::UnknownSession;
+        let reason = err.refusal_text();
+        match proof {
+            Some(p) => wire::push_record(
+                out,
+                RecordType::Refuse,
+                &[&[CODE_UNKNOWN_SESSION, REFUSE_PROOF], &p, reason.as_bytes()],
+            ),
+            None => write_refusal(&err, out),
+        }
     }
 
     /// Writes the KEY_INFO answer to a probe.
@@ -539,11 +642,15 @@ pub(crate) struct EpochHandshake {
     hs: snow::HandshakeState,
 }
 
-fn epoch_prologue(id: &SessionId, epoch: u32) -> [u8; 32] {
-    let mut p = [0u8; 32];
-    p[..12].copy_from_slice(b"POOL/1 epoch");
-    p[12..28].copy_from_slice(&id.0);
-    p[28..].copy_from_slice(&epoch.to_be_bytes());
+/// The epoch handshake's prologue: the session id and the new epoch, and
+/// for a resume its base epoch and refusal key (`extra`), so that none of
+/// the cleartext fields of a RESUME can be altered.
+fn epoch_prologue(id: &SessionId, epoch: u32, extra: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(32 + extra.len());
+    p.extend_from_slice(b"POOL/2 epoch");
+    p.extend_from_slice(&id.0);
+    p.extend_from_slice(&epoch.to_be_bytes());
+    p.extend_from_slice(extra);
     p
 }
 
@@ -552,10 +659,11 @@ impl EpochHandshake {
         chain: &[u8; 32],
         id: &SessionId,
         epoch: u32,
+        extra: &[u8],
         initiator: bool,
         rng: &mut dyn RngCore,
     ) -> Result<Self, HandshakeError> {
-        let prologue = epoch_prologue(id, epoch);
+        let prologue = epoch_prologue(id, epoch, extra);
         let b =
             snow::Builder::with_resolver(params(NOISE_EPOCH)?, crate::rng::Resolver::boxed(rng))
                 .prologue(&prologue)
@@ -575,11 +683,12 @@ impl EpochHandshake {
         chain: &[u8; 32],
         id: &SessionId,
         epoch: u32,
+        extra: &[u8],
         payload: &[u8],
         rng: &mut dyn RngCore,
         msg: &mut [u8],
     ) -> Result<(Self, usize), HandshakeError> {
-        let mut me = Self::build(chain, id, epoch, true, rng)?;
+        let mut me = Self::build(chain, id, epoch, extra, true, rng)?;
         let n = me
             .hs
             .write_message(payload, msg)
@@ -594,13 +703,14 @@ impl EpochHandshake {
         chain: &[u8; 32],
         id: &SessionId,
         epoch: u32,
+        extra: &[u8],
         first: &[u8],
         payload_out: &mut [u8],
         reply: &[u8],
         rng: &mut dyn RngCore,
         msg: &mut [u8],
     ) -> Result<(Agreed, usize, usize), HandshakeError> {
-        let mut me = Self::build(chain, id, epoch, false, rng)?;
+        let mut me = Self::build(chain, id, epoch, extra, false, rng)?;
         let p = me
             .hs
             .read_message(first, payload_out)

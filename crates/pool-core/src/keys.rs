@@ -139,6 +139,21 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+/// X25519 of a private scalar and a peer's public key; `None` for a
+/// low-order point (an all-zero shared secret).
+pub(crate) fn x25519(secret: &[u8; KEY_LEN], public: &[u8; KEY_LEN]) -> Option<[u8; KEY_LEN]> {
+    use snow::params::DHChoice;
+    use snow::resolvers::{CryptoResolver, DefaultResolver};
+    let mut dh = DefaultResolver.resolve_dh(&DHChoice::Curve25519)?;
+    dh.set(secret);
+    let mut out = [0u8; KEY_LEN];
+    dh.dh(public, &mut out).ok()?;
+    if out == [0u8; KEY_LEN] {
+        return None;
+    }
+    Some(out)
+}
+
 /// X25519 scalar multiplication with the base point (the public key of a
 /// private scalar), done through snow's Diffie-Hellman provider.
 fn x25519_base(secret: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {

@@ -66,11 +66,13 @@ fn make_before_break_resume_mid_transfer_is_exact() {
             let mut reply = Vec::new();
             p.b.handle_resume(p.now, &msg, &mut p.rng, &mut reply)
                 .unwrap();
-            // b switched: whatever a sent on the old carrier after this is
-            // lost, as is what b sent that a had not read yet.
+            // The old carrier dies now: whatever a sent on it after this is
+            // lost, as is what b sent that a had not read yet; b switches
+            // on a's first record on the new one.
             p.ab.clear();
             p.ba.clear();
             p.a.finish_resume(p.now, &reply).unwrap();
+            p.commit_resume().unwrap();
         }
     });
     assert!(switched);

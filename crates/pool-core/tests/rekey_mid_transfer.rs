@@ -132,7 +132,10 @@ fn rekey_asked_while_answering(initiator_first: bool) {
         } else {
             p.b.force_rekey(&mut p.rng);
         }
+        // A rekey asked for right after the last one waits until the peer
+        // has shown it holds the current epoch (its next ack or ping).
         p.drive();
+        p.advance(Duration::from_millis(100));
         assert_eq!(p.a.stats().epoch, e + 1, "rekey by a: {by_a}");
         assert_eq!(p.b.stats().epoch, e + 1, "rekey by a: {by_a}");
     }

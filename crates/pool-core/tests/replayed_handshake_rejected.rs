@@ -193,6 +193,7 @@ fn replayed_resume_is_stale() {
     p.b.handle_resume(p.now, &resume, &mut p.rng, &mut reply)
         .expect("first resume");
     p.a.finish_resume(p.now, &reply).expect("resumed");
+    p.commit_resume().expect("first record on the new carrier");
     assert_eq!(p.b.stats().epoch, 1);
 
     // The same RESUME bytes again (an attacker replaying the new carrier).
@@ -245,13 +246,25 @@ fn resume_naming_another_session_or_altered_is_refused_harmlessly() {
             .unwrap_err();
     assert_eq!(err, HandshakeError::Crypto);
 
-    // Neither touched the session: the genuine RESUME still works.
+    // The cleartext base epoch or refusal key altered (bytes 24..60): they
+    // are bound into the handshake, so authentication fails too.
+    for at in [24usize, 27, 28, 59] {
+        let mut altered = msg.clone();
+        altered[at] ^= 1;
+        let err =
+            p.b.handle_resume(p.now, &altered, &mut p.rng, &mut Vec::new())
+                .unwrap_err();
+        assert!(matches!(err, HandshakeError::Crypto), "byte {at}: {err:?}");
+    }
+
+    // None touched the session: the genuine RESUME still works.
     assert!(!p.b.is_closed());
     assert_eq!(p.b.stats().epoch, 0);
     let mut reply = Vec::new();
     p.b.handle_resume(p.now, &msg, &mut p.rng, &mut reply)
         .expect("genuine resume");
     p.a.finish_resume(p.now, &reply).expect("resumed");
+    p.commit_resume().expect("committed");
     let r = util::transfer(&mut p, 1, 256 << 10, |_, _| {});
     assert!(r.iter().all(|(s, g, ns, ng)| s == g && ns == ng));
 }

@@ -1,8 +1,22 @@
 //! Carriers, key epochs, resume and rekey.
+//!
+//! The rules that keep both sides able to resume at every moment (see
+//! docs/protocol.md, "Epochs"):
+//!
+//! - Each side keeps the chaining secret of its current epoch and of the
+//!   one before, and knows the newest epoch in which the peer's records
+//!   authenticated (`rx_confirmed`). A resume is based on that epoch, whose
+//!   secret the peer surely holds, and names it (`base`).
+//! - A rekey starts only once the current epoch is confirmed that way, so
+//!   the two sides are never more than one epoch apart.
+//! - While a resume of ours is under way we decline the peer's rekey.
+//! - The responder answers a RESUME but keeps its carrier and epoch until
+//!   the first valid record of the new epoch arrives on the new carrier
+//!   (the commit point). Each RESUME is good once: its epoch must exceed
+//!   every epoch a RESUME proposed before.
 
 use super::*;
 
-// ---- carriers, epochs, resume and rekey ----
 impl Session {
     /// The carrier is gone (EOF, error, or declared dead). Keys of the
     /// current epoch are dropped; the session waits for a resume until the
@@ -18,6 +32,7 @@ impl Session {
         self.out_key_update = None;
         self.out_key_ack = None;
         self.lost_at.get_or_insert(now);
+        self.stats.carriers_lost += 1;
         if matches!(self.state, State::Closing) {
             let (code, reason, _) =
                 self.pending_close
@@ -25,6 +40,15 @@ impl Session {
                     .unwrap_or((CloseCode::Normal, String::new(), false));
             self.finish_close(CloseReason::Local { code, reason });
         }
+    }
+
+    /// Drops the carrier because of bytes that did not authenticate: they
+    /// may come from anyone on the path, so they cost the carrier, never
+    /// the session (the initiator resumes on a new one).
+    pub(super) fn reject_carrier(&mut self, now: Instant) {
+        self.stats.records_rejected += 1;
+        self.carrier_lost(now);
+        self.events.push_back(Event::CarrierDead);
     }
 
     /// A session without a carrier (restored from a snapshot).
@@ -37,26 +61,29 @@ impl Session {
         self.send.tx_offset = 0;
     }
 
-    pub(super) fn install_epoch(
+    /// The chaining secret of `epoch`, if we still hold it.
+    fn chain_of(&self, epoch: u32) -> Option<&[u8; 32]> {
+        if epoch == self.committed_epoch {
+            return Some(&self.chain);
+        }
+        match &self.prev_chain {
+            Some((e, c)) if *e == epoch => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Moves to `epoch` with `chain`, keeping the secret of `prev` (the
+    /// epoch the peer may still base a resume on).
+    fn advance_chain(
         &mut self,
-        now: Instant,
+        prev: (u32, Zeroizing<[u8; 32]>),
         epoch: u32,
-        agreed: &Agreed,
-        starter: bool,
-    ) -> Result<(), HandshakeError> {
-        let (tx, rx) = if starter {
-            (agreed.initiator_to_responder, agreed.responder_to_initiator)
-        } else {
-            (agreed.responder_to_initiator, agreed.initiator_to_responder)
-        };
-        self.tx = Some(DirectionKey::new(self.suite, tx, epoch).ok_or(HandshakeError::Crypto)?);
-        self.rx = Some(DirectionKey::new(self.suite, rx, epoch).ok_or(HandshakeError::Crypto)?);
-        self.rx_next = None;
-        self.chain = next_chain(&self.chain, agreed);
+        chain: Zeroizing<[u8; 32]>,
+    ) {
+        self.prev_chain = Some(prev);
+        self.chain = chain;
         self.committed_epoch = epoch;
         self.max_epoch = self.max_epoch.max(epoch);
-        self.epoch_started = now;
-        Ok(())
     }
 
     /// Initiator: starts a resume on a new carrier and writes the RESUME
@@ -70,22 +97,35 @@ impl Session {
         if self.is_closed() {
             return Err(HandshakeError::Closed);
         }
+        let base = self.rx_confirmed;
+        let base_chain = Zeroizing::new(*self.chain_of(base).ok_or(HandshakeError::Crypto)?);
         let epoch = self.next_epoch().ok_or(HandshakeError::Closed)?;
+        let mut secret = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut *secret);
+        let refuse_key = crate::keys::SecretKey::from_bytes(*secret);
+        let extra = resume_extra(base, &refuse_key.public_key());
         let mut msg = [0u8; 256];
         let (hs, n) = EpochHandshake::start(
-            &self.chain,
+            &base_chain,
             &self.id,
             epoch,
+            &extra,
             &self.recv_next.to_be_bytes(),
             rng,
             &mut msg,
         )?;
         self.max_epoch = epoch;
-        self.resume = Some(PendingEpoch { hs, epoch });
+        self.resume = Some(PendingResume {
+            hs,
+            epoch,
+            base,
+            base_chain,
+            refuse_key,
+        });
         wire::push_record(
             out,
             RecordType::Resume,
-            &[&self.id.0, &epoch.to_be_bytes(), &msg[..n]],
+            &[&self.id.0, &epoch.to_be_bytes(), &extra, &msg[..n]],
         );
         Ok(())
     }
@@ -93,12 +133,21 @@ impl Session {
     /// Initiator: completes the resume with the peer's RESUMED (or REFUSE)
     /// record. The new carrier is then the session's carrier: the caller
     /// must stop reading the old one.
+    ///
+    /// A refusal is unauthenticated and leaves the session as it was
+    /// ([`HandshakeError::Refused`]: try again later), except one that
+    /// proves, with a key only the peer holds, that the peer no longer
+    /// knows the session ([`HandshakeError::SessionGone`]: close it).
     pub fn finish_resume(&mut self, now: Instant, record: &[u8]) -> Result<(), HandshakeError> {
         let (ty, body) = split_record(record)?;
         if ty == RecordType::Refuse {
-            let code = body.first().copied().unwrap_or(0);
-            let reason = String::from_utf8_lossy(body.get(1..).unwrap_or(&[])).into_owned();
-            return Err(HandshakeError::Refused { code, reason });
+            let refusal = crate::handshake::Refusal::parse(body);
+            if let Some(p) = &self.resume {
+                if refusal.proves_gone(&p.refuse_key, &self.peer, &self.id, p.epoch) {
+                    return Err(HandshakeError::SessionGone);
+                }
+            }
+            return Err(refusal.into_error());
         }
         if ty != RecordType::Resumed {
             return Err(HandshakeError::Unexpected("not a RESUMED"));
@@ -110,12 +159,31 @@ impl Session {
         let mut payload = [0u8; 64];
         let (agreed, p) = pending.hs.finish(body, &mut payload)?;
         let peer_next = read_u64(&payload[..p])?;
-        self.attach(now, pending.epoch, &agreed, true, peer_next)
+        if peer_next > self.send.next_seq() {
+            return Err(HandshakeError::Unexpected(
+                "resume position beyond what this side sent",
+            ));
+        }
+        let (tx, rx) = epoch_keys(self.suite, &agreed, pending.epoch, true)?;
+        let chain = next_chain(&pending.base_chain, &agreed);
+        self.attach(
+            now,
+            pending.epoch,
+            (pending.base, pending.base_chain),
+            chain,
+            tx,
+            rx,
+            peer_next,
+        );
+        Ok(())
     }
 
     /// Responder: handles a RESUME record that [`crate::resume_session_id`]
-    /// matched to this session, and writes RESUMED into `out`. The caller
-    /// then replaces the old carrier with the one the RESUME came on.
+    /// matched to this session, and writes RESUMED into `out`.
+    ///
+    /// Nothing changes yet: the current carrier, if any, goes on. The caller
+    /// sends RESUMED on the new carrier and passes the first record that
+    /// arrives there to [`Session::confirm_resume`], which switches.
     pub fn handle_resume(
         &mut self,
         now: Instant,
@@ -123,6 +191,7 @@ impl Session {
         rng: &mut dyn RngCore,
         out: &mut Vec<u8>,
     ) -> Result<(), HandshakeError> {
+        let _ = now;
         if self.is_closed() {
             return Err(HandshakeError::Closed);
         }
@@ -136,46 +205,138 @@ impl Session {
             return Err(HandshakeError::UnknownSession);
         }
         let epoch = r.u32()?;
-        if epoch <= self.committed_epoch {
+        let extra: [u8; RESUME_EXTRA_LEN] = r.array()?;
+        let floor = self.committed_epoch.max(self.resume_floor);
+        if epoch <= floor {
             return Err(HandshakeError::StaleResume {
                 got: epoch,
-                current: self.committed_epoch,
+                current: floor,
             });
         }
+        let base = u32::from_be_bytes([extra[0], extra[1], extra[2], extra[3]]);
+        let base_chain = Zeroizing::new(*self.chain_of(base).ok_or(HandshakeError::Crypto)?);
         let mut payload = [0u8; 64];
         let mut msg = [0u8; 256];
         let (agreed, p, n) = EpochHandshake::answer(
-            &self.chain,
+            &base_chain,
             &self.id,
             epoch,
+            &extra,
             r.remaining(),
             &mut payload,
             &self.recv_next.to_be_bytes(),
             rng,
             &mut msg,
         )?;
+        // The peer may have acknowledged more on the old carrier since it
+        // wrote the RESUME; it never has more than we sent.
         let peer_next = read_u64(&payload[..p])?;
+        if peer_next > self.send.next_seq() {
+            return Err(HandshakeError::Unexpected(
+                "resume position beyond what this side sent",
+            ));
+        }
+        let (tx, rx) = epoch_keys(self.suite, &agreed, epoch, false)?;
+        // Single use from here on, whether or not the carrier confirms it.
+        self.resume_floor = epoch;
+        self.max_epoch = self.max_epoch.max(epoch);
+        self.attach_pending = Some(PendingAttach {
+            epoch,
+            base,
+            chain: next_chain(&base_chain, &agreed),
+            base_chain,
+            tx,
+            rx,
+            peer_next,
+        });
         wire::push_record(out, RecordType::Resumed, &[&msg[..n]]);
-        self.attach(now, epoch, &agreed, false, peer_next)
+        Ok(())
     }
 
-    pub(super) fn attach(
+    /// Responder: the first record from the carrier a RESUME came on. If it
+    /// authenticates under the resumed epoch's keys, the session switches
+    /// to that carrier (the caller retires the old one) and the record is
+    /// processed; otherwise the new carrier is refused and nothing changes.
+    pub fn confirm_resume(
+        &mut self,
+        now: Instant,
+        record: &mut [u8],
+    ) -> Result<(), HandshakeError> {
+        let Some(mut pending) = self.attach_pending.take() else {
+            return Err(HandshakeError::Unexpected("no resume pending"));
+        };
+        if self.is_closed() {
+            return Err(HandshakeError::Closed);
+        }
+        match wire::peek_record(record)? {
+            Some((RecordType::Data, len)) if len == record.len() => {}
+            _ => return Err(HandshakeError::Unexpected("not a data record")),
+        }
+        let (epoch, counter) = record_nonce(record);
+        if epoch != pending.epoch || counter != 0 {
+            return Err(HandshakeError::Crypto);
+        }
+        let (aad, body) = record.split_at_mut(RECORD_HEADER_LEN + DATA_PREFIX_LEN);
+        let n = pending
+            .rx
+            .open(counter, aad, body)
+            .ok_or(HandshakeError::Crypto)?;
+        pending.rx.counter = 1;
+        let plain = &body[..n];
+        if plain.len() < 8 || read_u64(&plain[..8])? > self.recv_next {
+            // The peer resends from past what we ever received: it dropped
+            // frames we never had (this side was restored from a stale
+            // snapshot). Resuming would lose them silently.
+            let reason = "the peer resumed past data this side never received (stale state)";
+            self.fail(CloseReason::Protocol(reason.into()));
+            return Err(HandshakeError::Unexpected(reason));
+        }
+        // Committed: the old carrier (if any) is retired by the caller.
+        let peer_next = pending.peer_next.max(self.send.base_seq);
+        self.attach(
+            now,
+            pending.epoch,
+            (pending.base, pending.base_chain),
+            pending.chain,
+            pending.tx,
+            pending.rx,
+            peer_next,
+        );
+        self.rx_confirmed = pending.epoch;
+        self.count_record(now, n);
+        if let Err(reason) = self.handle_plaintext(now, plain) {
+            self.fail(reason);
+        }
+        Ok(())
+    }
+
+    /// Responder: the carrier a RESUME came on failed before its first
+    /// record; the answered resume is forgotten (it cannot be used again).
+    pub fn abandon_resume(&mut self) {
+        self.attach_pending = None;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
         &mut self,
         now: Instant,
         epoch: u32,
-        agreed: &Agreed,
-        starter: bool,
+        base: (u32, Zeroizing<[u8; 32]>),
+        chain: Zeroizing<[u8; 32]>,
+        tx: DirectionKey,
+        rx: DirectionKey,
         peer_next: u64,
-    ) -> Result<(), HandshakeError> {
-        if peer_next < self.send.base_seq || peer_next > self.send.next_seq() {
-            return Err(HandshakeError::Unexpected(
-                "resume position outside the replay buffer",
-            ));
-        }
+    ) {
         self.rekey = None;
         self.out_key_update = None;
         self.out_key_ack = None;
-        self.install_epoch(now, epoch, agreed, starter)?;
+        self.rx_next = None;
+        self.tx = Some(tx);
+        self.rx = Some(rx);
+        self.advance_chain(base, epoch, chain);
+        self.epoch_started = now;
+        // The peer acknowledged everything below `peer_next`; it may have
+        // acknowledged more on the old carrier meanwhile.
         self.send.ack(peer_next);
         let again = self.send.rewind();
         self.stats.frames_resent += again;
@@ -188,13 +349,14 @@ impl Session {
         self.paths_queued = !self.local_paths.is_empty();
         self.next_ping = now;
         self.ping_due = true;
-        // Tell the peer where we are at once: this is also the commit point.
-        self.ack_sent = 0;
+        // Tell the peer where we are at once: for the responder of the
+        // resume this first record is the commit point.
+        self.ack_forced = true;
         self.ack_due = Some(now);
         self.requeue_limits();
+        self.flush_resets();
         self.wake_blocked();
         self.events.push_back(Event::Rekeyed(epoch));
-        Ok(())
     }
 
     /// Whether the peer owes us an ack (frames on the carrier not yet
@@ -214,12 +376,15 @@ impl Session {
         (at < self.last_data_at + self.config.keepalive).then_some(at)
     }
 
-    /// When the current carrier counts as broken if nothing arrives.
+    /// When the current carrier counts as broken: the peer owes an answer
+    /// (an ack of our frames or a pong) and none came for the probe time.
+    /// Only an answer resets it, not any record: a peer that keeps pinging
+    /// but never acknowledges is not a working carrier.
     pub(super) fn probe_deadline(&self) -> Option<Instant> {
         let t = self.config.probe_timeout?;
         let since = self.awaiting_since?;
         let t = t.max(self.stats.rtt.unwrap_or_default() * 4);
-        Some(since.max(self.last_recv) + t)
+        Some(since + t)
     }
 
     /// Initiator: gives up a resume started with [`Session::start_resume`]
@@ -256,15 +421,9 @@ impl Session {
     }
 
     pub(super) fn maybe_start_rekey(&mut self, now: Instant) {
-        if self.rekey.is_some()
-            || self.resume.is_some()
-            || self.out_key_ack.is_some()
-            || !self.carrier_up
-        {
-            return;
-        }
         let records = self.tx.as_ref().map_or(0, |k| k.counter);
-        if now < self.epoch_started + self.config.rekey_after
+        if !self.rekey_requested
+            && now < self.epoch_started + self.config.rekey_after
             && records < self.config.rekey_after_records
         {
             return;
@@ -272,11 +431,49 @@ impl Session {
         self.start_rekey();
     }
 
-    /// Starts a new key epoch on the current carrier now (normally done on
-    /// time and volume by itself).
+    /// Starts a new key epoch on the current carrier (normally done on time
+    /// and volume by itself): now, or as soon as the epoch change under way
+    /// completes and the peer has shown it holds the current epoch.
     pub fn force_rekey(&mut self, rng: &mut dyn RngCore) {
         self.provide_entropy(rng);
+        self.rekey_requested = true;
         self.start_rekey();
+    }
+
+    /// Whether a rekey may start now.
+    fn rekey_allowed(&self) -> bool {
+        // Not while an epoch change is under way (a proposal crossing our
+        // answer to the peer's, or a resume, would split the chains), and
+        // not before the peer showed it holds the current epoch: then both
+        // sides are at most one epoch apart, and each keeps two secrets.
+        self.rekey.is_none()
+            && self.out_key_ack.is_none()
+            && self.resume.is_none()
+            && self.attach_pending.is_none()
+            && self.rx_next.is_none()
+            && self.carrier_up
+            && self.rx_confirmed == self.committed_epoch
+            && !self.is_closed()
+    }
+
+    fn start_rekey(&mut self) {
+        if !self.rekey_allowed() {
+            return;
+        }
+        let Some(epoch) = self.next_epoch() else {
+            return;
+        };
+        let seed = self.derive_rekey_seed();
+        let mut rng = crate::rng::SeededRng::new(seed);
+        let mut msg = [0u8; 256];
+        if let Ok((hs, n)) =
+            EpochHandshake::start(&self.chain, &self.id, epoch, &[], &[], &mut rng, &mut msg)
+        {
+            self.max_epoch = epoch;
+            self.rekey = Some(PendingEpoch { hs, epoch });
+            self.out_key_update = Some((epoch, msg[..n].to_vec()));
+            self.rekey_requested = false;
+        }
     }
 
     /// The epoch after every one proposed so far. A peer can move the
@@ -288,33 +485,6 @@ impl Session {
             self.fail(CloseReason::Protocol("key epoch numbers exhausted".into()));
         }
         next
-    }
-
-    pub(super) fn start_rekey(&mut self) {
-        // Not while an epoch change is under way: a proposal sent before our
-        // answer to the peer's (KEY_UPDATE_ACK) or during a resume would cross
-        // it, and the peer would drop its own rekey and then refuse our ack.
-        if self.rekey.is_some()
-            || self.out_key_ack.is_some()
-            || self.resume.is_some()
-            || !self.carrier_up
-            || self.is_closed()
-        {
-            return;
-        }
-        let Some(epoch) = self.next_epoch() else {
-            return;
-        };
-        let seed = self.derive_rekey_seed();
-        let mut rng = crate::rng::SeededRng::new(seed);
-        let mut msg = [0u8; 256];
-        if let Ok((hs, n)) =
-            EpochHandshake::start(&self.chain, &self.id, epoch, &[], &mut rng, &mut msg)
-        {
-            self.max_epoch = epoch;
-            self.rekey = Some(PendingEpoch { hs, epoch });
-            self.out_key_update = Some((epoch, msg[..n].to_vec()));
-        }
     }
 
     /// Entropy for a time- or volume-triggered rekey, which has no caller
@@ -349,6 +519,25 @@ impl Session {
         epoch: u32,
         msg: &[u8],
     ) -> Result<(), CloseReason> {
+        if epoch <= self.committed_epoch {
+            return Err(CloseReason::Protocol(format!(
+                "key update to old epoch {epoch}"
+            )));
+        }
+        if self.out_key_ack.is_some() || self.rx_next.is_some() {
+            return Err(CloseReason::Protocol(
+                "key update before the previous one completed".into(),
+            ));
+        }
+        // Epoch numbers the peer used are never proposed again by us.
+        self.max_epoch = self.max_epoch.max(epoch);
+        if self.resume.is_some() {
+            // Our resume is based on the current epoch; answering would
+            // move our chain under it. The peer drops its rekey and tries
+            // again later.
+            self.out_key_ack = Some(KeyAck::Decline(epoch));
+            return Ok(());
+        }
         if self.rekey.is_some() {
             // Both sides started at once: the session initiator's wins.
             if self.role == Role::Initiator {
@@ -357,11 +546,6 @@ impl Session {
             self.rekey = None;
             self.out_key_update = None;
         }
-        if epoch <= self.committed_epoch {
-            return Err(CloseReason::Protocol(format!(
-                "key update to old epoch {epoch}"
-            )));
-        }
         let mut rng = crate::rng::SeededRng::new(self.derive_rekey_seed());
         let mut payload = [0u8; 16];
         let mut reply = [0u8; 256];
@@ -369,6 +553,7 @@ impl Session {
             &self.chain,
             &self.id,
             epoch,
+            &[],
             msg,
             &mut payload,
             &[],
@@ -376,17 +561,15 @@ impl Session {
             &mut reply,
         )
         .map_err(|_| CloseReason::AuthFailed)?;
-        let tx = DirectionKey::new(self.suite, agreed.responder_to_initiator, epoch)
-            .ok_or(CloseReason::AuthFailed)?;
-        let rx = DirectionKey::new(self.suite, agreed.initiator_to_responder, epoch)
-            .ok_or(CloseReason::AuthFailed)?;
+        let (tx, rx) =
+            epoch_keys(self.suite, &agreed, epoch, false).map_err(|_| CloseReason::AuthFailed)?;
         self.rx_next = Some(rx);
-        self.chain = next_chain(&self.chain, &agreed);
-        self.committed_epoch = epoch;
-        self.max_epoch = self.max_epoch.max(epoch);
+        let chain = next_chain(&self.chain, &agreed);
+        let prev = (self.committed_epoch, self.chain.clone());
+        self.advance_chain(prev, epoch, chain);
         self.epoch_started = now;
         self.stats.rekeys += 1;
-        self.out_key_ack = Some((epoch, reply[..n].to_vec(), tx));
+        self.out_key_ack = Some(KeyAck::Answer(epoch, reply[..n].to_vec(), tx));
         self.events.push_back(Event::Rekeyed(epoch));
         Ok(())
     }
@@ -397,6 +580,14 @@ impl Session {
         epoch: u32,
         msg: &[u8],
     ) -> Result<(), CloseReason> {
+        if msg.is_empty() {
+            // Declined: drop our proposal (its epoch number stays used).
+            if self.rekey.as_ref().is_some_and(|p| p.epoch == epoch) {
+                self.rekey = None;
+                self.out_key_update = None;
+            }
+            return Ok(());
+        }
         let Some(pending) = self.rekey.take() else {
             return Err(CloseReason::Protocol("unexpected key update ack".into()));
         };
@@ -410,15 +601,68 @@ impl Session {
             .hs
             .finish(msg, &mut payload)
             .map_err(|_| CloseReason::AuthFailed)?;
-        self.install_epoch(now, epoch, &agreed, true)
-            .map_err(|_| CloseReason::AuthFailed)?;
+        let (tx, rx) =
+            epoch_keys(self.suite, &agreed, epoch, true).map_err(|_| CloseReason::AuthFailed)?;
+        self.tx = Some(tx);
+        self.rx = Some(rx);
+        self.rx_next = None;
+        let chain = next_chain(&self.chain, &agreed);
+        let prev = (self.committed_epoch, self.chain.clone());
+        self.advance_chain(prev, epoch, chain);
+        self.epoch_started = now;
         self.stats.rekeys += 1;
+        // A record in the new epoch at once (a ping): it shows the peer we
+        // hold the epoch, which its next rekey and resume base wait for.
+        self.ping_due = true;
         self.events.push_back(Event::Rekeyed(epoch));
         Ok(())
     }
 }
 
-fn read_u64(b: &[u8]) -> Result<u64, HandshakeError> {
+/// What a RESUME carries besides the session id and epoch, bound into the
+/// epoch handshake's prologue: the base epoch and the refusal key.
+pub(crate) const RESUME_EXTRA_LEN: usize = 4 + 32;
+
+fn resume_extra(base: u32, refuse: &PublicKey) -> [u8; RESUME_EXTRA_LEN] {
+    let mut x = [0u8; RESUME_EXTRA_LEN];
+    x[..4].copy_from_slice(&base.to_be_bytes());
+    x[4..].copy_from_slice(&refuse.0);
+    x
+}
+
+/// The send and receive keys of an epoch, for the side that started the
+/// epoch handshake (`starter`) or answered it.
+fn epoch_keys(
+    suite: CipherSuite,
+    agreed: &Agreed,
+    epoch: u32,
+    starter: bool,
+) -> Result<(DirectionKey, DirectionKey), HandshakeError> {
+    let (tx, rx) = if starter {
+        (
+            &agreed.initiator_to_responder,
+            &agreed.responder_to_initiator,
+        )
+    } else {
+        (
+            &agreed.responder_to_initiator,
+            &agreed.initiator_to_responder,
+        )
+    };
+    let tx = DirectionKey::new(suite, **tx, epoch).ok_or(HandshakeError::Crypto)?;
+    let rx = DirectionKey::new(suite, **rx, epoch).ok_or(HandshakeError::Crypto)?;
+    Ok((tx, rx))
+}
+
+/// The epoch and counter in a data record's header.
+pub(super) fn record_nonce(rec: &[u8]) -> (u32, u64) {
+    let epoch = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&rec[8..16]);
+    (epoch, u64::from_be_bytes(c))
+}
+
+pub(super) fn read_u64(b: &[u8]) -> Result<u64, HandshakeError> {
     let arr: [u8; 8] = b
         .try_into()
         .map_err(|_| HandshakeError::Malformed(WireError::Truncated))?;

@@ -128,6 +128,24 @@ pub enum ReadResult {
     Blocked,
 }
 
+/// What [`Session::debug_sizes`] reports.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct DebugSizes {
+    pub replay_bytes: usize,
+    pub replay_frames: usize,
+    pub recv_buffered: usize,
+    pub peer_streams: usize,
+    pub local_streams: usize,
+    pub pongs: usize,
+    pub max_stream_data_queue: usize,
+    pub blocked: usize,
+    pub pending_resets: usize,
+    pub events: usize,
+    pub peer_stream_limit: u64,
+}
+
 /// Counters and estimates; a snapshot, cheap to take.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -172,6 +190,11 @@ pub struct Stats {
     pub carrier_up: bool,
     /// Data-path cipher.
     pub cipher: &'static str,
+    /// Carriers lost (died, declared dead, or dropped for bad records).
+    pub carriers_lost: u64,
+    /// Carriers dropped because bytes on them failed authentication
+    /// (tampering, injection, or corruption on the path).
+    pub records_rejected: u64,
 }
 
 /// Sequenced frames not yet acknowledged: the replay buffer, which is also
@@ -183,9 +206,44 @@ enum State {
     Closed(CloseReason),
 }
 
+/// A rekey we proposed, waiting for the peer's KEY_UPDATE_ACK.
 struct PendingEpoch {
     hs: EpochHandshake,
     epoch: u32,
+}
+
+/// Initiator: a RESUME sent, waiting for RESUMED (or a refusal).
+struct PendingResume {
+    hs: EpochHandshake,
+    epoch: u32,
+    /// The epoch whose chaining secret the resume is based on, and that
+    /// secret (kept: the current one may move on meanwhile).
+    base: u32,
+    base_chain: Zeroizing<[u8; 32]>,
+    /// Ephemeral key that lets a server prove it no longer knows the
+    /// session (an authenticated refusal, see `handshake::resume_refusal`).
+    refuse_key: crate::keys::SecretKey,
+}
+
+/// Responder: a RESUME answered, waiting for the first valid record on the
+/// new carrier, the commit point (WireGuard's roaming rule).
+struct PendingAttach {
+    epoch: u32,
+    base: u32,
+    base_chain: Zeroizing<[u8; 32]>,
+    chain: Zeroizing<[u8; 32]>,
+    tx: DirectionKey,
+    rx: DirectionKey,
+    peer_next: u64,
+}
+
+/// The answer queued for a peer's KEY_UPDATE.
+enum KeyAck {
+    /// Our half of the new epoch, and the send key to switch to once the
+    /// ack is sealed.
+    Answer(u32, Vec<u8>, DirectionKey),
+    /// Not now (a resume of ours is under way): the peer drops its rekey.
+    Decline(u32),
 }
 
 /// One POOL session: everything but the sockets and the clock.
@@ -196,20 +254,34 @@ pub struct Session {
     peer: PublicKey,
     id: SessionId,
     suite: CipherSuite,
+    /// The chaining secret of `committed_epoch`.
     chain: Zeroizing<[u8; 32]>,
+    /// The epoch before it and its chaining secret: the peer may still base
+    /// a resume on it (it has not yet seen a record of ours in the new one).
+    prev_chain: Option<(u32, Zeroizing<[u8; 32]>)>,
     /// Highest epoch with installed keys.
     committed_epoch: u32,
     /// Highest epoch proposed, answered or installed.
     max_epoch: u32,
+    /// Highest epoch in which an authenticated record of the peer arrived:
+    /// the peer surely holds that epoch's chaining secret, so resumes are
+    /// based on it, and rekeys wait until it is the current epoch.
+    rx_confirmed: u32,
+    /// Responder: highest epoch proposed by a RESUME answered so far; a
+    /// RESUME must propose a newer one, so each is good once.
+    resume_floor: u32,
+    /// A rekey was asked for ([`Session::force_rekey`]) and waits its turn.
+    rekey_requested: bool,
     peer_params: TransportParams,
 
     tx: Option<DirectionKey>,
     rx: Option<DirectionKey>,
     rx_next: Option<DirectionKey>,
     rekey: Option<PendingEpoch>,
-    resume: Option<PendingEpoch>,
+    resume: Option<PendingResume>,
+    attach_pending: Option<PendingAttach>,
     out_key_update: Option<(u32, Vec<u8>)>,
-    out_key_ack: Option<(u32, Vec<u8>, DirectionKey)>,
+    out_key_ack: Option<KeyAck>,
     epoch_started: Instant,
 
     carrier_up: bool,
@@ -231,6 +303,9 @@ pub struct Session {
     send: SendQueue,
     recv_next: u64,
     ack_sent: u64,
+    /// An ack goes out even with nothing new to acknowledge (after a
+    /// resume: the first record on a new carrier).
+    ack_forced: bool,
     unacked_bytes: usize,
     ack_due: Option<Instant>,
 
@@ -244,6 +319,8 @@ pub struct Session {
     stream_limit_blocked: bool,
     max_stream_data_queue: VecDeque<u64>,
     blocked: Vec<u64>,
+    /// Streams reset locally whose RESET_STREAM waits for buffer space.
+    pending_resets: VecDeque<u64>,
 
     send_max_data: u64,
     data_sent: u64,
@@ -289,8 +366,8 @@ fn next_chain(chain: &[u8; 32], agreed: &Agreed) -> Zeroizing<[u8; 32]> {
         &agreed.hash,
         &[
             chain,
-            &agreed.initiator_to_responder,
-            &agreed.responder_to_initiator,
+            &agreed.initiator_to_responder[..],
+            &agreed.responder_to_initiator[..],
         ],
         b"pool chain",
         &mut *out,
@@ -312,8 +389,14 @@ impl Session {
     ) -> Session {
         let chain = next_chain(&[0u8; 32], agreed);
         let (tx, rx) = match role {
-            Role::Initiator => (agreed.initiator_to_responder, agreed.responder_to_initiator),
-            Role::Responder => (agreed.responder_to_initiator, agreed.initiator_to_responder),
+            Role::Initiator => (
+                *agreed.initiator_to_responder,
+                *agreed.responder_to_initiator,
+            ),
+            Role::Responder => (
+                *agreed.responder_to_initiator,
+                *agreed.initiator_to_responder,
+            ),
         };
         let mut s = Session::blank(
             now,
@@ -352,14 +435,19 @@ impl Session {
             id,
             suite,
             chain: Zeroizing::new([0u8; 32]),
+            prev_chain: None,
             committed_epoch: 0,
             max_epoch: 0,
+            rx_confirmed: 0,
+            resume_floor: 0,
+            rekey_requested: false,
             peer_params: params,
             tx: None,
             rx: None,
             rx_next: None,
             rekey: None,
             resume: None,
+            attach_pending: None,
             out_key_update: None,
             out_key_ack: None,
             epoch_started: now,
@@ -375,6 +463,7 @@ impl Session {
             send: SendQueue::new(config.replay_buffer),
             recv_next: 0,
             ack_sent: 0,
+            ack_forced: false,
             unacked_bytes: 0,
             ack_due: None,
             streams: HashMap::new(),
@@ -387,6 +476,7 @@ impl Session {
             stream_limit_blocked: false,
             max_stream_data_queue: VecDeque::new(),
             blocked: Vec::new(),
+            pending_resets: VecDeque::new(),
             send_max_data: 0,
             data_sent: 0,
             recv_max_data: config.session_window,
@@ -460,6 +550,34 @@ impl Session {
         s
     }
 
+    /// Sizes of every buffer and queue, for the simulator and tests that
+    /// check bounds; not a stable interface.
+    #[doc(hidden)]
+    pub fn debug_sizes(&self) -> DebugSizes {
+        let local_bit = u64::from(self.role == Role::Responder);
+        DebugSizes {
+            replay_bytes: self.send.bytes.len(),
+            replay_frames: self.send.lens.len(),
+            recv_buffered: self.streams.values().map(|s| s.recv_buf.len()).sum(),
+            peer_streams: self
+                .streams
+                .keys()
+                .filter(|id| *id & 1 != local_bit)
+                .count(),
+            local_streams: self
+                .streams
+                .keys()
+                .filter(|id| *id & 1 == local_bit)
+                .count(),
+            pongs: self.pongs.len(),
+            max_stream_data_queue: self.max_stream_data_queue.len(),
+            blocked: self.blocked.len(),
+            pending_resets: self.pending_resets.len(),
+            events: self.events.len(),
+            peer_stream_limit: self.local_max_streams,
+        }
+    }
+
     // ---- events and timers ----
 
     /// The next event, if any. Drain after every input.
@@ -479,7 +597,10 @@ impl Session {
             t = Some(t.map_or(x, |t| t.min(x)));
         };
         if self.carrier_up {
-            if let Some(a) = self.ack_due {
+            if let Some(a) = self
+                .ack_due
+                .filter(|_| self.ack_forced || self.recv_next > self.ack_sent)
+            {
                 consider(a);
             }
             consider(self.next_ping);

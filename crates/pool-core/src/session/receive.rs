@@ -6,10 +6,14 @@ use super::*;
 impl Session {
     /// Feeds bytes read from the carrier. Consumes whole records from the
     /// front of `buf` (decrypting in place) and returns how many bytes it
-    /// consumed; the caller keeps the rest for the next call.
+    /// consumed; the caller keeps the rest for the next call. Once the
+    /// carrier is down or the session closed, everything counts as consumed.
     ///
-    /// A record that fails authentication or breaks the protocol closes
-    /// the session with a reason (see [`Event::Closed`]).
+    /// Bytes that do not authenticate (a forged, replayed, truncated or
+    /// garbled record, a handshake record) may come from anyone on the
+    /// path: they cost the carrier ([`Event::CarrierDead`]), never the
+    /// session. A protocol violation inside an authentic record closes the
+    /// session with a reason (see [`Event::Closed`]).
     pub fn handle_carrier_data(&mut self, now: Instant, buf: &mut [u8]) -> usize {
         let mut used = 0;
         while !self.is_closed() && self.carrier_up {
@@ -18,24 +22,63 @@ impl Session {
                 Ok(Some((RecordType::Data, len))) => {
                     let rec = &mut buf[used..used + len];
                     used += len;
-                    if let Err(reason) = self.handle_data_record(now, rec) {
-                        self.fail(reason);
+                    match self.open_record(rec) {
+                        Some(n) => {
+                            self.count_record(now, n);
+                            let plain = &rec[RECORD_HEADER_LEN + DATA_PREFIX_LEN..][..n];
+                            if let Err(reason) = self.handle_plaintext(now, plain) {
+                                self.fail(reason);
+                            }
+                        }
+                        None => self.reject_carrier(now),
                     }
                 }
-                Ok(Some((_, _))) => {
-                    self.fail(CloseReason::Protocol(
-                        "handshake record on an established carrier".into(),
-                    ));
-                }
-                Err(e) => {
-                    self.fail(CloseReason::Protocol(e.to_string()));
-                }
+                Ok(Some(_)) | Err(_) => self.reject_carrier(now),
             }
         }
-        if self.is_closed() {
+        if self.is_closed() || !self.carrier_up {
             return buf.len();
         }
+        if used > 0 {
+            // A record may have confirmed the epoch a waiting rekey needs.
+            self.maybe_start_rekey(now);
+        }
         used
+    }
+
+    /// Authenticates a data record in place with the current receive key,
+    /// or the next epoch's (the peer switched after our KEY_UPDATE_ACK);
+    /// returns the plaintext length.
+    fn open_record(&mut self, rec: &mut [u8]) -> Option<usize> {
+        let (epoch, counter) = epoch::record_nonce(rec);
+        let (aad, body) = rec.split_at_mut(RECORD_HEADER_LEN + DATA_PREFIX_LEN);
+        if let Some(rx) = self.rx.as_mut().filter(|k| k.epoch == epoch) {
+            if counter != rx.counter {
+                return None;
+            }
+            let n = rx.open(counter, aad, body)?;
+            rx.counter += 1;
+            return Some(n);
+        }
+        let next = self.rx_next.as_mut().filter(|k| k.epoch == epoch)?;
+        if counter != next.counter {
+            return None;
+        }
+        let n = next.open(counter, aad, body)?;
+        next.counter += 1;
+        self.rx = self.rx_next.take();
+        Some(n)
+    }
+
+    /// Bookkeeping for a record that authenticated.
+    pub(super) fn count_record(&mut self, now: Instant, plain_len: usize) {
+        self.stats.records_received += 1;
+        self.stats.bytes_received +=
+            (RECORD_HEADER_LEN + DATA_PREFIX_LEN + plain_len + TAG_LEN) as u64;
+        self.last_recv = now;
+        if let Some(rx) = &self.rx {
+            self.rx_confirmed = self.rx_confirmed.max(rx.epoch);
+        }
     }
 
     pub(super) fn fail(&mut self, reason: CloseReason) {
@@ -64,36 +107,23 @@ impl Session {
         }
     }
 
-    pub(super) fn handle_data_record(
+    /// The frames of an authenticated record.
+    pub(super) fn handle_plaintext(
         &mut self,
         now: Instant,
-        rec: &mut [u8],
+        plain: &[u8],
     ) -> Result<(), CloseReason> {
-        let epoch = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
-        let counter =
-            u64::from_be_bytes(rec[8..16].try_into().map_err(|_| CloseReason::AuthFailed)?);
-        let use_next = match (&self.rx, &self.rx_next) {
-            (Some(k), _) if k.epoch == epoch => false,
-            (_, Some(k)) if k.epoch == epoch => true,
-            _ => return Err(CloseReason::AuthFailed),
-        };
-        if use_next {
-            self.rx = self.rx_next.take();
-        }
-        let rx = self.rx.as_mut().ok_or(CloseReason::AuthFailed)?;
-        if counter != rx.counter {
-            return Err(CloseReason::AuthFailed);
-        }
-        let (aad, body) = rec.split_at_mut(RECORD_HEADER_LEN + DATA_PREFIX_LEN);
-        let n = rx.open(counter, aad, body).ok_or(CloseReason::AuthFailed)?;
-        rx.counter += 1;
-        self.stats.records_received += 1;
-        self.stats.bytes_received += (RECORD_HEADER_LEN + DATA_PREFIX_LEN + n + TAG_LEN) as u64;
-        self.last_recv = now;
-        self.awaiting_since = None;
-        let plain = &body[..n];
         let mut r = Reader::new(plain);
         let mut seq = r.u64().map_err(|e| CloseReason::Protocol(e.to_string()))?;
+        if seq > self.recv_next {
+            // Records carry the sequence number of their first sequenced
+            // frame: a higher one means frames were skipped (a peer that
+            // resumed from past what we hold), whatever the record carries.
+            return Err(CloseReason::Protocol(format!(
+                "sequence gap: record starts at {seq}, expected {}",
+                self.recv_next
+            )));
+        }
         let mut delivered_bytes = 0usize;
         while !r.is_empty() {
             let frame = decode_frame(&mut r).map_err(|e| CloseReason::Protocol(e.to_string()))?;
@@ -126,7 +156,7 @@ impl Session {
                 self.ack_due = Some(now + self.config.ack_delay);
             }
         }
-        if self.owed_answer() {
+        if self.awaiting_since.is_none() && self.owed_answer() {
             self.awaiting_since = Some(now);
         }
         Ok(())
@@ -143,6 +173,9 @@ impl Session {
                     return Err(CloseReason::Protocol(format!("ack of unsent frame {next}")));
                 }
                 if self.send.ack(next) > 0 {
+                    // Progress: the probe timer starts again from here.
+                    self.awaiting_since = None;
+                    self.flush_resets();
                     self.wake_blocked();
                 }
             }
@@ -152,6 +185,9 @@ impl Session {
                 }
             }
             Frame::Pong { stamp } => {
+                if self.ping_outstanding {
+                    self.awaiting_since = None;
+                }
                 self.ping_outstanding = false;
                 self.rtt_sample(now, stamp);
             }
@@ -381,6 +417,10 @@ impl Session {
     }
 
     pub(super) fn forget(&mut self, id: u64) {
+        if self.streams.get(&id).is_some_and(|s| s.reset_unsent) {
+            // Kept (and its slot taken) until its RESET_STREAM is queued.
+            return;
+        }
         if self.streams.remove(&id).is_some() && !self.is_local_stream(id) {
             self.peer_streams_closed += 1;
             self.local_max_streams += 1;

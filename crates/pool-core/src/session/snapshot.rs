@@ -18,7 +18,7 @@ use crate::error::WireError;
 use crate::keys::PublicKey;
 use crate::wire::Reader;
 
-const MAGIC: &[u8; 8] = b"POOLSNP1";
+const MAGIC: &[u8; 8] = b"POOLSNP2";
 
 /// A snapshot could not be restored.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -74,6 +74,16 @@ impl Session {
         w.0.extend_from_slice(&*self.chain);
         w.u32(self.committed_epoch);
         w.u32(self.max_epoch);
+        w.u32(self.rx_confirmed);
+        w.u32(self.resume_floor);
+        match &self.prev_chain {
+            Some((e, c)) => {
+                w.u8(1);
+                w.u32(*e);
+                w.0.extend_from_slice(&**c);
+            }
+            None => w.u8(0),
+        }
         w.u64(self.peer_params.stream_window);
         w.u64(self.peer_params.session_window);
         w.u64(self.peer_params.max_streams);
@@ -117,7 +127,8 @@ impl Session {
                 | u8::from(st.fin_received) << 1
                 | u8::from(st.fin_read) << 2
                 | u8::from(st.discarding) << 3
-                | u8::from(st.reset.is_some()) << 4;
+                | u8::from(st.reset.is_some()) << 4
+                | u8::from(st.reset_unsent) << 5;
             w.u8(flags);
             for v in [
                 st.send_max,
@@ -178,6 +189,16 @@ impl Session {
         s.chain = Zeroizing::new(chain);
         s.committed_epoch = r.u32()?;
         s.max_epoch = r.u32()?;
+        s.rx_confirmed = r.u32()?;
+        s.resume_floor = r.u32()?;
+        s.prev_chain = match r.u8()? {
+            0 => None,
+            1 => {
+                let e = r.u32()?;
+                Some((e, Zeroizing::new(r.array()?)))
+            }
+            _ => return Err(SnapshotError::Invalid("previous chain flag")),
+        };
         s.peer_params.stream_window = r.u64()?;
         s.peer_params.session_window = r.u64()?;
         s.peer_params.max_streams = r.u64()?;
@@ -215,9 +236,18 @@ impl Session {
             st.recv_max = r.u64()?;
             let code = r.u64()?;
             st.reset = (flags & 16 != 0).then_some(code);
+            st.reset_unsent = flags & 32 != 0;
+            if st.reset_unsent {
+                if st.reset.is_none() {
+                    return Err(SnapshotError::Invalid("unsent reset without a code"));
+                }
+                s.pending_resets.push_back(id);
+            }
             let len = r.u32()? as usize;
             st.recv_buf = VecDeque::from(r.bytes(len)?.to_vec());
-            s.streams.insert(id, st);
+            if s.streams.insert(id, st).is_some() {
+                return Err(SnapshotError::Invalid("a stream listed twice"));
+            }
         }
         let st = &mut s.stats;
         for v in [
@@ -240,10 +270,79 @@ impl Session {
         if !r.is_empty() {
             return Err(SnapshotError::Invalid("trailing bytes"));
         }
-        if s.send.sent_hw > s.send.next_seq() || s.send.base_seq > s.send.sent_hw {
-            return Err(SnapshotError::Invalid("replay buffer positions"));
-        }
+        s.validate()?;
         s.mark_detached(now);
         Ok(s)
+    }
+
+    /// Checks every invariant the rest of the session relies on, so that
+    /// a corrupt or hostile snapshot is refused instead of underflowing a
+    /// counter or indexing out of bounds later.
+    fn validate(&self) -> Result<(), SnapshotError> {
+        use SnapshotError::Invalid;
+        let q = &self.send;
+        if q.sent_hw > q.next_seq() || q.base_seq > q.sent_hw {
+            return Err(Invalid("replay buffer positions"));
+        }
+        let mut off = 0usize;
+        for &len in &q.lens {
+            let mut frame = vec![0u8; len as usize];
+            q.copy_out(off, &mut frame);
+            off += len as usize;
+            let mut fr = Reader::new(&frame);
+            match crate::wire::decode_frame(&mut fr) {
+                Ok(f) if f.is_sequenced() && fr.is_empty() => {}
+                _ => return Err(Invalid("a frame in the replay buffer")),
+            }
+        }
+        if self.committed_epoch > self.max_epoch
+            || self.rx_confirmed > self.committed_epoch
+            || self.resume_floor > self.max_epoch
+        {
+            return Err(Invalid("epoch numbers"));
+        }
+        if let Some((e, _)) = &self.prev_chain {
+            if *e >= self.committed_epoch {
+                return Err(Invalid("previous epoch"));
+            }
+        }
+        if self.rx_confirmed != self.committed_epoch
+            && self.prev_chain.as_ref().map(|(e, _)| *e) != Some(self.rx_confirmed)
+        {
+            return Err(Invalid("no chaining secret for the confirmed epoch"));
+        }
+        if self.data_sent > self.send_max_data
+            || self.recv_consumed > self.recv_data
+            || self.recv_data > self.recv_max_data
+        {
+            return Err(Invalid("session flow control"));
+        }
+        let (local_bit, peer_bit) = match self.role {
+            Role::Initiator => (0, 1),
+            Role::Responder => (1, 0),
+        };
+        if self.next_local_index > (1 << 61) || self.next_peer_index > (1 << 61) {
+            return Err(Invalid("stream counts"));
+        }
+        for (&id, st) in &self.streams {
+            let index = id >> 1;
+            let ok = if id & 1 == local_bit {
+                index < self.next_local_index
+            } else {
+                id & 1 == peer_bit && index < self.next_peer_index
+            };
+            if !ok {
+                return Err(Invalid("a stream id never opened"));
+            }
+            let buffered = st.recv_buf.len() as u64;
+            if st.sent > st.send_max
+                || st.recv_consumed > st.recv_total
+                || st.recv_total > st.recv_max
+                || st.recv_consumed + buffered > st.recv_total
+            {
+                return Err(Invalid("stream flow control"));
+            }
+        }
+        Ok(())
     }
 }

@@ -22,6 +22,8 @@ pub(super) struct StreamState {
     /// The application no longer reads: incoming data is dropped and credited.
     pub(super) discarding: bool,
     pub(super) reset: Option<u64>,
+    /// Reset here, and the RESET_STREAM frame not yet queued.
+    pub(super) reset_unsent: bool,
     pub(super) max_update_queued: bool,
 }
 
@@ -148,16 +150,46 @@ impl Session {
             return Ok(());
         }
         st.reset = Some(code);
+        st.reset_unsent = true;
         let unread = st.recv_buf.len() as u64;
+        st.recv_buf = VecDeque::new();
         self.recv_consumed += unread;
-        let f = Frame::ResetStream { id, code };
-        let mut tmp = [0u8; 24];
-        let n = f.encode(&mut tmp);
-        self.send.push(&[&tmp[..n]]);
-        self.stats.frames_sent += 1;
-        self.forget(id);
+        self.pending_resets.push_back(id);
+        self.flush_resets();
         self.maybe_grant_session();
         Ok(())
+    }
+
+    /// Queues the RESET_STREAM frames of streams reset locally, as far as
+    /// the replay buffer has room (it is bounded like every queue a peer
+    /// can make grow: a peer that opens streams we reset and acknowledges
+    /// nothing only fills it). A stream is forgotten, and its slot given
+    /// back to the peer, once its frame is queued.
+    pub(super) fn flush_resets(&mut self) {
+        while let Some(&id) = self.pending_resets.front() {
+            let Some(code) = self
+                .streams
+                .get(&id)
+                .filter(|s| s.reset_unsent)
+                .and_then(|s| s.reset)
+            else {
+                self.pending_resets.pop_front();
+                continue;
+            };
+            let f = Frame::ResetStream { id, code };
+            let mut tmp = [0u8; 24];
+            let n = f.encode(&mut tmp);
+            if self.send.space() < n {
+                break;
+            }
+            self.send.push(&[&tmp[..n]]);
+            self.stats.frames_sent += 1;
+            self.pending_resets.pop_front();
+            if let Some(st) = self.streams.get_mut(&id) {
+                st.reset_unsent = false;
+            }
+            self.forget(id);
+        }
     }
 
     /// The application will not read this stream any more: data that

@@ -42,8 +42,11 @@ impl Session {
             || self.max_streams_queued
             || self.paths_queued
             || !self.max_stream_data_queue.is_empty();
-        let ack_wanted = self.recv_next > self.ack_sent
-            || self.ack_due.is_some_and(|d| d <= now && self.ack_sent == 0);
+        let ack_wanted = self.recv_next > self.ack_sent || self.ack_forced;
+        if !ack_wanted {
+            // Acknowledged by a piggybacked ack already: no timer left.
+            self.ack_due = None;
+        }
         let ack_due =
             self.unacked_bytes >= self.config.ack_every || self.ack_due.is_some_and(|d| d <= now);
         if ack_wanted && (other || ack_due) {
@@ -51,7 +54,8 @@ impl Session {
                 next: self.recv_next,
             }
             .encode(&mut buf[p..]);
-            self.ack_sent = self.recv_next.max(1);
+            self.ack_sent = self.recv_next;
+            self.ack_forced = false;
             self.unacked_bytes = 0;
             self.ack_due = None;
         }
@@ -91,9 +95,18 @@ impl Session {
             }
         }
         let mut switch_tx = None;
-        if let Some((epoch, msg, _)) = &self.out_key_ack {
-            if put(buf, &mut p, &Frame::KeyUpdateAck { epoch: *epoch, msg }) {
-                switch_tx = self.out_key_ack.take().map(|(_, _, k)| k);
+        if let Some(ack) = &self.out_key_ack {
+            let f = match ack {
+                KeyAck::Answer(epoch, msg, _) => Frame::KeyUpdateAck { epoch: *epoch, msg },
+                KeyAck::Decline(epoch) => Frame::KeyUpdateAck {
+                    epoch: *epoch,
+                    msg: &[],
+                },
+            };
+            if put(buf, &mut p, &f) {
+                if let Some(KeyAck::Answer(_, _, k)) = self.out_key_ack.take() {
+                    switch_tx = Some(k);
+                }
             }
         }
         if self.max_data_queued

@@ -31,11 +31,11 @@ pub struct Forger {
     pub seq: u64,
 }
 
-fn epoch_prologue(id: &[u8; 16], epoch: u32) -> [u8; 32] {
-    let mut p = [0u8; 32];
-    p[..12].copy_from_slice(b"POOL/1 epoch");
-    p[12..28].copy_from_slice(id);
-    p[28..].copy_from_slice(&epoch.to_be_bytes());
+fn epoch_prologue(id: &[u8; 16], epoch: u32, extra: &[u8]) -> Vec<u8> {
+    let mut p = b"POOL/2 epoch".to_vec();
+    p.extend_from_slice(id);
+    p.extend_from_slice(&epoch.to_be_bytes());
+    p.extend_from_slice(extra);
     p
 }
 
@@ -89,10 +89,11 @@ impl snow::resolvers::CryptoResolver for Resolver {
 fn epoch_initiator(
     id: &[u8; 16],
     epoch: u32,
+    extra: &[u8],
     chain: &[u8; 32],
     rng: &mut dyn RngCore,
 ) -> snow::HandshakeState {
-    let prologue = epoch_prologue(id, epoch);
+    let prologue = epoch_prologue(id, epoch, extra);
     let res = Resolver(std::sync::Mutex::new(Some(pool_core::SeededRng::from_rng(
         rng,
     ))));
@@ -116,23 +117,34 @@ impl Forger {
         rng: &mut dyn RngCore,
     ) -> Forger {
         let s = initiator_snapshot;
-        assert_eq!(&s[..8], b"POOLSNP1");
+        assert_eq!(&s[..8], b"POOLSNP2");
         assert_eq!(s[8], 0, "an initiator's snapshot");
         let id: [u8; 16] = s[9..25].try_into().unwrap();
         let suite_bit = s[89];
         let chain: [u8; 32] = s[90..122].try_into().unwrap();
+        let committed = u32::from_be_bytes(s[122..126].try_into().unwrap());
         let max_epoch = u32::from_be_bytes(s[126..130].try_into().unwrap());
-        let recv_next: [u8; 8] = s[154..162].try_into().unwrap();
+        let base = u32::from_be_bytes(s[130..134].try_into().unwrap());
+        assert_eq!(
+            base, committed,
+            "a snapshot whose current epoch is confirmed"
+        );
+        assert_eq!(s[138], 0, "a snapshot without a previous chain");
+        let recv_next: [u8; 8] = s[163..171].try_into().unwrap();
         let epoch = max_epoch + 1;
+        // The refusal key: any valid public key will do here.
+        let mut extra = base.to_be_bytes().to_vec();
+        extra.extend_from_slice(&super::key(77).public_key().0);
 
-        let mut hs = epoch_initiator(&id, epoch, &chain, rng);
+        let mut hs = epoch_initiator(&id, epoch, &extra, &chain, rng);
         let mut msg = [0u8; 256];
         let n = hs.write_message(&recv_next, &mut msg).unwrap();
         let mut resume = Vec::new();
-        let body = 16 + 4 + n;
+        let body = 16 + 4 + extra.len() + n;
         resume.extend_from_slice(&[0x03, (body >> 16) as u8, (body >> 8) as u8, body as u8]);
         resume.extend_from_slice(&id);
         resume.extend_from_slice(&epoch.to_be_bytes());
+        resume.extend_from_slice(&extra);
         resume.extend_from_slice(&msg[..n]);
         let mut reply = Vec::new();
         target
@@ -149,7 +161,7 @@ impl Forger {
             &[&chain[..], &i2r, &r2i].concat(),
             b"pool chain",
         );
-        Forger {
+        let mut f = Forger {
             key: aead_key(suite_bit, &i2r),
             suite_bit,
             id,
@@ -157,7 +169,13 @@ impl Forger {
             epoch,
             counter: 0,
             seq,
-        }
+        };
+        // The first record on the new carrier commits the resume.
+        let mut first = f.seal_frames(&[Frame::Ping { stamp: 0 }]);
+        target
+            .confirm_resume(now, &mut first)
+            .expect("target commits the forged resume");
+        f
     }
 
     /// A data record sealing `plaintext` as is (its first 8 bytes should be
@@ -199,7 +217,7 @@ impl Forger {
     /// The Noise message of a KEY_UPDATE to `epoch` under the current chain.
     pub fn key_update_msg(&self, epoch: u32) -> Vec<u8> {
         let mut rng = pool_core::SeededRng::from_u64(u64::from(epoch));
-        let mut hs = epoch_initiator(&self.id, epoch, &self.chain, &mut rng);
+        let mut hs = epoch_initiator(&self.id, epoch, &[], &self.chain, &mut rng);
         let mut msg = [0u8; 256];
         let n = hs.write_message(&[], &mut msg).unwrap();
         msg[..n].to_vec()

@@ -209,7 +209,21 @@ impl Pair {
         self.ab.clear();
         self.ba.clear();
         self.a.finish_resume(self.now, &reply)?;
-        Ok(())
+        self.commit_resume()
+    }
+
+    /// The new carrier's first record, a to b: b switches to it (the
+    /// responder's commit point).
+    pub fn commit_resume(&mut self) -> Result<(), pool_core::HandshakeError> {
+        let n = self
+            .a
+            .poll_transmit(self.now, &mut self.buf)
+            .expect("the initiator sends at once after a resume");
+        if let Some(t) = &mut self.tamper_ab {
+            t(&mut self.buf[..n]);
+        }
+        let mut rec = self.buf[..n].to_vec();
+        self.b.confirm_resume(self.now, &mut rec)
     }
 }
 
