@@ -569,7 +569,7 @@ impl Session {
         self.advance_chain(prev, epoch, chain);
         self.epoch_started = now;
         self.stats.rekeys += 1;
-        self.out_key_ack = Some(KeyAck::Answer(epoch, reply[..n].to_vec(), tx));
+        self.out_key_ack = Some(KeyAck::Answer(epoch, reply[..n].to_vec(), Box::new(tx)));
         self.events.push_back(Event::Rekeyed(epoch));
         Ok(())
     }

@@ -241,7 +241,7 @@ struct PendingAttach {
 enum KeyAck {
     /// Our half of the new epoch, and the send key to switch to once the
     /// ack is sealed.
-    Answer(u32, Vec<u8>, DirectionKey),
+    Answer(u32, Vec<u8>, Box<DirectionKey>),
     /// Not now (a resume of ours is under way): the peer drops its rekey.
     Decline(u32),
 }

@@ -105,7 +105,7 @@ impl Session {
             };
             if put(buf, &mut p, &f) {
                 if let Some(KeyAck::Answer(_, _, k)) = self.out_key_ack.take() {
-                    switch_tx = Some(k);
+                    switch_tx = Some(*k);
                 }
             }
         }
