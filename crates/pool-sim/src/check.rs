@@ -196,7 +196,10 @@ impl StreamBook {
         let st = self.streams.get_mut(&id).ok_or_else(|| {
             Violation::new(
                 Kind::Delivery,
-                format!("{} bytes read on stream {id} that no one opened", data.len()),
+                format!(
+                    "{} bytes read on stream {id} that no one opened",
+                    data.len()
+                ),
             )
         })?;
         let d = &mut st.dirs[dir];

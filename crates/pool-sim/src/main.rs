@@ -48,13 +48,23 @@ fn parse() -> Result<Args, String> {
         let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match a.as_str() {
             "--schedules" => {
-                schedules = Some(val("--schedules")?.parse().map_err(|e| format!("--schedules: {e}"))?)
+                schedules = Some(
+                    val("--schedules")?
+                        .parse()
+                        .map_err(|e| format!("--schedules: {e}"))?,
+                )
             }
             "--seed" => seed = Some(val("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?),
-            "--steps" => opts.steps = val("--steps")?.parse().map_err(|e| format!("--steps: {e}"))?,
+            "--steps" => {
+                opts.steps = val("--steps")?
+                    .parse()
+                    .map_err(|e| format!("--steps: {e}"))?
+            }
             "--attacks" => opts.attacks = Attacks::parse(&val("--attacks")?)?,
             "--threads" => {
-                threads = val("--threads")?.parse().map_err(|e| format!("--threads: {e}"))?
+                threads = val("--threads")?
+                    .parse()
+                    .map_err(|e| format!("--threads: {e}"))?
             }
             "--keep-going" => keep_going = true,
             "--lenient-timers" => opts.lenient_timers = true,
@@ -82,7 +92,11 @@ fn report(o: &Outcome, a: &Args) {
         o.seed,
         a.opts.steps,
         a.opts.attacks,
-        if a.opts.lenient_timers { " --lenient-timers" } else { "" }
+        if a.opts.lenient_timers {
+            " --lenient-timers"
+        } else {
+            ""
+        }
     );
 }
 
@@ -103,7 +117,11 @@ fn main() -> ExitCode {
         args.seed + args.schedules,
         args.opts.steps,
         args.opts.attacks,
-        if args.opts.lenient_timers { " lenient-timers" } else { "" }
+        if args.opts.lenient_timers {
+            " lenient-timers"
+        } else {
+            ""
+        }
     );
     let started = Instant::now();
     let next = AtomicUsize::new(0);
@@ -171,7 +189,11 @@ fn main() -> ExitCode {
     }
     println!(
         "{done} schedules, {} failed",
-        if args.keep_going { failures.len() } else { usize::from(!failures.is_empty()) }
+        if args.keep_going {
+            failures.len()
+        } else {
+            usize::from(!failures.is_empty())
+        }
     );
     eprintln!(
         "pool-sim: {done} schedules in {:.2} s: {:.0} schedules/s ({} threads)",

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use pool_core::{
     resume_session_id, write_refusal, Acceptor, CipherSuite, CloseReason, Config, Event,
-    HandshakeError, Initiator, ReadResult, RecordType, SecretKey, SeededRng, Session,
-    StreamError, MAX_RECORD_LEN,
+    HandshakeError, Initiator, ReadResult, RecordType, SecretKey, SeededRng, Session, StreamError,
+    MAX_RECORD_LEN,
 };
 
 use crate::adapter::{self, ServerAnswer};
 use crate::attacks::{Attack, Attacks};
-use crate::check::{dir_name, fill_pattern, record_nonce, Dir, Kind, NonceBook, StreamBook, Violation};
+use crate::check::{
+    dir_name, fill_pattern, record_nonce, Dir, Kind, NonceBook, StreamBook, Violation,
+};
 use crate::prng::Prng;
 use crate::trace::Trace;
 use crate::{Options, Plant, RunStats};
@@ -365,7 +367,11 @@ impl World {
             alive: true,
             attacker,
             pipes: [Pipe::default(), Pipe::default()],
-            cstate: if attacker { CState::Gone } else { CState::Resuming },
+            cstate: if attacker {
+                CState::Gone
+            } else {
+                CState::Resuming
+            },
             sstate: SState::Unbound,
         });
         self.carriers.len() - 1
@@ -426,9 +432,7 @@ impl World {
         let mut buf = std::mem::take(&mut self.buf);
         let mut events = Vec::new();
         let res = (|| -> R {
-            let target = self.nodes[node]
-                .primary
-                .filter(|&c| self.carriers[c].alive);
+            let target = self.nodes[node].primary.filter(|&c| self.carriers[c].alive);
             let Some(s) = self.nodes[node].session.as_mut() else {
                 return Ok(());
             };
@@ -742,10 +746,7 @@ impl World {
         let node = self.carriers[cid].server;
         let (rec, tainted) = match self.take_record(cid, 0) {
             Err(e) => {
-                self.log(format!(
-                    "{} drops c{cid}: {e}",
-                    self.nodes[node].name
-                ));
+                self.log(format!("{} drops c{cid}: {e}", self.nodes[node].name));
                 self.carriers[cid].sstate = SState::Done;
                 return self.kill(cid, [true, false]);
             }
@@ -765,7 +766,10 @@ impl World {
             if honest {
                 return Err(Violation::new(
                     Kind::Resume,
-                    format!("{} does not know the client's session", self.nodes[node].name),
+                    format!(
+                        "{} does not know the client's session",
+                        self.nodes[node].name
+                    ),
                 ));
             }
             return self.refuse(cid, &HandshakeError::UnknownSession);
@@ -784,7 +788,11 @@ impl World {
                 self.log(format!(
                     "{} answers RESUME on c{cid} ({ans:?}){}",
                     self.nodes[node].name,
-                    if tainted || attacker { " [attacker's]" } else { "" }
+                    if tainted || attacker {
+                        " [attacker's]"
+                    } else {
+                        ""
+                    }
                 ));
                 self.carriers[cid].pipes[1].inflight.extend_from_slice(&out);
                 match ans {
@@ -807,7 +815,11 @@ impl World {
                 self.log(format!(
                     "{} refuses RESUME on c{cid}: {e}{}",
                     self.nodes[node].name,
-                    if tainted || attacker { " [attacker's]" } else { "" }
+                    if tainted || attacker {
+                        " [attacker's]"
+                    } else {
+                        ""
+                    }
                 ));
                 if honest && both_open {
                     return Err(Violation::new(
@@ -861,7 +873,10 @@ impl World {
         };
         match adapter::server_confirm(s, self.now, &mut rec) {
             Ok(c) => {
-                self.log(format!("{} confirms the resume on c{cid}", self.nodes[node].name));
+                self.log(format!(
+                    "{} confirms the resume on c{cid}",
+                    self.nodes[node].name
+                ));
                 self.switch_server(node, cid)?;
                 if !c.consumed {
                     let p = &mut self.carriers[cid].pipes[0];
@@ -897,8 +912,7 @@ impl World {
         }
         if tainted && self.nodes[CLIENT].tainted.is_none() {
             let what = self.carriers[cid].pipes[1].taint_what.clone();
-            self.nodes[CLIENT].tainted =
-                Some(format!("{what} (reached it at step {})", self.step));
+            self.nodes[CLIENT].tainted = Some(format!("{what} (reached it at step {})", self.step));
         }
         let both_open = self.open(CLIENT) && self.open(self.srv);
         let Some(s) = self.nodes[CLIENT].session.as_mut() else {
@@ -1044,7 +1058,11 @@ impl World {
             let mut past: Option<Instant> = None;
             let mut next: Option<Instant> = None;
             for n in [CLIENT, self.srv] {
-                if let Some(t) = self.nodes[n].session.as_ref().and_then(|s| s.poll_timeout()) {
+                if let Some(t) = self.nodes[n]
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.poll_timeout())
+                {
                     if t <= self.now {
                         past = Some(t);
                     } else {
@@ -1316,7 +1334,9 @@ impl World {
         match r {
             Ok(n) => {
                 self.book.wrote(id, dir, n);
-                self.log(format!("{name} writes {n}/{len} bytes on stream {id} at {off}"));
+                self.log(format!(
+                    "{name} writes {n}/{len} bytes on stream {id} at {off}"
+                ));
             }
             Err(e) => self.stream_err(&format!("{name} write"), id, e)?,
         }
@@ -1344,7 +1364,11 @@ impl World {
                 r.map(|()| n > 0)
             }
             Ok(ReadResult::Fin) => {
-                let fresh = !self.book.streams.get(&id).is_some_and(|s| s.dirs[dir].fin_read);
+                let fresh = !self
+                    .book
+                    .streams
+                    .get(&id)
+                    .is_some_and(|s| s.dirs[dir].fin_read);
                 if fresh {
                     self.log(format!("{name} reads FIN on stream {id}"));
                 }
@@ -1352,7 +1376,9 @@ impl World {
             }
             Ok(ReadResult::Blocked) => Ok(false),
             Err(StreamError::Unknown(_)) | Err(StreamError::SessionClosed(_)) => Ok(false),
-            Err(e) => self.stream_err(&format!("{name} read"), id, e).map(|()| false),
+            Err(e) => self
+                .stream_err(&format!("{name} read"), id, e)
+                .map(|()| false),
         };
         self.scratch = out;
         let res = res?;
@@ -1421,7 +1447,9 @@ impl World {
         if fin {
             st.dirs[wdir].fin_written = true;
         }
-        self.log(format!("{name} stops reading stream {id} (own side finished: {fin})"));
+        self.log(format!(
+            "{name} stops reading stream {id} (own side finished: {fin})"
+        ));
         self.after_input(side)
     }
 
@@ -1453,7 +1481,10 @@ impl World {
         }
         let len = self.carriers[cid].pipes[dir].inflight.len();
         let n = self.rng.range(1, len as u64) as usize;
-        self.log(format!("deliver {n}/{len} bytes on c{cid} {}", dir_name(dir)));
+        self.log(format!(
+            "deliver {n}/{len} bytes on c{cid} {}",
+            dir_name(dir)
+        ));
         self.deliver(cid, dir, n)
     }
 
@@ -1476,7 +1507,11 @@ impl World {
             cands.push(now + p);
         }
         for n in [CLIENT, self.srv] {
-            if let Some(t) = self.nodes[n].session.as_ref().and_then(|s| s.poll_timeout()) {
+            if let Some(t) = self.nodes[n]
+                .session
+                .as_ref()
+                .and_then(|s| s.poll_timeout())
+            {
                 cands.push(t);
             }
             cands.push(self.nodes[n].epoch_started + l.rekey_after);
@@ -1598,7 +1633,10 @@ impl World {
         };
         let snap = s.snapshot();
         let restored = Session::restore(self.now, self.config.clone(), &snap).map_err(|e| {
-            Violation::new(Kind::Snapshot, format!("{name}: restore of its snapshot: {e}"))
+            Violation::new(
+                Kind::Snapshot,
+                format!("{name}: restore of its snapshot: {e}"),
+            )
         })?;
         let again = restored.snapshot();
         if *again != *snap {
@@ -1669,7 +1707,11 @@ impl World {
                 }
                 let i = self.rng.index(self.captured_resumes.len());
                 let rec = self.captured_resumes[i].clone();
-                let to = if self.rng.chance(4, 5) { self.srv } else { SERVER2 };
+                let to = if self.rng.chance(4, 5) {
+                    self.srv
+                } else {
+                    SERVER2
+                };
                 self.attacker_carrier(to, rec, format!("replayed RESUME #{i}"))
             }
             Attack::ForgeRefuse => self.forge_refuse(),
@@ -1699,7 +1741,10 @@ impl World {
                 let bit = 1u8 << self.rng.below(8);
                 let p = &mut self.carriers[cid].pipes[dir];
                 p.inflight[i] ^= bit;
-                let w = format!("bit flip at byte {i}/{len} of c{cid} {} (step {step})", dir_name(dir));
+                let w = format!(
+                    "bit flip at byte {i}/{len} of c{cid} {} (step {step})",
+                    dir_name(dir)
+                );
                 p.mark(i, i + 1, w.clone());
                 w
             }
@@ -1712,12 +1757,19 @@ impl World {
                     let shift = |v: usize| if v > i + n { v - n } else { v.min(i) };
                     p.taint = Some((shift(x), shift(y)));
                 }
-                let w = format!("{n} bytes cut out at {i}/{len} of c{cid} {} (step {step})", dir_name(dir));
+                let w = format!(
+                    "{n} bytes cut out at {i}/{len} of c{cid} {} (step {step})",
+                    dir_name(dir)
+                );
                 p.mark(i, i + 1, w.clone());
                 w
             }
             _ => {
-                let i = if self.rng.chance(1, 2) { len } else { self.rng.range(0, len as u64) as usize };
+                let i = if self.rng.chance(1, 2) {
+                    len
+                } else {
+                    self.rng.range(0, len as u64) as usize
+                };
                 let n = self.rng.range(1, 64) as usize;
                 let mut junk = vec![0u8; n];
                 self.rng.fill(&mut junk);
@@ -1731,7 +1783,10 @@ impl World {
                     let shift = |v: usize| if v >= i { v + n } else { v };
                     p.taint = Some((shift(x), shift(y)));
                 }
-                let w = format!("{n} garbage bytes at {i}/{len} of c{cid} {} (step {step})", dir_name(dir));
+                let w = format!(
+                    "{n} garbage bytes at {i}/{len} of c{cid} {} (step {step})",
+                    dir_name(dir)
+                );
                 p.mark(i, i + n, w.clone());
                 w
             }
@@ -1800,7 +1855,11 @@ impl World {
     }
 
     fn junk(&mut self) -> R {
-        let to = if self.rng.chance(1, 2) { self.srv } else { SERVER2 };
+        let to = if self.rng.chance(1, 2) {
+            self.srv
+        } else {
+            SERVER2
+        };
         let id = self.nodes[CLIENT]
             .session
             .as_ref()
@@ -1842,7 +1901,10 @@ impl World {
     fn attacker_carrier(&mut self, to: usize, bytes: Vec<u8>, what: String) -> R {
         let cid = self.new_carrier(ATTACKER, to, true);
         let step = self.step;
-        let w = format!("{what} on attacker carrier c{cid} to {} (step {step})", self.nodes[to].name);
+        let w = format!(
+            "{what} on attacker carrier c{cid} to {} (step {step})",
+            self.nodes[to].name
+        );
         let p = &mut self.carriers[cid].pipes[0];
         p.inflight = bytes;
         let n = p.inflight.len();
@@ -1930,7 +1992,11 @@ impl World {
             if !self.open(n) {
                 return Err(Violation::new(
                     Kind::Liveness,
-                    format!("after healing the {} session is closed{}", self.nodes[n].name, self.taint_note()),
+                    format!(
+                        "after healing the {} session is closed{}",
+                        self.nodes[n].name,
+                        self.taint_note()
+                    ),
                 ));
             }
         }
