@@ -102,7 +102,7 @@ pub(crate) fn server_answer(
     out: &mut Vec<u8>,
 ) -> Result<ServerAnswer, HandshakeError> {
     s.handle_resume(now, record, rng, out)?;
-    Ok(ServerAnswer::Switched)
+    Ok(ServerAnswer::Prepared)
 }
 
 /// Server: the first record on a carrier whose RESUME was answered with
@@ -112,9 +112,6 @@ pub(crate) fn server_confirm(
     now: Instant,
     record: &mut [u8],
 ) -> Result<Confirmed, HandshakeError> {
-    // After the fix: s.confirm_resume(now, record).map(|()| Confirmed { consumed: true })
-    let _ = (s, now, record);
-    Err(HandshakeError::Unexpected(
-        "this core has no confirm_resume (handle_resume commits)",
-    ))
+    s.confirm_resume(now, record)
+        .map(|()| Confirmed { consumed: true })
 }

@@ -832,7 +832,19 @@ impl World {
                     ));
                 }
                 self.after_input(node)?;
-                self.refuse(cid, &e)
+                let start = self.carriers[cid].pipes[1].inflight.len();
+                self.refuse(cid, &e)?;
+                if tainted || attacker {
+                    // The refusal answers attacker bytes: not the client's
+                    // untampered resume failing.
+                    let end = self.carriers[cid].pipes[1].inflight.len();
+                    self.carriers[cid].pipes[1].mark(
+                        start,
+                        end,
+                        "refusal of a tampered RESUME".into(),
+                    );
+                }
+                Ok(())
             }
         }
     }

@@ -27,8 +27,8 @@ fn budget() -> u64 {
 
 fn budget_options() -> Options {
     Options {
-        attacks: Attacks::TODAY,
-        lenient_timers: true,
+        attacks: Attacks::ALL,
+        lenient_timers: false,
         ..Options::default()
     }
 }
