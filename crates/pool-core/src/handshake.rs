@@ -437,6 +437,16 @@ impl Acceptor {
         self.local.public_key()
     }
 
+    /// Takes a new key, fleet secret and configuration (a reload) but keeps
+    /// the replay table and rate limiter: a HELLO captured before the
+    /// reload is still a replay after it.
+    pub fn reconfigure(&mut self, config: &Config, local: SecretKey, fleet: Option<FleetSecret>) {
+        self.mac_key = mac1_key(&local.public_key());
+        self.local = local;
+        self.fleet = fleet;
+        self.config = config.clone();
+    }
+
     /// Writes the answer to a RESUME for a session this node does not know:
     /// a refusal with a proof that only this node's static key can make,
     /// bound to that RESUME, so the initiator can close the session at once

@@ -373,8 +373,12 @@ impl Endpoint {
     pub fn reload(&self, key: SecretKey, trust: Trust) {
         let ctx = &self.inner.ctx;
         let mut cfg = ctx.config.write().unwrap_or_else(|e| e.into_inner());
-        let acceptor = Acceptor::new(&cfg.protocol, key.clone(), trust.fleet_secret().cloned());
-        *ctx.acceptor.lock().unwrap_or_else(|e| e.into_inner()) = acceptor;
+        // The replay table and rate limiter survive: a HELLO captured
+        // before the reload is still a replay after it.
+        ctx.acceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reconfigure(&cfg.protocol, key.clone(), trust.fleet_secret().cloned());
         cfg.key = key;
         cfg.trust = trust;
     }
@@ -650,9 +654,39 @@ async fn handle_carrier(
                     &mut out,
                 )
             };
+            let res = match res {
+                Ok(mut core) => {
+                    sock.write_all(&out).await?;
+                    // Key confirmation: nothing is created, registered or
+                    // reported until the initiator's first record
+                    // authenticates (it proves the keys, and the fleet
+                    // secret, which its HELLO alone does not). A replayed
+                    // or forged HELLO ends here, after at most the
+                    // handshake timeout.
+                    match read_record(&mut sock, &addr, handshake_timeout).await {
+                        Ok(mut first) => {
+                            core.handle_carrier_data(Instant::now(), &mut first);
+                            if core.stats().records_received == 1 && core.carrier_up() {
+                                Ok(core)
+                            } else {
+                                Err(HandshakeError::Crypto)
+                            }
+                        }
+                        Err(e) => {
+                            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            let _ = ctx.events.send(EndpointEvent::Refused {
+                                from,
+                                key: None,
+                                reason: format!("no key confirmation: {e}"),
+                            });
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            };
             match res {
                 Ok(core) => {
-                    sock.write_all(&out).await?;
                     let id = core.id();
                     info!(%from, peer = %core.peer_key(), session = %id, "session accepted");
                     let reg = Arc::downgrade(&ctx.registry);
@@ -702,27 +736,66 @@ async fn handle_carrier(
             let res = match pool_core::resume_session_id(&record) {
                 Ok(id) => match ctx.registry.get(&id) {
                     Some(shared) => {
-                        let mut st = shared.lock();
-                        let r = st.core.handle_resume(
+                        // Answered, not switched: the session keeps its
+                        // carrier until the first record of the new epoch
+                        // arrives on this one.
+                        let r = shared.lock().core.handle_resume(
                             Instant::now(),
                             &record,
                             &mut rand_core::OsRng,
                             &mut out,
                         );
-                        if r.is_ok() {
-                            session::invalidate_carrier(&mut st, &shared);
-                            session::process_events(&mut st, &shared);
-                        }
-                        drop(st);
                         r.map(|()| shared)
                     }
                     None => Err(HandshakeError::UnknownSession),
                 },
                 Err(e) => Err(e),
             };
-            match res {
+            let res = match res {
                 Ok(shared) => {
                     sock.write_all(&out).await?;
+                    match read_record(&mut sock, &addr, handshake_timeout).await {
+                        Ok(mut first) => {
+                            let mut st = shared.lock();
+                            match st.core.confirm_resume(Instant::now(), &mut first) {
+                                Ok(()) => {
+                                    // Retire the old carrier under the same
+                                    // lock: its reader must not see the new
+                                    // epoch's keys.
+                                    session::invalidate_carrier(&mut st, &shared);
+                                    session::process_events(&mut st, &shared);
+                                    drop(st);
+                                    Ok(shared)
+                                }
+                                Err(e) => {
+                                    session::process_events(&mut st, &shared);
+                                    Err(e)
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            shared.lock().core.abandon_resume();
+                            debug!(%from, "resume answered but never confirmed: {e}");
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(HandshakeError::UnknownSession) => {
+                    // Proven, so the peer closes at once instead of trying
+                    // until its deadline.
+                    ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    info!(%from, "resume refused: unknown session");
+                    ctx.acceptor
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write_resume_refusal(&record, &mut out);
+                    let _ = sock.write_all(&out).await;
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(shared) => {
                     ctx.stats.resumed.fetch_add(1, Ordering::Relaxed);
                     let _ = ctx.events.send(EndpointEvent::Resumed {
                         id: shared.id,

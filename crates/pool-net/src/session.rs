@@ -602,10 +602,6 @@ async fn drive(shared: Arc<Shared>) {
     }
 }
 
-/// How long connections may be refused outright before the peer counts as
-/// gone (a host that answers with a reset has no listener, so no session).
-const REFUSED_GRACE: Duration = Duration::from_secs(3);
-
 /// Initiator: dial and resume with backoff until the core's resume
 /// deadline closes the session.
 async fn reconnect(shared: Arc<Shared>) {
@@ -613,7 +609,6 @@ async fn reconnect(shared: Arc<Shared>) {
         return;
     };
     let mut backoff = Duration::from_millis(10);
-    let mut refused_since: Option<Instant> = None;
     loop {
         if shared.lock().core.is_closed() {
             break;
@@ -624,11 +619,12 @@ async fn reconnect(shared: Arc<Shared>) {
                 break;
             }
             Err(Error::Handshake { source, .. })
-                if matches!(
-                    source,
-                    HandshakeError::Refused { code: 7, .. } | HandshakeError::Closed
-                ) =>
+                if matches!(source, HandshakeError::SessionGone | HandshakeError::Closed) =>
             {
+                // Only a refusal the peer proved with its static key ends
+                // the session here; any other (unauthenticated) refusal,
+                // refused dial or silence costs an attempt, and the session
+                // keeps trying until its resume deadline.
                 warn!(error = %source, "peer no longer knows this session");
                 let mut st = shared.lock();
                 st.core
@@ -637,28 +633,7 @@ async fn reconnect(shared: Arc<Shared>) {
                 process_events(&mut st, &shared);
                 break;
             }
-            Err(Error::Connect { source, .. })
-                if source.kind() == std::io::ErrorKind::ConnectionRefused
-                    && refused_since.get_or_insert_with(Instant::now).elapsed() > REFUSED_GRACE =>
-            {
-                // The peer's host answers but nothing listens: its process
-                // is gone, and the session's state with it. Fail now rather
-                // than at the resume deadline.
-                warn!(to = %dialer.describe(), "peer is not listening any more; closing the session");
-                let mut st = shared.lock();
-                st.core.close(
-                    Instant::now(),
-                    CloseCode::Protocol,
-                    "peer is not listening any more",
-                );
-                process_events(&mut st, &shared);
-                break;
-            }
             Err(e) => {
-                if !matches!(&e, Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
-                {
-                    refused_since = None;
-                }
                 debug!(error = %e, retry_in = ?backoff, "resume attempt failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
