@@ -99,6 +99,17 @@ pub enum HandshakeError {
         /// Allowed difference.
         limit_secs: u64,
     },
+    /// The listener is under load and answered with a cookie: start again
+    /// with [`crate::Initiator::start_with_cookie`].
+    #[error("the listener is under load and asked for a cookie round trip")]
+    CookieReply {
+        /// The cookie to put in the next HELLO's `mac2`.
+        cookie: [u8; 16],
+    },
+    /// (Listener side) under load, the HELLO had no valid cookie: the
+    /// COOKIE record was written to the output instead of an answer.
+    #[error("under load: answered with a cookie")]
+    CookieRequired,
     /// Too many handshakes from this source.
     #[error("too many handshakes from this source; try again shortly")]
     RateLimited,

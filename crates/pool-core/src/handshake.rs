@@ -19,6 +19,10 @@ use crate::wire::{self, Reader, RecordType, RECORD_HEADER_LEN};
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 2;
 const FLAG_PSK: u8 = 1;
+/// The HELLO ends with a second MAC keyed by a cookie (WireGuard's mac2).
+const FLAG_MAC2: u8 = 2;
+/// How long a cookie secret lives before it rotates (WireGuard: 2 min).
+const COOKIE_ROTATE: Duration = Duration::from_secs(120);
 const MAC_LEN: usize = 16;
 const NOISE_IK: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 const NOISE_IK_PSK: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
@@ -122,7 +126,25 @@ impl Initiator {
         rng: &mut dyn RngCore,
         out: &mut Vec<u8>,
     ) -> Result<Self, HandshakeError> {
-        let flags = if fleet.is_some() { FLAG_PSK } else { 0 };
+        Self::start_with_cookie(config, local, peer, fleet, unix_nanos, None, rng, out)
+    }
+
+    /// Like [`Initiator::start`], with the cookie a listener under load
+    /// answered an earlier HELLO with ([`HandshakeError::CookieReply`]):
+    /// the HELLO then carries `mac2`, which lets it past the load check.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_with_cookie(
+        config: &Config,
+        local: &SecretKey,
+        peer: PublicKey,
+        fleet: Option<&FleetSecret>,
+        unix_nanos: u64,
+        cookie: Option<&[u8; 16]>,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<u8>,
+    ) -> Result<Self, HandshakeError> {
+        let flags = if fleet.is_some() { FLAG_PSK } else { 0 }
+            | if cookie.is_some() { FLAG_MAC2 } else { 0 };
         let prologue = ik_prologue(flags);
         let name = if fleet.is_some() {
             NOISE_IK_PSK
@@ -148,7 +170,7 @@ impl Initiator {
         let n = hs
             .write_message(&payload, &mut msg)
             .map_err(|_| HandshakeError::Crypto)?;
-        let body_len = 2 + n + MAC_LEN;
+        let body_len = 2 + n + MAC_LEN + if cookie.is_some() { MAC_LEN } else { 0 };
         let start = out.len();
         let mut header = [0u8; RECORD_HEADER_LEN];
         wire::write_record_header(&mut header, RecordType::Hello, body_len);
@@ -157,6 +179,10 @@ impl Initiator {
         out.extend_from_slice(&msg[..n]);
         let mac = crypto::mac16(&mac1_key(&peer), &[&out[start..]]);
         out.extend_from_slice(&mac);
+        if let Some(c) = cookie {
+            let mac2 = crypto::mac16(c, &[&out[start..]]);
+            out.extend_from_slice(&mac2);
+        }
         Ok(Initiator {
             hs,
             local: local.public_key(),
@@ -173,6 +199,12 @@ impl Initiator {
         match ty {
             RecordType::Welcome => {}
             RecordType::Refuse => return Err(parse_refusal(body)),
+            RecordType::Cookie => {
+                let cookie: [u8; 16] = body
+                    .try_into()
+                    .map_err(|_| HandshakeError::Malformed(WireError::Truncated))?;
+                return Err(HandshakeError::CookieReply { cookie });
+            }
             _ => return Err(HandshakeError::Unexpected("not a WELCOME")),
         }
         let mut payload = [0u8; 256];
@@ -368,6 +400,14 @@ pub struct Acceptor {
     /// Newest handshake timestamp accepted per key (replay protection).
     seen: HashMap<PublicKey, Recent>,
     limiter: Option<RateLimiter>,
+    /// Under load, a HELLO must carry a valid `mac2` (a cookie for its
+    /// source) or it is answered with a cookie and no Diffie-Hellman.
+    under_load: bool,
+    /// The cookie secrets: current, previous (still valid), and when the
+    /// current one was made.
+    cookie_secret: [u8; 32],
+    cookie_prev: [u8; 32],
+    cookie_born: Option<Instant>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -429,7 +469,50 @@ impl Acceptor {
             }),
             config: config.clone(),
             seen: HashMap::new(),
+            under_load: false,
+            cookie_secret: [0; 32],
+            cookie_prev: [0; 32],
+            cookie_born: None,
         }
+    }
+
+    /// Tells the acceptor whether the listener is under load (the runtime
+    /// decides, from the handshakes in progress). Under load every HELLO
+    /// must prove, with a cookie, that its sender receives at its source.
+    pub fn set_under_load(&mut self, on: bool) {
+        self.under_load = on;
+    }
+
+    fn cookie_for(secret: &[u8; 32], source: &[u8]) -> [u8; 16] {
+        crypto::mac16(secret, &[b"pool cookie", source])
+    }
+
+    fn rotate_cookie(&mut self, now: Instant, rng: &mut dyn RngCore) {
+        if self
+            .cookie_born
+            .is_none_or(|b| now.saturating_duration_since(b) >= COOKIE_ROTATE)
+        {
+            self.cookie_prev = self.cookie_secret;
+            let mut fresh = [0u8; 32];
+            rng.fill_bytes(&mut fresh);
+            // Mixed with the old secret: a new one even from a weak source.
+            crypto::hkdf(
+                &self.cookie_prev,
+                &[&fresh],
+                b"pool cookie secret",
+                &mut self.cookie_secret,
+            );
+            self.cookie_born = Some(now);
+        }
+    }
+
+    /// Whether `mac2` over `signed` is right for `source` (current or
+    /// previous cookie secret).
+    fn mac2_ok(&self, source: &[u8], signed: &[u8], mac2: &[u8]) -> bool {
+        [&self.cookie_secret, &self.cookie_prev].iter().any(|sec| {
+            let c = Self::cookie_for(sec, source);
+            crypto::ct_eq(&crypto::mac16(&c, &[signed]), mac2)
+        })
     }
 
     /// This node's public key.
@@ -524,10 +607,25 @@ impl Acceptor {
                 want: VERSION,
             });
         }
-        let mac_at = record.len() - MAC_LEN;
+        let has_mac2 = flags & FLAG_MAC2 != 0;
+        if has_mac2 && body.len() < 2 + 2 * MAC_LEN {
+            return Err(WireError::Truncated.into());
+        }
+        let mac2_at = record.len() - if has_mac2 { MAC_LEN } else { 0 };
+        let mac_at = mac2_at - MAC_LEN;
         let mac = crypto::mac16(&self.mac_key, &[&record[..mac_at]]);
-        if !crypto::ct_eq(&mac, &record[mac_at..]) {
+        if !crypto::ct_eq(&mac, &record[mac_at..mac2_at]) {
             return Err(HandshakeError::BadMac);
+        }
+        if self.under_load {
+            // Still before any Diffie-Hellman: a sender that cannot show a
+            // cookie for its source gets one, and nothing else.
+            self.rotate_cookie(now, rng);
+            if !(has_mac2 && self.mac2_ok(source, &record[..mac2_at], &record[mac2_at..])) {
+                let cookie = Self::cookie_for(&self.cookie_secret, source);
+                wire::push_record(out, RecordType::Cookie, &[&cookie]);
+                return Err(HandshakeError::CookieRequired);
+            }
         }
         let uses_psk = flags & FLAG_PSK != 0;
         match (&self.fleet, uses_psk) {

@@ -40,6 +40,9 @@ pub enum RecordType {
     KeyProbe = 0x06,
     /// A listener's public key.
     KeyInfo = 0x07,
+    /// A listener under load: a cookie for the HELLO's source, to be sent
+    /// back in `mac2` (WireGuard's cookie reply).
+    Cookie = 0x08,
     /// An encrypted record of frames.
     Data = 0x10,
 }
@@ -55,6 +58,7 @@ impl RecordType {
             0x05 => RecordType::Refuse,
             0x06 => RecordType::KeyProbe,
             0x07 => RecordType::KeyInfo,
+            0x08 => RecordType::Cookie,
             0x10 => RecordType::Data,
             _ => return None,
         })

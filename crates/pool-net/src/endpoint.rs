@@ -132,6 +132,8 @@ pub struct ListenerStats {
     pub resumed: AtomicU64,
     /// Carriers dropped before a first record (timeouts, garbage).
     pub dropped: AtomicU64,
+    /// Cookie replies sent (HELLOs under load without a valid cookie).
+    pub cookies: AtomicU64,
 }
 
 struct Inner {
@@ -310,6 +312,7 @@ impl Endpoint {
                 config.trust.fleet_secret().cloned(),
             )),
             pending: Semaphore::new(config.max_pending_handshakes),
+            max_pending: config.max_pending_handshakes,
             config: std::sync::RwLock::new(config),
             registry: Arc::new(Registry {
                 sessions: Mutex::new(HashMap::new()),
@@ -507,12 +510,35 @@ impl Endpoint {
         })?;
         carrier.write_all(&hello).await?;
         let record = read_record(&mut carrier, &addr, t).await?;
-        let core = init
-            .finish(Instant::now(), &record)
-            .map_err(|source| Error::Handshake {
-                addr: addr.clone(),
-                source,
-            })?;
+        let core = match init.finish(Instant::now(), &record) {
+            Err(HandshakeError::CookieReply { cookie }) => {
+                // The listener is under load: the same HELLO again (a new
+                // one: fresh timestamp), with the cookie, on this carrier.
+                let mut hello = Vec::new();
+                let init = Initiator::start_with_cookie(
+                    &cfg.protocol,
+                    &cfg.key,
+                    peer,
+                    cfg.trust.fleet_secret(),
+                    unix_nanos(),
+                    Some(&cookie),
+                    &mut rand_core::OsRng,
+                    &mut hello,
+                )
+                .map_err(|source| Error::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                carrier.write_all(&hello).await?;
+                let record = read_record(&mut carrier, &addr, t).await?;
+                init.finish(Instant::now(), &record)
+            }
+            other => other,
+        }
+        .map_err(|source| Error::Handshake {
+            addr: addr.clone(),
+            source,
+        })?;
         debug!(to = %addr, session = %core.id(), cipher = core.cipher().name(), "session established");
         Ok(session::spawn(core, carrier, Some(dialer), None, paths))
     }
@@ -579,6 +605,7 @@ struct ListenCtx {
     incoming: mpsc::Sender<Session>,
     stats: Arc<ListenerStats>,
     pending: Semaphore,
+    max_pending: usize,
 }
 
 impl ListenCtx {
@@ -611,17 +638,73 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
                 debug!(%from, "too many handshakes in progress; dropping connection");
                 return;
             };
-            if let Err(e) = handle_carrier(&ctx, Box::new(sock), from).await {
+            if let Err(e) = handle_carrier(&ctx, Box::new(sock), from, None).await {
                 debug!(%from, error = %e, "incoming carrier failed");
             }
         });
     }
 }
 
+/// The rate-limit and cookie key of a carrier's source: the IPv4 address,
+/// the IPv6 /64 (one host usually holds a whole /64), or, for a relayed
+/// carrier, the key the relay authenticated (all relayed clients share the
+/// relay's address).
+fn source_key(from: SocketAddr, relayed: Option<&PublicKey>) -> Vec<u8> {
+    if let Some(k) = relayed {
+        let mut v = b"relayed:".to_vec();
+        v.extend_from_slice(&k.0);
+        return v;
+    }
+    match from.ip() {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => a.octets()[..8].to_vec(),
+        },
+    }
+}
+
+/// Runs the HELLO checks (rate limit, MACs, cookie, Noise, trust) on the
+/// blocking pool: the Diffie-Hellman work of a handshake flood must not
+/// stall the runtime threads that drive live sessions.
+async fn accept_hello(
+    ctx: &Arc<ListenCtx>,
+    source: Vec<u8>,
+    record: Vec<u8>,
+    trust: Trust,
+) -> (Result<pool_core::Session, HandshakeError>, Vec<u8>) {
+    let ctx2 = ctx.clone();
+    let max = ctx.max_pending;
+    let job = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut acc = ctx2.acceptor.lock().unwrap_or_else(|e| e.into_inner());
+        // Under load once half the handshake slots are taken: then every
+        // HELLO first proves its source with a cookie round trip.
+        acc.set_under_load(ctx2.pending.available_permits() < max / 2);
+        let res = acc.accept(
+            Instant::now(),
+            unix_nanos(),
+            &source,
+            &record,
+            &mut |k: &PublicKey| trust.check_client(k),
+            &mut rand_core::OsRng,
+            &mut out,
+        );
+        (res, out)
+    });
+    job.await.unwrap_or_else(|_| {
+        (
+            Err(HandshakeError::Unexpected("handshake task failed")),
+            Vec::new(),
+        )
+    })
+}
+
 async fn handle_carrier(
-    ctx: &ListenCtx,
+    ctx: &Arc<ListenCtx>,
     mut sock: BoxedCarrier,
     from: SocketAddr,
+    relayed: Option<PublicKey>,
 ) -> Result<(), Error> {
     let addr = from.to_string();
     let (handshake_timeout, trust) = {
@@ -638,22 +721,21 @@ async fn handle_carrier(
     let mut out = Vec::new();
     match record[0] {
         t if t == RecordType::Hello as u8 => {
-            let source = match from.ip() {
-                std::net::IpAddr::V4(a) => a.octets().to_vec(),
-                std::net::IpAddr::V6(a) => a.octets().to_vec(),
-            };
-            let res = {
-                let mut acc = ctx.acceptor.lock().unwrap_or_else(|e| e.into_inner());
-                acc.accept(
-                    Instant::now(),
-                    unix_nanos(),
-                    &source,
-                    &record,
-                    &mut |k: &PublicKey| trust.check_client(k),
-                    &mut rand_core::OsRng,
-                    &mut out,
-                )
-            };
+            let source = source_key(from, relayed.as_ref());
+            let (mut res, mut reply) =
+                accept_hello(ctx, source.clone(), record, trust.clone()).await;
+            if matches!(res, Err(HandshakeError::CookieRequired)) {
+                // One cookie round trip on the same carrier: the retried
+                // HELLO must carry it.
+                ctx.stats.cookies.fetch_add(1, Ordering::Relaxed);
+                sock.write_all(&reply).await?;
+                let again = read_record(&mut sock, &addr, handshake_timeout).await?;
+                (res, reply) = accept_hello(ctx, source, again, trust).await;
+                if matches!(res, Err(HandshakeError::CookieRequired)) {
+                    return Ok(());
+                }
+            }
+            out = reply;
             let res = match res {
                 Ok(mut core) => {
                     sock.write_all(&out).await?;
@@ -940,7 +1022,8 @@ async fn serve_registration(
                     match crate::relay::accept_circuit(&relay, &key, circuit).await {
                         Ok(carrier) => {
                             debug!(%relay, peer = %from.short(), "relayed carrier");
-                            if let Err(e) = handle_carrier(&c, Box::new(carrier), relay_addr).await
+                            if let Err(e) =
+                                handle_carrier(&c, Box::new(carrier), relay_addr, Some(from)).await
                             {
                                 debug!(%relay, error = %e, "relayed carrier failed");
                             }

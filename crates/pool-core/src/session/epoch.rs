@@ -441,7 +441,7 @@ impl Session {
     }
 
     /// Whether a rekey may start now.
-    fn rekey_allowed(&self) -> bool {
+    pub(super) fn rekey_allowed(&self) -> bool {
         // Not while an epoch change is under way (a proposal crossing our
         // answer to the peer's, or a resume, would split the chains), and
         // not before the peer showed it holds the current epoch: then both

@@ -611,7 +611,9 @@ impl Session {
             if let Some(d) = self.fast_ping_at() {
                 consider(d);
             }
-            if self.rekey.is_none() && self.resume.is_none() {
+            if self.rekey_allowed() {
+                // Only when a rekey could start: a deadline that handling
+                // cannot clear would be due forever (a spinning timer).
                 consider(self.epoch_started + self.config.rekey_after);
             }
         } else if let Some(lost) = self.lost_at {
