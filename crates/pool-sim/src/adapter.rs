@@ -52,12 +52,13 @@ use rand_core::RngCore;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ServerAnswer {
     /// The new epoch is installed; the new carrier is the session's carrier
-    /// now (the current core).
+    /// now (the protocol-v1 core, which committed on RESUME).
+    // Not returned by the current core; the world still handles it.
+    #[allow(dead_code)]
     Switched,
     /// RESUMED was written, nothing committed; commit with
-    /// [`server_confirm`] on the first record from the new carrier.
-    // Not returned by the current core; the world already handles it.
-    #[allow(dead_code)]
+    /// [`server_confirm`] on the first record from the new carrier (the
+    /// current core).
     Prepared,
 }
 

@@ -41,6 +41,13 @@ pub enum Plant {
     CorruptDelivery,
     /// Report one sealed record's (epoch, counter) to the nonce check twice.
     RepeatNonce,
+    /// Hand the client's untampered RESUME to the server's session once
+    /// more before answering it, unseen by the attacker bookkeeping: the
+    /// genuine copy is then refused as stale with no attacker cause.
+    StaleResume,
+    /// Flip a bit of the session id in the client's RESUME without marking
+    /// it as attacker bytes: the server cannot know the session.
+    UnmarkedTamper,
 }
 
 /// How to run a schedule.
@@ -94,6 +101,10 @@ pub struct RunStats {
     pub reinstalled_epochs: u32,
     /// Times a due timer was skipped under [`Options::lenient_timers`].
     pub stuck_timers: u64,
+    /// Untampered RESUMEs refused as stale because the attacker had
+    /// delivered a copy of the same bytes first and the server answered
+    /// it (the single-use rule; costs the client one attempt).
+    pub replayed_resumes_refused: u64,
     /// A session closed at its resume deadline after a real outage, so no
     /// liveness was owed.
     pub expired: bool,

@@ -160,6 +160,11 @@ pub(crate) struct World {
     expired: bool,
     captured_records: Vec<Vec<u8>>,
     captured_resumes: Vec<Vec<u8>>,
+    /// RESUME records a server's session answered when the attacker
+    /// delivered them (a replayed copy, possibly of one still in flight),
+    /// with the server node and what the attacker did. The single-use rule
+    /// then refuses the genuine copy as stale: one lost attempt.
+    answered_replays: Vec<(usize, Vec<u8>, String)>,
     records_seen: u64,
     buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -247,6 +252,7 @@ impl World {
             expired: false,
             captured_records: Vec::new(),
             captured_resumes: Vec::new(),
+            answered_replays: Vec::new(),
             records_seen: 0,
             buf: vec![0u8; MAX_RECORD_LEN],
             scratch: vec![0u8; 64 << 10],
@@ -639,10 +645,62 @@ impl World {
                 return Ok(());
             }
         }
+        let what = self.still_moving();
         Err(Violation::new(
             Kind::Livelock,
-            format!("the network did not go quiet after {PUMP_LIMIT} rounds"),
+            format!("the network did not go quiet after {PUMP_LIMIT} rounds: {what}"),
         ))
+    }
+
+    /// For a livelock report: what moves in a few more rounds (carrier,
+    /// direction, record types and lengths) and each session's counters.
+    fn still_moving(&mut self) -> String {
+        let mut moves = Vec::new();
+        for _ in 0..3 {
+            for cid in 0..self.carriers.len() {
+                for dir in 0..2 {
+                    let c = &self.carriers[cid];
+                    if !c.alive || !c.pipes[dir].deliverable(self.now) || self.mbb_held(cid, dir) {
+                        continue;
+                    }
+                    let mut recs = Vec::new();
+                    let mut b = &c.pipes[dir].inflight[..];
+                    while let Ok(Some((ty, len))) = pool_core::peek_record(b) {
+                        recs.push(format!("{ty:?}/{len}"));
+                        b = &b[len..];
+                    }
+                    moves.push(format!(
+                        "c{cid} {} [{}{}]",
+                        dir_name(dir),
+                        recs.join(" "),
+                        if b.is_empty() { "" } else { " +partial" }
+                    ));
+                    if self.deliver(cid, dir, usize::MAX).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut who = Vec::new();
+        for n in [CLIENT, self.srv] {
+            if let Some(s) = self.nodes[n].session.as_ref() {
+                let st = s.stats();
+                who.push(format!(
+                    "{}: epoch {} records sent {} received {} frames sent {} received {} resent {} dup {} pending {} {:?}",
+                    self.nodes[n].name,
+                    st.epoch,
+                    st.records_sent,
+                    st.records_received,
+                    st.frames_sent,
+                    st.frames_received,
+                    st.frames_resent,
+                    st.duplicates_dropped,
+                    s.pending_bytes(),
+                    s.debug_sizes()
+                ));
+            }
+        }
+        format!("moving: {}; {}", moves.join(", "), who.join("; "))
     }
 
     /// With `mbb-race` off, the client's old carrier carries nothing to the
@@ -755,8 +813,37 @@ impl World {
         };
         let attacker = self.carriers[cid].attacker;
         let honest = !tainted && !attacker && self.nodes[CLIENT].resuming == Some(cid);
+        let mut rec = rec;
+        if honest && !self.planted && rec.len() > 8 {
+            match self.opts.plant {
+                Some(Plant::UnmarkedTamper) => {
+                    self.planted = true;
+                    // Inside the session id (after the 4-byte header).
+                    rec[6] ^= 0x10;
+                }
+                Some(Plant::StaleResume) if self.open(node) => {
+                    self.planted = true;
+                    let mut out = Vec::new();
+                    if let Some(s) = self.nodes[node].session.as_mut() {
+                        let _ = adapter::server_answer(s, self.now, &rec, &mut self.crng, &mut out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // What the attacker did to this record, for a refusal answering it.
+        let cause = (tainted || attacker).then(|| self.carriers[cid].pipes[0].taint_what.clone());
         if rec[0] != RecordType::Resume as u8 {
-            return self.refuse(cid, &HandshakeError::Unexpected("not a RESUME"));
+            if honest {
+                return Err(Violation::new(
+                    Kind::Resume,
+                    format!(
+                        "the client's untampered first record on c{cid} is not a RESUME (type {:#04x})",
+                        rec[0]
+                    ),
+                ));
+            }
+            return self.refuse(cid, &HandshakeError::Unexpected("not a RESUME"), cause);
         }
         let matches = match (resume_session_id(&rec), self.nodes[node].session.as_ref()) {
             (Ok(id), Some(s)) => s.id() == id,
@@ -772,7 +859,7 @@ impl World {
                     ),
                 ));
             }
-            return self.refuse(cid, &HandshakeError::UnknownSession);
+            return self.refuse(cid, &HandshakeError::UnknownSession, cause);
         }
         if tainted && self.nodes[node].tainted.is_none() {
             let what = self.carriers[cid].pipes[0].taint_what.clone();
@@ -795,6 +882,9 @@ impl World {
                     }
                 ));
                 self.carriers[cid].pipes[1].inflight.extend_from_slice(&out);
+                if let Some(what) = cause.clone() {
+                    self.answered_replays.push((node, rec.clone(), what));
+                }
                 match ans {
                     ServerAnswer::Switched => self.switch_server(node, cid)?,
                     ServerAnswer::Prepared => self.carriers[cid].sstate = SState::Prepared,
@@ -821,7 +911,22 @@ impl World {
                         ""
                     }
                 ));
-                if honest && both_open {
+                // The one refusal an untampered RESUME may get: the
+                // attacker delivered a copy of these very bytes first and
+                // the server answered it, so the single-use rule makes this
+                // copy stale (the attacker cannot confirm its copy; the
+                // client loses one attempt and retries with a new epoch).
+                let replayed = match e {
+                    HandshakeError::StaleResume { .. } if honest => self
+                        .answered_replays
+                        .iter()
+                        .find(|(n, r, _)| *n == node && *r == rec)
+                        .map(|(_, _, w)| {
+                            format!("refusal of a RESUME whose copy ({w}) was answered first")
+                        }),
+                    _ => None,
+                };
+                if honest && both_open && replayed.is_none() {
                     return Err(Violation::new(
                         Kind::Resume,
                         format!(
@@ -831,30 +936,33 @@ impl World {
                         ),
                     ));
                 }
-                self.after_input(node)?;
-                let start = self.carriers[cid].pipes[1].inflight.len();
-                self.refuse(cid, &e)?;
-                if tainted || attacker {
-                    // The refusal answers attacker bytes: not the client's
-                    // untampered resume failing.
-                    let end = self.carriers[cid].pipes[1].inflight.len();
-                    self.carriers[cid].pipes[1].mark(
-                        start,
-                        end,
-                        "refusal of a tampered RESUME".into(),
-                    );
+                if let Some(w) = &replayed {
+                    self.stats.replayed_resumes_refused += 1;
+                    self.log(format!("  ({w})"));
                 }
-                Ok(())
+                self.after_input(node)?;
+                let cause = cause
+                    .map(|w| format!("refusal of a tampered RESUME ({w})"))
+                    .or(replayed);
+                self.refuse(cid, &e, cause)
             }
         }
     }
 
-    fn refuse(&mut self, cid: usize, e: &HandshakeError) -> R {
+    /// Writes a REFUSE on `cid`. `cause` says what the attacker did if the
+    /// refusal answers attacker bytes (then the refusal counts as attacker
+    /// bytes too: the client's untampered resume did not fail).
+    fn refuse(&mut self, cid: usize, e: &HandshakeError, cause: Option<String>) -> R {
         let mut out = Vec::new();
         write_refusal(e, &mut out);
         let c = &mut self.carriers[cid];
         c.sstate = SState::Done;
+        let start = c.pipes[1].inflight.len();
         c.pipes[1].inflight.extend_from_slice(&out);
+        if let Some(w) = cause {
+            let end = c.pipes[1].inflight.len();
+            c.pipes[1].mark(start, end, w);
+        }
         if c.attacker {
             return self.kill(cid, [false, false]);
         }
@@ -1979,6 +2087,7 @@ impl World {
             if self.expired || !self.open(CLIENT) || !self.open(self.srv) {
                 break;
             }
+            let moved_before = self.stats.bytes_moved;
             if !self.healthy() {
                 let alive: Vec<usize> = (0..self.carriers.len())
                     .filter(|&c| self.carriers[c].alive)
@@ -1994,7 +2103,19 @@ impl World {
             if self.healthy() && self.book.satisfied() {
                 break;
             }
-            let t = self.now + tick;
+            // Nothing moved: wait for the next timer, as a runtime would
+            // (a carrier whose bytes were cut looks up until a keepalive
+            // or the dead-after timer shows otherwise).
+            let mut t = self.now + tick;
+            if self.stats.bytes_moved == moved_before {
+                if let Some(next) = [CLIENT, self.srv]
+                    .iter()
+                    .filter_map(|&n| self.nodes[n].session.as_ref()?.poll_timeout())
+                    .min()
+                {
+                    t = t.max(next);
+                }
+            }
             self.advance_to(t)?;
         }
         if self.expired {

