@@ -428,7 +428,19 @@ impl Session {
         {
             return;
         }
+        if self.rekey_not_before.is_some_and(|t| now < t) {
+            return;
+        }
         self.start_rekey();
+    }
+
+    /// When a time- or volume-triggered rekey is next due (for the timer).
+    pub(super) fn rekey_due_at(&self) -> Instant {
+        let t = self.epoch_started + self.config.rekey_after;
+        match self.rekey_not_before {
+            Some(nb) => t.max(nb),
+            None => t,
+        }
     }
 
     /// Starts a new key epoch on the current carrier (normally done on time
@@ -581,10 +593,15 @@ impl Session {
         msg: &[u8],
     ) -> Result<(), CloseReason> {
         if msg.is_empty() {
-            // Declined: drop our proposal (its epoch number stays used).
+            // Declined: drop our proposal (its epoch number stays used), and
+            // give the peer's resume time to end before proposing again;
+            // proposing at once would bounce between the two at round-trip
+            // rate while the resume lasts.
             if self.rekey.as_ref().is_some_and(|p| p.epoch == epoch) {
                 self.rekey = None;
                 self.out_key_update = None;
+                let wait = Duration::from_secs(1).max(self.stats.rtt.unwrap_or_default() * 4);
+                self.rekey_not_before = Some(now + wait);
             }
             return Ok(());
         }

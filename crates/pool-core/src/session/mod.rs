@@ -272,6 +272,8 @@ pub struct Session {
     resume_floor: u32,
     /// A rekey was asked for ([`Session::force_rekey`]) and waits its turn.
     rekey_requested: bool,
+    /// After the peer declined a rekey: none before this time.
+    rekey_not_before: Option<Instant>,
     peer_params: TransportParams,
 
     tx: Option<DirectionKey>,
@@ -441,6 +443,7 @@ impl Session {
             rx_confirmed: 0,
             resume_floor: 0,
             rekey_requested: false,
+            rekey_not_before: None,
             peer_params: params,
             tx: None,
             rx: None,
@@ -614,7 +617,7 @@ impl Session {
             if self.rekey_allowed() {
                 // Only when a rekey could start: a deadline that handling
                 // cannot clear would be due forever (a spinning timer).
-                consider(self.epoch_started + self.config.rekey_after);
+                consider(self.rekey_due_at());
             }
         } else if let Some(lost) = self.lost_at {
             consider(lost + self.config.resume_deadline);
