@@ -281,8 +281,22 @@ enum CtlCmd {
 
 #[derive(Subcommand, Debug)]
 enum JournalCmd {
-    /// Check the hash chain: finds edited, removed or reordered lines.
+    /// Check the hash chain and the signed checkpoints: finds edited, removed or reordered lines.
+    #[command(
+        after_help = "EXAMPLE:\n  pool journal pubkey /var/lib/pool/journal.log      # once; keep the key off this host\n  \
+pool journal verify /var/lib/pool/journal.log --key KEY\n\n\
+Without --key the checkpoints are checked against the key the file itself names, which a file\n\
+rewritten from scratch could name too. Entries after the last checkpoint are listed as unsigned."
+    )]
     Verify {
+        /// The journal file.
+        file: PathBuf,
+        /// The journal's public signing key (hex, from `pool journal pubkey`) that every checkpoint must be signed with.
+        #[arg(long, value_name = "PUB")]
+        key: Option<String>,
+    },
+    /// Print the public key that signs a journal's checkpoints (from FILE.key beside it).
+    Pubkey {
         /// The journal file.
         file: PathBuf,
     },
@@ -448,7 +462,10 @@ fn main() -> ExitCode {
         Command::Ctl(CtlCmd::Reload { control }) => {
             node::ctl_reload(&control.unwrap_or_else(node::default_control))
         }
-        Command::Journal(JournalCmd::Verify { file }) => node::journal_verify(&file),
+        Command::Journal(JournalCmd::Verify { file, key }) => {
+            node::journal_verify(&file, key.as_deref())
+        }
+        Command::Journal(JournalCmd::Pubkey { file }) => node::journal_pubkey(&file),
         Command::Migrate(MigrateCmd::Status { json, control }) => {
             migrate::status(&control.unwrap_or_else(node::default_control), json)
         }

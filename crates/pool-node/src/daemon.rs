@@ -615,7 +615,8 @@ pub async fn start(
     let hex = sha256_hex(text);
     daemon.journal(
         "node_started",
-        json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex}),
+        json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex,
+               "journal_key": daemon.journal.as_ref().and_then(|j| j.public_key().map(str::to_owned))}),
     );
     for section in cfg.tcp2pool.clone() {
         daemon.start_bridge(section).await?;
@@ -793,7 +794,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
     }
     daemon.journal("node_stopped", json!({"connections_cut": left}));
     if let Some(j) = &daemon.journal {
-        j.flush().await;
+        j.checkpoint().await;
     }
     if let Some(p) = &daemon.control_path {
         let _ = std::fs::remove_file(p);

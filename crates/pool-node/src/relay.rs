@@ -709,7 +709,7 @@ impl RelayServer {
             json!({ "circuits_total": s.circuits_total, "bytes": s.bytes }),
         );
         if let Some(j) = &shared.journal {
-            j.flush().await;
+            j.checkpoint().await;
         }
         info!(%local, "relay stopped");
     }

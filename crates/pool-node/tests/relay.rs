@@ -866,7 +866,8 @@ async fn journal_and_metrics_record_the_circuit() {
             "circuit_opened",
             "circuit_closed",
             "node_unregistered",
-            "relay_stopped"
+            "relay_stopped",
+            "journal_checkpoint"
         ],
         "{text}"
     );
