@@ -2,7 +2,8 @@
 //! secret, or trust on first use with pinning. Never anyone silently.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -32,10 +33,15 @@ impl Trust {
 
     /// Trusts every key in an authorized-keys file: one key token a line,
     /// optionally followed by a name; `#` starts a comment.
+    ///
+    /// Refused when its group or others may write it (they could add a key),
+    /// as ssh refuses such an `authorized_keys`.
     pub fn allow_file(mut self, path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::File {
-            path: path.display().to_string(),
-            source,
+        let text = read_not_writable_by_others(path, "authorized keys file")?.ok_or_else(|| {
+            Error::File {
+                path: path.display().to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            }
         })?;
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
@@ -123,11 +129,13 @@ pub struct KnownPeers {
 const CLIENT: &str = "@client";
 
 impl KnownPeers {
-    /// Loads the file (a missing file is an empty store).
+    /// Loads the file (a missing file is an empty store). Refused when its
+    /// group or others may write it (they could pin a key of theirs).
     pub fn load(path: &Path) -> Result<Self, Error> {
         let mut entries = Vec::new();
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
+        match read_not_writable_by_others(path, "known-peers file") {
+            Ok(None) => {}
+            Ok(Some(text)) => {
                 for (n, line) in text.lines().enumerate() {
                     let line = line.split('#').next().unwrap_or("").trim();
                     let mut parts = line.split_whitespace();
@@ -141,13 +149,7 @@ impl KnownPeers {
                     entries.push((name.to_string(), key));
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::File {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
+            Err(e) => return Err(e),
         }
         Ok(KnownPeers {
             path: path.to_path_buf(),
@@ -172,6 +174,7 @@ impl KnownPeers {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .map_err(io)?;
         writeln!(f, "{name} {key}").map_err(io)?;
@@ -200,4 +203,33 @@ impl KnownPeers {
         }
         pinned.contains(key)
     }
+}
+
+/// Reads a trust file (`None` when it does not exist), refusing one its
+/// group or others may write. The mode checked is that of the file read.
+fn read_not_writable_by_others(path: &Path, what: &str) -> Result<Option<String>, Error> {
+    let err = |source| Error::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mode = f.metadata().map_err(err)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "this {what} is writable by other users (mode {:o}), so anyone could add a key to it; \
+                 it is refused until you run `chmod go-w {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(err)?;
+    Ok(Some(text))
 }

@@ -68,22 +68,37 @@ pub fn create_key_file(path: &Path) -> std::io::Result<SecretKey> {
     Ok(key)
 }
 
-/// Loads a key file (warning when others can read it), or creates it when
+/// Reads a secret file, refusing it (as ssh refuses a private key) when
+/// its group or others may read or write it. The mode is that of the file
+/// actually opened, so a swap between the check and the read cannot help.
+pub fn read_private_file(path: &Path, what: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{what} {} is accessible by other users (mode {:o}), so it is refused; run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Loads a key file (refused when others may read it), or creates it when
 /// `create` and missing.
 pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, DaemonError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            if let Ok(meta) = std::fs::metadata(path) {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    warn!(
-                        "key file {} is readable by other users; run: chmod 600 {}",
-                        path.display(),
-                        path.display()
-                    );
-                }
-            }
-            SecretKey::from_file_text(&text)
-                .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display())))
+    match read_private_file(path, "key file") {
+        Ok(text) => SecretKey::from_file_text(&text)
+            .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && e.get_ref().is_some() => {
+            Err(DaemonError::Key(e.to_string()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             if let Some(dir) = path.parent() {
@@ -123,8 +138,11 @@ pub fn build_trust(t: &TrustSection, default_known_peers: &Path) -> Result<Trust
             .map_err(|e| DaemonError::Trust(e.to_string()))?;
     }
     if let Some(f) = &t.fleet_secret {
-        let text = std::fs::read_to_string(f).map_err(|e| {
-            DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display()))
+        let text = read_private_file(f, "fleet secret").map_err(|e| match e.get_ref() {
+            Some(_) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                DaemonError::Trust(e.to_string())
+            }
+            _ => DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display())),
         })?;
         if text.trim().len() < 16 {
             return Err(DaemonError::Trust(format!(

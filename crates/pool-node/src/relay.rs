@@ -191,7 +191,30 @@ pub fn load_authorized(path: &Path) -> Result<HashSet<PublicKey>, RelayServerErr
         line,
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(0, e.to_string()))?;
+    let text = {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = std::fs::File::open(path).map_err(|e| bad(0, e.to_string()))?;
+        let mode = f
+            .metadata()
+            .map_err(|e| bad(0, e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(bad(
+                0,
+                format!(
+                    "writable by other users (mode {:o}), so anyone could add a key; refused until you run `chmod go-w {}`",
+                    mode & 0o777,
+                    path.display()
+                ),
+            ));
+        }
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| bad(0, e.to_string()))?;
+        text
+    };
     let mut keys = HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
