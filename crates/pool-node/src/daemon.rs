@@ -185,6 +185,148 @@ pub struct Daemon {
     metrics_addr: Mutex<Option<String>>,
     control_path: Option<PathBuf>,
     shim: Option<RunningShim>,
+    refusals: Mutex<RefusalLog>,
+}
+
+/// Refusals journaled at once per source and window: the first, and the
+/// first of each further distinct key, up to this many.
+const REFUSALS_AT_ONCE: usize = 3;
+/// Distinct reasons and keys a `handshake_refusals` line lists.
+const REFUSALS_LISTED: usize = 4;
+/// Sources tracked per window; refusals from more go to one line for all.
+const REFUSAL_SOURCES: usize = 1024;
+
+/// Refused handshakes, aggregated per source (an IPv4 address or an IPv6
+/// /64) and window, so that an unauthenticated sender cannot fill the
+/// disk or the journal's queue. Per source and window: up to
+/// [`REFUSALS_AT_ONCE`] `handshake_refused` lines at once (the first
+/// refusal, then the first of each new key), then one
+/// `handshake_refusals` line with the count of the rest when the window
+/// ends. At most [`REFUSAL_SOURCES`] sources are tracked; refusals from
+/// others are summed into one line for `"source": "other"`.
+struct RefusalLog {
+    window: Duration,
+    sources: HashMap<std::net::IpAddr, RefusalWindow>,
+    other: RefusalWindow,
+}
+
+#[derive(Default)]
+struct RefusalWindow {
+    opened: Option<Instant>,
+    /// Keys whose refusal was journaled at once (`None`: no key).
+    journaled: Vec<Option<PublicKey>>,
+    /// Refusals not journaled one by one.
+    count: u64,
+    reasons: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl RefusalWindow {
+    fn note(&mut self, key: Option<PublicKey>, reason: &str) {
+        self.count += 1;
+        if self.reasons.len() < REFUSALS_LISTED && !self.reasons.iter().any(|r| r == reason) {
+            self.reasons.push(reason.to_owned());
+        }
+        if let Some(k) = key.map(|k| k.to_string()) {
+            if self.keys.len() < REFUSALS_LISTED && !self.keys.contains(&k) {
+                self.keys.push(k);
+            }
+        }
+    }
+
+    fn summary(&self, source: &str, window: Duration) -> serde_json::Value {
+        json!({
+            "source": source,
+            "count": self.count,
+            "reasons": self.reasons,
+            "keys": self.keys,
+            "window_secs": window.as_secs(),
+        })
+    }
+}
+
+impl RefusalLog {
+    fn new(window: Duration) -> Self {
+        RefusalLog {
+            window,
+            sources: HashMap::new(),
+            other: RefusalWindow::default(),
+        }
+    }
+
+    /// Takes one refusal; the lines to journal now go to `out`.
+    fn refused(
+        &mut self,
+        now: Instant,
+        from: std::net::SocketAddr,
+        key: Option<PublicKey>,
+        reason: &str,
+        out: &mut Vec<(&'static str, serde_json::Value)>,
+    ) {
+        let source = crate::relay::address_bucket(from.ip());
+        if let Some(w) = self.sources.get(&source) {
+            if w.opened
+                .is_some_and(|t| now.duration_since(t) >= self.window)
+            {
+                self.end(source, out);
+            }
+        }
+        if !self.sources.contains_key(&source) && self.sources.len() >= REFUSAL_SOURCES {
+            self.other.note(key, reason);
+            return;
+        }
+        let w = self.sources.entry(source).or_default();
+        w.opened.get_or_insert(now);
+        if w.journaled.len() < REFUSALS_AT_ONCE && !w.journaled.contains(&key) {
+            w.journaled.push(key);
+            out.push((
+                "handshake_refused",
+                json!({"from": from.to_string(), "source": source.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
+            ));
+        } else {
+            w.note(key, reason);
+        }
+    }
+
+    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(&'static str, serde_json::Value)>) {
+        if let Some(w) = self.sources.remove(&source) {
+            if w.count > 0 {
+                out.push((
+                    "handshake_refusals",
+                    w.summary(&source.to_string(), self.window),
+                ));
+            }
+        }
+    }
+
+    /// Ends the windows that are over (all of them with `all`).
+    fn expire(
+        &mut self,
+        now: Instant,
+        all: bool,
+        out: &mut Vec<(&'static str, serde_json::Value)>,
+    ) {
+        let over: Vec<std::net::IpAddr> = self
+            .sources
+            .iter()
+            .filter(|(_, w)| {
+                all || w
+                    .opened
+                    .is_none_or(|t| now.duration_since(t) >= self.window)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for s in over {
+            self.end(s, out);
+        }
+        if self.other.count > 0 {
+            out.push((
+                "handshake_refusals",
+                self.other.summary("other", self.window),
+            ));
+            self.other = RefusalWindow::default();
+        }
+    }
 }
 
 struct RunningShim {
@@ -368,6 +510,40 @@ impl Daemon {
     fn journal(&self, event: &str, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
+        }
+    }
+
+    /// Journals what refusals produced, on the path that may be shed.
+    fn journal_refusals(&self, lines: Vec<(&'static str, serde_json::Value)>) {
+        if let Some(j) = &self.journal {
+            for (event, fields) in lines {
+                j.record_bulk(event, fields);
+            }
+        }
+    }
+
+    fn refused(&self, from: std::net::SocketAddr, key: Option<PublicKey>, reason: &str) {
+        let mut out = Vec::new();
+        if let Ok(mut log) = self.refusals.lock() {
+            log.refused(Instant::now(), from, key, reason, &mut out);
+        }
+        self.journal_refusals(out);
+    }
+
+    fn expire_refusals(&self, all: bool) {
+        let mut out = Vec::new();
+        if let Ok(mut log) = self.refusals.lock() {
+            log.expire(Instant::now(), all, &mut out);
+        }
+        self.journal_refusals(out);
+    }
+
+    /// Journals the refusal counts of every open window now, and waits
+    /// until everything journaled so far is written and fsynced.
+    pub async fn flush_journal(&self) {
+        self.expire_refusals(true);
+        if let Some(j) = &self.journal {
+            j.flush().await;
         }
     }
 
@@ -629,6 +805,9 @@ pub async fn start(
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
         shim,
+        refusals: Mutex::new(RefusalLog::new(Duration::from_secs(
+            cfg.node.refusal_window_secs.max(1),
+        ))),
     });
     let hex = sha256_hex(text);
     daemon.journal(
@@ -650,6 +829,13 @@ pub async fn start(
                     let watch = s.clone();
                     let id = s.id().to_string();
                     let peer = s.peer_key().to_string();
+                    // Journaled from here, not from the listener's events:
+                    // those are a broadcast that a flood of refusals can
+                    // make a slow reader miss.
+                    d2.journal(
+                        "session_opened",
+                        json!({"session": id, "peer": peer, "from": s.stats().remote.map(|a| a.to_string())}),
+                    );
                     tokio::spawn(p2t.serve_session(s));
                     let reason = watch.closed().await;
                     d2.journal(
@@ -659,20 +845,13 @@ pub async fn start(
                 });
             }
         });
-        // Listener events: journal accepts, refusals, resumes.
+        // Listener events: journal refusals (in aggregate) and resumes.
         let d = daemon.clone();
         let mut events = endpoint.events();
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(EndpointEvent::Accepted { id, peer, from }) => d.journal(
-                        "session_opened",
-                        json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
-                    ),
-                    Ok(EndpointEvent::Refused { from, key, reason }) => d.journal(
-                        "handshake_refused",
-                        json!({"from": from.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
-                    ),
+                    Ok(EndpointEvent::Refused { from, key, reason }) => d.refused(from, key, &reason),
                     Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
                         "session_resumed",
                         json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
@@ -680,8 +859,23 @@ pub async fn start(
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "journal fell behind listener events");
+                        d.journal_refusals(vec![("listener_events_missed", json!({"count": n}))]);
                     }
                     Err(_) => return,
+                }
+            }
+        });
+        // Refusal windows end on time even when no refusal follows.
+        let d = Arc::downgrade(&daemon);
+        let every = Duration::from_secs(cfg.node.refusal_window_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match d.upgrade() {
+                    Some(d) => d.expire_refusals(false),
+                    None => return,
                 }
             }
         });
@@ -908,6 +1102,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
             "drain deadline passed; closing the rest"
         );
     }
+    daemon.expire_refusals(true);
     daemon.journal("node_stopped", json!({"connections_cut": left}));
     if let Some(j) = &daemon.journal {
         j.checkpoint().await;
@@ -916,4 +1111,63 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
         remove_control(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> PublicKey {
+        SecretKey::from_bytes([n; 32]).public_key()
+    }
+
+    #[test]
+    fn refusals_are_aggregated_per_source_and_window() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let mut out = Vec::new();
+        let a: std::net::SocketAddr = "[2001:db8:1:2::1]:1000".parse().unwrap();
+        let b: std::net::SocketAddr = "[2001:db8:1:2::ffff]:2000".parse().unwrap();
+        // No key, then three keys: three lines at once, the rest counted.
+        log.refused(t0, a, None, "bad mac", &mut out);
+        log.refused(t0, b, None, "bad mac", &mut out);
+        log.refused(t0, a, Some(key(1)), "untrusted", &mut out);
+        log.refused(t0, a, Some(key(2)), "untrusted", &mut out);
+        log.refused(t0, a, Some(key(3)), "untrusted", &mut out);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(out
+            .iter()
+            .all(|(e, v)| *e == "handshake_refused" && v["source"] == "2001:db8:1:2::"));
+        out.clear();
+        log.expire(t0 + Duration::from_secs(5), false, &mut out);
+        assert!(out.is_empty());
+        log.expire(t0 + Duration::from_secs(10), false, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (event, v) = &out[0];
+        assert_eq!(*event, "handshake_refusals");
+        assert_eq!(v["count"], 2);
+        assert_eq!(v["keys"], json!([key(3).to_string()]));
+        assert_eq!(v["reasons"], json!(["bad mac", "untrusted"]));
+        // A new window starts with a line at once again.
+        out.clear();
+        log.refused(t0 + Duration::from_secs(11), a, None, "bad mac", &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn sources_past_the_cap_share_one_line() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let mut out = Vec::new();
+        for i in 0..REFUSAL_SOURCES as u32 + 100 {
+            let from = std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
+            log.refused(t0, from, None, "bad mac", &mut out);
+        }
+        assert_eq!(out.len(), REFUSAL_SOURCES);
+        out.clear();
+        log.expire(t0, true, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].1["source"], "other");
+        assert_eq!(out[0].1["count"], 100);
+    }
 }
