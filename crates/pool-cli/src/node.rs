@@ -143,10 +143,11 @@ pub(crate) async fn pool2tcp(
 ) -> Result<()> {
     require_key(&key)?;
     let t = trust_section(trust);
-    if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() && !t.tofu {
+    if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() {
         return Err(CliError::msg(
-            "nobody is trusted, so every connection would be refused; \
-             add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu",
+            "no client is trusted, so every connection would be refused; \
+             add --allow PEER_PUBKEY, --authorized FILE (see `pool trust add`) or --fleet-secret FILE \
+             (--tofu only pins the listeners this node dials)",
         ));
     }
     let cfg = Config {

@@ -728,10 +728,12 @@ pub async fn start(
     let key = load_or_create_key(&cfg.node.key, true)?;
     let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
     let listening = !cfg.node.listen.is_empty();
-    if listening && trust.is_empty() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty()) {
+    if listening && !trust.accepts_clients() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty())
+    {
         return Err(DaemonError::Trust(
-            "this node listens but trusts nobody, so every session would be refused: \
-             set [trust] allow, authorized, fleet_secret or tofu"
+            "this node listens but trusts no client, so every session would be refused: \
+             set [trust] allow, authorized (then `pool trust add KEY --authorized FILE` and reload) or fleet_secret \
+             (tofu only pins the listeners this node dials)"
                 .into(),
         ));
     }
