@@ -193,8 +193,10 @@ pub struct Daemon {
 const REFUSALS_AT_ONCE: usize = 3;
 /// Distinct reasons and keys a `handshake_refusals` line lists.
 const REFUSALS_LISTED: usize = 4;
+/// Refusals journaled at once per window, all sources together.
+const REFUSALS_AT_ONCE_TOTAL: usize = 100;
 /// Sources tracked per window; refusals from more go to one line for all.
-const REFUSAL_SOURCES: usize = 1024;
+const REFUSAL_SOURCES: usize = 256;
 
 /// Refused handshakes, aggregated per source (an IPv4 address or an IPv6
 /// /64) and window, so that an unauthenticated sender cannot fill the
@@ -203,11 +205,18 @@ const REFUSAL_SOURCES: usize = 1024;
 /// refusal, then the first of each new key), then one
 /// `handshake_refusals` line with the count of the rest when the window
 /// ends. At most [`REFUSAL_SOURCES`] sources are tracked; refusals from
-/// others are summed into one line for `"source": "other"`.
+/// others are summed into one line for `"source": "other"`; and at most
+/// [`REFUSALS_AT_ONCE_TOTAL`] lines per window are journaled at once, all
+/// sources together. So however many addresses send garbage, a window
+/// adds at most 100 + 257 lines.
 struct RefusalLog {
     window: Duration,
     sources: HashMap<std::net::IpAddr, RefusalWindow>,
     other: RefusalWindow,
+    /// Lines that may still be journaled at once in the window that
+    /// started at `budget_from`.
+    budget: usize,
+    budget_from: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -251,6 +260,8 @@ impl RefusalLog {
             window,
             sources: HashMap::new(),
             other: RefusalWindow::default(),
+            budget: REFUSALS_AT_ONCE_TOTAL,
+            budget_from: None,
         }
     }
 
@@ -264,6 +275,13 @@ impl RefusalLog {
         out: &mut Vec<(&'static str, serde_json::Value)>,
     ) {
         let source = crate::relay::address_bucket(from.ip());
+        if self
+            .budget_from
+            .is_none_or(|t| now.duration_since(t) >= self.window)
+        {
+            self.budget_from = Some(now);
+            self.budget = REFUSALS_AT_ONCE_TOTAL;
+        }
         if let Some(w) = self.sources.get(&source) {
             if w.opened
                 .is_some_and(|t| now.duration_since(t) >= self.window)
@@ -277,7 +295,8 @@ impl RefusalLog {
         }
         let w = self.sources.entry(source).or_default();
         w.opened.get_or_insert(now);
-        if w.journaled.len() < REFUSALS_AT_ONCE && !w.journaled.contains(&key) {
+        if self.budget > 0 && w.journaled.len() < REFUSALS_AT_ONCE && !w.journaled.contains(&key) {
+            self.budget -= 1;
             w.journaled.push(key);
             out.push((
                 "handshake_refused",
@@ -1165,11 +1184,17 @@ mod tests {
             let from = std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
             log.refused(t0, from, None, "bad mac", &mut out);
         }
-        assert_eq!(out.len(), REFUSAL_SOURCES);
+        // At once: the global budget, not one per source.
+        assert_eq!(out.len(), REFUSALS_AT_ONCE_TOTAL);
         out.clear();
         log.expire(t0, true, &mut out);
-        assert_eq!(out.len(), 1, "{out:?}");
-        assert_eq!(out[0].1["source"], "other");
-        assert_eq!(out[0].1["count"], 100);
+        // One summary per tracked source past the budget, one for the rest.
+        assert_eq!(
+            out.len(),
+            REFUSAL_SOURCES - REFUSALS_AT_ONCE_TOTAL + 1,
+            "{out:?}"
+        );
+        let other = out.iter().find(|(_, v)| v["source"] == "other").unwrap();
+        assert_eq!(other.1["count"], 100);
     }
 }
