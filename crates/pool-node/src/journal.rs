@@ -1507,6 +1507,8 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
     let line_of = |seq: u64| by_seq.get(&seq).map(|(m, _)| *m);
     // seq -> whether a valid checkpoint signed it.
     let mut signed: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    // Line numbers of checkpoints whose signature and range are good.
+    let mut valid: std::collections::HashSet<usize> = std::collections::HashSet::new();
     for (i, line) in lines.iter().enumerate() {
         let n = i + 1;
         let Ok(p) = line else { continue };
@@ -1555,6 +1557,7 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
             continue;
         }
         report.checkpoints += 1;
+        valid.insert(n);
         for (j, leaf) in cp.leaves.iter().enumerate() {
             let s = cp.from_seq + j as u64;
             signed.insert(s);
@@ -1581,10 +1584,12 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
     }
 
     // Unsigned ranges: entries (not checkpoints) no valid checkpoint signed.
-    let last_cp_line = lines
+    let checkpoint_lines: Vec<usize> = lines
         .iter()
-        .rposition(|l| matches!(l, Ok(p) if matches!(p.checkpoint, Some(Ok(_)))))
-        .map(|i| i + 1);
+        .enumerate()
+        .filter(|(_, l)| matches!(l, Ok(p) if p.checkpoint.is_some()))
+        .map(|(i, _)| i + 1)
+        .collect();
     let mut run: Option<(usize, usize)> = None;
     let mut runs = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -1612,10 +1617,13 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
         } else {
             format!("lines {a}-{b}")
         };
-        let why = if last_cp_line.is_none_or(|c| a > c) {
-            "after the last checkpoint (recent, or the node stopped without one)"
-        } else {
-            "before a checkpoint that does not sign them (the node restarted without a clean stop)"
+        let why = match checkpoint_lines.iter().find(|&&c| c > b) {
+            None => "after the last checkpoint (recent, or the node stopped without one)".to_owned(),
+            Some(c) if valid.contains(c) => {
+                "before a checkpoint that does not sign them (the node restarted without a clean stop)"
+                    .to_owned()
+            }
+            Some(c) => format!("the checkpoint on line {c} that follows them is not valid"),
         };
         report.unsigned.push(format!("{lines}: {why}"));
     }
