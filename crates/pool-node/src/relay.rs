@@ -487,6 +487,14 @@ impl Shared {
         }
     }
 
+    /// For entries an unauthenticated or costless sender can cause (failed
+    /// proofs, refusals): shed before they crowd out the others.
+    fn journal_bulk(&self, event: &str, fields: serde_json::Value) {
+        if let Some(j) = &self.journal {
+            j.record_bulk(event, fields);
+        }
+    }
+
     fn refused(&self, why: Refusal) {
         self.counters.refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -1061,7 +1069,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
             .auth_failures
             .fetch_add(1, Ordering::Relaxed);
         warn!(addr = %conn.addr, claimed = %key, "relay: proof of key ownership failed");
-        shared.journal(
+        shared.journal_bulk(
             "relay_auth_failed",
             json!({
                 "addr": conn.addr.to_string(),
@@ -1074,7 +1082,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
         )));
     }
     if !shared.cfg.allow.is_empty() && !shared.cfg.allow.contains(&key) {
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::NotAllowed.label(),
@@ -1139,7 +1147,7 @@ async fn handle(
     drop(unauth);
     let Some(node) = shared.enter_node(key) else {
         shared.refused(Refusal::Capacity);
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::Capacity.label(),
@@ -1306,7 +1314,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
     let Some(peer_tx) = peer_tx else {
         shared.refused(Refusal::UnknownPeer);
         debug!(node = %key, %peer, "relay: CONNECT to an unregistered key");
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::UnknownPeer.label(),
@@ -1352,7 +1360,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
     lock(&shared.pending).remove(&circuit);
     let Some(b) = accepted else {
         shared.refused(Refusal::NoAnswer);
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::NoAnswer.label(),
@@ -1430,7 +1438,7 @@ async fn accept(shared: Arc<Shared>, mut b: Authed, circuit: CircuitId) {
         }
     };
     shared.refused(reason);
-    shared.journal(
+    shared.journal_bulk(
         "relay_refused",
         json!({
             "reason": if code == ERR_AUTH { "wrong_acceptor" } else { reason.label() },
