@@ -314,6 +314,7 @@ impl Endpoint {
             pending: Semaphore::new(config.max_pending_handshakes),
             max_pending: config.max_pending_handshakes,
             pending_by_source: Mutex::new(HashMap::new()),
+            hello_jobs: std::sync::atomic::AtomicUsize::new(0),
             config: std::sync::RwLock::new(config),
             registry: Arc::new(Registry {
                 sessions: Mutex::new(HashMap::new()),
@@ -609,6 +610,8 @@ struct ListenCtx {
     max_pending: usize,
     /// Handshakes in progress per source (see [`PENDING_PER_SOURCE`]).
     pending_by_source: Mutex<HashMap<Vec<u8>, usize>>,
+    /// HELLOs queued for or in their checks on the blocking pool.
+    hello_jobs: std::sync::atomic::AtomicUsize,
 }
 
 impl ListenCtx {
@@ -648,6 +651,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
     }
 }
 
+/// HELLOs waiting for (or in) their Diffie-Hellman work beyond which the
+/// listener counts as under load.
+const HELLO_BACKLOG: usize = 4;
+
 /// Handshakes in progress one source may hold at once: one address (or
 /// /64, or relayed key) cannot take all of the listener's slots.
 const PENDING_PER_SOURCE: usize = 32;
@@ -662,7 +669,10 @@ struct PendingSlot<'a> {
 impl<'a> PendingSlot<'a> {
     fn take(ctx: &'a ListenCtx, source: Vec<u8>) -> Option<Self> {
         let permit = ctx.pending.try_acquire().ok()?;
-        let mut m = ctx.pending_by_source.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = ctx
+            .pending_by_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let n = m.entry(source.clone()).or_insert(0);
         if *n >= PENDING_PER_SOURCE {
             return None;
@@ -722,12 +732,14 @@ async fn accept_hello(
 ) -> (Result<pool_core::Session, HandshakeError>, Vec<u8>) {
     let ctx2 = ctx.clone();
     let max = ctx.max_pending;
+    let backlog = ctx.hello_jobs.fetch_add(1, Ordering::Relaxed);
     let job = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut acc = ctx2.acceptor.lock().unwrap_or_else(|e| e.into_inner());
-        // Under load once half the handshake slots are taken: then every
-        // HELLO first proves its source with a cookie round trip.
-        acc.set_under_load(ctx2.pending.available_permits() < max / 2);
+        // Under load when HELLOs queue up for the Diffie-Hellman work, or
+        // half the handshake slots are taken: then every HELLO first
+        // proves its source with a cookie round trip, which costs one MAC.
+        acc.set_under_load(backlog >= HELLO_BACKLOG || ctx2.pending.available_permits() < max / 2);
         let res = acc.accept(
             Instant::now(),
             unix_nanos(),
@@ -737,6 +749,8 @@ async fn accept_hello(
             &mut rand_core::OsRng,
             &mut out,
         );
+        drop(acc);
+        ctx2.hello_jobs.fetch_sub(1, Ordering::Relaxed);
         (res, out)
     });
     job.await.unwrap_or_else(|_| {
