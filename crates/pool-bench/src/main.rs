@@ -7,6 +7,7 @@
 //! pool-bench throughput  [--bytes 1G] [--cipher chacha|aes]
 //! pool-bench idle-clients ADDR KEY N      (the child of idle-memory)
 //! pool-bench forward LISTEN TARGET         (a bare relay: the floor path of bench-bridge)
+//! pool-bench flood       [--opens 200] [--sources 256] [--parallel 64]
 //! ```
 //!
 //! Each prints human lines and then `RESULT name=value unit=...` lines,
@@ -14,13 +15,15 @@
 //! per-source handshake rate limit off (all clients come from 127.0.0.1).
 
 mod common;
+mod flood;
 mod forward;
 mod handshakes;
 mod idle;
 mod resume;
 mod throughput;
 
-const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput|forward> [options]
+const USAGE: &str =
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -32,6 +35,9 @@ const USAGE: &str = "usage: pool-bench <handshakes|idle-memory|resume|throughput
                  one stream over loopback
   idle-clients ADDR KEY N
                  (internal) the client process of idle-memory
+  flood       [--opens 200] [--sources 256] [--parallel 64]
+                 a real client's session-open time under a flood of bad
+                 HELLOs from many addresses, against no flood
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
                  in a row are the floor that bench-bridge measures";
@@ -49,6 +55,7 @@ fn main() {
         "resume" => resume::run(rest),
         "throughput" => throughput::run(rest),
         "forward" => forward::run(rest),
+        "flood" => flood::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;

@@ -259,9 +259,18 @@ pub(crate) async fn listen(
 ) -> Result<()> {
     let key = load_key(key)?;
     let trust = trust(args)?;
-    if trust.is_empty() {
-        return err("nobody is trusted, so every connection would be refused; \
-             add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu");
+    if !trust.accepts_clients() {
+        return err(
+            "no client is trusted, so every connection would be refused; \
+             add --allow PEER_PUBKEY, --authorized FILE (see `pool trust add`) or --fleet-secret FILE \
+             (--tofu only pins the listeners this node dials)",
+        );
+    }
+    if args.tofu {
+        eprintln!(
+            "pool: note: --tofu pins the keys of listeners this node dials; it never makes this listener \
+             accept a client it does not trust"
+        );
     }
     let ep = Endpoint::bind(
         addr,

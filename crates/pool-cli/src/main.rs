@@ -13,6 +13,7 @@ mod demo;
 mod migrate;
 mod node;
 mod relay;
+mod trust;
 
 /// POOL — encrypted, mutually authenticated sessions that survive a lost
 /// connection.
@@ -138,6 +139,9 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
     /// Paths of sessions: where each runs (direct or relay), and whether a direct path works.
     #[command(subcommand)]
     Migrate(MigrateCmd),
+    /// Enrol keys: trust a client (authorized file) or pin a listener (known-peers file).
+    #[command(subcommand)]
+    Trust(TrustCmd),
     /// The LD_PRELOAD shim (libpool_shim.so): unmodified programs onto POOL.
     #[command(subcommand)]
     Shim(ShimCmd),
@@ -280,9 +284,56 @@ enum CtlCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum TrustCmd {
+    /// Add a key to an authorized file (clients this node accepts) or pin it in a known-peers file (a listener this node dials).
+    #[command(
+        after_help = "EXAMPLES:\n  pool trust add CLIENT_KEY --authorized /etc/pool/authorized_keys --comment web-1\n  \
+pool trust add SERVER_KEY --known-peers /var/lib/pool/known_peers --peer 10.4.4.101:9253\n\n\
+The file is rewritten atomically (a new file renamed over the old one), so a daemon reading it\n\
+never sees half a line. A running daemon picks the change up on `pool ctl reload` (or SIGHUP)."
+    )]
+    Add {
+        /// The public key (as `pool keygen` / `pool pubkey` print it).
+        #[arg(value_name = "KEY", allow_hyphen_values = true)]
+        key: String,
+        /// Trust KEY as a client: append it to this authorized-keys file (created if missing).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "known_peers",
+            required_unless_present = "known_peers"
+        )]
+        authorized: Option<PathBuf>,
+        /// Pin KEY as the key of the listener at --peer in this known-peers file.
+        #[arg(long, value_name = "FILE", requires = "peer")]
+        known_peers: Option<PathBuf>,
+        /// The listener's address (HOST:PORT, as this node dials it), with --known-peers.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: Option<String>,
+        /// A note kept on the key's line (who or what it is).
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum JournalCmd {
-    /// Check the hash chain: finds edited, removed or reordered lines.
+    /// Check the hash chain and the signed checkpoints: finds edited, removed or reordered lines.
+    #[command(
+        after_help = "EXAMPLE:\n  pool journal pubkey /var/lib/pool/journal.log      # once; keep the key off this host\n  \
+pool journal verify /var/lib/pool/journal.log --key KEY\n\n\
+Without --key the checkpoints are checked against the key the file itself names, which a file\n\
+rewritten from scratch could name too. Entries after the last checkpoint are listed as unsigned."
+    )]
     Verify {
+        /// The journal file.
+        file: PathBuf,
+        /// The journal's public signing key (hex, from `pool journal pubkey`) that every checkpoint must be signed with.
+        #[arg(long, value_name = "PUB")]
+        key: Option<String>,
+    },
+    /// Print the public key that signs a journal's checkpoints (from FILE.key beside it).
+    Pubkey {
         /// The journal file.
         file: PathBuf,
     },
@@ -328,7 +379,7 @@ pub(crate) struct TrustArgs {
     /// Use this fleet secret; any peer holding it is trusted. All nodes of the fleet need the same file.
     #[arg(long, value_name = "FILE")]
     pub(crate) fleet_secret: Option<PathBuf>,
-    /// Trust on first use: pin the first key seen and refuse others later (opt-in).
+    /// Trust on first use for listeners this node dials: pin the key one presents on first contact and require it later (opt-in). Never makes a listener accept an unknown client.
     #[arg(long)]
     pub(crate) tofu: bool,
     /// Where TOFU pins are kept [default: $POOL_HOME/known_peers or ~/.config/pool/known_peers].
@@ -448,7 +499,10 @@ fn main() -> ExitCode {
         Command::Ctl(CtlCmd::Reload { control }) => {
             node::ctl_reload(&control.unwrap_or_else(node::default_control))
         }
-        Command::Journal(JournalCmd::Verify { file }) => node::journal_verify(&file),
+        Command::Journal(JournalCmd::Verify { file, key }) => {
+            node::journal_verify(&file, key.as_deref())
+        }
+        Command::Journal(JournalCmd::Pubkey { file }) => node::journal_pubkey(&file),
         Command::Migrate(MigrateCmd::Status { json, control }) => {
             migrate::status(&control.unwrap_or_else(node::default_control), json)
         }
@@ -468,6 +522,18 @@ fn main() -> ExitCode {
             ))
         }),
         Command::Shim(ShimCmd::Path) => node::shim_path(),
+        Command::Trust(TrustCmd::Add {
+            key,
+            authorized,
+            known_peers,
+            peer,
+            comment,
+        }) => trust::add(
+            &key,
+            authorized.as_deref(),
+            known_peers.as_deref().zip(peer.as_deref()),
+            comment.as_deref(),
+        ),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "pool", &mut std::io::stdout());

@@ -143,10 +143,11 @@ pub(crate) async fn pool2tcp(
 ) -> Result<()> {
     require_key(&key)?;
     let t = trust_section(trust);
-    if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() && !t.tofu {
+    if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() {
         return Err(CliError::msg(
-            "nobody is trusted, so every connection would be refused; \
-             add --allow PEER_PUBKEY, --authorized FILE, --fleet-secret FILE or --tofu",
+            "no client is trusted, so every connection would be refused; \
+             add --allow PEER_PUBKEY, --authorized FILE (see `pool trust add`) or --fleet-secret FILE \
+             (--tofu only pins the listeners this node dials)",
         ));
     }
     let cfg = Config {
@@ -440,8 +441,15 @@ pub(crate) fn shim_path() -> Result<()> {
     }
 }
 
-pub(crate) fn journal_verify(file: &Path) -> Result<()> {
-    let report = pool_node::journal::verify(file).map_err(|e| CliError::msg(e.to_string()))?;
+pub(crate) fn journal_pubkey(file: &Path) -> Result<()> {
+    let key = pool_node::journal::public_key(file).map_err(|e| CliError::msg(e.to_string()))?;
+    println!("{key}");
+    Ok(())
+}
+
+pub(crate) fn journal_verify(file: &Path, key: Option<&str>) -> Result<()> {
+    let report =
+        pool_node::journal::verify_with_key(file, key).map_err(|e| CliError::msg(e.to_string()))?;
     println!("{report}");
     if report.problems.is_empty() {
         Ok(())

@@ -29,6 +29,15 @@ pub(crate) struct RelayArgs {
     /// Bytes per second one node may send through the relay (0: no cap).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     max_rate_per_node: u64,
+    /// Connections from one address (IPv6: one /64) that may be open at once before they authenticate (0: no cap).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_unauthenticated_per_address: usize,
+    /// Close a circuit that carries no byte either way for this long (seconds; 0: never). POOL sessions PING every 5 s.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    circuit_idle_timeout: u64,
+    /// Close a connection that has not proven its key this long after connecting (seconds).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    handshake_timeout: u64,
     /// Serve only this node key (repeatable); without --allow or --authorized, any key that proves it holds its secret.
     #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
     allow: Vec<String>,
@@ -41,7 +50,15 @@ fn config(args: RelayArgs) -> Result<RelayConfig, CliError> {
     let mut cfg = RelayConfig::new(args.listen)
         .max_connections(args.max_connections)
         .max_connections_per_node(args.max_per_node)
-        .max_rate_per_node(args.max_rate_per_node);
+        .max_rate_per_node(args.max_rate_per_node)
+        .max_unauthenticated_per_address(args.max_unauthenticated_per_address)
+        .circuit_idle_timeout(
+            (args.circuit_idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.circuit_idle_timeout)),
+        )
+        .handshake_timeout(std::time::Duration::from_secs(
+            args.handshake_timeout.max(1),
+        ));
     for a in &args.allow {
         let key =
             PublicKey::from_token(a).map_err(|e| CliError::msg(format!("--allow {a}: {e}")))?;

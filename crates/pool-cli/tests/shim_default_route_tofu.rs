@@ -32,6 +32,12 @@ fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String
         "a fleet secret of more than sixteen characters\n",
     )
     .expect("write fleet secret");
+    // A fleet secret others can read is refused, as ssh refuses such keys.
+    std::fs::set_permissions(
+        dir.join("fleet.secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod fleet secret");
     let dest_trust = if trust == SourceTrust::Fleet {
         format!("fleet_secret = \"{d}/fleet.secret\"")
     } else {

@@ -313,6 +313,8 @@ impl Endpoint {
             )),
             pending: Semaphore::new(config.max_pending_handshakes),
             max_pending: config.max_pending_handshakes,
+            pending_by_source: Mutex::new(HashMap::new()),
+            hello_jobs: std::sync::atomic::AtomicUsize::new(0),
             config: std::sync::RwLock::new(config),
             registry: Arc::new(Registry {
                 sessions: Mutex::new(HashMap::new()),
@@ -606,6 +608,10 @@ struct ListenCtx {
     stats: Arc<ListenerStats>,
     pending: Semaphore,
     max_pending: usize,
+    /// Handshakes in progress per source (see [`PENDING_PER_SOURCE`]).
+    pending_by_source: Mutex<HashMap<Vec<u8>, usize>>,
+    /// HELLOs queued for or in their checks on the blocking pool.
+    hello_jobs: std::sync::atomic::AtomicUsize,
 }
 
 impl ListenCtx {
@@ -633,15 +639,66 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenCtx>) {
         tune(&sock);
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = ctx.pending.try_acquire() else {
+            let Some(_slot) = PendingSlot::take(&ctx, source_key(from, None)) else {
                 ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                debug!(%from, "too many handshakes in progress; dropping connection");
+                debug!(%from, "too many handshakes in progress (in all, or from this source); dropping connection");
                 return;
             };
             if let Err(e) = handle_carrier(&ctx, Box::new(sock), from, None).await {
                 debug!(%from, error = %e, "incoming carrier failed");
             }
         });
+    }
+}
+
+/// HELLOs waiting for (or in) their Diffie-Hellman work beyond which the
+/// listener counts as under load.
+const HELLO_BACKLOG: usize = 4;
+
+/// Handshakes in progress one source may hold at once: one address (or
+/// /64, or relayed key) cannot take all of the listener's slots.
+const PENDING_PER_SOURCE: usize = 32;
+
+/// A handshake slot: one of the listener's, and one of its source's.
+struct PendingSlot<'a> {
+    ctx: &'a ListenCtx,
+    source: Vec<u8>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl<'a> PendingSlot<'a> {
+    fn take(ctx: &'a ListenCtx, source: Vec<u8>) -> Option<Self> {
+        let permit = ctx.pending.try_acquire().ok()?;
+        let mut m = ctx
+            .pending_by_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(source.clone()).or_insert(0);
+        if *n >= PENDING_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot {
+            ctx,
+            source,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .ctx
+            .pending_by_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -675,12 +732,14 @@ async fn accept_hello(
 ) -> (Result<pool_core::Session, HandshakeError>, Vec<u8>) {
     let ctx2 = ctx.clone();
     let max = ctx.max_pending;
+    let backlog = ctx.hello_jobs.fetch_add(1, Ordering::Relaxed);
     let job = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut acc = ctx2.acceptor.lock().unwrap_or_else(|e| e.into_inner());
-        // Under load once half the handshake slots are taken: then every
-        // HELLO first proves its source with a cookie round trip.
-        acc.set_under_load(ctx2.pending.available_permits() < max / 2);
+        // Under load when HELLOs queue up for the Diffie-Hellman work, or
+        // half the handshake slots are taken: then every HELLO first
+        // proves its source with a cookie round trip, which costs one MAC.
+        acc.set_under_load(backlog >= HELLO_BACKLOG || ctx2.pending.available_permits() < max / 2);
         let res = acc.accept(
             Instant::now(),
             unix_nanos(),
@@ -690,6 +749,8 @@ async fn accept_hello(
             &mut rand_core::OsRng,
             &mut out,
         );
+        drop(acc);
+        ctx2.hello_jobs.fetch_sub(1, Ordering::Relaxed);
         (res, out)
     });
     job.await.unwrap_or_else(|_| {
@@ -1015,7 +1076,8 @@ async fn serve_registration(
                 let relay = relay.to_string();
                 tokio::spawn(async move {
                     let key = c.key();
-                    let Ok(_permit) = c.pending.try_acquire() else {
+                    let Some(_slot) = PendingSlot::take(&c, source_key(relay_addr, Some(&from)))
+                    else {
                         c.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         return;
                     };

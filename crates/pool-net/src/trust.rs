@@ -1,8 +1,17 @@
-//! Who may connect: explicit keys, an authorized-keys file, a fleet
-//! secret, or trust on first use with pinning. Never anyone silently.
+//! Who may connect: explicit keys, an authorized-keys file, or a fleet
+//! secret. Never anyone silently.
+//!
+//! Trust on first use (TOFU) is only for peers this node *dials*, as SSH's
+//! `known_hosts`: the key a listener presents on first contact is pinned
+//! and required afterwards. A listener never pins a client: accepting the
+//! first stranger who says hello would make that stranger a trusted client
+//! (and with a default route, anyone who reaches the port first). Clients
+//! are enrolled explicitly instead (`--allow`, an authorized file that
+//! `pool trust add` appends to, or a fleet secret).
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +25,9 @@ pub struct Trust {
     keys: HashSet<PublicKey>,
     fleet: Option<FleetSecret>,
     tofu: Option<Arc<Mutex<KnownPeers>>>,
+    /// Authorized files read (even empty ones: keys are added to them
+    /// later with `pool trust add` and a reload).
+    files: usize,
 }
 
 impl Trust {
@@ -32,10 +44,15 @@ impl Trust {
 
     /// Trusts every key in an authorized-keys file: one key token a line,
     /// optionally followed by a name; `#` starts a comment.
+    ///
+    /// Refused when its group or others may write it (they could add a key),
+    /// as ssh refuses such an `authorized_keys`.
     pub fn allow_file(mut self, path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::File {
-            path: path.display().to_string(),
-            source,
+        let text = read_not_writable_by_others(path, "authorized keys file")?.ok_or_else(|| {
+            Error::File {
+                path: path.display().to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            }
         })?;
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
@@ -48,6 +65,7 @@ impl Trust {
             })?;
             self.keys.insert(key);
         }
+        self.files += 1;
         Ok(self)
     }
 
@@ -57,9 +75,10 @@ impl Trust {
         self
     }
 
-    /// Trust on first use: a listener pins the first client key it sees
-    /// (when it trusts no key otherwise) and refuses other keys after;
-    /// a client pins the key a listener presents on first contact.
+    /// Trust on first use for listeners this node dials: the key a
+    /// listener presents on first contact is pinned in `known_peers` under
+    /// its address and required from then on. It never makes a listener
+    /// accept a client key: see the module docs.
     pub fn tofu(mut self, known_peers: &Path) -> Result<Self, Error> {
         self.tofu = Some(Arc::new(Mutex::new(KnownPeers::load(known_peers)?)));
         Ok(self)
@@ -70,9 +89,17 @@ impl Trust {
         self.fleet.as_ref()
     }
 
-    /// Whether any way of trusting a peer is configured.
+    /// Whether any way of trusting a peer is configured (dialled peers
+    /// included: TOFU counts).
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.fleet.is_none() && self.tofu.is_none()
+        self.keys.is_empty() && self.fleet.is_none() && self.tofu.is_none() && self.files == 0
+    }
+
+    /// Whether a listener with this policy can accept anyone: a trusted
+    /// key, an authorized file (possibly empty for now) or a fleet secret.
+    /// TOFU does not count: it never trusts a client.
+    pub fn accepts_clients(&self) -> bool {
+        !self.keys.is_empty() || self.fleet.is_some() || self.files > 0
     }
 
     /// Number of explicitly trusted keys.
@@ -85,35 +112,24 @@ impl Trust {
         self.tofu.clone()
     }
 
-    /// Whether `key` is trusted now, without pinning anything (used to
-    /// close sessions of keys a reload no longer trusts).
+    /// Whether `key` is trusted as a client now (used to close sessions
+    /// of keys a reload no longer trusts). The same rule as the listener's.
     pub fn trusts(&self, key: &PublicKey) -> bool {
-        if self.keys.contains(key) || self.fleet.is_some() {
-            return true;
-        }
-        self.tofu
-            .as_ref()
-            .and_then(|t| t.lock().ok().map(|kp| kp.is_pinned_client(key)))
-            .unwrap_or(false)
+        self.check_client(key)
     }
 
-    /// Decides on an authenticated client key (listener side).
+    /// Decides on an authenticated client key (listener side). Never pins
+    /// and never reads the known-peers store: a client is trusted only
+    /// explicitly (a key, an authorized file, or the fleet secret, which
+    /// the handshake has proven by the time this is asked).
     pub(crate) fn check_client(&self, key: &PublicKey) -> bool {
-        if self.keys.contains(key) || self.fleet.is_some() {
-            return true;
-        }
-        if let Some(t) = &self.tofu {
-            if let Ok(mut kp) = t.lock() {
-                return kp.check_or_pin_client(key);
-            }
-        }
-        false
+        self.keys.contains(key) || self.fleet.is_some()
     }
 }
 
-/// The known-peers file: `NAME KEY` lines, where NAME is `HOST:PORT` for
-/// listeners this node connected to and `@client` for client keys a
-/// listener pinned.
+/// The known-peers file: `HOST:PORT KEY` lines, one per listener this
+/// node dialled and pinned. `@client` lines (client keys an older POOL
+/// pinned on its listener) are kept in the file but trust nobody.
 #[derive(Debug)]
 pub struct KnownPeers {
     path: PathBuf,
@@ -123,11 +139,13 @@ pub struct KnownPeers {
 const CLIENT: &str = "@client";
 
 impl KnownPeers {
-    /// Loads the file (a missing file is an empty store).
+    /// Loads the file (a missing file is an empty store). Refused when its
+    /// group or others may write it (they could pin a key of theirs).
     pub fn load(path: &Path) -> Result<Self, Error> {
         let mut entries = Vec::new();
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
+        match read_not_writable_by_others(path, "known-peers file") {
+            Ok(None) => {}
+            Ok(Some(text)) => {
                 for (n, line) in text.lines().enumerate() {
                     let line = line.split('#').next().unwrap_or("").trim();
                     let mut parts = line.split_whitespace();
@@ -141,13 +159,17 @@ impl KnownPeers {
                     entries.push((name.to_string(), key));
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::File {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
+            Err(e) => return Err(e),
+        }
+        let clients = entries.iter().filter(|(n, _)| n == CLIENT).count();
+        if clients > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                clients,
+                "the known-peers file holds client pins (@client) that an older POOL made when its listener \
+                 pinned the first client it saw; they no longer trust anyone. To keep accepting one of \
+                 those keys: pool trust add KEY --authorized FILE"
+            );
         }
         Ok(KnownPeers {
             path: path.to_path_buf(),
@@ -157,6 +179,9 @@ impl KnownPeers {
 
     /// The key pinned for a listener address.
     pub fn lookup(&self, name: &str) -> Option<PublicKey> {
+        if name == CLIENT {
+            return None;
+        }
         self.entries
             .iter()
             .find(|(n, _)| n == name)
@@ -172,6 +197,7 @@ impl KnownPeers {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .map_err(io)?;
         writeln!(f, "{name} {key}").map_err(io)?;
@@ -179,25 +205,98 @@ impl KnownPeers {
         self.entries.push((name.to_string(), key));
         Ok(())
     }
+}
 
-    fn is_pinned_client(&self, key: &PublicKey) -> bool {
-        self.entries.iter().any(|(n, k)| n == CLIENT && k == key)
+/// Reads a trust file (`None` when it does not exist), refusing one its
+/// group or others may write. The mode checked is that of the file read.
+fn read_not_writable_by_others(path: &Path, what: &str) -> Result<Option<String>, Error> {
+    let err = |source| Error::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mode = f.metadata().map_err(err)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "this {what} is writable by other users (mode {:o}), so anyone could add a key to it; \
+                 it is refused until you run `chmod go-w {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(err)?;
+    Ok(Some(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool_core::SecretKey;
+
+    fn key(n: u8) -> PublicKey {
+        SecretKey::from_bytes([n; 32]).public_key()
     }
 
-    fn check_or_pin_client(&mut self, key: &PublicKey) -> bool {
-        let pinned: Vec<_> = self
-            .entries
-            .iter()
-            .filter(|(n, _)| n == CLIENT)
-            .map(|(_, k)| *k)
-            .collect();
-        if pinned.is_empty() {
-            if self.pin(CLIENT, *key).is_ok() {
-                tracing::warn!(key = %key, file = %self.path.display(), "trust on first use: pinned the first client key");
-                return true;
-            }
-            return false;
-        }
-        pinned.contains(key)
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "pool-trust-unit-{name}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ))
+    }
+
+    /// F3: `--allow A --tofu` on a listener accepted a stranger C and
+    /// pinned it. Now a client is never pinned.
+    #[test]
+    fn a_listener_never_pins_a_client() {
+        let kp = temp("kp");
+        let trust = Trust::new().allow(key(1)).tofu(&kp).unwrap();
+        assert!(trust.check_client(&key(1)));
+        assert!(!trust.check_client(&key(3)), "stranger accepted");
+        assert!(
+            !trust.check_client(&key(3)),
+            "stranger accepted the second time"
+        );
+        assert!(!kp.exists(), "something was pinned");
+        assert!(!trust.trusts(&key(3)));
+
+        // TOFU alone trusts no client at all.
+        let alone = Trust::new().tofu(&kp).unwrap();
+        assert!(!alone.accepts_clients() && !alone.is_empty());
+        assert!(!alone.check_client(&key(3)));
+        assert!(!kp.exists());
+    }
+
+    #[test]
+    fn old_client_pins_trust_nobody() {
+        let kp = temp("old");
+        std::fs::write(&kp, format!("@client {}\nhost:9253 {}\n", key(3), key(4))).unwrap();
+        let trust = Trust::new().tofu(&kp).unwrap();
+        assert!(!trust.check_client(&key(3)));
+        assert!(!trust.trusts(&key(3)));
+        let store = trust.known_peers().unwrap();
+        let store = store.lock().unwrap();
+        assert_eq!(store.lookup("host:9253"), Some(key(4)));
+        assert_eq!(store.lookup("@client"), None);
+        drop(store);
+        let _ = std::fs::remove_file(&kp);
+    }
+
+    #[test]
+    fn an_empty_authorized_file_lets_a_listener_start() {
+        let f = temp("auth");
+        std::fs::write(&f, "# nobody yet\n").unwrap();
+        let trust = Trust::new().allow_file(&f).unwrap();
+        assert!(trust.accepts_clients());
+        assert!(!trust.check_client(&key(1)));
+        let _ = std::fs::remove_file(&f);
     }
 }

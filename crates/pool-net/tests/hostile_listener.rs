@@ -96,7 +96,11 @@ where
     Fut: std::future::Future<Output = Box<dyn AsyncRead + Send + Unpin>> + Send,
 {
     tokio::spawn(async move {
-        let sock = TcpStream::connect(addr).await.expect("connect");
+        // From another loopback address than the legitimate client: one
+        // source may hold only a few of the listener's handshake slots.
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let sock = s.connect(addr).await.expect("connect");
         let t0 = Instant::now();
         let mut sock = act(sock).await;
         let took = wait_cut(sock.as_mut(), t0, &what).await;

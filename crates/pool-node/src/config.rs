@@ -180,6 +180,15 @@ pub struct NodeSection {
     /// least 4 RTT) is dead and the session moves: milliseconds.
     #[serde(default = "default_probe_timeout")]
     pub probe_timeout_ms: u64,
+    /// Refused handshakes are journaled in aggregate: per source (an IPv4
+    /// address, or an IPv6 /64) the first few at once, then one
+    /// `handshake_refusals` line per this many seconds with the count.
+    #[serde(default = "default_refusal_window")]
+    pub refusal_window_secs: u64,
+}
+
+fn default_refusal_window() -> u64 {
+    10
 }
 
 fn default_probe_timeout() -> u64 {
@@ -202,6 +211,7 @@ impl Default for NodeSection {
             relays: Vec::new(),
             direct_retry_secs: default_direct_retry(),
             probe_timeout_ms: default_probe_timeout(),
+            refusal_window_secs: default_refusal_window(),
         }
     }
 }

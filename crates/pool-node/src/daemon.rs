@@ -68,22 +68,37 @@ pub fn create_key_file(path: &Path) -> std::io::Result<SecretKey> {
     Ok(key)
 }
 
-/// Loads a key file (warning when others can read it), or creates it when
+/// Reads a secret file, refusing it (as ssh refuses a private key) when
+/// its group or others may read or write it. The mode is that of the file
+/// actually opened, so a swap between the check and the read cannot help.
+pub fn read_private_file(path: &Path, what: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{what} {} is accessible by other users (mode {:o}), so it is refused; run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Loads a key file (refused when others may read it), or creates it when
 /// `create` and missing.
 pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, DaemonError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            if let Ok(meta) = std::fs::metadata(path) {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    warn!(
-                        "key file {} is readable by other users; run: chmod 600 {}",
-                        path.display(),
-                        path.display()
-                    );
-                }
-            }
-            SecretKey::from_file_text(&text)
-                .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display())))
+    match read_private_file(path, "key file") {
+        Ok(text) => SecretKey::from_file_text(&text)
+            .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && e.get_ref().is_some() => {
+            Err(DaemonError::Key(e.to_string()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             if let Some(dir) = path.parent() {
@@ -123,8 +138,11 @@ pub fn build_trust(t: &TrustSection, default_known_peers: &Path) -> Result<Trust
             .map_err(|e| DaemonError::Trust(e.to_string()))?;
     }
     if let Some(f) = &t.fleet_secret {
-        let text = std::fs::read_to_string(f).map_err(|e| {
-            DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display()))
+        let text = read_private_file(f, "fleet secret").map_err(|e| match e.get_ref() {
+            Some(_) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                DaemonError::Trust(e.to_string())
+            }
+            _ => DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display())),
         })?;
         if text.trim().len() < 16 {
             return Err(DaemonError::Trust(format!(
@@ -167,6 +185,167 @@ pub struct Daemon {
     metrics_addr: Mutex<Option<String>>,
     control_path: Option<PathBuf>,
     shim: Option<RunningShim>,
+    refusals: Mutex<RefusalLog>,
+}
+
+/// Refusals journaled at once per source and window: the first, and the
+/// first of each further distinct key, up to this many.
+const REFUSALS_AT_ONCE: usize = 3;
+/// Distinct reasons and keys a `handshake_refusals` line lists.
+const REFUSALS_LISTED: usize = 4;
+/// Refusals journaled at once per window, all sources together.
+const REFUSALS_AT_ONCE_TOTAL: usize = 100;
+/// Sources tracked per window; refusals from more go to one line for all.
+const REFUSAL_SOURCES: usize = 256;
+
+/// Refused handshakes, aggregated per source (an IPv4 address or an IPv6
+/// /64) and window, so that an unauthenticated sender cannot fill the
+/// disk or the journal's queue. Per source and window: up to
+/// [`REFUSALS_AT_ONCE`] `handshake_refused` lines at once (the first
+/// refusal, then the first of each new key), then one
+/// `handshake_refusals` line with the count of the rest when the window
+/// ends. At most [`REFUSAL_SOURCES`] sources are tracked; refusals from
+/// others are summed into one line for `"source": "other"`; and at most
+/// [`REFUSALS_AT_ONCE_TOTAL`] lines per window are journaled at once, all
+/// sources together. So however many addresses send garbage, a window
+/// adds at most 100 + 257 lines.
+struct RefusalLog {
+    window: Duration,
+    sources: HashMap<std::net::IpAddr, RefusalWindow>,
+    other: RefusalWindow,
+    /// Lines that may still be journaled at once in the window that
+    /// started at `budget_from`.
+    budget: usize,
+    budget_from: Option<Instant>,
+}
+
+#[derive(Default)]
+struct RefusalWindow {
+    opened: Option<Instant>,
+    /// Keys whose refusal was journaled at once (`None`: no key).
+    journaled: Vec<Option<PublicKey>>,
+    /// Refusals not journaled one by one.
+    count: u64,
+    reasons: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl RefusalWindow {
+    fn note(&mut self, key: Option<PublicKey>, reason: &str) {
+        self.count += 1;
+        if self.reasons.len() < REFUSALS_LISTED && !self.reasons.iter().any(|r| r == reason) {
+            self.reasons.push(reason.to_owned());
+        }
+        if let Some(k) = key.map(|k| k.to_string()) {
+            if self.keys.len() < REFUSALS_LISTED && !self.keys.contains(&k) {
+                self.keys.push(k);
+            }
+        }
+    }
+
+    fn summary(&self, source: &str, window: Duration) -> serde_json::Value {
+        json!({
+            "source": source,
+            "count": self.count,
+            "reasons": self.reasons,
+            "keys": self.keys,
+            "window_secs": window.as_secs(),
+        })
+    }
+}
+
+impl RefusalLog {
+    fn new(window: Duration) -> Self {
+        RefusalLog {
+            window,
+            sources: HashMap::new(),
+            other: RefusalWindow::default(),
+            budget: REFUSALS_AT_ONCE_TOTAL,
+            budget_from: None,
+        }
+    }
+
+    /// Takes one refusal; the lines to journal now go to `out`.
+    fn refused(
+        &mut self,
+        now: Instant,
+        from: std::net::SocketAddr,
+        key: Option<PublicKey>,
+        reason: &str,
+        out: &mut Vec<(&'static str, serde_json::Value)>,
+    ) {
+        let source = crate::relay::address_bucket(from.ip());
+        if self
+            .budget_from
+            .is_none_or(|t| now.duration_since(t) >= self.window)
+        {
+            self.budget_from = Some(now);
+            self.budget = REFUSALS_AT_ONCE_TOTAL;
+        }
+        if let Some(w) = self.sources.get(&source) {
+            if w.opened
+                .is_some_and(|t| now.duration_since(t) >= self.window)
+            {
+                self.end(source, out);
+            }
+        }
+        if !self.sources.contains_key(&source) && self.sources.len() >= REFUSAL_SOURCES {
+            self.other.note(key, reason);
+            return;
+        }
+        let w = self.sources.entry(source).or_default();
+        w.opened.get_or_insert(now);
+        if self.budget > 0 && w.journaled.len() < REFUSALS_AT_ONCE && !w.journaled.contains(&key) {
+            self.budget -= 1;
+            w.journaled.push(key);
+            out.push((
+                "handshake_refused",
+                json!({"from": from.to_string(), "source": source.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
+            ));
+        } else {
+            w.note(key, reason);
+        }
+    }
+
+    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(&'static str, serde_json::Value)>) {
+        if let Some(w) = self.sources.remove(&source) {
+            if w.count > 0 {
+                out.push((
+                    "handshake_refusals",
+                    w.summary(&source.to_string(), self.window),
+                ));
+            }
+        }
+    }
+
+    /// Ends the windows that are over (all of them with `all`).
+    fn expire(
+        &mut self,
+        now: Instant,
+        all: bool,
+        out: &mut Vec<(&'static str, serde_json::Value)>,
+    ) {
+        let over: Vec<std::net::IpAddr> = self
+            .sources
+            .iter()
+            .filter(|(_, w)| {
+                all || w
+                    .opened
+                    .is_none_or(|t| now.duration_since(t) >= self.window)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for s in over {
+            self.end(s, out);
+        }
+        if self.other.count > 0 {
+            out.push((
+                "handshake_refusals",
+                self.other.summary("other", self.window),
+            ));
+            self.other = RefusalWindow::default();
+        }
+    }
 }
 
 struct RunningShim {
@@ -353,6 +532,40 @@ impl Daemon {
         }
     }
 
+    /// Journals what refusals produced, on the path that may be shed.
+    fn journal_refusals(&self, lines: Vec<(&'static str, serde_json::Value)>) {
+        if let Some(j) = &self.journal {
+            for (event, fields) in lines {
+                j.record_bulk(event, fields);
+            }
+        }
+    }
+
+    fn refused(&self, from: std::net::SocketAddr, key: Option<PublicKey>, reason: &str) {
+        let mut out = Vec::new();
+        if let Ok(mut log) = self.refusals.lock() {
+            log.refused(Instant::now(), from, key, reason, &mut out);
+        }
+        self.journal_refusals(out);
+    }
+
+    fn expire_refusals(&self, all: bool) {
+        let mut out = Vec::new();
+        if let Ok(mut log) = self.refusals.lock() {
+            log.expire(Instant::now(), all, &mut out);
+        }
+        self.journal_refusals(out);
+    }
+
+    /// Journals the refusal counts of every open window now, and waits
+    /// until everything journaled so far is written and fsynced.
+    pub async fn flush_journal(&self) {
+        self.expire_refusals(true);
+        if let Some(j) = &self.journal {
+            j.flush().await;
+        }
+    }
+
     async fn start_bridge(self: &Arc<Self>, section: Tcp2PoolSection) -> Result<(), DaemonError> {
         let peer_key = PublicKey::from_token(&section.peer_key)
             .map_err(|e| DaemonError::Trust(format!("tcp2pool {}: {e}", section.name)))?;
@@ -534,10 +747,12 @@ pub async fn start(
     let key = load_or_create_key(&cfg.node.key, true)?;
     let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
     let listening = !cfg.node.listen.is_empty();
-    if listening && trust.is_empty() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty()) {
+    if listening && !trust.accepts_clients() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty())
+    {
         return Err(DaemonError::Trust(
-            "this node listens but trusts nobody, so every session would be refused: \
-             set [trust] allow, authorized, fleet_secret or tofu"
+            "this node listens but trusts no client, so every session would be refused: \
+             set [trust] allow, authorized (then `pool trust add KEY --authorized FILE` and reload) or fleet_secret \
+             (tofu only pins the listeners this node dials)"
                 .into(),
         ));
     }
@@ -611,11 +826,15 @@ pub async fn start(
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
         shim,
+        refusals: Mutex::new(RefusalLog::new(Duration::from_secs(
+            cfg.node.refusal_window_secs.max(1),
+        ))),
     });
     let hex = sha256_hex(text);
     daemon.journal(
         "node_started",
-        json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex}),
+        json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex,
+               "journal_key": daemon.journal.as_ref().and_then(|j| j.public_key().map(str::to_owned))}),
     );
     for section in cfg.tcp2pool.clone() {
         daemon.start_bridge(section).await?;
@@ -631,6 +850,13 @@ pub async fn start(
                     let watch = s.clone();
                     let id = s.id().to_string();
                     let peer = s.peer_key().to_string();
+                    // Journaled from here, not from the listener's events:
+                    // those are a broadcast that a flood of refusals can
+                    // make a slow reader miss.
+                    d2.journal(
+                        "session_opened",
+                        json!({"session": id, "peer": peer, "from": s.stats().remote.map(|a| a.to_string())}),
+                    );
                     tokio::spawn(p2t.serve_session(s));
                     let reason = watch.closed().await;
                     d2.journal(
@@ -640,20 +866,13 @@ pub async fn start(
                 });
             }
         });
-        // Listener events: journal accepts, refusals, resumes.
+        // Listener events: journal refusals (in aggregate) and resumes.
         let d = daemon.clone();
         let mut events = endpoint.events();
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(EndpointEvent::Accepted { id, peer, from }) => d.journal(
-                        "session_opened",
-                        json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
-                    ),
-                    Ok(EndpointEvent::Refused { from, key, reason }) => d.journal(
-                        "handshake_refused",
-                        json!({"from": from.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
-                    ),
+                    Ok(EndpointEvent::Refused { from, key, reason }) => d.refused(from, key, &reason),
                     Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
                         "session_resumed",
                         json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
@@ -661,8 +880,23 @@ pub async fn start(
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "journal fell behind listener events");
+                        d.journal_refusals(vec![("listener_events_missed", json!({"count": n}))]);
                     }
                     Err(_) => return,
+                }
+            }
+        });
+        // Refusal windows end on time even when no refusal follows.
+        let d = Arc::downgrade(&daemon);
+        let every = Duration::from_secs(cfg.node.refusal_window_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match d.upgrade() {
+                    Some(d) => d.expire_refusals(false),
+                    None => return,
                 }
             }
         });
@@ -688,18 +922,116 @@ pub async fn start(
     Ok(daemon)
 }
 
-/// Serves `pool ctl` on a Unix socket, readable and writable by the owner only.
-fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// Binds the control socket at `path` so that it is private (mode 0600,
+/// owned by this user) from the moment it exists there.
+///
+/// Binding at `path` and then `chmod`-ing it would leave a moment in which
+/// the socket has the umask's mode, and `chmod` follows a symlink swapped
+/// in meanwhile. Setting the umask instead is process-wide, so it would
+/// race with the runtime's other threads. So the socket is bound inside a
+/// fresh directory of mode 0700 beside `path` (nobody else can enter it),
+/// made 0600 there, and renamed onto `path`: `rename` replaces what is at
+/// `path` and never follows a symlink.
+///
+/// What may already be at `path`: nothing, or a stale socket (no daemon
+/// answers on it), which is replaced. A socket a daemon answers on, a
+/// symlink, or any other file is refused and left alone. A missing parent
+/// directory is created with mode 0700; one that others may write to
+/// (without the sticky bit) is refused, since they could replace the socket.
+///
+/// # Errors
+///
+/// As above, or when the operating system refuses a step; the message names
+/// the path and what to do.
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    let at = |what: String| format!("control socket {}: {what}", path.display());
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, at("not a file path".into())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let dmode = std::fs::metadata(dir)?.permissions().mode();
+    if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            at(format!(
+                "its directory {} is writable by other users (mode {:o}) without the sticky bit, so they could replace the socket;                  use a private directory (e.g. /run/pool, mode 0755 or 0700)",
+                dir.display(),
+                dmode & 0o7777
+            )),
+        ));
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::new(
+                    ErrorKind::AddrInUse,
+                    at("a running daemon answers on it; stop that one first, or choose another [node] control path".into()),
+                ));
+            }
+            // Stale: the rename below replaces it.
+        }
+        Ok(m) => {
+            let kind = if m.file_type().is_symlink() {
+                "a symlink"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "a file that is not a socket"
+            };
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                at(format!(
+                    "{kind} is in the way; refusing to replace or follow it (remove it if it is not needed)"
+                )),
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let private = dir.join(format!(
+        ".{}.{}.{:016x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        u64::from_le_bytes(nonce)
+    ));
+    // mkdir never follows or reuses anything at `private`.
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inner = private.join("sock");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Removes the control socket at shutdown: only a socket, never what
+/// someone put in its place.
+fn remove_control(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Serves `pool ctl` on a Unix socket, readable and writable by the owner only.
+fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let listener = bind_control(path)?;
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
@@ -791,12 +1123,78 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
             "drain deadline passed; closing the rest"
         );
     }
+    daemon.expire_refusals(true);
     daemon.journal("node_stopped", json!({"connections_cut": left}));
     if let Some(j) = &daemon.journal {
-        j.flush().await;
+        j.checkpoint().await;
     }
     if let Some(p) = &daemon.control_path {
-        let _ = std::fs::remove_file(p);
+        remove_control(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> PublicKey {
+        SecretKey::from_bytes([n; 32]).public_key()
+    }
+
+    #[test]
+    fn refusals_are_aggregated_per_source_and_window() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let mut out = Vec::new();
+        let a: std::net::SocketAddr = "[2001:db8:1:2::1]:1000".parse().unwrap();
+        let b: std::net::SocketAddr = "[2001:db8:1:2::ffff]:2000".parse().unwrap();
+        // No key, then three keys: three lines at once, the rest counted.
+        log.refused(t0, a, None, "bad mac", &mut out);
+        log.refused(t0, b, None, "bad mac", &mut out);
+        log.refused(t0, a, Some(key(1)), "untrusted", &mut out);
+        log.refused(t0, a, Some(key(2)), "untrusted", &mut out);
+        log.refused(t0, a, Some(key(3)), "untrusted", &mut out);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(out
+            .iter()
+            .all(|(e, v)| *e == "handshake_refused" && v["source"] == "2001:db8:1:2::"));
+        out.clear();
+        log.expire(t0 + Duration::from_secs(5), false, &mut out);
+        assert!(out.is_empty());
+        log.expire(t0 + Duration::from_secs(10), false, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (event, v) = &out[0];
+        assert_eq!(*event, "handshake_refusals");
+        assert_eq!(v["count"], 2);
+        assert_eq!(v["keys"], json!([key(3).to_string()]));
+        assert_eq!(v["reasons"], json!(["bad mac", "untrusted"]));
+        // A new window starts with a line at once again.
+        out.clear();
+        log.refused(t0 + Duration::from_secs(11), a, None, "bad mac", &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn sources_past_the_cap_share_one_line() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let mut out = Vec::new();
+        for i in 0..REFUSAL_SOURCES as u32 + 100 {
+            let from = std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
+            log.refused(t0, from, None, "bad mac", &mut out);
+        }
+        // At once: the global budget, not one per source.
+        assert_eq!(out.len(), REFUSALS_AT_ONCE_TOTAL);
+        out.clear();
+        log.expire(t0, true, &mut out);
+        // One summary per tracked source past the budget, one for the rest.
+        assert_eq!(
+            out.len(),
+            REFUSAL_SOURCES - REFUSALS_AT_ONCE_TOTAL + 1,
+            "{out:?}"
+        );
+        let other = out.iter().find(|(_, v)| v["source"] == "other").unwrap();
+        assert_eq!(other.1["count"], 100);
+    }
 }

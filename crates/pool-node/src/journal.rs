@@ -16,9 +16,32 @@
 //! recomputing the hash breaks the next line's `prev`; removing or
 //! reordering lines breaks the `seq` run. [`verify`] names the line.
 //!
-//! What the chain cannot show on its own: lines cut off the *end* of the
-//! file, or a whole file rewritten from scratch. Keep the last hash that
-//! `pool journal verify` prints somewhere else to detect those.
+//! The chain has no key: whoever can write the file can edit a line and
+//! recompute every later hash. So the writer also appends **signed
+//! checkpoints** (`journal_checkpoint` entries, Ed25519): every
+//! [`CHECKPOINT_EVERY`] entries, when an entry has waited
+//! [`CHECKPOINT_INTERVAL`] without one, and on [`Journal::checkpoint`]
+//! (clean shutdown). A checkpoint lists a 128-bit digest of every entry
+//! since the previous one (its "leaf": the entry without `prev` and
+//! `hash`) and signs that list with the journal's key, kept in a file
+//! beside the journal ([`key_path`], mode 0600, created on first open). An
+//! edited entry then no longer matches the leaf a checkpoint signed, even
+//! after the chain was recomputed, and [`verify_with_key`] names its line.
+//!
+//! Why a key file of its own and not a key derived from the node key: the
+//! relay has no node key; a node key change (`key_changed`) must not change
+//! the key mid-file; and the two secrets have different jobs (the node key
+//! authenticates sessions and is given to peers by its public half; the
+//! journal key only signs an audit log), so a leak of one must not be a
+//! leak of the other.
+//!
+//! What this cannot show: lines cut off the *end* after the last
+//! checkpoint (or a tail cut together with its checkpoints), entries
+//! written after the last checkpoint (a crash leaves them unsigned;
+//! [`VerifyReport::unsigned`] lists them), a whole file deleted, and
+//! anything done by someone who holds the key file (root on the node, or
+//! the node's user): they can sign what they like. Keep the public key and
+//! the last hash that `pool journal verify` prints somewhere else.
 //!
 //! Writing never holds up traffic: [`Journal::record`] only queues. A
 //! writer task appends and fsyncs in batches. If the queue is full or the
@@ -36,6 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -56,6 +80,19 @@ const RESERVED: [&str; 5] = ["seq", "ts", "event", "prev", "hash"];
 const LOST_EVENT: &str = "journal_entries_lost";
 /// Longest last line [`Journal::open`] reads back.
 const MAX_LINE: u64 = 1 << 20;
+/// Entries between two signed checkpoints, at most.
+pub const CHECKPOINT_EVERY: usize = 128;
+/// Longest time an entry waits for a signed checkpoint while the node runs.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+/// The event of a signed checkpoint.
+pub const CHECKPOINT_EVENT: &str = "journal_checkpoint";
+/// Prefix of every signed message (domain separation).
+const SIG_CONTEXT: &[u8] = b"POOL journal checkpoint v1\n";
+/// Bytes of an entry's digest listed in a checkpoint (128 bits: a second
+/// preimage stays out of reach).
+const LEAF_LEN: usize = 16;
+/// Keys left out of an entry's leaf: they depend on the lines before it.
+const NOT_IN_LEAF: [&str; 2] = ["prev", "hash"];
 
 /// What went wrong opening or reading a journal.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +136,20 @@ pub enum JournalError {
         /// The path given.
         path: PathBuf,
     },
+    /// The journal's signing key file cannot be created, read or used.
+    #[error("journal signing key {}: {reason}", path.display())]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The public key given to check checkpoints against is malformed.
+    #[error("journal public key `{given}` is not 64 hex digits (print it with `pool journal pubkey JOURNAL`)")]
+    BadPublicKey {
+        /// What was given.
+        given: String,
+    },
 }
 
 /// Counters of a [`Journal`], as [`Journal::stats`] returns them.
@@ -112,6 +163,11 @@ pub struct JournalStats {
     /// Entries dropped because the file refused the write (full disk, I/O
     /// error).
     pub failed: u64,
+    /// Signed checkpoints written (not counted in `written`).
+    pub checkpoints: u64,
+    /// Bulk entries ([`Journal::record_bulk`]) shed to keep room in the
+    /// queue for the others (also counted in `dropped`).
+    pub shed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +175,8 @@ struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    checkpoints: AtomicU64,
+    shed: AtomicU64,
     /// Set on the first drop of a burst, so that it is logged once.
     dropping: AtomicBool,
 }
@@ -134,11 +192,13 @@ struct Shared {
     path: PathBuf,
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
+    public_key: Option<String>,
 }
 
 enum Msg {
     Entry(Pending),
     Flush(oneshot::Sender<()>),
+    Checkpoint(oneshot::Sender<()>),
 }
 
 /// An entry waiting for the writer.
@@ -176,7 +236,8 @@ impl Journal {
                 path: path.to_path_buf(),
                 source: io::Error::other(e.to_string()),
             })??;
-        info!(path = %path.display(), next_seq = writer.seq + 1, "journal opened");
+        let public_key = writer.signer.as_ref().map(|s| s.public_hex.clone());
+        info!(path = %path.display(), next_seq = writer.seq + 1, signing_key = public_key.as_deref().unwrap_or("none"), "journal opened");
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         tokio::spawn(run_writer(rx, writer, counters.clone(), path.to_path_buf()));
@@ -185,8 +246,41 @@ impl Journal {
                 path: path.to_path_buf(),
                 tx,
                 counters,
+                public_key,
             }),
         })
+    }
+
+    /// The hex Ed25519 public key that signs this journal's checkpoints
+    /// (`None` when the journal is not a regular file, e.g. a pipe).
+    #[must_use]
+    pub fn public_key(&self) -> Option<&str> {
+        self.shared.public_key.as_deref()
+    }
+
+    /// Queues an entry that may be shed under load: it is dropped (and
+    /// counted in [`JournalStats::shed`]) unless a quarter of the queue is
+    /// still free, so that a flood of such entries (aggregated refusals)
+    /// can never crowd out the entries [`Journal::record`] queues.
+    pub fn record_bulk(&self, event: &str, fields: Value) {
+        if self.shared.tx.capacity() < QUEUE / 4 {
+            let c = &self.shared.counters;
+            c.shed.fetch_add(1, Ordering::Relaxed);
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.record(event, fields);
+    }
+
+    /// Waits until every entry recorded before this call is written, then
+    /// writes a signed checkpoint covering them and fsyncs. Call it at a
+    /// clean shutdown and before rotating the file; the writer also signs
+    /// every [`CHECKPOINT_EVERY`] entries and after [`CHECKPOINT_INTERVAL`].
+    pub async fn checkpoint(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.tx.send(Msg::Checkpoint(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// The journal file.
@@ -235,6 +329,8 @@ impl Journal {
             written: c.written.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            shed: c.shed.load(Ordering::Relaxed),
         }
     }
 
@@ -264,8 +360,14 @@ async fn run_writer(
     let mut failing = false;
     let mut unsynced: usize = 0;
     let mut sync_due: Option<tokio::time::Instant> = None;
+    // When the oldest entry not yet under a signed checkpoint is owed one.
+    let mut checkpoint_due: Option<tokio::time::Instant> = None;
     loop {
-        let msg = match sync_due {
+        let wake = match (sync_due, checkpoint_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let msg = match wake {
             Some(due) => tokio::select! {
                 m = rx.recv() => Some(m),
                 () = tokio::time::sleep_until(due) => None,
@@ -274,8 +376,9 @@ async fn run_writer(
         };
         let mut batch = Vec::new();
         let mut waiters = Vec::new();
+        let mut want_checkpoint = false;
         let closed = match msg {
-            // The fsync deadline passed with nothing new queued.
+            // A deadline passed with nothing new queued.
             None => false,
             Some(None) => true,
             Some(Some(first)) => {
@@ -284,6 +387,10 @@ async fn run_writer(
                     match m {
                         Msg::Entry(p) => batch.push(p),
                         Msg::Flush(w) => waiters.push(w),
+                        Msg::Checkpoint(w) => {
+                            want_checkpoint = true;
+                            waiters.push(w);
+                        }
                     }
                     next = if batch.len() < BATCH {
                         rx.try_recv().ok()
@@ -309,12 +416,14 @@ async fn run_writer(
             );
         }
         let now = tokio::time::Instant::now();
+        let checkpoint = want_checkpoint || checkpoint_due.is_some_and(|d| d <= now);
         let sync = closed
+            || checkpoint
             || !waiters.is_empty()
             || unsynced + batch.len() >= BATCH
             || sync_due.is_some_and(|d| d <= now);
         let job = tokio::task::spawn_blocking(move || {
-            let out = writer.append(batch, sync);
+            let out = writer.append(batch, sync, checkpoint);
             (writer, out)
         });
         let out;
@@ -338,10 +447,13 @@ async fn run_writer(
                     );
                 }
             }
-            None if out.written > 0 => {
+            None if out.written > 0 || out.checkpoints > 0 => {
                 counters
                     .written
                     .fetch_add(out.written as u64, Ordering::Relaxed);
+                counters
+                    .checkpoints
+                    .fetch_add(out.checkpoints as u64, Ordering::Relaxed);
                 if failing {
                     failing = false;
                     info!(path = %path.display(), lost = lost_failed, "journal writes succeed again");
@@ -362,10 +474,18 @@ async fn run_writer(
         if out.synced {
             unsynced = 0;
             sync_due = None;
-        } else if out.written > 0 {
-            unsynced += out.written;
+        } else if out.written + out.checkpoints > 0 {
+            unsynced += out.written + out.checkpoints;
             sync_due.get_or_insert(now + SYNC_INTERVAL);
         }
+        checkpoint_due = if !writer.uncovered() {
+            None
+        } else if checkpoint || checkpoint_due.is_none() {
+            // New uncovered entries, or a checkpoint that failed: try later.
+            Some(now + CHECKPOINT_INTERVAL)
+        } else {
+            checkpoint_due
+        };
         for w in waiters {
             let _ = w.send(());
         }
@@ -390,11 +510,24 @@ struct Writer {
     needs_truncate: bool,
     /// Bytes were written since the last fsync.
     dirty: bool,
+    /// Signs checkpoints (regular files only).
+    signer: Option<Signer>,
+    /// Leaves of the entries written since the last checkpoint.
+    leaves: Vec<[u8; LEAF_LEN]>,
+    /// `seq` of the first of them.
+    cover_from: u64,
+}
+
+/// The journal's Ed25519 signing key.
+struct Signer {
+    pair: Ed25519KeyPair,
+    public_hex: String,
 }
 
 /// What one [`Writer::append`] did.
 struct Outcome {
     written: usize,
+    checkpoints: usize,
     write_error: Option<io::Error>,
     synced: bool,
     sync_error: Option<io::Error>,
@@ -425,10 +558,14 @@ impl Writer {
             regular,
             needs_truncate: false,
             dirty: false,
+            signer: None,
+            leaves: Vec::new(),
+            cover_from: 1,
         };
         if !regular {
             return Ok(writer);
         }
+        writer.signer = Some(load_or_create_signer(&key_path(path))?);
         if meta.permissions().mode() & 0o077 != 0 {
             warn!(
                 path = %path.display(),
@@ -458,22 +595,36 @@ impl Writer {
         }
         writer.seq = entry.seq;
         writer.prev = hex(&entry.hash);
+        // Entries before a restart that no checkpoint signed stay unsigned:
+        // signing them now would vouch for whatever the file holds today.
+        writer.cover_from = entry.seq.saturating_add(1);
         Ok(writer)
+    }
+
+    /// Entries were written that no checkpoint signs yet.
+    fn uncovered(&self) -> bool {
+        self.signer.is_some() && !self.leaves.is_empty()
     }
 
     /// Appends `entries` as one write, continuing the chain, then fsyncs if
     /// `sync`. On a failed write nothing of the batch stays in the file and
     /// the chain does not advance.
-    fn append(&mut self, entries: Vec<Pending>, sync: bool) -> Outcome {
+    /// With `checkpoint`, a signed checkpoint follows the batch when any
+    /// entry is unsigned.
+    fn append(&mut self, entries: Vec<Pending>, sync: bool, checkpoint: bool) -> Outcome {
         let mut out = Outcome {
             written: 0,
+            checkpoints: 0,
             write_error: None,
             synced: false,
             sync_error: None,
         };
-        if !entries.is_empty() {
-            match self.write_batch(entries) {
-                Ok(n) => out.written = n,
+        if !entries.is_empty() || (checkpoint && self.uncovered()) {
+            match self.write_batch(entries, checkpoint) {
+                Ok((n, c)) => {
+                    out.written = n;
+                    out.checkpoints = c;
+                }
                 Err(e) => out.write_error = Some(e),
             }
         }
@@ -487,7 +638,12 @@ impl Writer {
         out
     }
 
-    fn write_batch(&mut self, entries: Vec<Pending>) -> io::Result<usize> {
+    /// Entries and checkpoints written.
+    fn write_batch(
+        &mut self,
+        entries: Vec<Pending>,
+        checkpoint: bool,
+    ) -> io::Result<(usize, usize)> {
         if self.needs_truncate {
             self.file.set_len(self.good_len)?;
             self.needs_truncate = false;
@@ -496,14 +652,46 @@ impl Writer {
         let mut buf = Vec::with_capacity(n * 256);
         let mut seq = self.seq;
         let mut prev = self.prev.clone();
+        let mut leaves = self.leaves.clone();
+        let mut cover_from = self.cover_from;
+        let mut checkpoints = 0;
+        let next = |seq: u64| {
+            seq.checked_add(1)
+                .ok_or_else(|| io::Error::other("journal seq exhausted; start a new journal"))
+        };
+        let mut sign = |seq: &mut u64,
+                        prev: &mut String,
+                        leaves: &mut Vec<[u8; LEAF_LEN]>,
+                        cover_from: &mut u64,
+                        buf: &mut Vec<u8>|
+         -> io::Result<()> {
+            if let Some(signer) = &self.signer {
+                *seq = next(*seq)?;
+                let line = render_checkpoint(*seq, prev, *cover_from, leaves, signer);
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+                leaves.clear();
+                *cover_from = *seq + 1;
+                checkpoints += 1;
+            }
+            Ok(())
+        };
         for p in entries {
-            seq = seq
-                .checked_add(1)
-                .ok_or_else(|| io::Error::other("journal seq exhausted; start a new journal"))?;
-            let (line, hash) = render(seq, prev, p);
+            seq = next(seq)?;
+            let (line, hash, leaf) = render(seq, prev, p);
             buf.extend_from_slice(line.as_bytes());
             buf.push(b'\n');
             prev = hash;
+            if leaves.is_empty() {
+                cover_from = seq;
+            }
+            leaves.push(leaf);
+            if leaves.len() >= CHECKPOINT_EVERY {
+                sign(&mut seq, &mut prev, &mut leaves, &mut cover_from, &mut buf)?;
+            }
+        }
+        if checkpoint && !leaves.is_empty() {
+            sign(&mut seq, &mut prev, &mut leaves, &mut cover_from, &mut buf)?;
         }
         let mut done = 0;
         while done < buf.len() {
@@ -525,8 +713,10 @@ impl Writer {
         }
         self.seq = seq;
         self.prev = prev;
+        self.leaves = leaves;
+        self.cover_from = cover_from;
         self.good_len += buf.len() as u64;
-        Ok(n)
+        Ok((n, checkpoints))
     }
 
     /// Removes the `done` bytes a failed write left behind, or remembers to.
@@ -537,8 +727,8 @@ impl Writer {
     }
 }
 
-/// Renders one entry: its line in canonical form and its hash.
-fn render(seq: u64, prev: String, p: Pending) -> (String, String) {
+/// Renders one entry: its line in canonical form, its hash and its leaf.
+fn render(seq: u64, prev: String, p: Pending) -> (String, String, [u8; LEAF_LEN]) {
     let mut obj = Map::new();
     match p.fields {
         Value::Object(fields) => {
@@ -559,12 +749,227 @@ fn render(seq: u64, prev: String, p: Pending) -> (String, String) {
     obj.insert("seq".to_owned(), Value::from(seq));
     obj.insert("ts".to_owned(), Value::String(format_ts(p.at)));
     obj.insert("event".to_owned(), Value::String(p.event));
+    let leaf = leaf_of(&obj);
     obj.insert("prev".to_owned(), Value::String(prev));
     let hash = hex(&content_hash(&obj));
     obj.insert("hash".to_owned(), Value::String(hash.clone()));
     let mut line = String::new();
     canonical_object(&obj, &mut line);
-    (line, hash)
+    (line, hash, leaf)
+}
+
+/// Renders a checkpoint signing `leaves` (entries `from_seq` on) as entry
+/// `seq`, advancing `prev` to its hash.
+fn render_checkpoint(
+    seq: u64,
+    prev: &mut String,
+    from_seq: u64,
+    leaves: &[[u8; LEAF_LEN]],
+    signer: &Signer,
+) -> String {
+    let mut obj = Map::new();
+    obj.insert("seq".to_owned(), Value::from(seq));
+    obj.insert("ts".to_owned(), Value::String(format_ts(SystemTime::now())));
+    obj.insert(
+        "event".to_owned(),
+        Value::String(CHECKPOINT_EVENT.to_owned()),
+    );
+    obj.insert("key".to_owned(), Value::String(signer.public_hex.clone()));
+    obj.insert("from_seq".to_owned(), Value::from(from_seq));
+    obj.insert("to_seq".to_owned(), Value::from(seq - 1));
+    obj.insert(
+        "leaves".to_owned(),
+        Value::Array(leaves.iter().map(|l| Value::String(hex(l))).collect()),
+    );
+    let sig = signer.pair.sign(&signed_message(&obj));
+    obj.insert("sig".to_owned(), Value::String(hex(sig.as_ref())));
+    obj.insert("prev".to_owned(), Value::String(prev.clone()));
+    let hash = hex(&content_hash(&obj));
+    obj.insert("hash".to_owned(), Value::String(hash.clone()));
+    *prev = hash;
+    let mut line = String::new();
+    canonical_object(&obj, &mut line);
+    line
+}
+
+/// What a checkpoint's signature covers: a fixed prefix, then the
+/// canonical form of the checkpoint without `prev`, `hash` and `sig`. The
+/// chain fields are left out on purpose, so that a recomputed chain leaves
+/// the signature valid and the edited entry is named by its leaf.
+fn signed_message(obj: &Map<String, Value>) -> Vec<u8> {
+    let mut s = String::new();
+    write_object(
+        obj.iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "prev" | "hash" | "sig")),
+        &mut s,
+    );
+    let mut m = SIG_CONTEXT.to_vec();
+    m.extend_from_slice(s.as_bytes());
+    m
+}
+
+/// An entry's leaf: SHA-256 of its canonical form without `prev` and
+/// `hash`, cut to [`LEAF_LEN`] bytes.
+fn leaf_of(obj: &Map<String, Value>) -> [u8; LEAF_LEN] {
+    let mut s = String::new();
+    write_object(
+        obj.iter()
+            .filter(|(k, _)| !NOT_IN_LEAF.contains(&k.as_str())),
+        &mut s,
+    );
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut out = [0u8; LEAF_LEN];
+    out.copy_from_slice(&d.as_ref()[..LEAF_LEN]);
+    out
+}
+
+/// The signing key file of a journal: its path with `.key` appended
+/// (`journal.log` → `journal.log.key`).
+#[must_use]
+pub fn key_path(journal: &Path) -> PathBuf {
+    let mut name = journal.as_os_str().to_owned();
+    name.push(".key");
+    PathBuf::from(name)
+}
+
+/// The hex public key of a journal's signing key file, for
+/// `pool journal pubkey` (to keep elsewhere and give to
+/// [`verify_with_key`]).
+///
+/// # Errors
+///
+/// [`JournalError::Key`] when the key file is missing, unreadable,
+/// readable by others or malformed.
+pub fn public_key(journal: &Path) -> Result<String, JournalError> {
+    let path = key_path(journal);
+    read_signer(&path)?
+        .map(|s| s.public_hex)
+        .ok_or_else(|| JournalError::Key {
+            path,
+            reason: "no such file (it is created when the node first opens the journal)".into(),
+        })
+}
+
+fn key_error(path: &Path, reason: impl Into<String>) -> JournalError {
+    JournalError::Key {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a signing key file; `None` when it does not exist.
+fn read_signer(path: &Path) -> Result<Option<Signer>, JournalError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    // Never through a symlink: the link itself must be a regular file, and
+    // the file opened must be the one looked at.
+    let link = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(key_error(path, format!("cannot read: {e}"))),
+    };
+    if !link.file_type().is_file() {
+        return Err(key_error(
+            path,
+            "is not a regular file (a symlink or something else); replace it with the key file itself",
+        ));
+    }
+    let mut file = File::open(path).map_err(|e| key_error(path, format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| key_error(path, format!("cannot read: {e}")))?;
+    if (meta.dev(), meta.ino()) != (link.dev(), link.ino()) {
+        return Err(key_error(
+            path,
+            "changed while it was being opened; try again",
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(key_error(
+            path,
+            format!(
+                "is readable or writable by other users (mode {:o}); run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| key_error(path, format!("cannot read: {e}")))?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(unhex32)
+        .ok_or_else(|| {
+            key_error(
+                path,
+                "holds no key (64 hex digits); move it aside so that a new one is made",
+            )
+        })?;
+    signer_from_seed(&seed)
+        .map(Some)
+        .ok_or_else(|| key_error(path, "holds an unusable key"))
+}
+
+fn signer_from_seed(seed: &[u8; 32]) -> Option<Signer> {
+    let pair = Ed25519KeyPair::from_seed_unchecked(seed).ok()?;
+    let public_hex = hex(pair.public_key().as_ref());
+    Some(Signer { pair, public_hex })
+}
+
+/// Loads the journal's signing key, creating it (mode 0600, never
+/// overwriting) when missing.
+fn load_or_create_signer(path: &Path) -> Result<Signer, JournalError> {
+    if let Some(s) = read_signer(path)? {
+        return Ok(s);
+    }
+    let mut seed = Wipe([0u8; 32]);
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed.0);
+    let signer = signer_from_seed(&seed.0).ok_or_else(|| key_error(path, "cannot make a key"))?;
+    let text = format!(
+        "# POOL journal signing key (Ed25519 seed). Keep it private; never copy it off this host.\n\
+         # Its public key (give it to `pool journal verify --key`): {}\n{}\n",
+        signer.public_hex,
+        hex(&seed.0)
+    );
+    let created = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(mut f) => {
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| key_error(path, format!("cannot write: {e}")))?;
+            warn!(path = %path.display(), public_key = %signer.public_hex, "created a new journal signing key; keep its public key elsewhere to check the journal with `pool journal verify --key`");
+            Ok(signer)
+        }
+        // Another process made it first: use theirs.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            read_signer(path)?.ok_or_else(|| key_error(path, "vanished while it was being created"))
+        }
+        Err(e) => Err(key_error(
+            path,
+            format!(
+                "cannot create: {e} (check that this user may write to the journal's directory)"
+            ),
+        )),
+    }
+}
+
+/// A seed overwritten when dropped (best effort; ring keeps its own copy
+/// of the key inside the key pair).
+struct Wipe([u8; 32]);
+
+impl Drop for Wipe {
+    fn drop(&mut self) {
+        self.0 = [0u8; 32];
+        std::hint::black_box(&self.0);
+    }
 }
 
 /// SHA-256 over the canonical form of `obj` without its `hash` key.
@@ -650,6 +1055,22 @@ fn hex(bytes: &[u8]) -> String {
         s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s
+}
+
+/// Lowercase hex digits (an even number) to bytes.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    b.chunks(2)
+        .map(|p| Some((digit(p[0])? << 4) | digit(p[1])?))
+        .collect()
 }
 
 /// 64 lowercase hex digits to 32 bytes.
@@ -748,6 +1169,63 @@ struct Parsed {
     content_ok: bool,
     /// The line's bytes are the canonical form of its content.
     canonical_ok: bool,
+    /// The entry's digest as a checkpoint lists it.
+    leaf: [u8; LEAF_LEN],
+    /// Set when the entry is a checkpoint: what it signs, or why it is
+    /// malformed.
+    checkpoint: Option<Result<Checkpoint, &'static str>>,
+}
+
+/// A checkpoint's signed content.
+struct Checkpoint {
+    key: [u8; 32],
+    from_seq: u64,
+    to_seq: u64,
+    leaves: Vec<[u8; LEAF_LEN]>,
+    /// The signature verifies under `key`.
+    signature_ok: bool,
+}
+
+fn parse_checkpoint(obj: &Map<String, Value>) -> Result<Checkpoint, &'static str> {
+    let key = obj
+        .get("key")
+        .and_then(Value::as_str)
+        .and_then(unhex32)
+        .ok_or("no \"key\"")?;
+    let from_seq = obj
+        .get("from_seq")
+        .and_then(Value::as_u64)
+        .ok_or("no \"from_seq\"")?;
+    let to_seq = obj
+        .get("to_seq")
+        .and_then(Value::as_u64)
+        .ok_or("no \"to_seq\"")?;
+    let leaves = obj
+        .get("leaves")
+        .and_then(Value::as_array)
+        .ok_or("no \"leaves\"")?
+        .iter()
+        .map(|v| {
+            let b = unhex(v.as_str()?)?;
+            <[u8; LEAF_LEN]>::try_from(b.as_slice()).ok()
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or("a leaf is not 32 hex digits")?;
+    let sig = obj
+        .get("sig")
+        .and_then(Value::as_str)
+        .and_then(unhex)
+        .ok_or("no \"sig\"")?;
+    let signature_ok = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+        .verify(&signed_message(obj), &sig)
+        .is_ok();
+    Ok(Checkpoint {
+        key,
+        from_seq,
+        to_seq,
+        leaves,
+        signature_ok,
+    })
 }
 
 /// Parses one line (without its newline); `Err` says why it is not an entry.
@@ -767,21 +1245,24 @@ fn parse_line(line: &[u8]) -> Result<Parsed, &'static str> {
     if !obj.get("ts").is_some_and(Value::is_string) {
         return Err("no \"ts\" string");
     }
-    if !obj.get("event").is_some_and(Value::is_string) {
+    let Some(event) = obj.get("event").and_then(Value::as_str) else {
         return Err("no \"event\" string");
-    }
+    };
     let digest = |key| obj.get(key).and_then(Value::as_str).and_then(unhex32);
     let prev = digest("prev").ok_or("no \"prev\" SHA-256")?;
     let hash = digest("hash").ok_or("no \"hash\" SHA-256")?;
     let content_ok = content_hash(&obj) == hash;
     let mut again = String::with_capacity(text.len());
     canonical_object(&obj, &mut again);
+    let checkpoint = (event == CHECKPOINT_EVENT).then(|| parse_checkpoint(&obj));
     Ok(Parsed {
         seq,
         prev,
         hash,
         content_ok,
         canonical_ok: again == text,
+        leaf: leaf_of(&obj),
+        checkpoint,
     })
 }
 
@@ -790,7 +1271,7 @@ fn parse_line(line: &[u8]) -> Result<Parsed, &'static str> {
 pub struct VerifyReport {
     /// The file checked.
     pub path: PathBuf,
-    /// Lines that parsed as entries (intact or not).
+    /// Lines that parsed as entries (intact or not), checkpoints included.
     pub entries: u64,
     /// `seq` of the first entry line, if any.
     pub first_seq: Option<u64>,
@@ -799,6 +1280,18 @@ pub struct VerifyReport {
     /// `hash` of the last entry line. Keep it elsewhere: lines cut off the
     /// end of the file can only be detected against it.
     pub last_hash: Option<String>,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: u64,
+    /// The hex key the checkpoints are signed with (the one given to
+    /// [`verify_with_key`], or else the one the first checkpoint names).
+    pub signing_key: Option<String>,
+    /// Whether `signing_key` was given by the caller (pinned) rather than
+    /// read from the file itself.
+    pub key_pinned: bool,
+    /// Entries no valid checkpoint signs, as line ranges with the reason,
+    /// e.g. `lines 130-141: after the last checkpoint`. Only the unkeyed
+    /// chain protects them. Not problems: a running node always has some.
+    pub unsigned: Vec<String>,
     /// Every problem found, in line order, one per line at most, e.g.
     /// `line 7: edited (hash does not match its content)`. Empty when the
     /// chain is intact.
@@ -820,8 +1313,27 @@ impl fmt::Display for VerifyReport {
             (Some(a), Some(b)) => write!(f, "{} entries, seq {a} to {b}", self.entries)?,
             _ => write!(f, "no entries")?,
         }
+        match &self.signing_key {
+            Some(k) => write!(
+                f,
+                "\n{} signed checkpoint(s), key {k}{}",
+                self.checkpoints,
+                if self.key_pinned {
+                    " (as given)"
+                } else {
+                    " (named by the file itself: pass --key with the key you kept to rule out a forged file)"
+                }
+            )?,
+            None => write!(
+                f,
+                "\nno signed checkpoint: only the unkeyed hash chain protects this file"
+            )?,
+        }
+        for u in &self.unsigned {
+            write!(f, "\n  unsigned: {u}")?;
+        }
         if self.problems.is_empty() {
-            write!(f, "; the chain is intact")?;
+            write!(f, "\nthe chain and its checkpoints are intact")?;
             if let Some(h) = &self.last_hash {
                 write!(
                     f,
@@ -830,7 +1342,7 @@ impl fmt::Display for VerifyReport {
             }
             return Ok(());
         }
-        write!(f, "; {} problem(s):", self.problems.len())?;
+        write!(f, "\n{} problem(s):", self.problems.len())?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -842,18 +1354,41 @@ impl fmt::Display for VerifyReport {
     }
 }
 
+/// [`verify_with_key`] without a pinned key: checkpoints are checked
+/// against the key the file's first checkpoint names.
+///
+/// # Errors
+///
+/// As [`verify_with_key`].
+pub fn verify(path: &Path) -> Result<VerifyReport, JournalError> {
+    verify_with_key(path, None)
+}
+
 /// Checks a journal file: every line is an entry, every hash matches its
-/// line, `seq` rises by exactly 1 and every `prev` is the previous entry's
-/// hash. Problems are reported, not returned as errors; `Err` only when the
-/// file cannot be read.
+/// line, `seq` rises by exactly 1, every `prev` is the previous entry's
+/// hash, every checkpoint's signature verifies under `key` (hex Ed25519,
+/// from `pool journal pubkey`; `None`: the key the first checkpoint names)
+/// and every entry a checkpoint signed still matches it. Problems are
+/// reported, not returned as errors; `Err` only when the file cannot be
+/// read or `key` is malformed.
+///
+/// With a key given, a file with entries but no checkpoint signed by it
+/// is a problem (a file rewritten from scratch has none).
 ///
 /// # Errors
 ///
 /// [`JournalError::Read`] when the file cannot be read,
-/// [`JournalError::NotAFile`] when `path` is not a regular file.
-pub fn verify(path: &Path) -> Result<VerifyReport, JournalError> {
+/// [`JournalError::NotAFile`] when `path` is not a regular file,
+/// [`JournalError::BadPublicKey`] when `key` is not 64 hex digits.
+pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, JournalError> {
     use std::collections::btree_map::{BTreeMap, Entry};
 
+    let pinned = match key {
+        Some(k) => Some(unhex32(k.trim()).ok_or_else(|| JournalError::BadPublicKey {
+            given: k.to_owned(),
+        })?),
+        None => None,
+    };
     let read_err = |source| JournalError::Read {
         path: path.to_path_buf(),
         source,
@@ -900,8 +1435,14 @@ pub fn verify(path: &Path) -> Result<VerifyReport, JournalError> {
         first_seq: None,
         last_seq: None,
         last_hash: None,
+        checkpoints: 0,
+        signing_key: pinned.map(|k| hex(&k)),
+        key_pinned: pinned.is_some(),
+        unsigned: Vec::new(),
         problems: Vec::new(),
     };
+    // At most one problem per line, the first found.
+    let mut problems: BTreeMap<usize, String> = BTreeMap::new();
     let mut max_seq: Option<u64> = None;
     let mut prev_seq: Option<u64> = None;
     for (i, line) in lines.iter().enumerate() {
@@ -909,7 +1450,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, JournalError> {
         let p = match line {
             Ok(p) => p,
             Err(r) => {
-                report.problems.push(format!("line {n}: {r}"));
+                problems.insert(n, r.clone());
                 continue;
             }
         };
@@ -955,11 +1496,141 @@ pub fn verify(path: &Path) -> Result<VerifyReport, JournalError> {
             }
         };
         if let Some(problem) = problem {
-            report.problems.push(format!("line {n}: {problem}"));
+            problems.insert(n, problem);
         }
         max_seq = Some(max_seq.map_or(s, |m| m.max(s)));
         prev_seq = Some(s);
     }
+
+    // Pass 3: checkpoints. The first line of each seq is the one checked.
+    let mut key = pinned;
+    let line_of = |seq: u64| by_seq.get(&seq).map(|(m, _)| *m);
+    // seq -> whether a valid checkpoint signed it.
+    let mut signed: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    // Line numbers of checkpoints whose signature and range are good.
+    let mut valid: std::collections::HashSet<usize> = std::collections::HashSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        let Ok(p) = line else { continue };
+        let Some(cp) = &p.checkpoint else { continue };
+        let cp = match cp {
+            Ok(cp) => cp,
+            Err(r) => {
+                problems
+                    .entry(n)
+                    .or_insert_with(|| format!("checkpoint malformed ({r})"));
+                continue;
+            }
+        };
+        let want = *key.get_or_insert(cp.key);
+        let problem = if cp.key != want {
+            Some(if pinned.is_some() {
+                format!(
+                    "checkpoint signed by key {}, not by the key given",
+                    hex(&cp.key)
+                )
+            } else {
+                format!(
+                    "checkpoint signed by key {}, earlier ones by {} (was the key file replaced?)",
+                    hex(&cp.key),
+                    hex(&want)
+                )
+            })
+        } else if !cp.signature_ok {
+            Some(
+                "checkpoint signature does not verify (the checkpoint was forged or edited)"
+                    .to_owned(),
+            )
+        } else if cp.to_seq.checked_add(1) != Some(p.seq)
+            || cp.to_seq.saturating_add(1).saturating_sub(cp.from_seq) != cp.leaves.len() as u64
+            || cp.from_seq > p.seq
+        {
+            Some(
+                "checkpoint malformed (its range does not match its place or its leaves)"
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            problems.entry(n).or_insert(problem);
+            continue;
+        }
+        report.checkpoints += 1;
+        valid.insert(n);
+        for (j, leaf) in cp.leaves.iter().enumerate() {
+            let s = cp.from_seq + j as u64;
+            signed.insert(s);
+            let Some(m) = line_of(s) else { continue };
+            if let Some(Ok(e)) = lines.get(m - 1) {
+                if e.leaf != *leaf {
+                    problems.entry(m).or_insert_with(|| {
+                        format!("edited (does not match what the checkpoint on line {n} signed)")
+                    });
+                }
+            }
+        }
+    }
+    report.signing_key = key.map(|k| hex(&k));
+    let any_checkpoint = lines
+        .iter()
+        .any(|l| matches!(l, Ok(p) if p.checkpoint.is_some()));
+    if pinned.is_some() && report.entries > 0 && !any_checkpoint {
+        problems.entry(1).or_insert_with(|| {
+            "no checkpoint signed by the key given in the whole file (rewritten from scratch? \
+             a journal younger than a minute may have none yet)"
+                .to_owned()
+        });
+    }
+
+    // Unsigned ranges: entries (not checkpoints) no valid checkpoint signed.
+    let checkpoint_lines: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l, Ok(p) if p.checkpoint.is_some()))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let mut run: Option<(usize, usize)> = None;
+    let mut runs = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        let unsigned = matches!(line, Ok(p) if p.checkpoint.is_none() && !signed.contains(&p.seq));
+        match (unsigned, run) {
+            (true, Some((a, b))) if b + 1 == n => run = Some((a, n)),
+            (true, _) => {
+                if let Some(r) = run.take() {
+                    runs.push(r);
+                }
+                run = Some((n, n));
+            }
+            (false, _) => {
+                if let Some(r) = run.take() {
+                    runs.push(r);
+                }
+            }
+        }
+    }
+    runs.extend(run);
+    for (a, b) in runs {
+        let lines = if a == b {
+            format!("line {a}")
+        } else {
+            format!("lines {a}-{b}")
+        };
+        let why = match checkpoint_lines.iter().find(|&&c| c > b) {
+            None => "after the last checkpoint (recent, or the node stopped without one)".to_owned(),
+            Some(c) if valid.contains(c) => {
+                "before a checkpoint that does not sign them (the node restarted without a clean stop)"
+                    .to_owned()
+            }
+            Some(c) => format!("the checkpoint on line {c} that follows them is not valid"),
+        };
+        report.unsigned.push(format!("{lines}: {why}"));
+    }
+    report.problems = problems
+        .into_iter()
+        .map(|(n, p)| format!("line {n}: {p}"))
+        .collect();
     Ok(report)
 }
 
@@ -1007,7 +1678,7 @@ mod tests {
             fields: serde_json::json!({"seq": 99, "hash": "x", "peer": "k"}),
             at: UNIX_EPOCH,
         };
-        let (line, hash) = render(1, GENESIS.to_owned(), p);
+        let (line, hash, _) = render(1, GENESIS.to_owned(), p);
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["seq"], 1);
         assert_eq!(v["_seq"], 99);
@@ -1042,20 +1713,21 @@ mod tests {
     fn failed_write_does_not_advance_chain() {
         let path = temp("fail");
         let mut w = Writer::open(&path).unwrap();
-        let out = w.append(vec![pending(1), pending(2)], true);
+        let out = w.append(vec![pending(1), pending(2)], true, false);
         assert!(out.write_error.is_none() && out.written == 2);
         let good = w.good_len;
         // Swap in a read-only handle: writes fail with EBADF.
         let writable = std::mem::replace(&mut w.file, File::open(&path).unwrap());
-        let out = w.append(vec![pending(3), pending(4)], true);
+        let out = w.append(vec![pending(3), pending(4)], true, false);
         assert!(out.write_error.is_some());
         assert_eq!((w.seq, w.good_len), (2, good));
         w.file = writable;
-        let out = w.append(vec![pending(5)], true);
+        let out = w.append(vec![pending(5)], true, false);
         assert!(out.write_error.is_none());
         let report = verify(&path).unwrap();
         assert!(report.is_intact(), "{report}");
         assert_eq!(report.last_seq, Some(3));
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(key_path(&path));
     }
 }

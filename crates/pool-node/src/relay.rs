@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -78,6 +78,15 @@ pub struct RelayConfig {
     /// A control connection silent this long is closed (nodes PING every
     /// 15 s).
     pub control_idle_timeout: Duration,
+    /// A circuit that carries no byte either way this long is closed
+    /// (`None`: never). POOL sessions PING every 5 s, so a live session's
+    /// circuit is never idle that long; without it, circuits opened by
+    /// keys that cost nothing could hold every connection slot.
+    pub circuit_idle_timeout: Option<Duration>,
+    /// Connections from one source (an IPv4 address, or an IPv6 /64) that
+    /// may be open at once before they authenticate; more are refused at
+    /// once with `ERR_CAPACITY`. 0: no cap.
+    pub max_unauthenticated_per_address: usize,
     /// Keys this relay serves; empty: any key that proves ownership.
     pub allow: HashSet<PublicKey>,
     /// Append the change journal to this file.
@@ -96,6 +105,8 @@ impl Default for RelayConfig {
             handshake_timeout: Duration::from_secs(5),
             accept_timeout: Duration::from_secs(5),
             control_idle_timeout: Duration::from_secs(60),
+            circuit_idle_timeout: Some(Duration::from_secs(120)),
+            max_unauthenticated_per_address: 64,
             allow: HashSet::new(),
             journal: None,
             metrics: None,
@@ -155,6 +166,20 @@ impl RelayConfig {
         self
     }
 
+    /// Sets [`RelayConfig::circuit_idle_timeout`] (`None`: never).
+    #[must_use]
+    pub fn circuit_idle_timeout(mut self, t: Option<Duration>) -> Self {
+        self.circuit_idle_timeout = t;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_unauthenticated_per_address`] (0: no cap).
+    #[must_use]
+    pub fn max_unauthenticated_per_address(mut self, n: usize) -> Self {
+        self.max_unauthenticated_per_address = n;
+        self
+    }
+
     /// Serves this key (once any key is added, only the listed keys).
     #[must_use]
     pub fn allow(mut self, key: PublicKey) -> Self {
@@ -191,7 +216,30 @@ pub fn load_authorized(path: &Path) -> Result<HashSet<PublicKey>, RelayServerErr
         line,
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(0, e.to_string()))?;
+    let text = {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = std::fs::File::open(path).map_err(|e| bad(0, e.to_string()))?;
+        let mode = f
+            .metadata()
+            .map_err(|e| bad(0, e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(bad(
+                0,
+                format!(
+                    "writable by other users (mode {:o}), so anyone could add a key; refused until you run `chmod go-w {}`",
+                    mode & 0o777,
+                    path.display()
+                ),
+            ));
+        }
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| bad(0, e.to_string()))?;
+        text
+    };
     let mut keys = HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -273,6 +321,14 @@ pub struct RelayStats {
     /// Refused: malformed or unexpected messages, handshake timeouts,
     /// ACCEPTs of unknown circuits or by the wrong key.
     pub refused_protocol: u64,
+    /// Refused: too many unauthenticated connections from one source
+    /// address (IPv6: one /64).
+    pub refused_address: u64,
+    /// Circuits closed because no byte crossed them for
+    /// [`RelayConfig::circuit_idle_timeout`].
+    pub circuits_idle_closed: u64,
+    /// Connections open now that have not authenticated yet.
+    pub unauthenticated: u64,
 }
 
 /// One node key with connections open at the relay, as
@@ -300,6 +356,7 @@ struct Counters {
     bytes: AtomicU64,
     auth_failures: AtomicU64,
     refused: [AtomicU64; Refusal::COUNT],
+    idle_closed: AtomicU64,
 }
 
 /// Why a connection was refused, for counters and the journal.
@@ -310,16 +367,18 @@ enum Refusal {
     UnknownPeer,
     NoAnswer,
     Protocol,
+    Address,
 }
 
 impl Refusal {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
     const ALL: [Refusal; Refusal::COUNT] = [
         Refusal::Capacity,
         Refusal::NotAllowed,
         Refusal::UnknownPeer,
         Refusal::NoAnswer,
         Refusal::Protocol,
+        Refusal::Address,
     ];
 
     fn label(self) -> &'static str {
@@ -329,12 +388,13 @@ impl Refusal {
             Refusal::UnknownPeer => "unknown_peer",
             Refusal::NoAnswer => "no_answer",
             Refusal::Protocol => "protocol",
+            Refusal::Address => "address",
         }
     }
 
     fn code(self) -> u8 {
         match self {
-            Refusal::Capacity => ERR_CAPACITY,
+            Refusal::Capacity | Refusal::Address => ERR_CAPACITY,
             Refusal::NotAllowed => ERR_NOT_ALLOWED,
             Refusal::UnknownPeer => ERR_UNKNOWN_PEER,
             Refusal::NoAnswer => ERR_NO_ANSWER,
@@ -406,6 +466,8 @@ struct Shared {
     nodes: Mutex<HashMap<PublicKey, Registration>>,
     pending: Mutex<HashMap<CircuitId, Pending>>,
     per_node: Mutex<HashMap<PublicKey, NodeSlot>>,
+    /// Unauthenticated connections open now, per source bucket.
+    unauth: Mutex<HashMap<IpAddr, usize>>,
     slots: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
     journal: Option<Journal>,
@@ -422,6 +484,14 @@ impl Shared {
     fn journal(&self, event: &str, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
+        }
+    }
+
+    /// For entries an unauthenticated or costless sender can cause (failed
+    /// proofs, refusals): shed before they crowd out the others.
+    fn journal_bulk(&self, event: &str, fields: serde_json::Value) {
+        if let Some(j) = &self.journal {
+            j.record_bulk(event, fields);
         }
     }
 
@@ -447,7 +517,30 @@ impl Shared {
             refused_unknown_peer: r(Refusal::UnknownPeer),
             refused_no_answer: r(Refusal::NoAnswer),
             refused_protocol: r(Refusal::Protocol),
+            refused_address: r(Refusal::Address),
+            circuits_idle_closed: c.idle_closed.load(Ordering::Relaxed),
+            unauthenticated: lock(&self.unauth).values().sum::<usize>() as u64,
         }
+    }
+
+    /// Counts an unauthenticated connection against its source's cap;
+    /// `None` when the cap is reached.
+    fn enter_unauth(self: &Arc<Self>, ip: IpAddr) -> Option<UnauthGuard> {
+        let bucket = address_bucket(ip);
+        let cap = self.cfg.max_unauthenticated_per_address;
+        let mut map = lock(&self.unauth);
+        let n = map.entry(bucket).or_insert(0);
+        if cap > 0 && *n >= cap {
+            if *n == 0 {
+                map.remove(&bucket);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(UnauthGuard {
+            shared: self.clone(),
+            bucket,
+        })
     }
 
     fn nodes(&self) -> Vec<NodeStats> {
@@ -499,6 +592,40 @@ impl Shared {
             shared: self.clone(),
             state: slot.state.clone(),
         })
+    }
+}
+
+/// The unit that per-address caps and aggregates count in: an IPv4
+/// address, or the /64 of an IPv6 address (one host or site usually holds
+/// a whole /64, so counting single IPv6 addresses would cap nothing).
+/// IPv4-mapped IPv6 addresses count as IPv4.
+#[must_use]
+pub fn address_bucket(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+/// One unauthenticated connection counted against its source's cap;
+/// uncounted when dropped (once it authenticates, or closes).
+struct UnauthGuard {
+    shared: Arc<Shared>,
+    bucket: IpAddr,
+}
+
+impl Drop for UnauthGuard {
+    fn drop(&mut self) {
+        let mut map = lock(&self.shared.unauth);
+        if let Some(n) = map.get_mut(&self.bucket) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.bucket);
+            }
+        }
     }
 }
 
@@ -591,6 +718,7 @@ impl RelayServer {
             nodes: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             per_node: Mutex::new(HashMap::new()),
+            unauth: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             journal,
@@ -620,6 +748,8 @@ impl RelayServer {
                 "max_connections": shared.cfg.max_connections,
                 "max_connections_per_node": shared.cfg.max_connections_per_node,
                 "max_rate_per_node": shared.cfg.max_rate_per_node,
+                "max_unauthenticated_per_address": shared.cfg.max_unauthenticated_per_address,
+                "circuit_idle_timeout_secs": shared.cfg.circuit_idle_timeout.map(|d| d.as_secs_f64()),
                 "allow_list": shared.cfg.allow.len(),
             }),
         );
@@ -687,14 +817,36 @@ impl RelayServer {
             shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
             let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
             match shared.slots.clone().try_acquire_owned() {
-                Ok(slot) => {
-                    conns.spawn(handle(shared.clone(), stream, addr, slot));
-                }
+                Ok(slot) => match shared.enter_unauth(addr.ip()) {
+                    Some(unauth) => {
+                        conns.spawn(handle(shared.clone(), stream, addr, slot, unauth));
+                    }
+                    None => {
+                        shared.refused(Refusal::Address);
+                        debug!(%addr, "relay: unauthenticated connections per address at cap, refusing");
+                        drop(slot);
+                        if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
+                            conns.spawn(refuse_at_cap(
+                                shared.clone(),
+                                stream,
+                                addr,
+                                p,
+                                Refusal::Address,
+                            ));
+                        }
+                    }
+                },
                 Err(_) => {
                     shared.refused(Refusal::Capacity);
                     debug!(%addr, "relay: connection cap reached, refusing");
                     if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
-                        conns.spawn(refuse_at_cap(shared.clone(), stream, addr, p));
+                        conns.spawn(refuse_at_cap(
+                            shared.clone(),
+                            stream,
+                            addr,
+                            p,
+                            Refusal::Capacity,
+                        ));
                     }
                 }
             }
@@ -709,7 +861,7 @@ impl RelayServer {
             json!({ "circuits_total": s.circuits_total, "bytes": s.bytes }),
         );
         if let Some(j) = &shared.journal {
-            j.flush().await;
+            j.checkpoint().await;
         }
         info!(%local, "relay stopped");
     }
@@ -777,17 +929,28 @@ fn tune(s: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&ka);
 }
 
-/// Answers a connection over the total cap with ERROR and closes it.
+/// Answers a connection over the total cap, or over its address's cap of
+/// unauthenticated connections, with ERROR and closes it.
 async fn refuse_at_cap(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     addr: SocketAddr,
     _p: OwnedSemaphorePermit,
+    why: Refusal,
 ) {
-    let msg = format!(
-        "this relay is at its cap of {} connections; try again later or use another relay",
-        shared.cfg.max_connections
-    );
+    let msg = if why == Refusal::Address {
+        format!(
+            "{} already has {} connections to this relay that have not authenticated, its cap; \
+             authenticate or close them first (the cap counts IPv6 addresses by /64)",
+            address_bucket(addr.ip()),
+            shared.cfg.max_unauthenticated_per_address
+        )
+    } else {
+        format!(
+            "this relay is at its cap of {} connections; try again later or use another relay",
+            shared.cfg.max_connections
+        )
+    };
     send_error(&mut stream, ERR_CAPACITY, &msg).await;
     debug!(%addr, "relay: refused at the connection cap");
 }
@@ -906,7 +1069,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
             .auth_failures
             .fetch_add(1, Ordering::Relaxed);
         warn!(addr = %conn.addr, claimed = %key, "relay: proof of key ownership failed");
-        shared.journal(
+        shared.journal_bulk(
             "relay_auth_failed",
             json!({
                 "addr": conn.addr.to_string(),
@@ -919,7 +1082,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
         )));
     }
     if !shared.cfg.allow.is_empty() && !shared.cfg.allow.contains(&key) {
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::NotAllowed.label(),
@@ -941,6 +1104,7 @@ async fn handle(
     stream: TcpStream,
     addr: SocketAddr,
     slot: OwnedSemaphorePermit,
+    unauth: UnauthGuard,
 ) {
     tune(&stream);
     let mut conn = Conn {
@@ -978,9 +1142,12 @@ async fn handle(
             return;
         }
     };
+    // Authenticated: no longer counted against its address (a refusal
+    // above keeps it counted while the ERROR lingers).
+    drop(unauth);
     let Some(node) = shared.enter_node(key) else {
         shared.refused(Refusal::Capacity);
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::Capacity.label(),
@@ -1147,7 +1314,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
     let Some(peer_tx) = peer_tx else {
         shared.refused(Refusal::UnknownPeer);
         debug!(node = %key, %peer, "relay: CONNECT to an unregistered key");
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::UnknownPeer.label(),
@@ -1193,7 +1360,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
     lock(&shared.pending).remove(&circuit);
     let Some(b) = accepted else {
         shared.refused(Refusal::NoAnswer);
-        shared.journal(
+        shared.journal_bulk(
             "relay_refused",
             json!({
                 "reason": Refusal::NoAnswer.label(),
@@ -1271,7 +1438,7 @@ async fn accept(shared: Arc<Shared>, mut b: Authed, circuit: CircuitId) {
         }
     };
     shared.refused(reason);
-    shared.journal(
+    shared.journal_bulk(
         "relay_refused",
         json!({
             "reason": if code == ERR_AUTH { "wrong_acceptor" } else { reason.label() },
@@ -1360,6 +1527,9 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
     // Each direction on its own task (both cores can copy), aborted with
     // this one (the relay stopping aborts connection tasks).
     let (stop_1, stop_2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (idle_1, idle_2) = (stop_1.clone(), stop_2.clone());
+    // Milliseconds after `started` of the last byte read either way.
+    let activity = Arc::new(AtomicU64::new(0));
     let t1 = AbortOnDrop(tokio::spawn(pump(
         ra,
         std::mem::take(&mut ca.buf),
@@ -1371,6 +1541,8 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
             count: a_to_b.clone(),
             stop: stop_1.clone(),
             stop_other: stop_2.clone(),
+            activity: activity.clone(),
+            started,
         },
     )));
     let t2 = AbortOnDrop(tokio::spawn(pump(
@@ -1384,15 +1556,49 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
             count: b_to_a.clone(),
             stop: stop_2,
             stop_other: stop_1,
+            activity: activity.clone(),
+            started,
         },
     )));
-    let (r1, r2) = tokio::join!(t1.join(), t2.join());
+    let both = async { tokio::join!(t1.join(), t2.join()) };
+    tokio::pin!(both);
+    let idle_limit = shared.cfg.circuit_idle_timeout;
+    let watchdog = async {
+        let Some(limit) = idle_limit else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let due = tokio::time::Instant::from_std(started + last + limit);
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    let mut idled = false;
+    let (r1, r2) = tokio::select! {
+        r = &mut both => r,
+        () = watchdog => {
+            idled = true;
+            idle_1.notify_one();
+            idle_2.notify_one();
+            both.await
+        }
+    };
     let why = |r: Result<PumpResult, tokio::task::JoinError>| match r {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(e) => Some(e.to_string()),
     };
     let reason = match (why(r1), why(r2)) {
+        _ if idled => {
+            c.idle_closed.fetch_add(1, Ordering::Relaxed);
+            format!(
+                "idle: no byte either way for {} s",
+                idle_limit.unwrap_or_default().as_secs_f64()
+            )
+        }
         (None, None) => "closed".to_owned(),
         (Some(e), None) | (None, Some(e)) => e,
         // One failed and stopped the other: name the first cause.
@@ -1436,6 +1642,9 @@ struct Direction {
     stop: Arc<Notify>,
     /// Notifies the other direction when this one fails.
     stop_other: Arc<Notify>,
+    /// Milliseconds after `started` of the circuit's last byte read.
+    activity: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl Direction {
@@ -1498,6 +1707,8 @@ async fn pump(
             Ok(n) => n,
             Err(e) => break Err(e),
         };
+        let ms = d.started.elapsed().as_millis() as u64;
+        d.activity.fetch_max(ms, Ordering::Relaxed);
     };
     // Both sockets close abortively once both directions have let go;
     // `forget` keeps tokio from sending FIN when the write half drops.
@@ -1587,6 +1798,18 @@ impl Collector for RelayCollector {
             "Proofs of key ownership that failed.",
             s.auth_failures,
         )?;
+        counter(
+            e,
+            "pool_relay_circuits_idle_closed",
+            "Circuits closed because no byte crossed them for the idle timeout.",
+            s.circuits_idle_closed,
+        )?;
+        gauge(
+            e,
+            "pool_relay_unauthenticated",
+            "Connections open now that have not authenticated yet.",
+            s.unauthenticated,
+        )?;
         let mut family = e.encode_descriptor(
             "pool_relay_refused",
             "Connections refused, by reason.",
@@ -1635,6 +1858,17 @@ mod tests {
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         // A second later the debt is paid and 500 tokens are back.
         assert_eq!(b.take(t0 + Duration::from_secs(1), 500), Duration::ZERO);
+    }
+
+    #[test]
+    fn address_buckets_are_ipv4_addresses_and_ipv6_slash_64s() {
+        let b = |s: &str| address_bucket(s.parse().unwrap());
+        assert_eq!(b("192.0.2.7"), b("192.0.2.7"));
+        assert_ne!(b("192.0.2.7"), b("192.0.2.8"));
+        assert_eq!(b("2001:db8:1:2::1"), b("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(b("2001:db8:1:2::1").to_string(), "2001:db8:1:2::");
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        assert_eq!(b("::ffff:192.0.2.7"), b("192.0.2.7"));
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pool_node::journal::{verify, Journal, JournalError};
+use pool_node::journal::{
+    key_path, public_key, verify, verify_with_key, Journal, JournalError, CHECKPOINT_EVENT,
+    CHECKPOINT_EVERY,
+};
 use serde_json::{json, Value};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -99,7 +102,21 @@ async fn thousand_entries_verify() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    let lines = read_lines(&path);
+    // A signed checkpoint every CHECKPOINT_EVERY entries.
+    let checkpoints = (1000 / CHECKPOINT_EVERY) as u64;
+    assert_eq!(j.stats().checkpoints, checkpoints);
+    let all = read_lines(&path);
+    assert_eq!(all.len() as u64, 1000 + checkpoints);
+    let cp: Value = serde_json::from_str(&all[CHECKPOINT_EVERY]).unwrap();
+    assert_eq!(cp["event"], CHECKPOINT_EVENT);
+    assert_eq!(cp["from_seq"], 1);
+    assert_eq!(cp["to_seq"], CHECKPOINT_EVERY as u64);
+    assert_eq!(cp["key"], j.public_key().unwrap());
+    let lines: Vec<String> = all
+        .iter()
+        .filter(|l| !l.contains(CHECKPOINT_EVENT))
+        .cloned()
+        .collect();
     assert_eq!(lines.len(), 1000);
     let first: Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(first["seq"], 1);
@@ -114,10 +131,11 @@ async fn thousand_entries_verify() {
 
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{report}");
-    assert_eq!(report.entries, 1000);
+    assert_eq!(report.entries, 1000 + checkpoints);
+    assert_eq!(report.checkpoints, checkpoints);
     assert_eq!(report.first_seq, Some(1));
-    assert_eq!(report.last_seq, Some(1000));
-    let last: Value = serde_json::from_str(&lines[999]).unwrap();
+    assert_eq!(report.last_seq, Some(1000 + checkpoints));
+    let last: Value = serde_json::from_str(all.last().unwrap()).unwrap();
     assert_eq!(report.last_hash.as_deref(), last["hash"].as_str());
     assert!(report.to_string().contains("intact"), "{report}");
 }
@@ -179,6 +197,176 @@ async fn edited_line_with_new_hash_breaks_the_next_link() {
         ["line 8: chain broken (prev does not match line 7)"],
         "{report}"
     );
+}
+
+/// Rewrites lines `from..` (0-based) so that the chain is intact again:
+/// each `prev` is the line before's hash and each `hash` is recomputed,
+/// as anyone who can write the file can do.
+fn recompute_chain(lines: &mut [String], from: usize) {
+    for i in from..lines.len() {
+        let mut v: Value = serde_json::from_str(&lines[i]).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        if i > 0 {
+            let before: Value = serde_json::from_str(&lines[i - 1]).unwrap();
+            obj.insert("prev".into(), before["hash"].clone());
+        }
+        obj.remove("hash");
+        let hash = sha256_hex(serde_json::to_string(&obj).unwrap().as_bytes());
+        obj.insert("hash".into(), json!(hash));
+        lines[i] = serde_json::to_string(&v).unwrap();
+    }
+}
+
+/// Twenty entries and a checkpoint signing them (line 21).
+async fn twenty_signed(dir: &TempDir) -> (PathBuf, String) {
+    let path = dir.file();
+    let j = write_entries(&path, 1, 20).await;
+    j.checkpoint().await;
+    let key = j.public_key().unwrap().to_owned();
+    assert_eq!(j.stats().checkpoints, 1);
+    drop(j);
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.checkpoints, 1);
+    assert!(report.unsigned.is_empty(), "{report}");
+    (path, key)
+}
+
+/// F11: without a key, an edit with the chain recomputed passed `verify`.
+/// The signed checkpoint still names the edited line.
+#[tokio::test]
+async fn edit_with_recomputed_chain_is_named_by_the_checkpoint() {
+    let dir = TempDir::new("recomputed");
+    let (path, key) = twenty_signed(&dir).await;
+    let mut lines = read_lines(&path);
+    assert_eq!(lines.len(), 21);
+    let mut v: Value = serde_json::from_str(&lines[6]).unwrap();
+    v["peer"] = json!("pk-evil");
+    lines[6] = serde_json::to_string(&v).unwrap();
+    recompute_chain(&mut lines, 6);
+    write_lines(&path, &lines);
+
+    let expected = ["line 7: edited (does not match what the checkpoint on line 21 signed)"];
+    for k in [None, Some(key.as_str())] {
+        let report = verify_with_key(&path, k).unwrap();
+        assert_eq!(report.problems, expected, "{report}");
+        assert!(!report.is_intact());
+    }
+}
+
+#[tokio::test]
+async fn forged_checkpoint_and_foreign_key_are_named() {
+    let dir = TempDir::new("forged-cp");
+    let (path, key) = twenty_signed(&dir).await;
+    let pristine = read_lines(&path);
+
+    // Editing the signed list itself breaks the signature.
+    let mut lines = pristine.clone();
+    let mut v: Value = serde_json::from_str(&lines[20]).unwrap();
+    v["leaves"][6] = json!("00".repeat(16));
+    lines[20] = serde_json::to_string(&v).unwrap();
+    recompute_chain(&mut lines, 20);
+    write_lines(&path, &lines);
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert_eq!(
+        report.problems,
+        ["line 21: checkpoint signature does not verify (the checkpoint was forged or edited)"],
+        "{report}"
+    );
+
+    // A whole journal made elsewhere (another key) put in its place.
+    let other = TempDir::new("forged-cp-other");
+    let (other_path, other_key) = twenty_signed(&other).await;
+    assert_ne!(key, other_key);
+    std::fs::copy(&other_path, &path).unwrap();
+    assert!(
+        verify(&path).unwrap().is_intact(),
+        "unpinned: self-consistent"
+    );
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert_eq!(
+        report.problems,
+        [format!(
+            "line 21: checkpoint signed by key {other_key}, not by the key given"
+        )],
+        "{report}"
+    );
+
+    // The same without any checkpoint: nothing signed by the key at all.
+    write_lines(&path, &read_lines(&other_path)[..20]);
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert_eq!(report.problems.len(), 1, "{report}");
+    assert!(
+        report.problems[0].starts_with("line 1: no checkpoint signed by the key given"),
+        "{report}"
+    );
+
+    let err = verify_with_key(&path, Some("not-a-key")).unwrap_err();
+    assert!(matches!(err, JournalError::BadPublicKey { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn entries_after_the_last_checkpoint_are_reported_unsigned() {
+    let dir = TempDir::new("unsigned");
+    let (path, key) = twenty_signed(&dir).await;
+    drop(write_entries(&path, 21, 3).await);
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.unsigned.len(), 1, "{report}");
+    assert!(
+        report.unsigned[0].starts_with("lines 22-24: after the last checkpoint"),
+        "{report}"
+    );
+    // Restarted, the node signs only what it wrote itself.
+    let j = write_entries(&path, 24, 2).await;
+    j.checkpoint().await;
+    drop(j);
+    let report = verify_with_key(&path, Some(&key)).unwrap();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.checkpoints, 2);
+    assert_eq!(report.unsigned.len(), 1, "{report}");
+    assert!(
+        report.unsigned[0].starts_with("lines 22-24: before a checkpoint that does not sign them"),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains("unsigned: lines 22-24"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn signing_key_file_is_private_and_checked() {
+    let dir = TempDir::new("keyfile");
+    let path = dir.file();
+    let j = write_entries(&path, 1, 1).await;
+    let pubkey = j.public_key().unwrap().to_owned();
+    drop(j);
+    let kp = key_path(&path);
+    assert_eq!(kp, dir.0.join("journal.log.key"));
+    let mode = std::fs::metadata(&kp).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(public_key(&path).unwrap(), pubkey);
+    // Reopened: the same key.
+    let j = Journal::open(&path).await.unwrap();
+    assert_eq!(j.public_key(), Some(pubkey.as_str()));
+    drop(j);
+
+    std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = Journal::open(&path).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("chmod 600 {}", kp.display())),
+        "{msg}"
+    );
+    std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A symlink in its place is refused, not followed.
+    let real = dir.0.join("elsewhere.key");
+    std::fs::rename(&kp, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &kp).unwrap();
+    let err = Journal::open(&path).await.unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
 }
 
 #[tokio::test]
@@ -328,7 +516,7 @@ async fn full_queue_drops_and_records_the_loss() {
     assert_eq!(first["dropped"], s.dropped);
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{report}");
-    assert_eq!(report.entries, s.written);
+    assert_eq!(report.entries, s.written + s.checkpoints);
 }
 
 /// Error events seen by the global subscriber, as `field=value` text.

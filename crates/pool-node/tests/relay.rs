@@ -467,7 +467,14 @@ async fn connect_abandoned_before_accept_is_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_silence_are_closed_and_server_keeps_serving() {
     let hs = Duration::from_millis(500);
-    let r = relay(local().handshake_timeout(hs)).await;
+    // 100 slowloris connections from one address: above the default cap of
+    // unauthenticated connections per address (tested on its own below).
+    let r = relay(
+        local()
+            .handshake_timeout(hs)
+            .max_unauthenticated_per_address(0),
+    )
+    .await;
     let addr = r.local_addr();
 
     // An HTTP request.
@@ -533,6 +540,135 @@ async fn garbage_and_silence_are_closed_and_server_keeps_serving() {
     // Left: B's control connection and the two ends of the circuit.
     wait_until("idle ones counted out", || r.stats().connections == 3).await;
     r.shutdown().await;
+}
+
+/// A connection from `source` (a loopback address: 127.0.0.2, ...).
+async fn dial_from(relay: SocketAddr, source: &str) -> Conn {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(relay).await.expect("connect to relay");
+    stream.set_nodelay(true).unwrap();
+    Conn {
+        stream,
+        buf: Vec::new(),
+    }
+}
+
+/// F11: one address may hold only so many connections that have not
+/// authenticated; other addresses, and its authenticated ones, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_per_address_are_capped() {
+    let r = relay(
+        local()
+            .max_unauthenticated_per_address(4)
+            .handshake_timeout(Duration::from_secs(30)),
+    )
+    .await;
+    let addr = r.local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(dial(addr).await);
+    }
+    wait_until("4 unauthenticated", || r.stats().unauthenticated == 4).await;
+    let mut fifth = dial(addr).await;
+    let msg = fifth.expect_error(ERR_CAPACITY).await;
+    assert!(
+        msg.contains("127.0.0.1") && msg.contains("not authenticated"),
+        "{msg}"
+    );
+    fifth.expect_closed(T).await;
+    assert_eq!(r.stats().refused_address, 1);
+
+    // Another address is served at once.
+    let b = key(60);
+    let mut c = dial_from(addr, "127.0.0.2").await;
+    c.send(&Msg::Hello { version: VERSION }).await;
+    let Some(Msg::Challenge { ephemeral, nonce }) = c.next().await else {
+        panic!("expected CHALLENGE")
+    };
+    let mut out = Vec::new();
+    authenticate(&b, &ephemeral, &nonce, Intent::Register)
+        .unwrap()
+        .encode(&mut out);
+    c.stream.write_all(&out).await.unwrap();
+    c.expect_welcome().await;
+
+    // Once one silent connection goes, 127.0.0.1 may authenticate again,
+    // and an authenticated connection no longer counts.
+    drop(silent.pop());
+    wait_until("3 unauthenticated", || r.stats().unauthenticated == 3).await;
+    let _a_ctl = register(addr, &key(61)).await;
+    wait_until("still 3", || r.stats().unauthenticated == 3).await;
+    silent.push(dial(addr).await);
+    wait_until("4 again", || r.stats().unauthenticated == 4).await;
+    assert_eq!(r.stats().refused_address, 1, "{:?}", r.stats());
+    r.shutdown().await;
+}
+
+/// F11: a circuit nobody uses is closed after the idle timeout (journaled
+/// and counted); a circuit in use is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_circuit_is_closed_and_busy_one_is_not() {
+    let path = temp("idle");
+    let idle = Duration::from_millis(400);
+    let r = relay(local().circuit_idle_timeout(Some(idle)).journal(&path)).await;
+    let addr = r.local_addr();
+    let (a, b, c, d) = (key(62), key(63), key(64), key(65));
+    let mut b_ctl = register(addr, &b).await;
+    let mut d_ctl = register(addr, &d).await;
+    let (mut quiet_a, mut quiet_b) = pair(addr, &a, &b, &mut b_ctl).await;
+    let (mut busy_c, mut busy_d) = pair(addr, &c, &d, &mut d_ctl).await;
+    let t0 = Instant::now();
+    // The busy pair trades a byte every 100 ms for three idle timeouts.
+    let busy = tokio::spawn(async move {
+        let mut one = [0u8; 1];
+        for i in 0..12u8 {
+            busy_c.write_all(&[i]).await.unwrap();
+            busy_d.read_exact(&mut one).await.unwrap();
+            assert_eq!(one[0], i);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (busy_c, busy_d)
+    });
+    let mut tmp = [0u8; 16];
+    let end_a = tokio::time::timeout(T, quiet_a.read(&mut tmp))
+        .await
+        .unwrap();
+    let end_b = tokio::time::timeout(T, quiet_b.read(&mut tmp))
+        .await
+        .unwrap();
+    assert!(matches!(end_a, Ok(0) | Err(_)), "{end_a:?}");
+    assert!(matches!(end_b, Ok(0) | Err(_)), "{end_b:?}");
+    let took = t0.elapsed();
+    assert!(took >= idle && took < idle * 4, "{took:?}");
+    let (mut busy_c, mut busy_d) = busy.await.unwrap();
+    // Still open after 1.2 s of use.
+    busy_d.write_all(b"!").await.unwrap();
+    let mut one = [0u8; 1];
+    busy_c.read_exact(&mut one).await.unwrap();
+    assert_eq!(r.stats().circuits_idle_closed, 1);
+    assert_eq!(r.stats().circuits, 1);
+    drop((busy_c, busy_d));
+    wait_until("circuit closed", || r.stats().circuits == 0).await;
+    r.shutdown().await;
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let closed: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "circuit_closed")
+        .collect();
+    assert_eq!(closed.len(), 2, "{text}");
+    let idle_one = closed
+        .iter()
+        .find(|e| e["from"] == a.public_key().to_string())
+        .unwrap();
+    assert!(
+        idle_one["reason"].as_str().unwrap().starts_with("idle"),
+        "{idle_one}"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(pool_node::journal::key_path(&path));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -842,6 +978,9 @@ async fn journal_and_metrics_record_the_circuit() {
         "pool_relay_bytes_total 1000",
         "pool_relay_auth_failures_total 0",
         "pool_relay_refused_total{reason=\"unknown_peer\"} 0",
+        "pool_relay_refused_total{reason=\"address\"} 0",
+        "pool_relay_circuits_idle_closed_total 0",
+        "pool_relay_unauthenticated 0",
     ] {
         assert!(text.contains(line), "no `{line}` in:\n{text}");
     }
@@ -866,7 +1005,8 @@ async fn journal_and_metrics_record_the_circuit() {
             "circuit_opened",
             "circuit_closed",
             "node_unregistered",
-            "relay_stopped"
+            "relay_stopped",
+            "journal_checkpoint"
         ],
         "{text}"
     );
