@@ -29,16 +29,15 @@ fn budget() -> u64 {
 /// Switch to `Attacks::ALL` once the core is fixed.
 fn budget_options() -> Options {
     Options {
-        attacks: Attacks::ALL.without(Attack::RekeyRace),
+        attacks: Attacks::ALL,
         lenient_timers: false,
         ..Options::default()
     }
 }
 
-/// The open core finding (`pool-sim --seed 16`): fails until the core no
-/// longer re-proposes a declined rekey at once. Run with `--ignored`.
+/// Simulator finding 6 (`pool-sim --seed 16`), fixed in the core: a
+/// declined rekey is no longer proposed again at once.
 #[test]
-#[ignore = "open core bug: declined KEY_UPDATE re-proposed at once (docs/simulator.md finding 6)"]
 fn known_core_livelock_seed_16() {
     let opts = Options {
         attacks: Attacks::ALL,
