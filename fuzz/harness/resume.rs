@@ -30,15 +30,6 @@ use pool_core::{resume_session_id, wire, Config, HandshakeError, RecordType, See
 
 use crate::util::{self, Pair};
 
-/// `Session::handle_resume` checks the initiator's receive position against
-/// its replay buffer (in `attach`) only after it wrote RESUMED into `out`,
-/// and then returns this error with the RESUMED left in `out`. A caller
-/// that answers an error with a REFUSE appended to `out` (pool-net's
-/// endpoint does) sends RESUMED and REFUSE on the same carrier. Reported
-/// to the core's owner; [`run`] tolerates it so that fuzzing goes on,
-/// [`run_strict`] does not.
-const KNOWN_BUG_RESUMED_THEN_ERROR: &str = "resume position outside the replay buffer";
-
 /// Most operations per input (each genuine resume costs two epoch
 /// handshakes).
 const MAX_OPS: usize = 64;
@@ -103,7 +94,6 @@ enum Expect {
 struct Run {
     p: Pair,
     rng: SeededRng,
-    strict: bool,
     /// RESUME records the responder accepted.
     accepted: Vec<Vec<u8>>,
     /// The initiator's receive position was moved since its last resume.
@@ -132,24 +122,12 @@ fn bytes<'a>(input: &mut &'a [u8], n: usize) -> &'a [u8] {
 
 /// Fuzzing entry: tolerates the known core bug above.
 pub(crate) fn run(data: &[u8]) {
-    check(data, false);
-}
-
-/// As [`run`], failing on the known core bug too.
-// Used by the regression tests, not by the fuzz target.
-#[allow(dead_code)]
-pub(crate) fn run_strict(data: &[u8]) {
-    check(data, true);
-}
-
-fn check(data: &[u8], strict: bool) {
     let t = template();
     let a = Session::restore(t.now, Config::default(), &t.a).expect("restore a");
     let b = Session::restore(t.now, Config::default(), &t.b).expect("restore b");
     let mut r = Run {
         p: Pair::from_sessions(a, b, t.now, SeededRng::from_u64(7)),
         rng: SeededRng::from_u64(8),
-        strict,
         accepted: Vec::new(),
         moved: false,
         ever_moved: false,
@@ -220,15 +198,20 @@ impl Run {
         match &res {
             Ok(()) => {
                 assert_eq!(id, Ok(b.id()), "accepted a RESUME for another session");
-                assert!(b.carrier_up());
+                // Answered, not switched: nothing changes before the first
+                // valid record of the new epoch (confirm_resume).
+                assert_eq!(b.carrier_up(), up);
                 assert_eq!(
                     wire::peek_record(&out),
                     Ok(Some((RecordType::Resumed, out.len()))),
                     "the answer is one whole RESUMED"
                 );
                 let after = b.stats();
-                assert_eq!(after.resumes, stats.resumes + 1);
-                assert!(after.epoch > stats.epoch, "a resume moves to a later epoch");
+                assert_eq!(after.resumes, stats.resumes);
+                assert_eq!(
+                    after.epoch, stats.epoch,
+                    "no epoch change before the commit"
+                );
                 assert!(expect != Expect::Refuse, "accepted a RESUME it must refuse");
             }
             Err(e) => {
@@ -239,15 +222,11 @@ impl Run {
                 }
                 assert_eq!(b.stats(), stats, "a refused RESUME changed the session");
                 assert_eq!(b.carrier_up(), up);
-                let known =
-                    !self.strict && *e == HandshakeError::Unexpected(KNOWN_BUG_RESUMED_THEN_ERROR);
-                if !known {
-                    assert!(
-                        out.is_empty(),
-                        "handle_resume failed ({e}) but wrote {} bytes of answer",
-                        out.len()
-                    );
-                }
+                assert!(
+                    out.is_empty(),
+                    "handle_resume failed ({e}) but wrote {} bytes of answer",
+                    out.len()
+                );
                 assert!(
                     expect != Expect::Accept,
                     "a genuine RESUME was refused: {e}"
@@ -291,10 +270,25 @@ impl Run {
         self.p.hold_ab = false;
         self.p.hold_ba = false;
         let now = self.p.now;
+        let before = self.p.b.stats();
         self.p
             .a
             .finish_resume(now, &out)
             .expect("the initiator completes a resume the responder accepted");
+        // The initiator's first record on the new carrier commits it.
+        match self.p.commit_resume() {
+            Ok(()) => {
+                let after = self.p.b.stats();
+                assert!(self.p.b.carrier_up() || self.p.b.is_closed());
+                assert_eq!(after.resumes, before.resumes + 1);
+                assert!(
+                    after.epoch > before.epoch,
+                    "a resume moves to a later epoch"
+                );
+            }
+            // A moved position is caught at the commit (a sequence gap).
+            Err(e) => assert!(self.moved, "a genuine resume failed at its commit: {e}"),
+        }
         self.accepted.push(rec);
         self.moved = false;
     }
@@ -306,8 +300,11 @@ impl Run {
             return;
         }
         let mut snap = self.p.a.snapshot().to_vec();
-        // `POOLSNP1` layout: recv_next is the u64 at 154 (see forge.rs).
-        let at = 154..162;
+        // `POOLSNP2` layout (see forge.rs): recv_next is the u64 after the
+        // previous-chain flag at 138 (and its 36 bytes, if present) and the
+        // three peer limits.
+        let off = if snap[138] == 1 { 139 + 36 } else { 139 } + 24;
+        let at = off..off + 8;
         let next = u64::from_be_bytes(snap[at.clone()].try_into().expect("8 bytes"));
         let moved = next.wrapping_add_signed(i64::from(delta));
         snap[at].copy_from_slice(&moved.to_be_bytes());
