@@ -3,8 +3,9 @@
 //! echo server, both rekeying every 100 ms (`POOL_TEST_REKEY_MS=100`), with
 //! a TCP forwarder between them that kills the carrier at random moments:
 //! every 0.5–3 s (seeded), by a FIN, by a reset, at an arbitrary byte count
-//! (mid-record), during the next resume handshake, or with the listener
-//! gone for a while so that dials are refused. Meanwhile 50 TCP connections
+//! (mid-record), at the first record of a new epoch (mid-rekey), within the
+//! next carrier's first bytes (mid-resume), or with the listener gone for a
+//! while so that dials are refused. Meanwhile 50 TCP connections
 //! through the bridge (50 streams of one session) each send a distinct
 //! deterministic byte stream for the whole run and read it back.
 //!
@@ -12,7 +13,9 @@
 //! (byte count and SHA-256, and the echo server saw the same), no
 //! connection was reset, both processes still run, the one session was
 //! never replaced (dialled once, accepted once, same id), it resumed at
-//! least once per kill, and its epoch shows the rekeys.
+//! least once per kill, data moved again within 20 s of every kill, and
+//! its epoch shows the rekeys. The forwarder's events (kills, carriers,
+//! progress each second) go to `chaos-events.log` beside the bridges' logs.
 //!
 //! Budget: `POOL_CHAOS_SECS` (default 15 s, so the default `cargo test` run
 //! stays short); `scripts/chaos` runs it for 60 s. `POOL_CHAOS_SEED` picks
@@ -145,25 +148,98 @@ enum Kill {
     Handshake,
     /// Closed, and the listener gone for 0.1–1.5 s: dials are refused.
     Outage,
+    /// Cut in the middle of a rekey: at the first record of a new epoch in
+    /// one direction (the record headers are in the clear), right before
+    /// it or at a byte inside it.
+    Rekey,
 }
 
 impl Kill {
-    const ALL: [Kill; 5] = [
+    const ALL: [Kill; 6] = [
         Kill::Close,
         Kill::Reset,
         Kill::MidRecord,
         Kill::Handshake,
         Kill::Outage,
+        Kill::Rekey,
     ];
 
     fn pick(rng: &mut Rng) -> Kill {
         match rng.range(0, 99) {
-            0..=24 => Kill::Close,
-            25..=39 => Kill::Reset,
-            40..=74 => Kill::MidRecord,
-            75..=87 => Kill::Handshake,
-            _ => Kill::Outage,
+            0..=19 => Kill::Close,
+            20..=29 => Kill::Reset,
+            30..=54 => Kill::MidRecord,
+            55..=64 => Kill::Handshake,
+            65..=74 => Kill::Outage,
+            _ => Kill::Rekey,
         }
+    }
+}
+
+/// Follows the records of one direction of a carrier (type and length are
+/// in the clear, and so is a DATA record's epoch) to find where a new
+/// epoch starts.
+#[derive(Default)]
+struct Records {
+    /// The current record's first bytes (header and, for DATA, epoch).
+    head: Vec<u8>,
+    /// Bytes of the current record still to skip once its head is known.
+    skip: u64,
+    epoch: Option<u32>,
+}
+
+impl Records {
+    /// Feeds the bytes at stream offset `base`; returns where the first
+    /// DATA record of a new epoch starts (offset, whole record length,
+    /// epoch), if one starts in them.
+    fn feed(&mut self, base: u64, mut bytes: &[u8]) -> Option<(u64, u64, u32)> {
+        let mut at = base;
+        let mut found = None;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let k = bytes
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                self.skip -= k as u64;
+                bytes = &bytes[k..];
+                at += k as u64;
+                continue;
+            }
+            let want = if self.head.first() == Some(&0x10) {
+                8
+            } else {
+                4
+            };
+            let k = (want - self.head.len().min(want)).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..k]);
+            bytes = &bytes[k..];
+            at += k as u64;
+            let want = if self.head.first() == Some(&0x10) {
+                8
+            } else {
+                4
+            };
+            if self.head.len() < want {
+                continue;
+            }
+            let body = u64::from(u32::from_be_bytes([
+                0,
+                self.head[1],
+                self.head[2],
+                self.head[3],
+            ]));
+            let start = at - self.head.len() as u64;
+            if self.head[0] == 0x10 {
+                let epoch = u32::from_be_bytes(self.head[4..8].try_into().expect("4 bytes"));
+                if self.epoch.is_some_and(|e| epoch > e) && found.is_none() {
+                    found = Some((start, 4 + body, epoch));
+                }
+                self.epoch = Some(epoch);
+            }
+            self.skip = (4 + body).saturating_sub(self.head.len() as u64);
+            self.head.clear();
+        }
+        found
     }
 }
 
@@ -174,6 +250,10 @@ struct Carrier {
     forwarded: [AtomicU64; 2],
     /// Forward at most this many bytes in each direction, then cut.
     limit: [AtomicU64; 2],
+    /// Armed (non-zero, a random number): cut at the first record of the
+    /// next epoch in this direction, this many bytes into it (modulo its
+    /// length).
+    rekey_cut: [AtomicU64; 2],
     /// Set to end the carrier now; `true` resets instead of closing.
     kill: watch::Sender<Option<bool>>,
     ended: AtomicBool,
@@ -236,6 +316,7 @@ impl Forwarder {
                     started: Instant::now(),
                     forwarded: Default::default(),
                     limit: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+                    rekey_cut: Default::default(),
                     kill,
                     ended: AtomicBool::new(false),
                 });
@@ -322,8 +403,8 @@ async fn splice(
         let (ar, aw) = a.split();
         let (br, bw) = b.split();
         tokio::select! {
-            r = pump(ar, bw, c, 0) => r,
-            r = pump(br, aw, c, 1) => r,
+            r = pump(ar, bw, c, 0, shared) => r,
+            r = pump(br, aw, c, 1, shared) => r,
             r = kill.wait_for(|k| k.is_some()) => match r.map(|k| *k) {
                 Ok(Some(true)) => "killed: reset",
                 _ => "killed: closed",
@@ -347,8 +428,10 @@ async fn pump(
     mut w: impl AsyncWrite + Unpin,
     c: &Carrier,
     dir: usize,
+    shared: &FwdShared,
 ) -> &'static str {
     let mut buf = vec![0u8; 64 << 10];
+    let mut records = Records::default();
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) if dir == 0 => return "EOF from tcp2pool",
@@ -358,6 +441,18 @@ async fn pump(
             Ok(n) => n,
         };
         let done = c.forwarded[dir].load(Ordering::Relaxed);
+        if let Some((start, len, epoch)) = records.feed(done, &buf[..n]) {
+            let r = c.rekey_cut[dir].swap(0, Ordering::Relaxed);
+            if r != 0 {
+                let at = start + r % len;
+                c.limit[dir].fetch_min(at, Ordering::Relaxed);
+                shared.events.say(format_args!(
+                    "carrier #{}: epoch {epoch} starts at byte {start} in direction {dir} \
+                     (a record of {len} bytes); cut at byte {at}",
+                    c.n
+                ));
+            }
+        }
         let room = c.limit[dir].load(Ordering::Relaxed).saturating_sub(done);
         let take = n.min(usize::try_from(room).unwrap_or(usize::MAX));
         if w.write_all(&buf[..take]).await.is_err() {
@@ -651,7 +746,9 @@ async fn streams_survive_carrier_kills_and_rekeys() {
     // The chaos.
     let mut rng = Rng::new(seed);
     let mut kills: HashMap<Kill, u64> = HashMap::new();
-    let mut recoveries: Vec<Duration> = Vec::new();
+    // How long after each kind of kill data moved again.
+    let mut recoveries: HashMap<Kill, Vec<Duration>> = HashMap::new();
+    let mut last_kind = None;
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
     let progress = {
@@ -710,8 +807,11 @@ async fn streams_survive_carrier_kills_and_rekeys() {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if last_kill > start {
-            recoveries.push(last_kill.elapsed());
+        if let Some(kind) = last_kind {
+            recoveries
+                .entry(kind)
+                .or_default()
+                .push(last_kill.elapsed());
             events.say(format_args!(
                 "data moves again, {:?} after the kill",
                 last_kill.elapsed()
@@ -731,6 +831,7 @@ async fn streams_survive_carrier_kills_and_rekeys() {
             victims.iter().map(|c| c.n).collect::<Vec<_>>()
         ));
         last_kill = Instant::now();
+        last_kind = Some(kind);
         match kind {
             Kill::Close => kill(&victims, false),
             Kill::Reset => kill(&victims, true),
@@ -744,6 +845,17 @@ async fn streams_survive_carrier_kills_and_rekeys() {
                 // Data moves both ways all the time; should that direction
                 // fall silent, close after a second anyway.
                 if !ended(&victims, Duration::from_secs(1)).await {
+                    kill(&victims, false);
+                }
+            }
+            Kill::Rekey => {
+                let d = rng.range(0, 1) as usize;
+                let r = rng.range(1, u64::MAX - 1);
+                for c in &victims {
+                    c.rekey_cut[d].store(r, Ordering::Relaxed);
+                }
+                // Rekeys come every 100 ms; should none come, close.
+                if !ended(&victims, Duration::from_secs(2)).await {
                     kill(&victims, false);
                 }
             }
@@ -856,10 +968,19 @@ async fn streams_survive_carrier_kills_and_rekeys() {
     let killed: u64 = kills.values().sum();
     let (c_resumes, s_resumes) = (n(&cs, "resumes"), n(&ss, "resumes"));
     let (c_epoch, s_epoch) = (n(&cs, "epoch"), n(&ss, "epoch"));
-    recoveries.sort();
+    let mut all: Vec<Duration> = recoveries.values().flatten().copied().collect();
+    all.sort();
+    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
     let by_kind: Vec<String> = Kill::ALL
         .iter()
-        .map(|k| format!("{k:?} {}", kills.get(k).copied().unwrap_or(0)))
+        .map(|k| {
+            let slowest = recoveries.get(k).and_then(|r| r.iter().max());
+            format!(
+                "{k:?} {} (slowest {:.0} ms)",
+                kills.get(k).copied().unwrap_or(0),
+                ms(slowest)
+            )
+        })
         .collect();
     println!(
         "chaos: {:.1} s (seed {seed}), {STREAMS} streams intact, kills {killed} ({}), \
@@ -874,10 +995,8 @@ async fn streams_survive_carrier_kills_and_rekeys() {
         c_epoch.saturating_sub(c_resumes),
         mib(sent_total),
         mib(back_total),
-        recoveries
-            .get(recoveries.len() / 2)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3),
-        recoveries.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        ms(all.get(all.len() / 2)),
+        ms(all.last()),
         (start.elapsed() - chaos).as_secs_f64(),
     );
     assert!(
