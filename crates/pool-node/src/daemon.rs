@@ -737,6 +737,21 @@ fn default_known_peers(cfg: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("known_peers"))
 }
 
+/// Test-only: `POOL_TEST_REKEY_MS=N` makes every session of this process
+/// rekey every N ms (the chaos test uses it). Read once; ignored when
+/// unset or not a positive integer.
+pub fn test_rekey_after() -> Option<Duration> {
+    static EVERY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        let ms: u64 = std::env::var("POOL_TEST_REKEY_MS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (ms > 0).then(|| Duration::from_millis(ms))
+    })
+}
+
 /// Starts everything a config describes. Returns the running daemon; the
 /// caller runs [`run_until_signal`].
 pub async fn start(
@@ -760,6 +775,9 @@ pub async fn start(
     protocol.probe_timeout(Some(Duration::from_millis(
         cfg.node.probe_timeout_ms.max(50),
     )));
+    if let Some(every) = test_rekey_after() {
+        protocol.rekey_after(every);
+    }
     let epcfg = EndpointConfig::new(key.clone())
         .protocol(protocol)
         .trust(trust.clone())
