@@ -7,6 +7,13 @@
 //! `setsockopt` and `close` as usual. `docs/shim.md` says what is kept of
 //! the kernel's semantics and what cannot be covered.
 //!
+//! The daemon is found through its Unix socket (`POOL_SHIM_SOCKET`), and
+//! only after the kernel has said who listens there (`SO_PEERCRED`,
+//! checked by [`peer`]); the loopback TCP port the program's socket is
+//! then connected to is one the daemon names on that socket, and nothing
+//! of the program's is sent on it before the daemon confirms, on the same
+//! socket, that the connection is its own.
+//!
 //! This is the only crate with `extern "C"` hooks. Rules kept here:
 //! no panic crosses into C (every hook body runs under `catch_unwind` and
 //! falls back to the real function), no lock is taken (so `fork` is safe
@@ -25,6 +32,7 @@ use std::sync::OnceLock;
 
 use libc::{sockaddr, socklen_t};
 
+pub mod peer;
 pub mod settings;
 pub mod table;
 pub mod wire;
@@ -357,9 +365,10 @@ fn local_port(fd: c_int) -> Option<u16> {
 }
 
 /// Whether a table entry still describes `fd`: the socket is connected to
-/// the daemon from the local port it had when the entry was made (the
-/// entry is stale if the descriptor was closed behind the shim's back).
-fn is_live(r: &Real, fd: c_int, e: &Entry, s: &Settings) -> bool {
+/// the daemon's data port from the local port it had when the entry was
+/// made (the entry is stale if the descriptor was closed behind the
+/// shim's back).
+fn is_live(r: &Real, fd: c_int, e: &Entry) -> bool {
     // SAFETY: all-zero sockaddr_storage is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut l = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
@@ -367,8 +376,9 @@ fn is_live(r: &Real, fd: c_int, e: &Entry, s: &Settings) -> bool {
     let rc =
         unsafe { (r.getpeername)(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut l) };
     rc == 0
-        && read_sockaddr((&ss as *const libc::sockaddr_storage).cast(), l)
-            .is_some_and(|(a, _, _)| a == s.daemon)
+        && read_sockaddr((&ss as *const libc::sockaddr_storage).cast(), l).is_some_and(
+            |(a, _, _)| a == SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), e.daemon_port),
+        )
         && local_port(fd) == Some(e.local_port)
 }
 
@@ -458,9 +468,11 @@ fn wait_status(fd: c_int) -> Result<u8, c_int> {
 }
 
 enum ToDaemon {
-    /// Connected to the daemon; the socket's local port.
-    Connected(u16),
-    /// The daemon is not there (or could not be used).
+    /// Connected to the daemon: the socket's local port, the daemon's
+    /// data port.
+    Connected(u16, u16),
+    /// The daemon is not there (or could not be used, or is not the
+    /// daemon).
     Unavailable,
     /// The daemon answered a blocking connect with a refusal.
     Refused(c_int),
@@ -468,14 +480,180 @@ enum ToDaemon {
     Error(c_int),
 }
 
-/// Connects the (now blocking) socket to the daemon and sends the header;
-/// for a blocking socket, waits for the status byte.
+/// How long the daemon has to answer on its Unix socket (each exchange
+/// needs nothing but the daemon itself, so this only matters if it is
+/// stopped or overloaded).
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+static UNTRUSTED_LOGGED: AtomicBool = AtomicBool::new(false);
+static DENIED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+fn stderr_once(flag: &AtomicBool, msg: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        stderr(msg);
+    }
+}
+
+/// A descriptor of the shim's own, open only inside one hook call
+/// (`SOCK_CLOEXEC`), closed with the real `close`.
+struct OwnFd(c_int, CloseFn);
+
+impl Drop for OwnFd {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is ours (made by `unix_connect`) and
+        // closed once, here.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+/// A non-blocking connection to the Unix socket at `path`.
+fn unix_connect(r: &Real, path: &std::path::Path) -> Option<OwnFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain integers; all zero is valid.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= sun.sun_path.len() || bytes.contains(&0) {
+        return None;
+    }
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in sun.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: a plain system call on integers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let own = OwnFd(fd, r.close);
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `sun` is a valid sockaddr_un and `len` is within it. A
+    // non-blocking Unix connect never waits: it succeeds or fails now.
+    let rc = unsafe {
+        (r.connect)(
+            fd,
+            (&sun as *const libc::sockaddr_un).cast(),
+            len as socklen_t,
+        )
+    };
+    (rc == 0).then_some(own)
+}
+
+/// The uid of the process listening at the other end (`SO_PEERCRED`:
+/// recorded by the kernel when it called `listen`; it cannot be forged).
+fn peer_uid(fd: c_int) -> Option<u32> {
+    // SAFETY: ucred is plain integers; all zero is valid.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::ucred>() as socklen_t;
+    // SAFETY: `cred` and `l` are valid and `l` is the size of `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut l,
+        )
+    };
+    (rc == 0 && l as usize == std::mem::size_of::<libc::ucred>()).then_some(cred.uid)
+}
+
+/// Reads one reply from the daemon's Unix socket before `deadline`.
+fn recv_reply(fd: c_int, deadline: std::time::Instant) -> Option<wire::Reply> {
+    let mut b = [0u8; wire::REPLY_LEN];
+    let mut got = 0;
+    while got < b.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as c_int) };
+        if rc <= 0 {
+            continue; // EINTR, or the time is up (checked above)
+        }
+        let rest = &mut b[got..];
+        // SAFETY: `rest` is a valid writable buffer of its length.
+        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 || !matches!(errno(), libc::EINTR | libc::EAGAIN) {
+            return None;
+        }
+    }
+    Some(wire::Reply::decode(&b))
+}
+
+/// Asks the daemon over its Unix socket — after checking that the socket
+/// is the daemon's — for a data port and a token; connects the (now
+/// blocking) program socket there and presents the token; waits until the
+/// daemon confirms that it is its connection; for a blocking socket, waits
+/// for the status byte. Nothing of the program's is sent before the
+/// confirmation.
 fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: bool) -> ToDaemon {
     let s = settings();
-    let Some((ss, sl)) = to_raw(s.daemon, domain) else {
+    let expect = match peer::expect_here(&s.socket, s.daemon_uid) {
+        Ok(e) => e,
+        Err(peer::Refusal::Missing) => return ToDaemon::Unavailable,
+        Err(peer::Refusal::Unsafe(why)) => {
+            stderr_once(&UNTRUSTED_LOGGED, &why);
+            return ToDaemon::Unavailable;
+        }
+    };
+    let Some(unix) = unix_connect(r, &expect.path) else {
         return ToDaemon::Unavailable;
     };
-    if domain == libc::AF_INET6 && s.daemon.is_ipv4() {
+    match peer_uid(unix.0) {
+        Some(uid) if expect.uids.contains(&uid) => {}
+        other => {
+            let who = other.map_or_else(|| "an unknown uid".to_string(), |u| format!("uid {u}"));
+            stderr_once(
+                &UNTRUSTED_LOGGED,
+                &format!(
+                    "{} is served by {who}, not by the POOL daemon (uid {}): nothing was sent to it",
+                    expect.path.display(),
+                    expect.uids[0]
+                ),
+            );
+            return ToDaemon::Unavailable;
+        }
+    }
+    let flags = if blocking { wire::FLAG_WANT_STATUS } else { 0 };
+    let hdr = wire::encode(dest, flags, std::process::id());
+    if !send_all(unix.0, &hdr) {
+        return ToDaemon::Unavailable;
+    }
+    let deadline = std::time::Instant::now() + REPLY_WAIT;
+    let go = match recv_reply(unix.0, deadline) {
+        Some(g) if g.kind == wire::REPLY_GO && g.port != 0 => g,
+        Some(d) if d.kind == wire::REPLY_DENIED => {
+            // SAFETY: getuid has no failure mode.
+            let uid = unsafe { libc::getuid() };
+            stderr_once(
+                &DENIED_LOGGED,
+                &format!(
+                    "the POOL daemon does not serve this user (uid {uid}): its [shim] allow_users / allow_groups decide"
+                ),
+            );
+            return ToDaemon::Unavailable;
+        }
+        _ => return ToDaemon::Unavailable,
+    };
+    let daemon = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), go.port);
+    let Some((ss, sl)) = to_raw(daemon, domain) else {
+        return ToDaemon::Unavailable;
+    };
+    if domain == libc::AF_INET6 {
         let off: c_int = 0;
         // SAFETY: a valid int option of its own size. Failure (socket
         // already bound) shows as a failed connect below.
@@ -500,7 +678,7 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
         };
         match e {
             0 => {}
-            // The daemon is not there (or not reachable from this socket).
+            // The daemon's data port is not reachable from this socket.
             libc::ECONNREFUSED
             | libc::ETIMEDOUT
             | libc::ENETUNREACH
@@ -517,10 +695,14 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
             other => return ToDaemon::Error(other),
         }
     }
-    let flags = if blocking { wire::FLAG_WANT_STATUS } else { 0 };
-    let hdr = wire::encode(dest, flags, std::process::id());
-    let port = local_port(fd);
-    let Some(port) = port.filter(|_| send_all(fd, &hdr)) else {
+    let confirmed = local_port(fd).filter(|port| {
+        send_all(fd, &go.token)
+            && recv_reply(unix.0, deadline).is_some_and(|c| {
+                c.kind == wire::REPLY_CONNECTED && c.port == *port && c.token == go.token
+            })
+    });
+    drop(unix);
+    let Some(port) = confirmed else {
         disconnect(r, fd);
         return ToDaemon::Unavailable;
     };
@@ -537,7 +719,7 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
             }
         }
     }
-    ToDaemon::Connected(port)
+    ToDaemon::Connected(port, go.port)
 }
 
 enum Outcome {
@@ -574,7 +756,7 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
     // A second connect on a shimmed socket: what the kernel says once the
     // connection is up (0 the first time after EINPROGRESS, then EISCONN).
     if let Some(e) = table::get(fd) {
-        if is_live(r, fd, &e, s) {
+        if is_live(r, fd, &e) {
             if e.state == IN_PROGRESS {
                 table::set_state(fd, CONNECTED);
                 set_errno(saved);
@@ -604,13 +786,14 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
         r.fcntl(fd, libc::F_SETFL, fl as c_ulong);
     }
     match res {
-        ToDaemon::Connected(local_port) => {
+        ToDaemon::Connected(local_port, daemon_port) => {
             let state = if nonblocking { IN_PROGRESS } else { CONNECTED };
             table::set(
                 fd,
                 Some(&Entry {
                     state,
                     local_port,
+                    daemon_port,
                     len: raw_len,
                     addr: raw,
                 }),
@@ -631,7 +814,7 @@ fn shim_connect(r: &Real, fd: c_int, addr: *const sockaddr, len: socklen_t) -> O
             if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
                 stderr(&format!(
                     "the POOL daemon is not reachable at {}; POOL_SHIM_FALLBACK=1, so connections go out as plain TCP",
-                    s.daemon
+                    s.socket.display()
                 ));
             }
             set_errno(saved);
@@ -680,7 +863,7 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
     let _ = catch_unwind(AssertUnwindSafe(|| {
         let saved = errno();
         if let Some(e) = table::get(fd) {
-            if is_live(r, fd, &e, settings()) {
+            if is_live(r, fd, &e) {
                 let n = (cap as usize).min(usize::from(e.len));
                 // SAFETY: the program gave `cap` writable bytes at `addr`
                 // and a writable `len`; we write at most `cap` bytes.
