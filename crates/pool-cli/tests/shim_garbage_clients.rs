@@ -23,7 +23,7 @@ fn garbage_on_the_shim_listener_is_dropped() {
 
     // Not a header: closed at once.
     let mut s = UnixStream::connect(&path).expect("connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0\0\0")
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n\0\0\0\0\0\0")
         .expect("write");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let t = Instant::now();

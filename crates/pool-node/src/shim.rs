@@ -59,11 +59,14 @@ pub const STATUS_UNREACHABLE: u8 = 3;
 /// Status: the destination daemon does not expose the port.
 pub const STATUS_NOT_EXPOSED: u8 = 4;
 
+/// Length of what the shim sends on the Unix socket: header, then token.
+pub const REQUEST_LEN: usize = HEADER_LEN + TOKEN_LEN;
 /// Length of each reply on the Unix socket.
 pub const REPLY_LEN: usize = 20;
 /// Length of the one-time token.
 pub const TOKEN_LEN: usize = 16;
-/// Reply: connect to `127.0.0.1:port` and send the token there.
+/// Reply: connect to `127.0.0.1:port` and send the token there (the
+/// token field echoes the caller's).
 pub const REPLY_GO: u8 = 1;
 /// Reply: the TCP connection from local port `port` presented the token.
 pub const REPLY_CONNECTED: u8 = 2;
@@ -508,7 +511,22 @@ struct Route {
 
 type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
 type SessionMap = Arc<Mutex<HashMap<String, SessionSlot>>>;
-type Pending = Arc<Mutex<HashMap<[u8; TOKEN_LEN], oneshot::Sender<(TcpStream, SocketAddr)>>>>;
+/// Where a caller on the socket and its TCP connection meet, by token:
+/// whichever comes first waits for the other.
+enum Meet {
+    /// The caller is waiting for its connection.
+    Caller(oneshot::Sender<(TcpStream, SocketAddr)>),
+    /// The connection came first (the shim does not wait for `GO` once it
+    /// knows the data port); it waits at most [`TOKEN_WAIT`].
+    Conn {
+        sock: TcpStream,
+        from: SocketAddr,
+        serial: u64,
+        /// Counts against [`MAX_UNPROVEN`] while parked.
+        _held: tokio::sync::OwnedSemaphorePermit,
+    },
+}
+type Pending = Arc<Mutex<HashMap<[u8; TOKEN_LEN], Meet>>>;
 
 /// How long a caller has to send its header on the Unix socket.
 const HEADER_WAIT: Duration = Duration::from_secs(5);
@@ -862,11 +880,13 @@ impl ShimNode {
         let _ = data_task.await;
     }
 
-    /// The data port: each connection must present a pending token at once
-    /// and is then handed to the caller that holds it; anything else is
-    /// dropped (it carries nothing and reaches no one).
+    /// The data port: each connection must present a token at once; it is
+    /// handed to the caller on the socket that sent the same token (now,
+    /// or within [`TOKEN_WAIT`]); anything else is dropped, having carried
+    /// nothing and reached no one.
     async fn serve_data(self: Arc<Self>, data: TcpListener, mut stop: watch::Receiver<bool>) {
         let gate = Arc::new(Semaphore::new(MAX_UNPROVEN));
+        let serial = Arc::new(AtomicU64::new(0));
         while let Some((mut sock, from)) =
             crate::bridge::accept_next(&data, &mut stop, "shim data port").await
         {
@@ -877,26 +897,66 @@ impl ShimNode {
             };
             let pending = self.pending.clone();
             let stats = self.stats.clone();
+            let serial = serial.clone();
             tokio::spawn(async move {
                 let mut token = [0u8; TOKEN_LEN];
                 let read = tokio::time::timeout(TOKEN_WAIT, sock.read_exact(&mut token)).await;
-                let waiter = match read {
-                    Ok(Ok(_)) => pending.lock().ok().and_then(|mut m| m.remove(&token)),
-                    _ => None,
+                if !matches!(read, Ok(Ok(_))) {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(%from, "no token on the shim data port; closing");
+                    abort_on_close(&sock);
+                    return;
+                }
+                let n = serial.fetch_add(1, Ordering::Relaxed);
+                // Ok(caller) or Err(parked): no lock is held across a wait.
+                let caller = {
+                    let Ok(mut m) = pending.lock() else { return };
+                    match m.remove(&token) {
+                        Some(Meet::Caller(tx)) => Ok((Some(tx), sock)),
+                        Some(Meet::Conn { sock: other, .. }) => {
+                            // The same token twice: neither is trusted.
+                            abort_on_close(&other);
+                            Ok((None, sock))
+                        }
+                        None => {
+                            let parked = Meet::Conn {
+                                sock,
+                                from,
+                                serial: n,
+                                _held: permit,
+                            };
+                            m.insert(token, parked);
+                            Err(())
+                        }
+                    }
                 };
-                match waiter {
-                    Some(w) => {
-                        if let Err((sock, _)) = w.send((sock, from)) {
+                let (caller, sock) = match caller {
+                    Ok(c) => c,
+                    Err(()) => {
+                        tokio::time::sleep(TOKEN_WAIT).await;
+                        let expired = pending.lock().ok().and_then(|mut m| match m.get(&token) {
+                            Some(Meet::Conn { serial, .. }) if *serial == n => m.remove(&token),
+                            _ => None,
+                        });
+                        if let Some(Meet::Conn { sock, .. }) = expired {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            debug!(%from, "a token no caller sent on the shim data port; closing");
+                            abort_on_close(&sock);
+                        }
+                        return;
+                    }
+                };
+                match caller {
+                    Some(tx) => {
+                        if let Err((sock, _)) = tx.send((sock, from)) {
                             abort_on_close(&sock);
                         }
                     }
                     None => {
                         stats.failed.fetch_add(1, Ordering::Relaxed);
-                        debug!(%from, "no valid token on the shim data port; closing");
                         abort_on_close(&sock);
                     }
                 }
-                drop(permit);
             });
         }
     }
@@ -945,9 +1005,13 @@ impl ShimNode {
             let _ = unix.try_write(&encode_reply(REPLY_DENIED, 0, &[0; TOKEN_LEN]));
             return;
         }
-        let mut h = [0u8; HEADER_LEN];
-        let header = match tokio::time::timeout(HEADER_WAIT, unix.read_exact(&mut h)).await {
-            Ok(Ok(_)) => ShimHeader::decode(&h),
+        let mut req = [0u8; REQUEST_LEN];
+        let header = match tokio::time::timeout(HEADER_WAIT, unix.read_exact(&mut req)).await {
+            Ok(Ok(_)) => {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&req[..HEADER_LEN]);
+                ShimHeader::decode(&h)
+            }
             _ => None,
         };
         let Some(header) = header else {
@@ -956,42 +1020,45 @@ impl ShimNode {
             return;
         };
         let mut token = [0u8; TOKEN_LEN];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut token);
+        token.copy_from_slice(&req[HEADER_LEN..]);
+        // The shim reads GO only when it does not know the data port yet:
+        // a write that finds the caller gone is no error.
+        let _ = unix.try_write(&encode_reply(REPLY_GO, data_port, &token));
         let (tx, rx) = oneshot::channel();
-        match self.pending.lock() {
-            Ok(mut m) => m.insert(token, tx),
+        let early = match self.pending.lock() {
+            Ok(mut m) => match m.remove(&token) {
+                Some(Meet::Conn { sock, from, .. }) => Some((sock, from)),
+                Some(Meet::Caller(other)) => {
+                    // Two callers with one token: neither is served.
+                    drop(other);
+                    None
+                }
+                None => {
+                    m.insert(token, Meet::Caller(tx));
+                    None
+                }
+            },
             Err(_) => return,
         };
         let _guard = PendingGuard(&self.pending, token);
-        if unix
-            .write_all(&encode_reply(REPLY_GO, data_port, &token))
-            .await
-            .is_err()
-        {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let (sock, from) = match tokio::time::timeout(TOKEN_WAIT, rx).await {
-            Ok(Ok(x)) => x,
-            _ => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                debug!(
-                    uid,
-                    pid = header.pid,
-                    "the shim never presented its token; closing"
-                );
-                return;
-            }
+        let got = match early {
+            Some(x) => Some(x),
+            None => tokio::time::timeout(TOKEN_WAIT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
         };
-        if unix
-            .write_all(&encode_reply(REPLY_CONNECTED, from.port(), &token))
-            .await
-            .is_err()
-        {
+        let Some((sock, from)) = got else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            abort_on_close(&sock);
+            debug!(
+                uid,
+                pid = header.pid,
+                "the shim never presented its token; closing"
+            );
             return;
-        }
+        };
+        // Read by shims whose kernel cannot vouch for the TCP peer.
+        let _ = unix.try_write(&encode_reply(REPLY_CONNECTED, from.port(), &token));
         drop(unix);
         self.carry(sock, from, header, uid).await;
     }
@@ -1277,6 +1344,88 @@ mod tests {
         assert!(e.contains("no user `mallory`"), "{e}");
         let e = Allow::resolve(&section("[]", "[\"nogroup\"]"), 998, passwd, group).unwrap_err();
         assert!(e.contains("no group `nogroup`"), "{e}");
+    }
+
+    fn key(seed: u8) -> pool_net::SecretKey {
+        pool_net::SecretKey::from_bytes([seed; 32])
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// F11: the source's per-peer session table and per-session counts,
+    /// and the destination's per-session counts, lose a session's entries
+    /// when it closes; a failed dial leaves nothing behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_session_tables_are_pruned_when_sessions_end() {
+        let (skey, dkey) = (key(7), key(9));
+        let dest = Endpoint::bind(
+            "127.0.0.1:0",
+            pool_net::EndpointConfig::new(dkey.clone())
+                .trust(Trust::new().allow(skey.public_key())),
+        )
+        .await
+        .expect("bind");
+        let daddr = dest.local_addr().expect("addr").to_string();
+        let source = Endpoint::client(
+            pool_net::EndpointConfig::new(skey).trust(Trust::new().allow(dkey.public_key())),
+        );
+        let node = ShimNode::new(
+            source,
+            &[],
+            Trust::new(),
+            9253,
+            Limits {
+                connect_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            None,
+        );
+        let expose = ShimExpose::default();
+        expose.track_sessions(dest.clone());
+
+        for _ in 0..3 {
+            let s = node.session(&daddr, dkey.public_key()).await.expect("dial");
+            let id = s.id().to_string();
+            node.per_session.bump(&id, || Some(s.clone()));
+            node.per_session.bump(&id, || None);
+            assert_eq!(node.per_session(&id), 2);
+            let ds = dest.accept().await.expect("accepted");
+            let did = ds.id().to_string();
+            expose.per_session.bump(&did, || {
+                dest.sessions()
+                    .into_iter()
+                    .find(|x| x.id().to_string() == did)
+            });
+            assert_eq!(expose.per_session(&did), 1);
+            assert_eq!(node.tables(), (1, 1, 0));
+            assert_eq!(expose.sessions_tracked(), 1);
+            // A peer that is not there: its slot goes with the failure.
+            let e = node.session("127.0.0.1:1", key(3).public_key()).await;
+            assert!(e.is_err());
+            assert_eq!(node.tables().0, 1, "failed dial left a slot");
+            s.close("test").await;
+            wait_until("source tables pruned", || node.tables() == (0, 0, 0)).await;
+            wait_until("destination counts pruned", || {
+                expose.sessions_tracked() == 0
+            })
+            .await;
+            assert_eq!(node.per_session(&id), 0);
+        }
+        // A closed session is never counted again.
+        let s = node.session(&daddr, dkey.public_key()).await.expect("dial");
+        s.close("test").await;
+        node.per_session
+            .bump(&s.id().to_string(), || Some(s.clone()));
+        wait_until("nothing for a closed session", || {
+            node.tables() == (0, 0, 0)
+        })
+        .await;
     }
 
     #[test]

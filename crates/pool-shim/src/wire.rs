@@ -2,12 +2,14 @@
 //! each connection (the daemon's `pool_node::shim` has the same codec; both
 //! test the same vectors, and `docs/shim.md` specifies them).
 //!
-//! Over the daemon's Unix socket: the shim sends the 28-byte header; the
-//! daemon answers with a [`REPLY_LEN`]-byte reply, `GO` (a loopback data
-//! port and a one-time token) or `DENIED`. The shim connects the
-//! program's own TCP socket to that port and sends the token; the daemon
-//! answers `CONNECTED` on the Unix socket, naming the local port of the
-//! TCP connection that presented the token, and the Unix socket closes.
+//! Over the daemon's Unix socket: the shim sends the 28-byte header and a
+//! 16-byte one-time token it drew; the daemon answers with a
+//! [`REPLY_LEN`]-byte reply, `GO` (its loopback data port) or `DENIED`.
+//! The shim connects the program's own TCP socket to the data port and
+//! sends the token first; once the daemon has paired that connection with
+//! the header it answers `CONNECTED` on the Unix socket, naming the local
+//! port of the TCP connection that presented the token. The shim reads
+//! `GO` and `CONNECTED` only when it must (see `docs/shim.md`).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -32,12 +34,14 @@ pub const STATUS_UNREACHABLE: u8 = 3;
 /// Status byte: the destination's daemon does not expose that port.
 pub const STATUS_NOT_EXPOSED: u8 = 4;
 
+/// Length of what the shim sends on the Unix socket: header, then token.
+pub const REQUEST_LEN: usize = HEADER_LEN + TOKEN_LEN;
 /// Length of each reply on the Unix socket.
 pub const REPLY_LEN: usize = 20;
 /// Length of the token.
 pub const TOKEN_LEN: usize = 16;
 /// Reply: connect the program's socket to `127.0.0.1:port` and send the
-/// token on it.
+/// token on it (the token field echoes the shim's).
 pub const REPLY_GO: u8 = 1;
 /// Reply: the TCP connection from `port` presented the token.
 pub const REPLY_CONNECTED: u8 = 2;

@@ -234,7 +234,7 @@ pub fn shimmed_as(uid: u32, program: &str, shim_socket: &str, ports: &str) -> Co
 
 /// Asks the daemon at `shim_socket` for a data port the way the shim
 /// does (a header for `dest`), returning the open Unix connection and the
-/// `GO` reply's port and token.
+/// `GO` reply's port and token (the 16 bytes it sent after the header).
 pub fn ask_for_data_port(
     shim_socket: &str,
     dest: std::net::SocketAddr,
@@ -242,8 +242,9 @@ pub fn ask_for_data_port(
     use std::io::{Read, Write};
     let mut u = std::os::unix::net::UnixStream::connect(shim_socket).expect("connect shim socket");
     u.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let mut h = [0u8; 28];
+    let mut h = [0u8; 44];
     h[..4].copy_from_slice(b"PSH2");
+    h[28..].copy_from_slice(b"not a real token");
     h[6..8].copy_from_slice(&dest.port().to_be_bytes());
     let ip = match dest.ip() {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
