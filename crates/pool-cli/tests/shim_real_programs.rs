@@ -241,7 +241,9 @@ fn nginx_as_a_shimmed_reverse_proxy() {
     let dir = TempDir::new("shim-nginx-proxy");
     let (backend, accepted) = http_server("from the backend\n");
     let front = free_port();
-    let nodes = shim_nodes(&dir, &[backend]);
+    // nginx started as root runs its workers as `nobody`: the daemon must
+    // serve that user too (as it must serve a real deployment's).
+    let nodes = shim_nodes_custom(&dir, &[backend], "", false, "allow_users = [\"nobody\"]");
     let d = dir.path().display();
     let conf = format!(
         "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
