@@ -818,7 +818,9 @@ impl ShimNode {
         let _ = std::fs::remove_file(staging.join("s"));
         let _ = std::fs::remove_dir(&staging);
         let (unix, file) = placed?;
-        let data = match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await {
+        // As every POOL listener (a deep accept queue: a burst of shimmed
+        // connects must not meet a full one, whose SYN the kernel drops).
+        let data = match crate::net::bind_tcp("127.0.0.1:0").await {
             Ok(d) => d,
             Err(e) => {
                 remove_ours(&path, file);
