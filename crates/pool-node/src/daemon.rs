@@ -693,7 +693,7 @@ impl Daemon {
         Ok(())
     }
 
-    /// The shim listener's address, if `[shim]` is on.
+    /// The shim socket's path, if `[shim]` is on.
     pub fn shim_addr(&self) -> Option<String> {
         self.shim.as_ref().map(|s| s.addr.clone())
     }
@@ -801,22 +801,19 @@ pub async fn start(
         cfg.pool2tcp.first().map(|t| t.limits()).unwrap_or_default(),
     );
     pool2tcp.shim.configure(cfg.expose.clone(), journal.clone());
+    pool2tcp.shim.track_sessions(endpoint.clone());
     let shim = match cfg.shim.as_ref().filter(|s| s.enabled) {
         Some(section) => {
             if std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("pool_shim")) {
                 warn!("LD_PRELOAD names the shim; it leaves the `pool` process alone");
             }
-            let listener =
-                ShimNode::bind(&section.listen)
-                    .await
-                    .map_err(|source| DaemonError::Listen {
-                        what: format!("[shim] listener on {}", section.listen),
-                        source,
-                    })?;
-            let addr = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let listener = ShimNode::bind(section)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    what: format!("[shim] socket {}", section.socket.display()),
+                    source,
+                })?;
+            let addr = listener.path().display().to_string();
             let node = ShimNode::new(
                 endpoint.clone(),
                 &cfg.route,
@@ -827,7 +824,7 @@ pub async fn start(
             );
             let (stop, stop_rx) = watch::channel(false);
             tokio::spawn(node.clone().run(listener, stop_rx));
-            info!(listen = %addr, "shim listener up");
+            info!(socket = %addr, "shim listener up");
             Some(RunningShim { node, addr, stop })
         }
         None => None,
