@@ -299,6 +299,16 @@ impl Cidr {
             Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
             None => max,
         };
+        // A v4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is that IPv4
+        // range: destinations are compared as IPv4 (see `contains`).
+        if let IpAddr::V6(v6) = net {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Some(Cidr {
+                    net: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Some(Cidr { net, prefix })
     }
 

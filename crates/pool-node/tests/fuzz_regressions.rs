@@ -107,7 +107,6 @@ fn shim_header() {
 /// maps the destination to IPv4 and not the range's own address. Fails
 /// until pool-node is fixed (see `fuzz/regressions/README.md`).
 #[test]
-#[ignore = "pool-node bug: a v4-mapped IPv6 [[route]] cidr does not contain its own address"]
 fn mapped_route_contains_its_address() {
     let mut data = header("10.0.0.1:80", 0, 1);
     data.extend_from_slice(b"::ffff:10.0.0.1");
