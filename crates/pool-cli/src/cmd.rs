@@ -244,6 +244,9 @@ pub(crate) fn with_paths(cfg: EndpointConfig, paths: &PathArgs) -> EndpointConfi
     protocol.probe_timeout(Some(std::time::Duration::from_millis(
         paths.probe_timeout_ms.max(50),
     )));
+    if let Some(every) = pool_node::daemon::test_rekey_after() {
+        protocol.rekey_after(every);
+    }
     cfg.protocol(protocol)
         .relays(paths.relays.clone())
         .direct_retry(std::time::Duration::from_secs(paths.direct_retry))

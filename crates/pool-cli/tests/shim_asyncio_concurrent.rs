@@ -68,7 +68,7 @@ fn five_hundred_concurrent_asyncio_connections() {
     let plain = std::process::Command::new("python3");
     let plain: serde_json::Value =
         serde_json::from_str(&python(plain, SCRIPT, &args, Duration::from_secs(60))).expect("JSON");
-    let cmd = shimmed("python3", &nodes.shim_addr, &port.to_string());
+    let cmd = shimmed("python3", &nodes.shim_socket, &port.to_string());
     let out = python(cmd, SCRIPT, &args, Duration::from_secs(60));
     let shim: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     eprintln!("asyncio, {CONNECTIONS} connections\n  plain: {plain}\n  shim:  {shim}");

@@ -82,7 +82,7 @@ fn threads_dup2_and_close_for_thirty_seconds() {
     let other = echo_server();
     let mut nodes = shim_nodes(&dir, &[port]);
     let out = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         SCRIPT,
         &[
             port.to_string(),

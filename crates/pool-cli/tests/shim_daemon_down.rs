@@ -1,4 +1,5 @@
-//! No daemon listening where the shim looks for it: with
+//! No daemon listening where the shim looks for it (no socket at
+//! `POOL_SHIM_SOCKET`): with
 //! `POOL_SHIM_FALLBACK=1` connections go out as plain TCP (said once per
 //! process on stderr); without it the program gets `ECONNREFUSED` at once,
 //! for blocking and non-blocking sockets, and nothing reaches the
@@ -37,8 +38,9 @@ for blocking in (True, False, True):
 print(json.dumps(res))
 "#;
 
+/// A socket path in a directory no one made: no daemon was ever there.
 fn nobody_listening() -> String {
-    format!("127.0.0.1:{}", free_port())
+    format!("/run/pool-cli-tests-nobody-{}/shim.sock", free_port())
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn download_and_kill(kill_source: bool) -> (Option<i32>, Duration, u64) {
     let _nginx = start_nginx(&dir, port);
     let mut nodes = shim_nodes(&dir, &[port]);
     let out_file = dir.join("partial.bin");
-    let mut curl = shimmed("curl", &nodes.shim_addr, &port.to_string());
+    let mut curl = shimmed("curl", &nodes.shim_socket, &port.to_string());
     curl.args(["-sS", "--limit-rate", "2M", "-o"])
         .arg(&out_file)
         .arg(format!("http://127.0.0.1:{port}/big.bin"))

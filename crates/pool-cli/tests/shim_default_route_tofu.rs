@@ -22,7 +22,7 @@ enum SourceTrust {
     Fleet,
 }
 
-fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String, String) {
+fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String, String, RunDir) {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
     let d = dir.path().display();
@@ -67,13 +67,15 @@ fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String
         SourceTrust::Fleet => format!("[trust]\nfleet_secret = \"{d}/fleet.secret\"\n"),
         SourceTrust::Nothing => String::new(),
     };
+    let run_dir = RunDir::new(dir);
     std::fs::write(
         dir.join("source.toml"),
         format!(
             "[node]\nkey = \"{}\"\nlisten = \"\"\ncontrol = \"{d}/source.sock\"\n\
-             journal = \"{d}/source-journal.log\"\n{trust}[shim]\nlisten = \"127.0.0.1:0\"\n\
+             journal = \"{d}/source-journal.log\"\n{trust}[shim]\nsocket = \"{}\"\n\
              default_peer_port = {pool_port}\nconnect_timeout_secs = 3\n",
-            skey.display()
+            skey.display(),
+            run_dir.socket()
         ),
     )
     .expect("write source.toml");
@@ -86,13 +88,13 @@ fn start(dir: &TempDir, trust: SourceTrust, exposed: u16) -> (Proc, Proc, String
         ],
         dir,
     );
-    let shim_addr = source.wait_log("shim listener on ", Duration::from_secs(10));
-    (source, dest, shim_addr, dpub)
+    let shim_socket = source.wait_log("shim listener on ", Duration::from_secs(10));
+    (source, dest, shim_socket, dpub, run_dir)
 }
 
 /// A blocking `connect` under the shim; the errno name (or "0").
-fn blocking_connect(shim_addr: &str, port: u16) -> String {
-    let py = shimmed("python3", shim_addr, &port.to_string());
+fn blocking_connect(shim_socket: &str, port: u16) -> String {
+    let py = shimmed("python3", shim_socket, &port.to_string());
     let script = "import errno, socket, sys\ns = socket.socket()\n\
                   print(errno.errorcode.get(s.connect_ex(('127.0.0.1', int(sys.argv[1]))), '0'))";
     python(py, script, &[port.to_string()], Duration::from_secs(20))
@@ -106,10 +108,10 @@ fn tofu_pins_the_destination_key_and_unexposed_ports_are_refused() {
     let dir = TempDir::new("shim-tofu");
     let (port, _) = http_server("over the default route\n");
     let (other, accepted) = http_server("must not be reached\n");
-    let (_source, _dest, shim_addr, dpub) = start(&dir, SourceTrust::Tofu, port);
+    let (_source, _dest, shim_socket, dpub, _run) = start(&dir, SourceTrust::Tofu, port);
     let ports = format!("{port},{other}");
     for _ in 0..2 {
-        let mut curl = shimmed("curl", &shim_addr, &ports);
+        let mut curl = shimmed("curl", &shim_socket, &ports);
         curl.args([
             "-sS",
             "--max-time",
@@ -133,7 +135,7 @@ fn tofu_pins_the_destination_key_and_unexposed_ports_are_refused() {
 
     // Not exposed at the destination: refused there, journaled with the
     // source's key and the port; curl sees a refused connection.
-    let mut curl = shimmed("curl", &shim_addr, &ports);
+    let mut curl = shimmed("curl", &shim_socket, &ports);
     curl.args([
         "-sS",
         "--max-time",
@@ -146,7 +148,7 @@ fn tofu_pins_the_destination_key_and_unexposed_ports_are_refused() {
         "curl: couldn't connect / connection reset: {:?}",
         out.status
     );
-    assert_eq!(blocking_connect(&shim_addr, other), "ECONNREFUSED");
+    assert_eq!(blocking_connect(&shim_socket, other), "ECONNREFUSED");
     let refused = wait_journal(
         &dir.join("dest-journal.log"),
         Duration::from_secs(5),
@@ -176,8 +178,8 @@ fn without_tofu_an_unknown_key_is_not_guessed() {
     require_program("curl", "curl");
     let dir = TempDir::new("shim-notofu");
     let (port, accepted) = http_server("must not be reached\n");
-    let (_source, _dest, shim_addr, _) = start(&dir, SourceTrust::Nothing, port);
-    let mut curl = shimmed("curl", &shim_addr, &port.to_string());
+    let (_source, _dest, shim_socket, _, _run) = start(&dir, SourceTrust::Nothing, port);
+    let mut curl = shimmed("curl", &shim_socket, &port.to_string());
     curl.args([
         "-sS",
         "--max-time",
@@ -190,7 +192,7 @@ fn without_tofu_an_unknown_key_is_not_guessed() {
         "curl: couldn't connect / connection reset: {:?}",
         out.status
     );
-    assert_eq!(blocking_connect(&shim_addr, port), "EHOSTUNREACH");
+    assert_eq!(blocking_connect(&shim_socket, port), "EHOSTUNREACH");
     let failed = wait_journal(
         &dir.join("source-journal.log"),
         Duration::from_secs(5),
@@ -215,8 +217,8 @@ fn fleet_secret_authenticates_the_default_route() {
     require_program("curl", "curl");
     let dir = TempDir::new("shim-fleet");
     let (port, _) = http_server("fleet member\n");
-    let (_source, _dest, shim_addr, _) = start(&dir, SourceTrust::Fleet, port);
-    let mut curl = shimmed("curl", &shim_addr, &port.to_string());
+    let (_source, _dest, shim_socket, _, _run) = start(&dir, SourceTrust::Fleet, port);
+    let mut curl = shimmed("curl", &shim_socket, &port.to_string());
     curl.args([
         "-sS",
         "--max-time",

@@ -17,7 +17,7 @@ fn newly_exposed_port_is_served_after_reload() {
     let nodes = shim_nodes(&dir, &[a]);
     let ports = format!("{a},{b}");
     let get = |port: u16| {
-        let mut curl = shimmed("curl", &nodes.shim_addr, &ports);
+        let mut curl = shimmed("curl", &nodes.shim_socket, &ports);
         curl.args([
             "-sS",
             "--max-time",

@@ -71,7 +71,7 @@ fn same_results_as_the_kernel() {
         Duration::from_secs(20),
     );
     let shim = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         SEQUENCE,
         &args,
         Duration::from_secs(20),
@@ -132,7 +132,7 @@ print(json.dumps({"nb": errno.errorcode.get(e, '0'), "nb_ms": nb_ms, "after": af
                   "blocking": errno.errorcode.get(eb, '0'), "blocking_s": b_s}))
 "#;
     let out = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         script,
         &[port.to_string()],
         Duration::from_secs(40),
@@ -213,7 +213,7 @@ out['unix'] = x.recv(10).decode()
 print(json.dumps(out))
 "#;
     let out = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         script,
         &[
             port.to_string(),
@@ -260,7 +260,7 @@ s.sendall(b'parent')
 print(json.dumps({"child": child, "parent": [s.getpeername(), s.recv(6).decode()]}))
 "#;
     let out = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         script,
         &[port.to_string()],
         Duration::from_secs(20),
@@ -315,7 +315,7 @@ s.sendall(b'six')
 print(json.dumps([s.recv(3).decode(), list(s.getpeername()[:2])]))
 "#;
     let out = python(
-        shimmed("python3", &nodes.shim_addr, &port.to_string()),
+        shimmed("python3", &nodes.shim_socket, &port.to_string()),
         script,
         &[port.to_string()],
         Duration::from_secs(20),
@@ -343,7 +343,7 @@ fn the_daemon_itself_is_left_alone() {
             p.name
         );
     }
-    let mut curl = shimmed("curl", &nodes.shim_addr, "");
+    let mut curl = shimmed("curl", &nodes.shim_socket, "");
     curl.args([
         "-sS",
         "--max-time",

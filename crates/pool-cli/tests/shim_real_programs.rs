@@ -33,7 +33,7 @@ fn curl_to_nginx_through_pool() {
     let base = counter(&nodes.dest_control, "shim_exposed");
 
     let out_file = dir.join("fetched.bin");
-    let mut curl = shimmed("curl", &nodes.shim_addr, &port.to_string());
+    let mut curl = shimmed("curl", &nodes.shim_socket, &port.to_string());
     curl.args(["-sS", "--fail", "--max-time", "20", "-o"])
         .arg(&out_file)
         .arg(format!("http://127.0.0.1:{port}/blob.bin"));
@@ -50,7 +50,7 @@ fn curl_to_nginx_through_pool() {
         "SHA-256 of the file"
     );
 
-    let mut curl = shimmed("curl", &nodes.shim_addr, &port.to_string());
+    let mut curl = shimmed("curl", &nodes.shim_socket, &port.to_string());
     curl.args([
         "-sS",
         "--max-time",
@@ -151,7 +151,7 @@ fn redis_benchmark_under_shim() {
     let nodes = shim_nodes(&dir, &[port]);
     let ports = port.to_string();
 
-    let mut bench = shimmed("redis-benchmark", &nodes.shim_addr, &ports);
+    let mut bench = shimmed("redis-benchmark", &nodes.shim_socket, &ports);
     bench
         .args([
             "-h",
@@ -179,7 +179,7 @@ fn redis_benchmark_under_shim() {
     assert!(carried >= 10, "only {carried} shim streams for 10 clients");
 
     let cli = |args: &[&str]| {
-        let mut c = shimmed("redis-cli", &nodes.shim_addr, &ports);
+        let mut c = shimmed("redis-cli", &nodes.shim_socket, &ports);
         c.args(["-h", "127.0.0.1", "-p", &ports]).args(args);
         let out = run(c, Duration::from_secs(10));
         assert!(out.status.success(), "redis-cli {args:?}");
@@ -208,7 +208,7 @@ fn children_of_bash_and_python_are_shimmed() {
     let nodes = shim_nodes(&dir, &[port]);
     let url = format!("http://127.0.0.1:{port}/");
 
-    let mut bash = shimmed("bash", &nodes.shim_addr, &port.to_string());
+    let mut bash = shimmed("bash", &nodes.shim_socket, &port.to_string());
     bash.arg("-c").arg(format!("curl -sS --max-time 10 {url}"));
     let out = run(bash, Duration::from_secs(20));
     assert_eq!(
@@ -217,7 +217,7 @@ fn children_of_bash_and_python_are_shimmed() {
     );
     assert_eq!(counter(&nodes.dest_control, "shim_exposed"), 1);
 
-    let py = shimmed("python3", &nodes.shim_addr, &port.to_string());
+    let py = shimmed("python3", &nodes.shim_socket, &port.to_string());
     let script = "import os, sys\nrc = os.system('curl -sS --max-time 10 ' + sys.argv[1])\nsys.exit(rc >> 8)";
     let stdout = python(py, script, &[url], Duration::from_secs(20));
     assert_eq!(stdout, "hello from the target\n");
@@ -241,7 +241,9 @@ fn nginx_as_a_shimmed_reverse_proxy() {
     let dir = TempDir::new("shim-nginx-proxy");
     let (backend, accepted) = http_server("from the backend\n");
     let front = free_port();
-    let nodes = shim_nodes(&dir, &[backend]);
+    // nginx started as root runs its workers as `nobody`: the daemon must
+    // serve that user too (as it must serve a real deployment's).
+    let nodes = shim_nodes_custom(&dir, &[backend], "", false, "allow_users = [\"nobody\"]");
     let d = dir.path().display();
     let conf = format!(
         "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
@@ -252,7 +254,7 @@ fn nginx_as_a_shimmed_reverse_proxy() {
          server {{ listen 127.0.0.1:{front}; location / {{ proxy_pass http://127.0.0.1:{backend}; }} }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-    let mut cmd = shimmed("nginx", &nodes.shim_addr, &backend.to_string());
+    let mut cmd = shimmed("nginx", &nodes.shim_socket, &backend.to_string());
     cmd.arg("-p")
         .arg(dir.path())
         .arg("-e")

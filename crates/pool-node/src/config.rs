@@ -64,8 +64,8 @@ pub struct Config {
     pub expose: Vec<ExposeSection>,
 }
 
-fn default_shim_listen() -> String {
-    "127.0.0.1:9256".into()
+fn default_shim_socket() -> PathBuf {
+    PathBuf::from("/run/pool/shim.sock")
 }
 fn default_peer_port() -> u16 {
     9253
@@ -82,9 +82,23 @@ pub struct ShimSection {
     /// Turn the listener off without removing the section.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Loopback address the shim connects to (`POOL_SHIM_DAEMON`).
-    #[serde(default = "default_shim_listen")]
-    pub listen: String,
+    /// The Unix socket the shim connects to (`POOL_SHIM_SOCKET`). Its
+    /// directory is created (mode 0755) if missing and must be owned by
+    /// the daemon's user and writable by no one else.
+    #[serde(default = "default_shim_socket")]
+    pub socket: PathBuf,
+    /// Local users whose programs the daemon carries, by name or uid
+    /// (`["alice", 1001]`); root and the daemon's own user always are.
+    #[serde(default)]
+    pub allow_users: Vec<crate::shim::Principal>,
+    /// Local groups (name or gid) whose members' programs the daemon
+    /// carries: the caller's group, or the caller listed in `/etc/group`.
+    #[serde(default)]
+    pub allow_groups: Vec<crate::shim::Principal>,
+    /// Gone: the shim reached the daemon over TCP, `127.0.0.1:9256`.
+    /// Refused with a message, so an old config is not silently changed.
+    #[serde(default)]
+    pub listen: Option<String>,
     /// The POOL port of destination daemons when no `[[route]]` matches.
     #[serde(default = "default_peer_port")]
     pub default_peer_port: u16,
@@ -388,6 +402,21 @@ impl Config {
                     )));
                 }
             }
+        }
+        if let Some(shim) = &cfg.shim {
+            if let Some(l) = &shim.listen {
+                return Err(invalid(format!(
+                    "[shim] listen = \"{l}\" is gone: the shim now reaches the daemon over the Unix socket `socket` (default /run/pool/shim.sock), which checks who is calling; remove `listen`"
+                )));
+            }
+            if !shim.socket.is_absolute() || shim.socket.as_os_str().len() > 100 {
+                return Err(invalid(format!(
+                    "[shim] socket `{}` must be an absolute path of at most 100 bytes",
+                    shim.socket.display()
+                )));
+            }
+            crate::shim::Allow::resolve_here(shim, 0)
+                .map_err(|e| invalid(format!("[shim] {e}")))?;
         }
         let mut ports = std::collections::HashSet::new();
         for e in &cfg.expose {

@@ -693,7 +693,7 @@ impl Daemon {
         Ok(())
     }
 
-    /// The shim listener's address, if `[shim]` is on.
+    /// The shim socket's path, if `[shim]` is on.
     pub fn shim_addr(&self) -> Option<String> {
         self.shim.as_ref().map(|s| s.addr.clone())
     }
@@ -737,6 +737,21 @@ fn default_known_peers(cfg: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("known_peers"))
 }
 
+/// Test-only: `POOL_TEST_REKEY_MS=N` makes every session of this process
+/// rekey every N ms (the chaos test uses it). Read once; ignored when
+/// unset or not a positive integer.
+pub fn test_rekey_after() -> Option<Duration> {
+    static EVERY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        let ms: u64 = std::env::var("POOL_TEST_REKEY_MS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (ms > 0).then(|| Duration::from_millis(ms))
+    })
+}
+
 /// Starts everything a config describes. Returns the running daemon; the
 /// caller runs [`run_until_signal`].
 pub async fn start(
@@ -760,6 +775,9 @@ pub async fn start(
     protocol.probe_timeout(Some(Duration::from_millis(
         cfg.node.probe_timeout_ms.max(50),
     )));
+    if let Some(every) = test_rekey_after() {
+        protocol.rekey_after(every);
+    }
     let epcfg = EndpointConfig::new(key.clone())
         .protocol(protocol)
         .trust(trust.clone())
@@ -783,22 +801,19 @@ pub async fn start(
         cfg.pool2tcp.first().map(|t| t.limits()).unwrap_or_default(),
     );
     pool2tcp.shim.configure(cfg.expose.clone(), journal.clone());
+    pool2tcp.shim.track_sessions(endpoint.clone());
     let shim = match cfg.shim.as_ref().filter(|s| s.enabled) {
         Some(section) => {
             if std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("pool_shim")) {
                 warn!("LD_PRELOAD names the shim; it leaves the `pool` process alone");
             }
-            let listener =
-                ShimNode::bind(&section.listen)
-                    .await
-                    .map_err(|source| DaemonError::Listen {
-                        what: format!("[shim] listener on {}", section.listen),
-                        source,
-                    })?;
-            let addr = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let listener = ShimNode::bind(section)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    what: format!("[shim] socket {}", section.socket.display()),
+                    source,
+                })?;
+            let addr = listener.path().display().to_string();
             let node = ShimNode::new(
                 endpoint.clone(),
                 &cfg.route,
@@ -809,7 +824,7 @@ pub async fn start(
             );
             let (stop, stop_rx) = watch::channel(false);
             tokio::spawn(node.clone().run(listener, stop_rx));
-            info!(listen = %addr, "shim listener up");
+            info!(socket = %addr, "shim listener up");
             Some(RunningShim { node, addr, stop })
         }
         None => None,

@@ -1,11 +1,19 @@
 //! The daemon side of the `LD_PRELOAD` shim (`libpool_shim.so`).
 //!
-//! **Source node** (`[shim]`): programs run under the shim connect to a
-//! loopback listener and send a 28-byte header naming the destination
-//! they asked for. The daemon picks the POOL peer for that destination
-//! (`[[route]]` rules, else the destination host itself on port 9253),
-//! opens a stream on a session to it and carries the connection like a
-//! `tcp2pool` bridge, with the reserved service name `":PORT"`.
+//! **Source node** (`[shim]`): programs run under the shim reach the
+//! daemon first over its Unix socket (`[shim] socket`), where the kernel
+//! tells each side who the other is (`SO_PEERCRED`): the shim checks the
+//! daemon's uid, the daemon checks the caller's against `allow_users` /
+//! `allow_groups` and refuses (journal `shim_denied`) everyone else. An
+//! allowed caller sends a 28-byte header naming the destination; the
+//! daemon answers with its loopback data port and a one-time token; the
+//! shim connects the program's own TCP socket there and presents the
+//! token; the daemon confirms on the Unix socket. Only then does the
+//! program's traffic flow. The daemon picks the POOL peer for the
+//! destination (`[[route]]` rules, else the destination host itself on
+//! port 9253), opens a stream on a session to it and carries the
+//! connection like a `tcp2pool` bridge, with the reserved service name
+//! `":PORT"`.
 //!
 //! **Destination node** (`[[expose]]`): a `":PORT"` stream is connected
 //! only to a port the config exposes (by default on loopback), never to
@@ -14,25 +22,28 @@
 //! first, so a blocking `connect` in the program can fail the way the
 //! kernel's would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session, Trust};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::bridge::{abort_on_close, splice, BridgeStats, Limits, Preamble};
-use crate::config::{ExposeSection, RouteSection};
+use crate::bridge::{abort_on_close, splice, stopped, BridgeStats, Limits, Preamble};
+use crate::config::{ExposeSection, RouteSection, ShimSection};
 use crate::journal::Journal;
 
-/// `PSH1`: the header's magic.
-pub const MAGIC: [u8; 4] = *b"PSH1";
+/// `PSH2`: the header's magic (version 1 went over TCP and is gone).
+pub const MAGIC: [u8; 4] = *b"PSH2";
 /// Length of the shim's header.
 pub const HEADER_LEN: usize = 28;
 /// Header flag: answer with a status byte (the program blocks in `connect`).
@@ -47,6 +58,29 @@ pub const STATUS_TIMED_OUT: u8 = 2;
 pub const STATUS_UNREACHABLE: u8 = 3;
 /// Status: the destination daemon does not expose the port.
 pub const STATUS_NOT_EXPOSED: u8 = 4;
+
+/// Length of what the shim sends on the Unix socket: header, then token.
+pub const REQUEST_LEN: usize = HEADER_LEN + TOKEN_LEN;
+/// Length of each reply on the Unix socket.
+pub const REPLY_LEN: usize = 20;
+/// Length of the one-time token.
+pub const TOKEN_LEN: usize = 16;
+/// Reply: connect to `127.0.0.1:port` and send the token there (the
+/// token field echoes the caller's).
+pub const REPLY_GO: u8 = 1;
+/// Reply: the TCP connection from local port `port` presented the token.
+pub const REPLY_CONNECTED: u8 = 2;
+/// Reply: this user is not allowed (`[shim] allow_users`, `allow_groups`).
+pub const REPLY_DENIED: u8 = 3;
+
+/// `kind u8, reserved u8, port u16be, token[16]` (as `pool_shim::wire`).
+pub fn encode_reply(kind: u8, port: u16, token: &[u8; TOKEN_LEN]) -> [u8; REPLY_LEN] {
+    let mut b = [0u8; REPLY_LEN];
+    b[0] = kind;
+    b[2..4].copy_from_slice(&port.to_be_bytes());
+    b[4..].copy_from_slice(token);
+    b
+}
 
 /// What the shim sends first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +121,163 @@ pub fn service_for_port(port: u16) -> String {
     format!(":{port}")
 }
 
+/// A local user or group in `[shim] allow_users` / `allow_groups`: a
+/// name (looked up in `/etc/passwd`, `/etc/group`) or a numeric id.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Principal {
+    /// A numeric uid or gid.
+    Id(u32),
+    /// A name, or an id written as a string (`"1001"`).
+    Name(String),
+}
+
+/// `name:…:id:…` lines of `/etc/passwd` or `/etc/group`: name, id, and
+/// the third and fourth fields (primary gid, or the member list).
+fn db_lines(text: &str) -> impl Iterator<Item = (&str, u32, &str)> {
+    text.lines().filter_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _ = f.next()?;
+        let id = f.next()?.trim().parse().ok()?;
+        Some((name, id, f.next().unwrap_or("")))
+    })
+}
+
+fn lookup(db: &str, p: &Principal, what: &str, file: &str) -> Result<u32, String> {
+    match p {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(n) => match n.trim().parse::<u32>() {
+            Ok(id) => Ok(id),
+            Err(_) => db_lines(db)
+                .find(|(name, _, _)| *name == n.trim())
+                .map(|(_, id, _)| id)
+                .ok_or_else(|| format!("no {what} `{n}` in {file} (a numeric id works too)")),
+        },
+    }
+}
+
+/// Who may use the daemon's shim socket, resolved once from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    uids: HashSet<u32>,
+    gids: HashSet<u32>,
+}
+
+impl Allow {
+    /// From `[shim]` and the texts of `/etc/passwd` and `/etc/group`;
+    /// `daemon_uid` is always allowed, and so is root.
+    pub fn resolve(
+        section: &ShimSection,
+        daemon_uid: u32,
+        passwd: &str,
+        group: &str,
+    ) -> Result<Allow, String> {
+        let mut uids: HashSet<u32> = [0, daemon_uid].into();
+        for u in &section.allow_users {
+            uids.insert(lookup(passwd, u, "user", "/etc/passwd")?);
+        }
+        let mut gids = HashSet::new();
+        for g in &section.allow_groups {
+            let gid = lookup(group, g, "group", "/etc/group")?;
+            gids.insert(gid);
+            // Supplementary members listed in /etc/group (SO_PEERCRED
+            // gives only the caller's own group).
+            let members = db_lines(group)
+                .filter(|(_, id, _)| *id == gid)
+                .flat_map(|(_, _, m)| m.split(',').map(str::trim));
+            for m in members.filter(|m| !m.is_empty()) {
+                if let Some((_, uid, _)) = db_lines(passwd).find(|(n, _, _)| *n == m) {
+                    uids.insert(uid);
+                }
+            }
+        }
+        Ok(Allow { uids, gids })
+    }
+
+    /// [`Allow::resolve`] with this host's `/etc/passwd` and `/etc/group`.
+    pub fn resolve_here(section: &ShimSection, daemon_uid: u32) -> Result<Allow, String> {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        Allow::resolve(section, daemon_uid, &passwd, &group)
+    }
+
+    /// Whether a caller with this uid and gid (`SO_PEERCRED`) is served.
+    pub fn permits(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+/// Counts per session id, pruned when the session closes (F11): an entry
+/// is only made for a session that is open, and a task waiting on its
+/// `closed()` removes it. `cap` bounds the map whatever happens.
+#[derive(Debug)]
+struct SessionCounts {
+    map: Arc<Mutex<HashMap<String, u64>>>,
+    cap: usize,
+}
+
+impl Default for SessionCounts {
+    fn default() -> Self {
+        SessionCounts {
+            map: Arc::default(),
+            cap: 1 << 16,
+        }
+    }
+}
+
+impl SessionCounts {
+    fn get(&self, id: &str) -> u64 {
+        self.map
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).copied())
+            .unwrap_or(0)
+    }
+
+    /// Counts one more for session `id`. The first time, `find` must give
+    /// the open session (else nothing is counted), and the entry's removal
+    /// is tied to its close.
+    fn bump(&self, id: &str, find: impl FnOnce() -> Option<Session>) {
+        if let Ok(mut m) = self.map.lock() {
+            if let Some(n) = m.get_mut(id) {
+                *n += 1;
+                return;
+            }
+        }
+        let Some(session) = find().filter(|s| !s.is_closed()) else {
+            return;
+        };
+        match self.map.lock() {
+            Ok(mut m) => {
+                if let Some(n) = m.get_mut(id) {
+                    *n += 1; // counted meanwhile by another stream
+                    return;
+                }
+                if m.len() >= self.cap {
+                    return;
+                }
+                m.insert(id.to_string(), 1);
+            }
+            Err(_) => return,
+        }
+        let map = Arc::downgrade(&self.map);
+        let id = id.to_string();
+        tokio::spawn(async move {
+            session.closed().await;
+            if let Some(m) = map.upgrade() {
+                if let Ok(mut m) = m.lock() {
+                    m.remove(&id);
+                }
+            }
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
 /// An address range: `10.0.0.0/8`, `fd00::/8`, or one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
@@ -108,6 +299,16 @@ impl Cidr {
             Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
             None => max,
         };
+        // A v4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is that IPv4
+        // range: destinations are compared as IPv4 (see `contains`).
+        if let IpAddr::V6(v6) = net {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Some(Cidr {
+                    net: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Some(Cidr { net, prefix })
     }
 
@@ -144,8 +345,11 @@ pub struct ShimStats {
     pub active: AtomicU64,
     /// Carried to the destination (its daemon reached the program).
     pub streams: AtomicU64,
-    /// Failed at this node or refused by the destination.
+    /// Failed at this node or refused by the destination (denied callers,
+    /// garbage and silent clients included).
     pub failed: AtomicU64,
+    /// Of those, callers whose user is not allowed (`shim_denied`).
+    pub denied: AtomicU64,
     /// Streams from peers connected to an exposed port (destination node).
     pub exposed: AtomicU64,
     /// Streams from peers refused (port not exposed, target down).
@@ -162,12 +366,6 @@ fn reason_of(status: u8) -> &'static str {
     }
 }
 
-fn bump(map: &Mutex<HashMap<String, u64>>, session: &str) {
-    if let Ok(mut m) = map.lock() {
-        *m.entry(session.to_string()).or_default() += 1;
-    }
-}
-
 fn journal_to(j: &Option<Journal>, event: &str, fields: serde_json::Value) {
     if let Some(j) = j {
         j.record(event, fields);
@@ -179,7 +377,8 @@ fn journal_to(j: &Option<Journal>, event: &str, fields: serde_json::Value) {
 pub struct ShimExpose {
     rules: RwLock<Vec<ExposeSection>>,
     journal: RwLock<Option<Journal>>,
-    per_session: Mutex<HashMap<String, u64>>,
+    endpoint: OnceLock<Endpoint>,
+    per_session: SessionCounts,
     /// Counters ([`ShimStats::exposed`], [`ShimStats::refused`]).
     pub stats: Arc<ShimStats>,
     /// Bytes carried.
@@ -197,6 +396,18 @@ impl ShimExpose {
         }
     }
 
+    /// The endpoint whose sessions the streams arrive on: each session's
+    /// count is dropped when it closes. Without it nothing is counted per
+    /// session.
+    pub fn track_sessions(&self, endpoint: Endpoint) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    /// Sessions with a count now (each an open session).
+    pub fn sessions_tracked(&self) -> usize {
+        self.per_session.len()
+    }
+
     /// The exposed ports.
     pub fn rules(&self) -> Vec<ExposeSection> {
         self.rules.read().map(|r| r.clone()).unwrap_or_default()
@@ -204,11 +415,7 @@ impl ShimExpose {
 
     /// Shim streams served per session id.
     pub fn per_session(&self, session: &str) -> u64 {
-        self.per_session
-            .lock()
-            .ok()
-            .and_then(|m| m.get(session).copied())
-            .unwrap_or(0)
+        self.per_session.get(session)
     }
 
     fn journal(&self, event: &str, fields: serde_json::Value) {
@@ -294,7 +501,13 @@ impl ShimExpose {
             return;
         }
         self.stats.exposed.fetch_add(1, Ordering::Relaxed);
-        bump(&self.per_session, session);
+        self.per_session.bump(session, || {
+            self.endpoint
+                .get()?
+                .sessions()
+                .into_iter()
+                .find(|s| s.id().to_string() == session)
+        });
         debug!(peer = %peer, %target, "shim stream connected");
         splice(sock, rs, ws, limits.idle_timeout, &self.bytes).await;
     }
@@ -307,23 +520,108 @@ struct Route {
 }
 
 type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
+type SessionMap = Arc<Mutex<HashMap<String, SessionSlot>>>;
+/// Where a caller on the socket and its TCP connection meet, by token:
+/// whichever comes first waits for the other.
+enum Meet {
+    /// The caller is waiting for its connection.
+    Caller(oneshot::Sender<(TcpStream, SocketAddr)>),
+    /// The connection came first (the shim does not wait for `GO` once it
+    /// knows the data port); it waits at most [`TOKEN_WAIT`].
+    Conn {
+        sock: TcpStream,
+        from: SocketAddr,
+        serial: u64,
+        /// Counts against [`MAX_UNPROVEN`] while parked.
+        _held: tokio::sync::OwnedSemaphorePermit,
+    },
+}
+type Pending = Arc<Mutex<HashMap<[u8; TOKEN_LEN], Meet>>>;
 
-/// The source side: the loopback listener programs under the shim reach.
+/// How long a caller has to send its header on the Unix socket.
+const HEADER_WAIT: Duration = Duration::from_secs(5);
+/// How long a shim has to present its token on the data port once it was
+/// given one (the shim does it at once; this bounds a shim that died).
+const TOKEN_WAIT: Duration = Duration::from_secs(3);
+/// TCP connections on the data port that have not presented a token yet.
+const MAX_UNPROVEN: usize = 256;
+/// `shim_denied` journal entries per second, at most (the count is kept).
+const DENIED_PER_SEC: u32 = 20;
+
+/// The source side: the Unix socket and the loopback data port programs
+/// under the shim reach.
 pub struct ShimNode {
     endpoint: Endpoint,
     routes: RwLock<Vec<Route>>,
     trust: RwLock<Trust>,
     default_peer_port: u16,
     limits: Limits,
-    sessions: Mutex<HashMap<String, SessionSlot>>,
+    sessions: SessionMap,
     journal: Option<Journal>,
-    per_session: Mutex<HashMap<String, u64>>,
+    per_session: SessionCounts,
+    pending: Pending,
+    denied_window: Mutex<(Instant, u32)>,
     dialled: AtomicU64,
     permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<ShimStats>,
     /// Bytes carried.
     pub bytes: Arc<BridgeStats>,
+}
+
+/// The bound listeners of `[shim]`.
+pub struct ShimListener {
+    unix: UnixListener,
+    data: TcpListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file we made, so only it is removed.
+    file: (u64, u64),
+    allow: Allow,
+}
+
+impl ShimListener {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The loopback data port.
+    pub fn data_addr(&self) -> std::io::Result<SocketAddr> {
+        self.data.local_addr()
+    }
+}
+
+fn io_err(kind: std::io::ErrorKind, msg: String) -> std::io::Error {
+    std::io::Error::new(kind, msg)
+}
+
+/// Removes the socket file at `path` if it is still the one we bound.
+fn remove_ours(path: &Path, file: (u64, u64)) {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() && (m.dev(), m.ino()) == file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Why the shims (without `POOL_SHIM_DAEMON_UID`) will not trust a socket
+/// in `dir` run by `uid`: the same rule as `pool_shim::peer`.
+fn shims_would_refuse(dir: &Path, uid: u32) -> Option<String> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    for a in dir.ancestors() {
+        let m = std::fs::metadata(a).ok()?;
+        if m.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{} is writable by others (mode {:o})",
+                a.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        if m.uid() != 0 && m.uid() != uid {
+            return Some(format!("{} is owned by uid {}", a.display(), m.uid()));
+        }
+    }
+    None
 }
 
 fn routes(sections: &[RouteSection]) -> Vec<Route> {
@@ -340,6 +638,28 @@ fn routes(sections: &[RouteSection]) -> Vec<Route> {
             })
         })
         .collect()
+}
+
+/// Removes a pending token when its caller is done with it, whatever
+/// happened (so the table holds only callers being served now).
+struct PendingGuard<'a>(&'a Pending, [u8; TOKEN_LEN]);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&self.1);
+        }
+    }
+}
+
+/// Drops `name`'s slot from the table if it is still `slot` (called with
+/// the slot's lock held and the slot emptied).
+fn forget_slot(map: &SessionMap, name: &str, slot: &SessionSlot) {
+    if let Ok(mut m) = map.lock() {
+        if m.get(name).is_some_and(|x| Arc::ptr_eq(x, slot)) {
+            m.remove(name);
+        }
+    }
 }
 
 impl ShimNode {
@@ -359,9 +679,11 @@ impl ShimNode {
             default_peer_port,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Arc::default(),
             journal,
-            per_session: Mutex::new(HashMap::new()),
+            per_session: SessionCounts::default(),
+            pending: Arc::default(),
+            denied_window: Mutex::new((Instant::now(), 0)),
             dialled: AtomicU64::new(0),
             stats: Arc::default(),
             bytes: Arc::default(),
@@ -399,37 +721,358 @@ impl ShimNode {
 
     /// Shim streams carried per session id.
     pub fn per_session(&self, session: &str) -> u64 {
-        self.per_session
-            .lock()
-            .ok()
-            .and_then(|m| m.get(session).copied())
-            .unwrap_or(0)
+        self.per_session.get(session)
     }
 
-    /// Binds the loopback listener.
-    pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-        crate::net::bind_tcp(addr).await
+    /// Entries in the per-peer session table, the per-session counts and
+    /// the pending tokens (each pruned when what it describes ends).
+    pub fn tables(&self) -> (usize, usize, usize) {
+        (
+            self.sessions.lock().map(|m| m.len()).unwrap_or(0),
+            self.per_session.len(),
+            self.pending.lock().map(|m| m.len()).unwrap_or(0),
+        )
     }
 
-    /// Accepts program connections until `stop` turns true.
-    pub async fn run(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        while let Some((sock, from)) =
-            crate::bridge::accept_next(&listener, &mut stop, "shim").await
-        {
+    /// Binds `[shim] socket` and the loopback data port, and resolves
+    /// `allow_users` / `allow_groups`.
+    ///
+    /// The socket's directory is created (0755) if missing; it must then
+    /// be a directory owned by this user and writable by no one else, so
+    /// no one else can create, replace or remove the socket. A file
+    /// already at the path is removed only if it is a socket of ours that
+    /// no daemon answers on. The socket is bound in a fresh 0700
+    /// directory of ours, made connectable for everyone (who may use it is
+    /// decided per caller from its credentials, not by file modes) and
+    /// renamed into place, so it never exists at the path in another
+    /// state, and the mode change never goes through a path another user
+    /// could have put a link in.
+    pub async fn bind(section: &ShimSection) -> std::io::Result<ShimListener> {
+        use std::io::ErrorKind;
+        let me = UnixStream::pair()?.0.peer_cred()?;
+        let allow = Allow::resolve_here(section, me.uid())
+            .map_err(|e| io_err(ErrorKind::InvalidInput, e))?;
+        let path = section.socket.clone();
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io_err(
+                ErrorKind::InvalidInput,
+                format!("{} is not a socket path", path.display()),
+            ));
+        };
+        if std::fs::symlink_metadata(dir).is_err() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+        let m = std::fs::symlink_metadata(dir)?;
+        if !m.is_dir() || m.uid() != me.uid() || m.mode() & 0o022 != 0 {
+            return Err(io_err(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{} must be a directory owned by uid {} and writable by no one else (it is {}, uid {}, mode {:o}); fix it or choose another [shim] socket",
+                    dir.display(),
+                    me.uid(),
+                    if m.is_dir() { "a directory" } else { "not a directory" },
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+            ));
+        }
+        if let Some(why) = shims_would_refuse(dir, me.uid()) {
+            warn!(
+                socket = %path.display(),
+                "{why}: programs under the shim will not trust this socket unless they set POOL_SHIM_DAEMON_UID={}",
+                me.uid()
+            );
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() && m.uid() == me.uid() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(io_err(
+                        ErrorKind::AddrInUse,
+                        format!("another daemon is listening on {}", path.display()),
+                    ));
+                }
+                std::fs::remove_file(&path)?;
+            }
+            Ok(_) => {
+                return Err(io_err(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket of this user's; remove it",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut nonce = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let staging = dir.join(format!(
+            ".{}.{}.new",
+            name.to_string_lossy(),
+            u64::from_be_bytes(nonce)
+        ));
+        // Fails if anything is there already: the directory is ours alone.
+        std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+        let placed = (|| {
+            let tmp = staging.join("s");
+            let unix = UnixListener::bind(&tmp)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))?;
+            std::fs::rename(&tmp, &path)?;
+            let m = std::fs::symlink_metadata(&path)?;
+            Ok::<_, std::io::Error>((unix, (m.dev(), m.ino())))
+        })();
+        let _ = std::fs::remove_file(staging.join("s"));
+        let _ = std::fs::remove_dir(&staging);
+        let (unix, file) = placed?;
+        // As every POOL listener (a deep accept queue: a burst of shimmed
+        // connects must not meet a full one, whose SYN the kernel drops).
+        let data = match crate::net::bind_tcp("127.0.0.1:0").await {
+            Ok(d) => d,
+            Err(e) => {
+                remove_ours(&path, file);
+                return Err(e);
+            }
+        };
+        Ok(ShimListener {
+            unix,
+            data,
+            path,
+            file,
+            allow,
+        })
+    }
+
+    /// Serves the socket and the data port until `stop` turns true; then
+    /// removes the socket file (if it is still ours).
+    pub async fn run(self: Arc<Self>, listener: ShimListener, mut stop: watch::Receiver<bool>) {
+        let ShimListener {
+            unix,
+            data,
+            path,
+            file,
+            allow,
+        } = listener;
+        let data_port = data.local_addr().map(|a| a.port()).unwrap_or(0);
+        let allow = Arc::new(allow);
+        let me = self.clone();
+        let data_stop = stop.clone();
+        let data_task = tokio::spawn(me.serve_data(data, data_stop));
+        loop {
+            let sock = tokio::select! {
+                r = unix.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        warn!(error = %e, "shim socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut stop) => break,
+            };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                warn!(%from, "shim connection cap reached; refusing");
-                abort_on_close(&sock);
+                warn!("shim connection cap reached; refusing");
                 continue;
             };
             let me = self.clone();
+            let allow = allow.clone();
             tokio::spawn(async move {
                 me.stats.active.fetch_add(1, Ordering::Relaxed);
-                me.handle(sock, from).await;
+                me.serve_caller(sock, &allow, data_port).await;
                 me.stats.active.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
+        drop(unix);
+        remove_ours(&path, file);
+        let _ = data_task.await;
+    }
+
+    /// The data port: each connection must present a token at once; it is
+    /// handed to the caller on the socket that sent the same token (now,
+    /// or within [`TOKEN_WAIT`]); anything else is dropped, having carried
+    /// nothing and reached no one.
+    async fn serve_data(self: Arc<Self>, data: TcpListener, mut stop: watch::Receiver<bool>) {
+        let gate = Arc::new(Semaphore::new(MAX_UNPROVEN));
+        let serial = Arc::new(AtomicU64::new(0));
+        while let Some((mut sock, from)) =
+            crate::bridge::accept_next(&data, &mut stop, "shim data port").await
+        {
+            let Ok(permit) = gate.clone().try_acquire_owned() else {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                abort_on_close(&sock);
+                continue;
+            };
+            let pending = self.pending.clone();
+            let stats = self.stats.clone();
+            let serial = serial.clone();
+            tokio::spawn(async move {
+                let mut token = [0u8; TOKEN_LEN];
+                let read = tokio::time::timeout(TOKEN_WAIT, sock.read_exact(&mut token)).await;
+                if !matches!(read, Ok(Ok(_))) {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(%from, "no token on the shim data port; closing");
+                    abort_on_close(&sock);
+                    return;
+                }
+                let n = serial.fetch_add(1, Ordering::Relaxed);
+                // Ok(caller) or Err(parked): no lock is held across a wait.
+                let caller = {
+                    let Ok(mut m) = pending.lock() else { return };
+                    match m.remove(&token) {
+                        Some(Meet::Caller(tx)) => Ok((Some(tx), sock)),
+                        Some(Meet::Conn { sock: other, .. }) => {
+                            // The same token twice: neither is trusted.
+                            abort_on_close(&other);
+                            Ok((None, sock))
+                        }
+                        None => {
+                            let parked = Meet::Conn {
+                                sock,
+                                from,
+                                serial: n,
+                                _held: permit,
+                            };
+                            m.insert(token, parked);
+                            Err(())
+                        }
+                    }
+                };
+                let (caller, sock) = match caller {
+                    Ok(c) => c,
+                    Err(()) => {
+                        tokio::time::sleep(TOKEN_WAIT).await;
+                        let expired = pending.lock().ok().and_then(|mut m| match m.get(&token) {
+                            Some(Meet::Conn { serial, .. }) if *serial == n => m.remove(&token),
+                            _ => None,
+                        });
+                        if let Some(Meet::Conn { sock, .. }) = expired {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            debug!(%from, "a token no caller sent on the shim data port; closing");
+                            abort_on_close(&sock);
+                        }
+                        return;
+                    }
+                };
+                match caller {
+                    Some(tx) => {
+                        if let Err((sock, _)) = tx.send((sock, from)) {
+                            abort_on_close(&sock);
+                        }
+                    }
+                    None => {
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                        abort_on_close(&sock);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Journals a refused caller (at most [`DENIED_PER_SEC`] a second).
+    fn deny(&self, uid: u32, gid: u32, pid: Option<i32>) {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let n = self.stats.denied.fetch_add(1, Ordering::Relaxed) + 1;
+        let log = match self.denied_window.lock() {
+            Ok(mut w) => {
+                if w.0.elapsed() >= Duration::from_secs(1) {
+                    *w = (Instant::now(), 0);
+                }
+                w.1 += 1;
+                w.1 <= DENIED_PER_SEC
+            }
+            Err(_) => false,
+        };
+        if log {
+            let reason = format!(
+                "uid {uid} (gid {gid}) is not allowed to use the shim socket: add it to [shim] allow_users or one of its groups to allow_groups"
+            );
+            warn!(uid, gid, pid, "shim caller refused: {reason}");
+            journal_to(
+                &self.journal,
+                "shim_denied",
+                json!({"uid": uid, "gid": gid, "pid": pid, "reason": reason, "denied_total": n}),
+            );
+        }
+    }
+
+    /// One caller on the Unix socket: who it is, its header, the token
+    /// exchange, then its connection is carried.
+    async fn serve_caller(&self, mut unix: UnixStream, allow: &Allow, data_port: u16) {
+        let cred = match unix.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "no credentials on a shim connection; closing");
+                return;
+            }
+        };
+        let uid = cred.uid();
+        if !allow.permits(uid, cred.gid()) {
+            self.deny(uid, cred.gid(), cred.pid());
+            let _ = unix.try_write(&encode_reply(REPLY_DENIED, 0, &[0; TOKEN_LEN]));
+            return;
+        }
+        let mut req = [0u8; REQUEST_LEN];
+        let header = match tokio::time::timeout(HEADER_WAIT, unix.read_exact(&mut req)).await {
+            Ok(Ok(_)) => {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&req[..HEADER_LEN]);
+                ShimHeader::decode(&h)
+            }
+            _ => None,
+        };
+        let Some(header) = header else {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            debug!(uid, "not a shim header; closing");
+            return;
+        };
+        let mut token = [0u8; TOKEN_LEN];
+        token.copy_from_slice(&req[HEADER_LEN..]);
+        // The shim reads GO only when it does not know the data port yet:
+        // a write that finds the caller gone is no error.
+        let _ = unix.try_write(&encode_reply(REPLY_GO, data_port, &token));
+        let (tx, rx) = oneshot::channel();
+        let early = match self.pending.lock() {
+            Ok(mut m) => match m.remove(&token) {
+                Some(Meet::Conn { sock, from, .. }) => Some((sock, from)),
+                Some(Meet::Caller(other)) => {
+                    // Two callers with one token: neither is served.
+                    drop(other);
+                    None
+                }
+                None => {
+                    m.insert(token, Meet::Caller(tx));
+                    None
+                }
+            },
+            Err(_) => return,
+        };
+        let _guard = PendingGuard(&self.pending, token);
+        let got = match early {
+            Some(x) => Some(x),
+            None => tokio::time::timeout(TOKEN_WAIT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let Some((sock, from)) = got else {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                uid,
+                pid = header.pid,
+                "the shim never presented its token; closing"
+            );
+            return;
+        };
+        // Read by shims whose kernel cannot vouch for the TCP peer.
+        let _ = unix.try_write(&encode_reply(REPLY_CONNECTED, from.port(), &token));
+        drop(unix);
+        self.carry(sock, from, header, uid).await;
     }
 
     fn route(&self, dest: SocketAddr) -> (String, Option<PublicKey>) {
@@ -473,53 +1116,78 @@ impl ShimNode {
         Ok(key)
     }
 
+    /// The open session to `peer`, dialled if there is none. The table has
+    /// one slot per peer being dialled or with an open session: a slot is
+    /// removed when its dial fails or its session closes (F11).
     async fn session(&self, peer: &str, key: PublicKey) -> Result<Session, (u8, String)> {
-        let slot = match self.sessions.lock() {
-            Ok(mut m) => m.entry(format!("{peer} {key}")).or_default().clone(),
-            Err(_) => return Err((STATUS_UNREACHABLE, "session table unavailable".into())),
+        let name = format!("{peer} {key}");
+        let (slot, mut g) = loop {
+            let slot = match self.sessions.lock() {
+                Ok(mut m) => m.entry(name.clone()).or_default().clone(),
+                Err(_) => return Err((STATUS_UNREACHABLE, "session table unavailable".into())),
+            };
+            let g = slot.clone().lock_owned().await;
+            // Removed while we waited for it: take the table's new one.
+            let current = self
+                .sessions
+                .lock()
+                .is_ok_and(|m| m.get(&name).is_some_and(|x| Arc::ptr_eq(x, &slot)));
+            if current {
+                break (slot, g);
+            }
         };
-        let mut g = slot.lock().await;
         if let Some(s) = g.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        let s = match tokio::time::timeout(
+        let dialled = match tokio::time::timeout(
             self.limits.connect_timeout,
             self.endpoint.connect(peer, key),
         )
         .await
         {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err((STATUS_REFUSED, format!("cannot reach {peer}: {e}"))),
-            Err(_) => {
-                return Err((
-                    STATUS_TIMED_OUT,
-                    format!(
-                        "{peer} did not answer within {:?}",
-                        self.limits.connect_timeout
-                    ),
-                ))
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err((STATUS_REFUSED, format!("cannot reach {peer}: {e}"))),
+            Err(_) => Err((
+                STATUS_TIMED_OUT,
+                format!(
+                    "{peer} did not answer within {:?}",
+                    self.limits.connect_timeout
+                ),
+            )),
+        };
+        let s = match dialled {
+            Ok(s) => s,
+            Err(e) => {
+                *g = None;
+                forget_slot(&self.sessions, &name, &slot);
+                return Err(e);
             }
         };
         info!(%peer, session = %s.id(), "shim session up");
         self.dialled.fetch_add(1, Ordering::Relaxed);
         *g = Some(s.clone());
+        drop(g);
+        let sessions = Arc::downgrade(&self.sessions);
+        let watched = s.clone();
+        tokio::spawn(async move {
+            watched.closed().await;
+            if let Some(m) = sessions.upgrade() {
+                // Someone holding the slot is dialling anew: leave it.
+                if let Ok(mut g) = slot.try_lock() {
+                    if g.as_ref().is_some_and(|s| s.id() == watched.id()) {
+                        *g = None;
+                        forget_slot(&m, &name, &slot);
+                    }
+                }
+            }
+        });
         Ok(s)
     }
 
-    async fn handle(&self, mut sock: TcpStream, from: SocketAddr) {
+    /// Carries a program's connection, proven by its token, to the
+    /// destination named in its header.
+    async fn carry(&self, mut sock: TcpStream, from: SocketAddr, header: ShimHeader, uid: u32) {
         let _ = sock.set_nodelay(true);
-        let mut h = [0u8; HEADER_LEN];
-        let header =
-            match tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut h)).await {
-                Ok(Ok(_)) => ShimHeader::decode(&h),
-                _ => None,
-            };
-        let Some(header) = header else {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            debug!(%from, "not a shim header; closing");
-            abort_on_close(&sock);
-            return;
-        };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let dest = header.destination;
         let want_status = header.flags & FLAG_WANT_STATUS != 0;
@@ -582,17 +1250,19 @@ impl ShimNode {
                     return;
                 }
                 self.stats.streams.fetch_add(1, Ordering::Relaxed);
-                bump(&self.per_session, &session.id().to_string());
+                self.per_session
+                    .bump(&session.id().to_string(), || Some(session.clone()));
                 splice(sock, rs, ws, self.limits.idle_timeout, &self.bytes).await;
             }
             Err((status, reason)) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                warn!(pid = header.pid, destination = %dest, %peer, "shim connection failed: {reason}");
+                warn!(pid = header.pid, uid, destination = %dest, %peer, "shim connection failed: {reason}");
                 journal_to(
                     &self.journal,
                     "shim_failed",
                     json!({
                         "pid": header.pid,
+                        "uid": uid,
                         "destination": dest.to_string(),
                         "peer": peer,
                         "reason": reason,
@@ -615,7 +1285,7 @@ mod tests {
     #[test]
     fn header_test_vector() {
         let h: [u8; 28] = [
-            b'P', b'S', b'H', b'1', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
+            b'P', b'S', b'H', b'2', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
             1, 2, 3, 1, 2, 3, 4,
         ];
         assert_eq!(
@@ -629,6 +1299,145 @@ mod tests {
         let mut bad = h;
         bad[0] = b'X';
         assert_eq!(ShimHeader::decode(&bad), None);
+    }
+
+    /// The same bytes as `pool_shim::wire`'s reply vector.
+    #[test]
+    fn reply_test_vector() {
+        let mut want = [0u8; REPLY_LEN];
+        want[..4].copy_from_slice(&[1, 0, 0x9c, 0x40]);
+        want[4..].copy_from_slice(b"0123456789abcdef");
+        assert_eq!(encode_reply(REPLY_GO, 0x9c40, b"0123456789abcdef"), want);
+    }
+
+    fn section(users: &str, groups: &str) -> ShimSection {
+        let text = format!("[shim]\nallow_users = {users}\nallow_groups = {groups}\n");
+        // Not Config::parse: that checks names against this host's files.
+        toml::from_str::<crate::config::Config>(&text)
+            .expect("parse")
+            .shim
+            .expect("[shim]")
+    }
+
+    #[test]
+    fn allow_users_and_groups_by_name_or_id() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nalice:x:1001:1001::/home/alice:/bin/sh\n\
+                      bob:x:1002:1002::/home/bob:/bin/sh\ncarol:x:1003:1003::/:/bin/sh\n";
+        let group = "root:x:0:\nops:x:2000:bob,carol\nalice:x:1001:\n";
+        // Default: the daemon's own uid and root, nobody else.
+        let a = Allow::resolve(&section("[]", "[]"), 998, passwd, group).expect("resolve");
+        assert!(a.permits(0, 0) && a.permits(998, 998));
+        assert!(!a.permits(1001, 1001) && !a.permits(4242, 4242));
+        // Names and ids, as strings or numbers.
+        let a = Allow::resolve(
+            &section("[\"alice\", 4242, \"4243\"]", "[]"),
+            998,
+            passwd,
+            group,
+        )
+        .expect("resolve");
+        for uid in [0, 998, 1001, 4242, 4243] {
+            assert!(a.permits(uid, 65534), "{uid}");
+        }
+        assert!(!a.permits(1002, 1002));
+        // A group: its gid as the caller's group, or its listed members.
+        let a =
+            Allow::resolve(&section("[]", "[\"ops\", 3000]"), 998, passwd, group).expect("resolve");
+        assert!(
+            a.permits(1002, 1002) && a.permits(1003, 1003),
+            "members of ops"
+        );
+        assert!(
+            a.permits(5000, 2000) && a.permits(5000, 3000),
+            "primary group"
+        );
+        assert!(!a.permits(1001, 1001));
+        let e = Allow::resolve(&section("[\"mallory\"]", "[]"), 998, passwd, group).unwrap_err();
+        assert!(e.contains("no user `mallory`"), "{e}");
+        let e = Allow::resolve(&section("[]", "[\"nogroup\"]"), 998, passwd, group).unwrap_err();
+        assert!(e.contains("no group `nogroup`"), "{e}");
+    }
+
+    fn key(seed: u8) -> pool_net::SecretKey {
+        pool_net::SecretKey::from_bytes([seed; 32])
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// F11: the source's per-peer session table and per-session counts,
+    /// and the destination's per-session counts, lose a session's entries
+    /// when it closes; a failed dial leaves nothing behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_session_tables_are_pruned_when_sessions_end() {
+        let (skey, dkey) = (key(7), key(9));
+        let dest = Endpoint::bind(
+            "127.0.0.1:0",
+            pool_net::EndpointConfig::new(dkey.clone())
+                .trust(Trust::new().allow(skey.public_key())),
+        )
+        .await
+        .expect("bind");
+        let daddr = dest.local_addr().expect("addr").to_string();
+        let source = Endpoint::client(
+            pool_net::EndpointConfig::new(skey).trust(Trust::new().allow(dkey.public_key())),
+        );
+        let node = ShimNode::new(
+            source,
+            &[],
+            Trust::new(),
+            9253,
+            Limits {
+                connect_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            None,
+        );
+        let expose = ShimExpose::default();
+        expose.track_sessions(dest.clone());
+
+        for _ in 0..3 {
+            let s = node.session(&daddr, dkey.public_key()).await.expect("dial");
+            let id = s.id().to_string();
+            node.per_session.bump(&id, || Some(s.clone()));
+            node.per_session.bump(&id, || None);
+            assert_eq!(node.per_session(&id), 2);
+            let ds = dest.accept().await.expect("accepted");
+            let did = ds.id().to_string();
+            expose.per_session.bump(&did, || {
+                dest.sessions()
+                    .into_iter()
+                    .find(|x| x.id().to_string() == did)
+            });
+            assert_eq!(expose.per_session(&did), 1);
+            assert_eq!(node.tables(), (1, 1, 0));
+            assert_eq!(expose.sessions_tracked(), 1);
+            // A peer that is not there: its slot goes with the failure.
+            let e = node.session("127.0.0.1:1", key(3).public_key()).await;
+            assert!(e.is_err());
+            assert_eq!(node.tables().0, 1, "failed dial left a slot");
+            s.close("test").await;
+            wait_until("source tables pruned", || node.tables() == (0, 0, 0)).await;
+            wait_until("destination counts pruned", || {
+                expose.sessions_tracked() == 0
+            })
+            .await;
+            assert_eq!(node.per_session(&id), 0);
+        }
+        // A closed session is never counted again.
+        let s = node.session(&daddr, dkey.public_key()).await.expect("dial");
+        s.close("test").await;
+        node.per_session
+            .bump(&s.id().to_string(), || Some(s.clone()));
+        wait_until("nothing for a closed session", || {
+            node.tables() == (0, 0, 0)
+        })
+        .await;
     }
 
     #[test]

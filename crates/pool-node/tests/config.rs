@@ -54,7 +54,8 @@ fn example_config_has_the_shim_sections() {
     let (cfg, _) = Config::load(&path).expect("docs/pool.example.toml must stay valid");
     let shim = cfg.shim.expect("[shim]");
     assert!(shim.enabled);
-    assert_eq!(shim.listen, "127.0.0.1:9256");
+    assert_eq!(shim.socket, Path::new("/run/pool/shim.sock"));
+    assert!(shim.allow_users.is_empty() && shim.allow_groups.is_empty());
     assert_eq!(shim.default_peer_port, 9253);
     assert_eq!(cfg.route[0].cidr, "10.4.4.0/24");
     assert_eq!(cfg.expose[0].port, 80);
@@ -70,9 +71,19 @@ fn shim_sections_are_checked() {
     };
     let defaults = Config::parse("[shim]\n", Path::new("x.toml")).expect("[shim] alone");
     assert_eq!(
-        defaults.shim.map(|s| s.listen),
-        Some("127.0.0.1:9256".into())
+        defaults.shim.map(|s| s.socket),
+        Some("/run/pool/shim.sock".into())
     );
+    let e = parse("[shim]\nlisten = \"127.0.0.1:9256\"\n").unwrap_err();
+    assert!(
+        e.contains("[shim] listen") && e.contains("Unix socket"),
+        "{e}"
+    );
+    let e = parse("[shim]\nsocket = \"relative.sock\"\n").unwrap_err();
+    assert!(e.contains("absolute path"), "{e}");
+    let e = parse("[shim]\nallow_users = [\"no-such-user-here\"]\n").unwrap_err();
+    assert!(e.contains("no user `no-such-user-here`"), "{e}");
+    parse("[shim]\nallow_users = [\"root\", 4242]\nallow_groups = [0]\n").expect("names and ids");
     let e = parse("[[route]]\ncidr = \"10.0.0.0/33\"\npeer = \"h:1\"\n").unwrap_err();
     assert!(e.contains("not an address range"), "{e}");
     let e =

@@ -1,10 +1,12 @@
 //! The shim's settings, read once from the environment when the library
 //! is loaded.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-/// Where the local daemon's shim listener is when `POOL_SHIM_DAEMON` is unset.
-pub const DEFAULT_DAEMON: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9256);
+/// The daemon's shim socket when `POOL_SHIM_SOCKET` is unset (the
+/// daemon's `[shim] socket` default).
+pub const DEFAULT_SOCKET: &str = "/run/pool/shim.sock";
 
 /// Which destination ports are carried over POOL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,8 +72,12 @@ pub struct Settings {
     pub fallback: bool,
     /// `POOL_SHIM_PORTS`.
     pub ports: Ports,
-    /// `POOL_SHIM_DAEMON`.
-    pub daemon: SocketAddr,
+    /// `POOL_SHIM_SOCKET`: the daemon's Unix socket.
+    pub socket: PathBuf,
+    /// `POOL_SHIM_DAEMON_UID`: the only uid (besides root) the daemon may
+    /// run as. Unset: the owner of the socket's directory, which must be
+    /// safe (see [`crate::peer`]).
+    pub daemon_uid: Option<u32>,
 }
 
 fn truthy(v: Option<&str>) -> bool {
@@ -92,23 +98,43 @@ impl Settings {
                 "POOL_SHIM_PORTS: `{b}` is not a port or a range (skipped)"
             ));
         }
-        let daemon = match get("POOL_SHIM_DAEMON") {
-            Some(t) if !t.trim().is_empty() => match t.trim().parse::<SocketAddr>() {
-                Ok(a) => a,
+        let socket = match get("POOL_SHIM_SOCKET") {
+            Some(t) if t.trim().starts_with('/') => PathBuf::from(t.trim()),
+            Some(t) if !t.trim().is_empty() => {
+                problems.push(format!(
+                    "POOL_SHIM_SOCKET: `{t}` is not an absolute path; using {DEFAULT_SOCKET}"
+                ));
+                PathBuf::from(DEFAULT_SOCKET)
+            }
+            _ => PathBuf::from(DEFAULT_SOCKET),
+        };
+        if get("POOL_SHIM_DAEMON").is_some_and(|t| !t.trim().is_empty()) {
+            problems.push(
+                "POOL_SHIM_DAEMON is no longer used: the daemon is reached over its Unix socket (POOL_SHIM_SOCKET)"
+                    .to_string(),
+            );
+        }
+        let mut disabled = truthy(get("POOL_SHIM_DISABLE").as_deref());
+        let daemon_uid = match get("POOL_SHIM_DAEMON_UID") {
+            Some(t) if !t.trim().is_empty() => match t.trim().parse::<u32>() {
+                Ok(u) => Some(u),
                 Err(_) => {
+                    // Never guess who the daemon is: carry nothing.
                     problems.push(format!(
-                        "POOL_SHIM_DAEMON: `{t}` is not IP:PORT; using {DEFAULT_DAEMON}"
+                        "POOL_SHIM_DAEMON_UID: `{t}` is not a numeric uid; the shim is off in this process"
                     ));
-                    DEFAULT_DAEMON
+                    disabled = true;
+                    None
                 }
             },
-            _ => DEFAULT_DAEMON,
+            _ => None,
         };
         let s = Settings {
-            disabled: truthy(get("POOL_SHIM_DISABLE").as_deref()),
+            disabled,
             fallback: truthy(get("POOL_SHIM_FALLBACK").as_deref()),
             ports,
-            daemon,
+            socket,
+            daemon_uid,
         };
         (s, problems)
     }
@@ -116,10 +142,7 @@ impl Settings {
     /// Whether a connection to `dest` (v4-mapped addresses already
     /// unwrapped) goes through the daemon.
     pub fn intercepts(&self, dest: SocketAddr) -> bool {
-        !self.disabled
-            && dest.port() != 0
-            && self.ports.selected(dest.port())
-            && dest != self.daemon
+        !self.disabled && dest.port() != 0 && self.ports.selected(dest.port())
     }
 }
 
@@ -156,20 +179,35 @@ mod tests {
         let (s, problems) = settings(&[]);
         assert!(problems.is_empty());
         assert!(!s.fallback && !s.disabled);
-        assert_eq!(s.daemon, DEFAULT_DAEMON);
+        assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(s.daemon_uid, None);
         assert!(s.intercepts("10.0.0.1:80".parse().unwrap()));
-        assert!(!s.intercepts(DEFAULT_DAEMON), "never the daemon itself");
         let (s, problems) = settings(&[
             ("POOL_SHIM_PORTS", "80"),
             ("POOL_SHIM_FALLBACK", "1"),
-            ("POOL_SHIM_DAEMON", "[::1]:7000"),
+            ("POOL_SHIM_SOCKET", "/run/other/shim.sock"),
+            ("POOL_SHIM_DAEMON_UID", "998"),
         ]);
         assert!(problems.is_empty());
         assert!(s.fallback);
+        assert_eq!(s.socket, PathBuf::from("/run/other/shim.sock"));
+        assert_eq!(s.daemon_uid, Some(998));
         assert!(s.intercepts("[fd00::1]:80".parse().unwrap()));
         assert!(!s.intercepts("10.0.0.1:81".parse().unwrap()));
-        let (s, problems) = settings(&[("POOL_SHIM_DISABLE", "1"), ("POOL_SHIM_DAEMON", "nope")]);
+        let (s, problems) = settings(&[
+            ("POOL_SHIM_DISABLE", "1"),
+            ("POOL_SHIM_SOCKET", "relative.sock"),
+        ]);
         assert_eq!(problems.len(), 1);
+        assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
         assert!(!s.intercepts("10.0.0.1:80".parse().unwrap()));
+        // The old TCP address is gone, and said so; a uid that is not a
+        // number turns the shim off rather than trusting anyone.
+        let (s, problems) = settings(&[
+            ("POOL_SHIM_DAEMON", "127.0.0.1:9256"),
+            ("POOL_SHIM_DAEMON_UID", "root"),
+        ]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(s.disabled);
     }
 }

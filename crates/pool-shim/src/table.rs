@@ -18,7 +18,8 @@ pub const IN_PROGRESS: u8 = 1;
 pub const CONNECTED: u8 = 2;
 
 /// One descriptor's entry. `meta` packs `state u8 | addr_len u8 << 8 |
-/// local_port u16 << 16`; `addr` holds the program's `sockaddr` bytes.
+/// local_port u16 << 16 | daemon_port u16 << 32`; `addr` holds the
+/// program's `sockaddr` bytes.
 struct Slot {
     meta: AtomicU64,
     addr: [AtomicU64; 4],
@@ -47,6 +48,8 @@ pub struct Entry {
     pub state: u8,
     /// The socket's local port (to tell a stale entry from a live one).
     pub local_port: u16,
+    /// The daemon's loopback data port the socket is connected to.
+    pub daemon_port: u16,
     /// Length of the program's address.
     pub len: u8,
     /// The program's `sockaddr`, as it passed it to `connect`.
@@ -72,6 +75,7 @@ pub fn get(fd: i32) -> Option<Entry> {
         state: (meta & 0xff) as u8,
         len: ((meta >> 8) & 0xff) as u8,
         local_port: ((meta >> 16) & 0xffff) as u16,
+        daemon_port: ((meta >> 32) & 0xffff) as u16,
         addr,
     })
 }
@@ -88,7 +92,10 @@ pub fn set(fd: i32, e: Option<&Entry>) {
                 b.copy_from_slice(&e.addr[i * 8..i * 8 + 8]);
                 w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
             }
-            let meta = u64::from(e.state) | u64::from(e.len) << 8 | u64::from(e.local_port) << 16;
+            let meta = u64::from(e.state)
+                | u64::from(e.len) << 8
+                | u64::from(e.local_port) << 16
+                | u64::from(e.daemon_port) << 32;
             s.meta.store(meta, Ordering::Release);
         }
     }
@@ -138,6 +145,7 @@ mod tests {
         let e = Entry {
             state: IN_PROGRESS,
             local_port: 40000,
+            daemon_port: 41000,
             len: 16,
             addr,
         };

@@ -1,11 +1,21 @@
-//! What the shim tells the local daemon at the start of each connection
-//! (the daemon's `pool_node::shim` reads the same 28 bytes; both test the
-//! same vector, and `docs/shim.md` specifies it).
+//! What the shim and the local daemon say to each other at the start of
+//! each connection (the daemon's `pool_node::shim` has the same codec; both
+//! test the same vectors, and `docs/shim.md` specifies them).
+//!
+//! Over the daemon's Unix socket: the shim sends the 28-byte header and a
+//! 16-byte one-time token it drew; the daemon answers with a
+//! [`REPLY_LEN`]-byte reply, `GO` (its loopback data port) or `DENIED`.
+//! The shim connects the program's own TCP socket to the data port and
+//! sends the token first; once the daemon has paired that connection with
+//! the header it answers `CONNECTED` on the Unix socket, naming the local
+//! port of the TCP connection that presented the token. The shim reads
+//! `GO` and `CONNECTED` only when it must (see `docs/shim.md`).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-/// `PSH1`: a shim connection, header version 1.
-pub const MAGIC: [u8; 4] = *b"PSH1";
+/// `PSH2`: a shim connection, header version 2 (version 1 went over TCP
+/// to a fixed loopback port and is gone).
+pub const MAGIC: [u8; 4] = *b"PSH2";
 /// Length of the header.
 pub const HEADER_LEN: usize = 28;
 /// Flag: the program's socket is blocking; answer with one status byte
@@ -23,6 +33,53 @@ pub const STATUS_TIMED_OUT: u8 = 2;
 pub const STATUS_UNREACHABLE: u8 = 3;
 /// Status byte: the destination's daemon does not expose that port.
 pub const STATUS_NOT_EXPOSED: u8 = 4;
+
+/// Length of what the shim sends on the Unix socket: header, then token.
+pub const REQUEST_LEN: usize = HEADER_LEN + TOKEN_LEN;
+/// Length of each reply on the Unix socket.
+pub const REPLY_LEN: usize = 20;
+/// Length of the token.
+pub const TOKEN_LEN: usize = 16;
+/// Reply: connect the program's socket to `127.0.0.1:port` and send the
+/// token on it (the token field echoes the shim's).
+pub const REPLY_GO: u8 = 1;
+/// Reply: the TCP connection from `port` presented the token.
+pub const REPLY_CONNECTED: u8 = 2;
+/// Reply: this user may not use the daemon (`[shim] allow_users`).
+pub const REPLY_DENIED: u8 = 3;
+
+/// A reply from the daemon: `kind u8, reserved u8, port u16be, token[16]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// [`REPLY_GO`], [`REPLY_CONNECTED`] or [`REPLY_DENIED`].
+    pub kind: u8,
+    /// `GO`: the data port; `CONNECTED`: the program socket's local port.
+    pub port: u16,
+    /// The one-time token (zero in `DENIED`).
+    pub token: [u8; TOKEN_LEN],
+}
+
+impl Reply {
+    /// The 20 bytes.
+    pub fn encode(&self) -> [u8; REPLY_LEN] {
+        let mut b = [0u8; REPLY_LEN];
+        b[0] = self.kind;
+        b[2..4].copy_from_slice(&self.port.to_be_bytes());
+        b[4..].copy_from_slice(&self.token);
+        b
+    }
+
+    /// From 20 bytes.
+    pub fn decode(b: &[u8; REPLY_LEN]) -> Reply {
+        let mut token = [0u8; TOKEN_LEN];
+        token.copy_from_slice(&b[4..]);
+        Reply {
+            kind: b[0],
+            port: u16::from_be_bytes([b[2], b[3]]),
+            token,
+        }
+    }
+}
 
 /// `magic[4] flags u8, reserved u8, port u16be, address[16] (IPv4 as
 /// v4-mapped IPv6), pid u32be`.
@@ -79,7 +136,7 @@ mod tests {
             0x0102_0304,
         );
         let want: [u8; 28] = [
-            b'P', b'S', b'H', b'1', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
+            b'P', b'S', b'H', b'2', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
             1, 2, 3, 1, 2, 3, 4,
         ];
         assert_eq!(h, want);
@@ -89,5 +146,20 @@ mod tests {
         );
         let v6: SocketAddr = "[fd00::7]:443".parse().unwrap();
         assert_eq!(decode(&encode(v6, 0, 9)), Some((v6, 0, 9)));
+    }
+
+    /// The same bytes are checked by `pool_node::shim`'s tests.
+    #[test]
+    fn reply_test_vector() {
+        let r = Reply {
+            kind: REPLY_GO,
+            port: 0x9c40,
+            token: *b"0123456789abcdef",
+        };
+        let mut want = [0u8; REPLY_LEN];
+        want[..4].copy_from_slice(&[1, 0, 0x9c, 0x40]);
+        want[4..].copy_from_slice(b"0123456789abcdef");
+        assert_eq!(r.encode(), want);
+        assert_eq!(Reply::decode(&want), r);
     }
 }

@@ -1295,6 +1295,41 @@ impl World {
                 continue;
             }
             let name = self.nodes[n].name;
+            // Every queue the peer can make grow, against its bound.
+            let z = s.debug_sizes();
+            let peer_cap = self.lim.max_streams as usize;
+            for (what, size, bound) in [
+                (
+                    "replay buffer bytes",
+                    z.replay_bytes,
+                    self.lim.replay_buffer,
+                ),
+                (
+                    "receive buffer bytes",
+                    z.recv_buffered,
+                    self.lim.session_window as usize,
+                ),
+                ("peer-opened streams", z.peer_streams, peer_cap),
+                ("pongs owed", z.pongs, 16),
+                (
+                    "stream credit updates",
+                    z.max_stream_data_queue,
+                    peer_cap + z.local_streams,
+                ),
+                ("blocked writers", z.blocked, peer_cap + z.local_streams),
+                (
+                    "resets waiting",
+                    z.pending_resets,
+                    peer_cap + z.local_streams,
+                ),
+            ] {
+                if size > bound {
+                    return Err(Violation::new(
+                        Kind::Bound,
+                        format!("{name}: {size} {what}, bound {bound} ({z:?})"),
+                    ));
+                }
+            }
             let pending = s.pending_bytes();
             if pending > self.lim.replay_buffer {
                 return Err(Violation::new(

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use pool_sim::check::{NonceBook, StreamBook};
-use pool_sim::{run_schedule, Attack, Attacks, Kind, Options, Outcome, Plant};
+use pool_sim::{run_schedule, Attacks, Kind, Options, Outcome, Plant};
 
 /// Schedules in the budget: 20,000 in release (about 100 s on two busy
 /// cores, well under 3 minutes); debug builds run the crypto unoptimised,

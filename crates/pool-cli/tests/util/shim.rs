@@ -1,6 +1,11 @@
 //! Helpers for the shim tests: the library itself, and two daemons on
 //! loopback — `source` (with `[shim]` and a `[[route]]` sending
 //! 127.0.0.1/32 to `dest`) and `dest` (with `[[expose]]` ports).
+//!
+//! The source daemon's shim socket is in a directory under `/run` (see
+//! [`RunDir`]), not in the test's temp dir: the shim trusts a socket only
+//! where no one but its owner could have made it, and `/tmp` is writable
+//! by everyone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,12 +41,54 @@ pub fn shim_lib() -> PathBuf {
     .clone()
 }
 
+/// A directory for a daemon's shim socket, `/run/pool-cli-tests/NAME`
+/// (the daemon creates it), removed when dropped. Tests run as root.
+pub struct RunDir(PathBuf);
+
+impl RunDir {
+    pub fn new(dir: &TempDir) -> RunDir {
+        let base = Path::new("/run/pool-cli-tests");
+        let name = dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "x".into());
+        // Keep the socket path under the 108 bytes of sun_path.
+        let name: String = name
+            .chars()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        RunDir(base.join(name))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The socket path in it.
+    pub fn socket(&self) -> String {
+        self.0.join("shim.sock").display().to_string()
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The two daemons.
 pub struct ShimNodes {
     pub source: Proc,
     pub dest: Proc,
-    /// Where programs under the shim connect (`POOL_SHIM_DAEMON`).
-    pub shim_addr: String,
+    /// The source daemon's shim socket (`POOL_SHIM_SOCKET`).
+    pub shim_socket: String,
+    /// Its directory.
+    pub run_dir: RunDir,
     pub source_control: PathBuf,
     pub dest_control: PathBuf,
     pub source_journal: PathBuf,
@@ -72,7 +119,8 @@ fn daemon(name: &str, config: &Path, dir: &TempDir, preload: bool) -> Proc {
     if preload {
         cmd.env("LD_PRELOAD", shim_lib())
             .env_remove("POOL_SHIM_PORTS")
-            .env_remove("POOL_SHIM_DAEMON")
+            .env_remove("POOL_SHIM_SOCKET")
+            .env_remove("POOL_SHIM_DAEMON_UID")
             .env_remove("POOL_SHIM_FALLBACK");
     }
     Proc::spawn(name, cmd, dir)
@@ -85,6 +133,18 @@ pub fn shim_nodes_full(
     ports: &[u16],
     routes: &str,
     preload_daemons: bool,
+) -> ShimNodes {
+    shim_nodes_custom(dir, ports, routes, preload_daemons, "")
+}
+
+/// As [`shim_nodes_full`], with more keys for the source's `[shim]`
+/// section (`allow_users = [4242]`).
+pub fn shim_nodes_custom(
+    dir: &TempDir,
+    ports: &[u16],
+    routes: &str,
+    preload_daemons: bool,
+    shim_extra: &str,
 ) -> ShimNodes {
     let (skey, spub) = keygen(dir, "source");
     let (dkey, dpub) = keygen(dir, "dest");
@@ -106,12 +166,14 @@ pub fn shim_nodes_full(
     let routes = routes
         .replace("{dest}", &pool_addr)
         .replace("{dest_key}", &dpub);
+    let run_dir = RunDir::new(dir);
     let text = format!(
         "[node]\nkey = \"{}\"\nlisten = \"\"\ncontrol = \"{d}/source.sock\"\n\
          journal = \"{d}/source-journal.log\"\nmetrics = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\n\n\
-         [shim]\nlisten = \"127.0.0.1:0\"\nconnect_timeout_secs = 3\n\n{routes}\n\
+         [shim]\nsocket = \"{}\"\nconnect_timeout_secs = 3\n{shim_extra}\n{routes}\n\
          [[route]]\ncidr = \"127.0.0.1/32\"\npeer = \"{pool_addr}\"\npeer_key = \"{dpub}\"\n",
-        skey.display()
+        skey.display(),
+        run_dir.socket()
     );
     std::fs::write(dir.join("source.toml"), text).expect("write source.toml");
     let mut source = daemon(
@@ -120,13 +182,15 @@ pub fn shim_nodes_full(
         dir,
         preload_daemons,
     );
-    let shim_addr = source.wait_log("shim listener on ", Duration::from_secs(10));
+    let shim_socket = source.wait_log("shim listener on ", Duration::from_secs(10));
+    assert_eq!(shim_socket, run_dir.socket());
     let source_metrics = source.wait_log("metrics at http://", Duration::from_secs(10));
     let source_metrics = source_metrics.trim_end_matches("/metrics").to_string();
     ShimNodes {
         source,
         dest,
-        shim_addr,
+        shim_socket,
+        run_dir,
         source_control: dir.join("source.sock"),
         dest_control: dir.join("dest.sock"),
         source_journal: dir.join("source-journal.log"),
@@ -139,15 +203,61 @@ pub fn shim_nodes_full(
 }
 
 /// `program` under the shim, carrying connections to `ports` through the
-/// daemon at `shim_addr`.
-pub fn shimmed(program: &str, shim_addr: &str, ports: &str) -> Command {
+/// daemon whose socket is `shim_socket`.
+pub fn shimmed(program: &str, shim_socket: &str, ports: &str) -> Command {
     let mut c = Command::new(program);
     c.env("LD_PRELOAD", shim_lib())
-        .env("POOL_SHIM_DAEMON", shim_addr)
+        .env("POOL_SHIM_SOCKET", shim_socket)
         .env("POOL_SHIM_PORTS", ports)
+        .env_remove("POOL_SHIM_DAEMON")
+        .env_remove("POOL_SHIM_DAEMON_UID")
         .env_remove("POOL_SHIM_FALLBACK")
         .env_remove("POOL_SHIM_DISABLE");
     c
+}
+
+/// As [`shimmed`], run as `uid` (and gid `uid`, no supplementary groups)
+/// through `setpriv`; no account needs to exist.
+pub fn shimmed_as(uid: u32, program: &str, shim_socket: &str, ports: &str) -> Command {
+    require_program("setpriv", "util-linux");
+    let mut c = shimmed("setpriv", shim_socket, ports);
+    c.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "--",
+        program,
+    ])
+    .env("HOME", "/");
+    c
+}
+
+/// Asks the daemon at `shim_socket` for a data port the way the shim
+/// does (a header for `dest`), returning the open Unix connection and the
+/// `GO` reply's port and token (the 16 bytes it sent after the header).
+pub fn ask_for_data_port(
+    shim_socket: &str,
+    dest: std::net::SocketAddr,
+) -> (std::os::unix::net::UnixStream, u16, [u8; 16]) {
+    use std::io::{Read, Write};
+    let mut u = std::os::unix::net::UnixStream::connect(shim_socket).expect("connect shim socket");
+    u.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut h = [0u8; 44];
+    h[..4].copy_from_slice(b"PSH2");
+    h[28..].copy_from_slice(b"not a real token");
+    h[6..8].copy_from_slice(&dest.port().to_be_bytes());
+    let ip = match dest.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    h[8..24].copy_from_slice(&ip.octets());
+    u.write_all(&h).expect("send header");
+    let mut r = [0u8; 20];
+    u.read_exact(&mut r).expect("GO reply");
+    assert_eq!(r[0], 1, "GO reply: {r:?}");
+    let mut token = [0u8; 16];
+    token.copy_from_slice(&r[4..]);
+    (u, u16::from_be_bytes([r[2], r[3]]), token)
 }
 
 /// `pool ctl status --json`.
