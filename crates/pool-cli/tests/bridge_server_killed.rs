@@ -1,7 +1,8 @@
-//! The pool2tcp process dies (SIGKILL) in the middle of a transfer: the
-//! TCP client learns it within seconds (a reset, not a hang and not a
-//! clean end), and once pool2tcp is back on the same port, the same
-//! running tcp2pool carries new connections again.
+//! The pool2tcp process dies (SIGKILL) in the middle of a transfer and is
+//! started again on the same port: the TCP client learns within seconds
+//! that its transfer was cut (a reset, not a hang and not a clean end: the
+//! restarted process proves it lost the session), and the same running
+//! tcp2pool carries new connections again.
 mod util;
 
 use std::time::{Duration, Instant};
@@ -55,6 +56,22 @@ async fn pool2tcp_killed_mid_transfer_then_restarted() {
     assert!(first.is_ok(), "only {got} bytes in 10 s before the kill");
 
     pair.server.kill9();
+    // pool2tcp again, same key, same port (what a supervisor does). The
+    // killed process's sessions are gone: the restarted one proves that
+    // with its static key when the client resumes, and only that proof
+    // ends the session (refused dials alone, which anyone on the path could
+    // forge, do not).
+    let client_pub = pair.client_pub.clone();
+    let (server, addr) = start_pool2tcp_on(
+        &dir,
+        "pool2tcp-restarted",
+        &pair.server_key,
+        &pair.pool_addr,
+        &target,
+        &["--allow", &client_pub],
+    );
+    assert_eq!(addr, pair.pool_addr);
+    pair.server = server;
     let t0 = Instant::now();
     let end = tokio::time::timeout(Duration::from_secs(6), async {
         loop {
@@ -68,29 +85,16 @@ async fn pool2tcp_killed_mid_transfer_then_restarted() {
     .await;
     let took = t0.elapsed();
     match end {
-        Err(_) => panic!("the client was still waiting 6 s after pool2tcp was killed"),
+        Err(_) => panic!("the client was still waiting 6 s after pool2tcp restarted"),
         Ok(Ok(())) => panic!(
             "pool2tcp was killed mid-transfer but the client saw a clean end of stream \
              after {took:?}: an interrupted transfer must not look complete"
         ),
         Ok(Err(e)) => {
-            eprintln!("client saw `{e}` {took:?} after pool2tcp was killed ({got} bytes in all)")
+            eprintln!("client saw `{e}` {took:?} after pool2tcp restarted ({got} bytes in all)")
         }
     }
     drop(s);
-
-    // pool2tcp again, same key, same port.
-    let client_pub = pair.client_pub.clone();
-    let (server, addr) = start_pool2tcp_on(
-        &dir,
-        "pool2tcp-restarted",
-        &pair.server_key,
-        &pair.pool_addr,
-        &target,
-        &["--allow", &client_pub],
-    );
-    assert_eq!(addr, pair.pool_addr);
-    pair.server = server;
     pair.client.assert_running();
 
     let t1 = Instant::now();

@@ -1,6 +1,9 @@
 //! A daemon killed (SIGKILL) in the middle of a download by `curl` under
-//! the shim: curl fails with an error, promptly — it never hangs and never
-//! reports success for a cut transfer. (curl is rate-limited to 2 MB/s, so
+//! the shim: curl fails with an error — it never hangs and never reports
+//! success for a cut transfer. With the destination gone (and not
+//! restarted, so nothing can prove the session gone), the source's session
+//! waits out its resume deadline (15 s in these daemons, 60 s by default):
+//! refused dials, which anyone on the path could forge, do not end it. (curl is rate-limited to 2 MB/s, so
 //! it takes a few seconds to read what its socket had already buffered
 //! before it sees the end.)
 mod util;

@@ -539,7 +539,15 @@ impl Endpoint {
         }
         .map_err(|source| Error::Handshake {
             addr: addr.clone(),
-            source,
+            source: match source {
+                // The listener does not name our key (it would cross the
+                // wire in clear); we do, so our operator can pass it on.
+                HandshakeError::Refused { code: 4, reason } => HandshakeError::Refused {
+                    code: 4,
+                    reason: format!("{reason} (this node's key: {})", cfg.key.public_key()),
+                },
+                other => other,
+            },
         })?;
         debug!(to = %addr, session = %core.id(), cipher = core.cipher().name(), "session established");
         Ok(session::spawn(core, carrier, Some(dialer), None, paths))

@@ -199,6 +199,16 @@ pub struct NodeSection {
     /// `handshake_refusals` line per this many seconds with the count.
     #[serde(default = "default_refusal_window")]
     pub refusal_window_secs: u64,
+    /// How long a session without a carrier waits to resume before it
+    /// closes: seconds. A peer that is gone for good (killed and not
+    /// restarted) looks like a cut path until then, since refusals that
+    /// anyone on the path could forge do not end a session.
+    #[serde(default = "default_resume_deadline")]
+    pub resume_deadline_secs: u64,
+}
+
+fn default_resume_deadline() -> u64 {
+    60
 }
 
 fn default_refusal_window() -> u64 {
@@ -226,6 +236,7 @@ impl Default for NodeSection {
             direct_retry_secs: default_direct_retry(),
             probe_timeout_ms: default_probe_timeout(),
             refusal_window_secs: default_refusal_window(),
+            resume_deadline_secs: default_resume_deadline(),
         }
     }
 }

@@ -775,6 +775,7 @@ pub async fn start(
     protocol.probe_timeout(Some(Duration::from_millis(
         cfg.node.probe_timeout_ms.max(50),
     )));
+    protocol.resume_deadline(Duration::from_secs(cfg.node.resume_deadline_secs.max(1)));
     if let Some(every) = test_rekey_after() {
         protocol.rekey_after(every);
     }

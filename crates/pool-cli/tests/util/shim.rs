@@ -169,7 +169,7 @@ pub fn shim_nodes_custom(
     let run_dir = RunDir::new(dir);
     let text = format!(
         "[node]\nkey = \"{}\"\nlisten = \"\"\ncontrol = \"{d}/source.sock\"\n\
-         journal = \"{d}/source-journal.log\"\nmetrics = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\n\n\
+         journal = \"{d}/source-journal.log\"\nmetrics = \"127.0.0.1:0\"\ndrain_timeout_secs = 1\nresume_deadline_secs = 15\n\n\
          [shim]\nsocket = \"{}\"\nconnect_timeout_secs = 3\n{shim_extra}\n{routes}\n\
          [[route]]\ncidr = \"127.0.0.1/32\"\npeer = \"{pool_addr}\"\npeer_key = \"{dpub}\"\n",
         skey.display(),
