@@ -421,6 +421,9 @@ impl Session {
             // Kept (and its slot taken) until its RESET_STREAM is queued.
             return;
         }
+        // A forgotten stream waits for nothing: no stale id stays in the
+        // blocked list (it would grow with every stream reset while blocked).
+        self.blocked.retain(|&b| b != id);
         if self.streams.remove(&id).is_some() && !self.is_local_stream(id) {
             self.peer_streams_closed += 1;
             self.local_max_streams += 1;
