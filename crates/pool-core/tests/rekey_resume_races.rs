@@ -238,3 +238,49 @@ fn peer_that_never_acknowledges_cannot_grow_our_queues() {
         "resets went out until the buffer was full: {opened}"
     );
 }
+
+/// One record from `from` to `to`, if `from` has one.
+fn one_record(
+    now: std::time::Instant,
+    from: &mut pool_core::Session,
+    to: &mut pool_core::Session,
+) -> bool {
+    let mut buf = vec![0u8; MAX_RECORD_LEN];
+    match from.poll_transmit(now, &mut buf) {
+        Some(n) => {
+            assert_eq!(to.handle_carrier_data(now, &mut buf[..n]), n);
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn epoch_confirmed_during_a_resume_does_not_become_its_base() {
+    // a answers b's rekey (epoch 1), then starts a resume based on epoch 0;
+    // b installs epoch 1 and a sees a record of it on the old carrier while
+    // the resume is under way. The resume (epoch 2, from epoch 0) is
+    // answered but never committed; the next resume must be based on an
+    // epoch both still hold (simulator seed 1063099).
+    let mut p = util::pair();
+    p.drive();
+    p.advance(Duration::from_millis(20));
+    p.b.force_rekey(&mut p.rng);
+    let now = p.now;
+    while one_record(now, &mut p.b, &mut p.a) {} // KEY_UPDATE reaches a
+    let mut msg = Vec::new();
+    p.a.start_resume(&mut p.rng, &mut msg).unwrap();
+    while one_record(now, &mut p.a, &mut p.b) {} // the ack reaches b
+    assert_eq!(p.b.stats().epoch, 1);
+    while one_record(now, &mut p.b, &mut p.a) {} // a record of epoch 1 reaches a
+    let mut reply = Vec::new();
+    p.b.handle_resume(now, &msg, &mut p.rng, &mut reply)
+        .expect("a resume based on epoch 0");
+    p.a.finish_resume(now, &reply).unwrap();
+    // The new carrier dies before a's first record reaches b.
+    p.b.abandon_resume();
+    p.cut();
+    p.resume()
+        .expect("the next resume, from an epoch both hold");
+    check_transfer(&mut p, "after a resume that was never committed");
+}

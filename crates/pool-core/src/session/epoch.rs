@@ -333,6 +333,11 @@ impl Session {
         self.rx_next = None;
         self.tx = Some(tx);
         self.rx = Some(rx);
+        // The peer surely holds the base epoch's secret (whether or not it
+        // has committed this resume yet), and we keep only that and the new
+        // one: a record of an epoch in between, confirmed while the resume
+        // was under way, no longer counts (simulator seed 1063099).
+        self.rx_confirmed = base.0;
         self.advance_chain(base, epoch, chain);
         self.epoch_started = now;
         // The peer acknowledged everything below `peer_next`; it may have
