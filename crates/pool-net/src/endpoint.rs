@@ -496,46 +496,33 @@ impl Endpoint {
                     addr: addr.clone(),
                     secs: t.as_secs(),
                 })??;
-        let mut hello = Vec::new();
-        let init = Initiator::start(
-            &cfg.protocol,
-            &cfg.key,
-            peer,
-            cfg.trust.fleet_secret(),
-            unix_nanos(),
-            &mut rand_core::OsRng,
-            &mut hello,
-        )
-        .map_err(|source| Error::Handshake {
-            addr: addr.clone(),
-            source,
-        })?;
-        carrier.write_all(&hello).await?;
-        let record = read_record(&mut carrier, &addr, t).await?;
-        let core = match init.finish(Instant::now(), &record) {
-            Err(HandshakeError::CookieReply { cookie }) => {
-                // The listener is under load: the same HELLO again (a new
-                // one: fresh timestamp), with the cookie, on this carrier.
-                let mut hello = Vec::new();
-                let init = Initiator::start_with_cookie(
-                    &cfg.protocol,
-                    &cfg.key,
-                    peer,
-                    cfg.trust.fleet_secret(),
-                    unix_nanos(),
-                    Some(&cookie),
-                    &mut rand_core::OsRng,
-                    &mut hello,
-                )
-                .map_err(|source| Error::Handshake {
-                    addr: addr.clone(),
-                    source,
-                })?;
-                carrier.write_all(&hello).await?;
-                let record = read_record(&mut carrier, &addr, t).await?;
-                init.finish(Instant::now(), &record)
+        // A listener under load answers the first HELLO with a cookie: then
+        // a new HELLO (fresh timestamp) carrying it, on the same carrier.
+        let mut cookie = None;
+        let core = loop {
+            let mut hello = Vec::new();
+            let init = Initiator::start_with_cookie(
+                &cfg.protocol,
+                &cfg.key,
+                peer,
+                cfg.trust.fleet_secret(),
+                unix_nanos(),
+                cookie.as_ref(),
+                &mut rand_core::OsRng,
+                &mut hello,
+            )
+            .map_err(|source| Error::Handshake {
+                addr: addr.clone(),
+                source,
+            })?;
+            carrier.write_all(&hello).await?;
+            let record = read_record(&mut carrier, &addr, t).await?;
+            match init.finish(Instant::now(), &record) {
+                Err(HandshakeError::CookieReply { cookie: c }) if cookie.is_none() => {
+                    cookie = Some(c);
+                }
+                other => break other,
             }
-            other => other,
         }
         .map_err(|source| Error::Handshake {
             addr: addr.clone(),
