@@ -100,7 +100,7 @@ fn note(comment: Option<&str>) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)
         .unwrap_or(0) as i64;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = pool_node::journal::civil_from_days(days);
     let mut s = format!("added {y:04}-{m:02}-{d:02} by pool trust add");
     if let Some(c) = comment {
         let c: String = c
@@ -111,23 +111,6 @@ fn note(comment: Option<&str>) -> String {
         s.push_str(c.trim());
     }
     s
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        yoe + era * 400 + i64::from(month <= 2),
-        month as u32,
-        day as u32,
-    )
 }
 
 /// Writes `text` to a new file beside `file` (the old file's mode, minus
