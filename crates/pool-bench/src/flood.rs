@@ -10,6 +10,12 @@
 //! product's defaults (rate limit on): the real client comes from
 //! 127.0.0.1. "Open" is measured from the client's dial until the listener
 //! hands out the session (after key confirmation).
+//!
+//! The same run then measures the floor: the same flood against the
+//! cheapest server there is (plain TCP on the same one-thread runtime: read,
+//! echo, no crypto, no checks), and a plain client that connects and makes
+//! two HELLO-sized round trips, with and without the flood. Its ratio is
+//! what the connection churn alone costs on this machine.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +61,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         stop.store(true, Ordering::Relaxed);
         let _ = flood.join();
 
+        let floor = floor_times(opens, sources, parallel).await?;
+
         let (q50, q99) = (pct(&quiet, 0.50), pct(&quiet, 0.99));
         let (l50, l99) = (pct(&loaded, 0.50), pct(&loaded, 0.99));
         let st = server.listener_stats();
@@ -67,10 +75,23 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             st.cookies.load(Ordering::Relaxed),
         );
         println!("p99 ratio (flood / none): {:.2} (goal <= 2)", l99 / q99);
+        let (fq, fl) = (pct(&floor.0, 0.99), pct(&floor.1, 0.99));
+        println!(
+            "floor (plain TCP echo, same flood at {:.0}/s): p99 {fq:.2} ms without, {fl:.2} ms with: ratio {:.2}",
+            floor.2,
+            fl / fq
+        );
+        println!(
+            "POOL's ratio against the floor's: {:.2}",
+            (l99 / q99) / (fl / fq)
+        );
         common::result("open_p99_quiet", q99, "ms");
         common::result("open_p99_flood", l99, "ms");
         common::result("open_p99_ratio", l99 / q99, "x");
         common::result("flood_hellos_per_s", rate, "1/s");
+        common::result("floor_open_p99_quiet", fq, "ms");
+        common::result("floor_open_p99_flood", fl, "ms");
+        common::result("floor_open_p99_ratio", fl / fq, "x");
         Ok::<(), common::Error>(())
     })
 }
@@ -87,6 +108,65 @@ async fn open_times(server: &Endpoint, addr: SocketAddr, n: usize) -> Result<Vec
             server.accept()
         );
         let (_c, _s) = (c?, s.ok_or("listener closed")?);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
+/// The floor: a plain TCP echo listener on this runtime; `opens` plain
+/// opens (connect, then two HELLO-sized round trips) without and then with
+/// the same flood. Returns both lists of times in ms and the flood's rate.
+async fn floor_times(
+    opens: usize,
+    sources: usize,
+    parallel: usize,
+) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let quiet = plain_open_times(addr, opens).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let server_pub = common::server_key().public_key();
+        std::thread::Builder::new()
+            .name("flood".into())
+            .spawn(move || flood(addr, server_pub, sources, parallel, &stop, &sent))?
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (t0, s0) = (Instant::now(), sent.load(Ordering::Relaxed));
+    let loaded = plain_open_times(addr, opens).await?;
+    let rate = (sent.load(Ordering::Relaxed) - s0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.join();
+    server.abort();
+    Ok((quiet, loaded, rate))
+}
+
+async fn plain_open_times(addr: SocketAddr, n: usize) -> Result<Vec<f64>> {
+    let msg = [0x5au8; 160];
+    let mut buf = [0u8; 160];
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        for _ in 0..2 {
+            s.write_all(&msg).await?;
+            s.read_exact(&mut buf).await?;
+        }
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     Ok(times)
