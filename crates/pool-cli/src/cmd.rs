@@ -233,8 +233,8 @@ pub(crate) fn known_peers_path(args: &TrustArgs) -> PathBuf {
 /// Builds the trust policy from the shared flags (the same rules as the
 /// daemon's `[trust]` section).
 pub(crate) fn trust(args: &TrustArgs) -> Result<Trust> {
-    let section = crate::node::trust_section(args);
-    pool_node::daemon::build_trust(&section, &known_peers_path(args))
+    let section = crate::node::trust_section(args)?;
+    pool_node::keys::build_trust(&section, &known_peers_path(args))
         .map_err(|e| CliError(e.to_string()))
 }
 

@@ -163,7 +163,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             ..NodeSection::default()
         },
         trust: TrustSection {
-            allow: vec![client_key.public_key().to_string()],
+            allow: vec![client_key.public_key()],
             ..TrustSection::default()
         },
         tcp2pool: Vec::new(),
@@ -171,6 +171,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             service: String::new(),
             target: http.to_string(),
             proxy_protocol: false,
+            allow: Vec::new(),
             max_connections: 64,
             connect_timeout_secs: 5,
             idle_timeout_secs: 60,
@@ -201,7 +202,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             name: "web".into(),
             listen: "127.0.0.1:0".into(),
             peer: relay_addr.to_string(),
-            peer_key: server_key.public_key().to_string(),
+            peer_key: server_key.public_key(),
             service: String::new(),
             max_connections: 64,
             connect_timeout_secs: 5,

@@ -26,14 +26,19 @@ pub(crate) fn default_control() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/pool/control.sock"))
 }
 
-pub(crate) fn trust_section(args: &TrustArgs) -> TrustSection {
-    TrustSection {
-        allow: args.allow.clone(),
+pub(crate) fn trust_section(args: &TrustArgs) -> Result<TrustSection> {
+    let allow = args
+        .allow
+        .iter()
+        .map(|k| crate::cmd::parse_key(k, "--allow"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TrustSection {
+        allow,
         authorized: args.authorized.clone(),
         fleet_secret: args.fleet_secret.clone(),
         tofu: args.tofu,
         known_peers: Some(crate::cmd::known_peers_path(args)),
-    }
+    })
 }
 
 pub(crate) async fn run_daemon(
@@ -113,12 +118,12 @@ pub(crate) async fn tcp2pool(
             journal: extras.journal,
             ..NodeSection::default()
         },
-        trust: trust_section(trust),
+        trust: trust_section(trust)?,
         tcp2pool: vec![Tcp2PoolSection {
             name: "tcp2pool".into(),
             listen,
             peer,
-            peer_key,
+            peer_key: crate::cmd::parse_key(&peer_key, "--peer-key")?,
             service,
             max_connections,
             connect_timeout_secs: 10,
@@ -127,7 +132,6 @@ pub(crate) async fn tcp2pool(
         pool2tcp: Vec::new(),
         ..Config::default()
     };
-    let cfg = validate(cfg)?;
     run_daemon(None, cfg, String::new()).await
 }
 
@@ -142,7 +146,7 @@ pub(crate) async fn pool2tcp(
     extras: NodeExtras,
 ) -> Result<()> {
     require_key(&key)?;
-    let t = trust_section(trust);
+    let t = trust_section(trust)?;
     if t.allow.is_empty() && t.authorized.is_none() && t.fleet_secret.is_none() {
         return Err(CliError::msg(
             "no client is trusted, so every connection would be refused; \
@@ -165,23 +169,14 @@ pub(crate) async fn pool2tcp(
             service: String::new(),
             target,
             proxy_protocol,
+            allow: Vec::new(),
             max_connections,
             connect_timeout_secs: 10,
             idle_timeout_secs: 3600,
         }],
         ..Config::default()
     };
-    let cfg = validate(cfg)?;
     run_daemon(None, cfg, String::new()).await
-}
-
-/// Runs the same checks as a config file gets.
-fn validate(cfg: Config) -> Result<Config> {
-    for b in &cfg.tcp2pool {
-        pool_net::PublicKey::from_token(&b.peer_key)
-            .map_err(|e| CliError::msg(format!("--peer-key: {e}")))?;
-    }
-    Ok(cfg)
 }
 
 pub(crate) fn ctl_request(control: &Path, cmd: &str) -> Result<serde_json::Value> {

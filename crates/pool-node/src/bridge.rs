@@ -1,6 +1,7 @@
 //! The TCP bridge: `tcp2pool` accepts TCP connections and carries each as
-//! one stream of a shared session to a peer; `pool2tcp` connects each
-//! stream it accepts to a fixed target.
+//! one stream of a shared session to a peer; at the far end the
+//! [`Router`](crate::router::Router) hands each stream to the `[[pool2tcp]]`
+//! target ([`TcpTarget`](crate::services::TcpTarget)) its preamble names.
 //!
 //! Every bridge stream starts with a small preamble from the `tcp2pool`
 //! end: the original client's address (for PROXY protocol v2 at the
@@ -20,22 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tracing::{debug, info, warn};
 
-/// Stream reset code: the TCP client or target reset its connection.
-pub const RESET_TCP: u64 = 1;
-/// Stream reset code: the target refused or could not be reached.
-pub const RESET_TARGET_UNREACHABLE: u64 = 2;
-/// Stream reset code: idle timeout.
-pub const RESET_IDLE: u64 = 3;
-/// Stream reset code: no such service at the `pool2tcp` end.
-pub const RESET_NO_SERVICE: u64 = 4;
+pub use crate::router::{RESET_IDLE, RESET_NO_SERVICE, RESET_TARGET_UNREACHABLE, RESET_TCP};
+pub use crate::services::DISCARD_SERVICE;
 
 const PREAMBLE_VERSION: u8 = 1;
-
-/// The reserved service that reads a stream to its end, discards it and
-/// answers with the byte count (8 bytes, big-endian): what
-/// `pool migrate test` measures throughput against. Only authenticated,
-/// trusted peers reach it, like every service.
-pub const DISCARD_SERVICE: &str = "pool.discard";
 
 /// What a `tcp2pool` end tells the `pool2tcp` end about a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -432,7 +421,7 @@ impl Tcp2Pool {
 
     /// Accepts connections until `stop` turns true, then returns (live
     /// connections go on; the caller waits for [`BridgeStats::active`]).
-    pub async fn run(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, listener: Arc<TcpListener>, mut stop: watch::Receiver<bool>) {
         while let Some((sock, from)) = accept_next(&listener, &mut stop, "tcp2pool").await {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -479,156 +468,6 @@ impl Tcp2Pool {
             return;
         }
         splice(sock, rs, ws, self.cfg.limits.idle_timeout, &self.stats).await;
-    }
-}
-
-/// One target of a `pool2tcp` end.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// Service name (empty: the default).
-    pub service: String,
-    /// Where streams of this service go: `HOST:PORT`.
-    pub address: String,
-    /// Send a PROXY protocol v2 header first.
-    pub proxy_protocol: bool,
-}
-
-/// The `pool2tcp` end: serves the streams of sessions accepted by an
-/// endpoint.
-pub struct Pool2Tcp {
-    targets: std::sync::RwLock<Vec<Target>>,
-    limits: Limits,
-    permits: Arc<Semaphore>,
-    /// Counters.
-    pub stats: Arc<BridgeStats>,
-    /// Streams from peers' shims (service `":PORT"`): the exposed ports.
-    pub shim: Arc<crate::shim::ShimExpose>,
-}
-
-impl Pool2Tcp {
-    /// A `pool2tcp` end with these targets.
-    pub fn new(targets: Vec<Target>, limits: Limits) -> Arc<Self> {
-        Arc::new(Pool2Tcp {
-            targets: std::sync::RwLock::new(targets),
-            permits: Arc::new(Semaphore::new(limits.max_connections)),
-            limits,
-            stats: Arc::default(),
-            shim: Arc::default(),
-        })
-    }
-
-    /// The current targets.
-    pub fn targets(&self) -> Vec<Target> {
-        self.targets.read().map(|t| t.clone()).unwrap_or_default()
-    }
-
-    /// Replaces the targets (on reload); live connections are not touched.
-    pub fn set_targets(&self, targets: Vec<Target>) {
-        if let Ok(mut t) = self.targets.write() {
-            *t = targets;
-        }
-    }
-
-    fn target(&self, service: &str) -> Option<Target> {
-        let t = self.targets.read().ok()?;
-        t.iter()
-            .find(|t| t.service == service)
-            .or_else(|| if service.is_empty() { t.first() } else { None })
-            .cloned()
-    }
-
-    /// Serves every stream of `session` until it closes.
-    pub async fn serve_session(self: Arc<Self>, session: Session) {
-        let peer = session.peer_key();
-        let id = session.id().to_string();
-        while let Some(stream) = session.accept_stream().await {
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                warn!("connection cap reached; resetting stream");
-                let mut stream = stream;
-                stream.reset(RESET_TARGET_UNREACHABLE);
-                continue;
-            };
-            let me = self.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                me.stats.active.fetch_add(1, Ordering::Relaxed);
-                me.handle(stream, peer, &id).await;
-                me.stats.active.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-            });
-        }
-    }
-
-    async fn handle(&self, stream: pool_net::Stream, peer: PublicKey, session: &str) {
-        let (mut rs, mut ws) = stream.into_split();
-        let pre = match tokio::time::timeout(self.limits.connect_timeout, Preamble::read(&mut rs))
-            .await
-        {
-            Ok(Ok(p)) => p,
-            _ => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                ws.reset(RESET_NO_SERVICE);
-                return;
-            }
-        };
-        if pre.service == DISCARD_SERVICE {
-            let mut buf = vec![0u8; 64 << 10];
-            let mut n = 0u64;
-            loop {
-                match rs.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(k) => n += k as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = ws.write_all(&n.to_be_bytes()).await;
-            let _ = ws.shutdown().await;
-            return;
-        }
-        if pre.service.starts_with(':') {
-            self.shim
-                .serve(session, peer, pre, rs, ws, &self.limits)
-                .await;
-            return;
-        }
-        let Some(target) = self.target(&pre.service) else {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            warn!(service = %pre.service, "no such service here; resetting the stream");
-            ws.reset(RESET_NO_SERVICE);
-            return;
-        };
-        let sock = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            TcpStream::connect(&target.address),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(target = %target.address, "cannot connect to the target: {e}");
-                ws.reset(RESET_TARGET_UNREACHABLE);
-                return;
-            }
-            Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(target = %target.address, "connecting to the target timed out");
-                ws.reset(RESET_TARGET_UNREACHABLE);
-                return;
-            }
-        };
-        let _ = sock.set_nodelay(true);
-        self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let mut sock = sock;
-        if target.proxy_protocol {
-            let h = proxy_v2_header(pre.source, pre.destination);
-            if sock.write_all(&h).await.is_err() {
-                ws.reset(RESET_TARGET_UNREACHABLE);
-                return;
-            }
-        }
-        splice(sock, rs, ws, self.limits.idle_timeout, &self.stats).await;
     }
 }
 

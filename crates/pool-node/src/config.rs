@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pool_net::PublicKey;
 use serde::Deserialize;
 
-use crate::bridge::{Limits, Target};
+use crate::bridge::Limits;
+use crate::types::{de_key, de_keys, de_opt_key, Cidr};
 
 /// A configuration problem, said so a person can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -27,18 +29,54 @@ pub enum ConfigError {
         /// toml's message, with the line.
         message: String,
     },
-    /// A value is wrong.
-    #[error("config {path}: {message}")]
+    /// Values are wrong or conflict: every problem found, each with its
+    /// line.
+    #[error("config {path}: {}", list(problems))]
     Invalid {
         /// The file.
         path: String,
-        /// What and how to fix it.
-        message: String,
+        /// What is wrong, where, and how to fix it.
+        problems: Vec<Problem>,
     },
 }
 
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The line it is on (1-based), when it can be told.
+    pub line: Option<usize>,
+    /// What and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => many.iter().map(|p| format!("\n  {p}")).collect::<String>(),
+    }
+}
+
+impl ConfigError {
+    /// The problems of an [`ConfigError::Invalid`] error (empty otherwise).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
 /// The whole file.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The node itself.
@@ -62,6 +100,22 @@ pub struct Config {
     /// Local ports that shimmed connections from peers may reach.
     #[serde(default)]
     pub expose: Vec<ExposeSection>,
+    /// Who may run `pool ctl` and `pool config` over POOL.
+    #[serde(default)]
+    pub control: ControlSection,
+}
+
+/// `[control]`: the control service over POOL (`pool ctl --node`). Keys
+/// listed here must also be trusted by `[trust]` to open a session at all.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Keys that may run every command, `pool config apply` included.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub admins: Vec<PublicKey>,
+    /// Keys that may read (`status`, `sessions`, `config check`) only.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub readers: Vec<PublicKey>,
 }
 
 fn default_shim_socket() -> PathBuf {
@@ -129,13 +183,13 @@ impl ShimSection {
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     /// Destination range, `10.0.0.0/8`, `fd00::/8` or one address.
-    pub cidr: String,
+    pub cidr: Cidr,
     /// The POOL daemon that serves it: `HOST:PORT`.
     pub peer: String,
     /// Its public key; without one the key must be pinned (TOFU) or the
     /// peer a fleet member.
-    #[serde(default)]
-    pub peer_key: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_key")]
+    pub peer_key: Option<PublicKey>,
 }
 
 /// `[[expose]]`: a port that shimmed connections from trusted peers may
@@ -149,6 +203,9 @@ pub struct ExposeSection {
     /// address family) at `port`.
     #[serde(default)]
     pub target: Option<String>,
+    /// Peer keys that may reach this port; empty: every trusted peer.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub allow: Vec<PublicKey>,
 }
 
 fn default_listen() -> String {
@@ -162,7 +219,7 @@ fn default_drain() -> u64 {
 }
 
 /// `[node]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
     /// Private key file; created (mode 0600) on first start if missing.
@@ -205,6 +262,10 @@ pub struct NodeSection {
     /// anyone on the path could forge do not end a session.
     #[serde(default = "default_resume_deadline")]
     pub resume_deadline_secs: u64,
+    /// Where the daemon keeps its state (a pending `pool config apply`);
+    /// default: the key file's directory.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_resume_deadline() -> u64 {
@@ -237,17 +298,18 @@ impl Default for NodeSection {
             probe_timeout_ms: default_probe_timeout(),
             refusal_window_secs: default_refusal_window(),
             resume_deadline_secs: default_resume_deadline(),
+            state_dir: None,
         }
     }
 }
 
 /// `[trust]`: the same choices as the command-line trust flags.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrustSection {
     /// Trusted keys.
-    #[serde(default)]
-    pub allow: Vec<String>,
+    #[serde(default, deserialize_with = "de_keys")]
+    pub allow: Vec<PublicKey>,
     /// Authorized-keys file.
     #[serde(default)]
     pub authorized: Option<PathBuf>,
@@ -285,7 +347,8 @@ pub struct Tcp2PoolSection {
     #[serde(default)]
     pub peer: String,
     /// The peer's public key.
-    pub peer_key: String,
+    #[serde(deserialize_with = "de_key")]
+    pub peer_key: PublicKey,
     /// Service at the peer (its `[[pool2tcp]]` `service`); empty: its default.
     #[serde(default)]
     pub service: String,
@@ -313,6 +376,9 @@ pub struct Pool2TcpSection {
     /// Send a PROXY protocol v2 header with the real client address.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Peer keys that may use this service; empty: every trusted peer.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub allow: Vec<PublicKey>,
     /// Concurrent connections.
     #[serde(default = "default_max_conns")]
     pub max_connections: usize,
@@ -352,103 +418,24 @@ impl Pool2TcpSection {
             self.idle_timeout_secs,
         )
     }
-    /// As a bridge target.
-    pub fn target(&self) -> Target {
-        Target {
-            service: self.service.clone(),
-            address: self.target.clone(),
-            proxy_protocol: self.proxy_protocol,
-        }
-    }
 }
 
 impl Config {
-    /// Parses and checks a config text.
+    /// Parses and checks a config text: values become their types (keys,
+    /// address ranges) as they are read, then entries are checked against
+    /// each other. Every problem is reported, each with its line.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: p.clone(),
-            message,
-        };
-        let mut names = std::collections::HashSet::new();
-        for b in &cfg.tcp2pool {
-            if !names.insert(b.name.clone()) {
-                return Err(invalid(format!(
-                    "two [[tcp2pool]] sections are named `{}`",
-                    b.name
-                )));
-            }
-            if pool_net::PublicKey::from_token(&b.peer_key).is_err() {
-                return Err(invalid(format!(
-                    "[[tcp2pool]] `{}`: peer_key `{}` is not a POOL public key (run `pool pubkey KEYFILE` on the peer)",
-                    b.name, b.peer_key
-                )));
-            }
+        let problems = crate::config_check::check(&cfg, text);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { path: p, problems })
         }
-        let mut services = std::collections::HashSet::new();
-        for t in &cfg.pool2tcp {
-            if !services.insert(t.service.clone()) {
-                return Err(invalid(format!(
-                    "two [[pool2tcp]] sections have service `{}`",
-                    t.service
-                )));
-            }
-        }
-        for r in &cfg.route {
-            if crate::shim::Cidr::parse(&r.cidr).is_none() {
-                return Err(invalid(format!(
-                    "[[route]] cidr `{}` is not an address range (write 10.0.0.0/8, fd00::/8 or 10.1.2.3)",
-                    r.cidr
-                )));
-            }
-            if let Some(k) = &r.peer_key {
-                if pool_net::PublicKey::from_token(k).is_err() {
-                    return Err(invalid(format!(
-                        "[[route]] `{}`: peer_key `{k}` is not a POOL public key (run `pool pubkey KEYFILE` on the peer)",
-                        r.cidr
-                    )));
-                }
-            }
-        }
-        if let Some(shim) = &cfg.shim {
-            if let Some(l) = &shim.listen {
-                return Err(invalid(format!(
-                    "[shim] listen = \"{l}\" is gone: the shim now reaches the daemon over the Unix socket `socket` (default /run/pool/shim.sock), which checks who is calling; remove `listen`"
-                )));
-            }
-            if !shim.socket.is_absolute() || shim.socket.as_os_str().len() > 100 {
-                return Err(invalid(format!(
-                    "[shim] socket `{}` must be an absolute path of at most 100 bytes",
-                    shim.socket.display()
-                )));
-            }
-            crate::shim::Allow::resolve_here(shim, 0)
-                .map_err(|e| invalid(format!("[shim] {e}")))?;
-        }
-        let mut ports = std::collections::HashSet::new();
-        for e in &cfg.expose {
-            if e.port == 0 || !ports.insert(e.port) {
-                return Err(invalid(format!(
-                    "[[expose]] port {} is 0 or listed twice",
-                    e.port
-                )));
-            }
-        }
-        if !cfg.expose.is_empty() && cfg.node.listen.is_empty() {
-            return Err(invalid(
-                "[[expose]] needs [node] listen (the POOL listener)".into(),
-            ));
-        }
-        if !cfg.pool2tcp.is_empty() && cfg.node.listen.is_empty() {
-            return Err(invalid(
-                "[[pool2tcp]] needs [node] listen (the POOL listener)".into(),
-            ));
-        }
-        Ok(cfg)
     }
 
     /// Reads and parses a file.

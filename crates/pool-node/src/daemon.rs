@@ -3,27 +3,29 @@
 //! without dropping live connections; SIGTERM drains with a deadline.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pool_net::{
-    Endpoint, EndpointConfig, EndpointEvent, FleetSecret, PublicKey, SecretKey, Session, Trust,
-};
+use pool_net::{Endpoint, EndpointConfig, EndpointEvent, PublicKey, Session};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::bridge::{Pool2Tcp, Tcp2Pool, Tcp2PoolConfig};
-use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
+use crate::bridge::{BridgeStats, Tcp2Pool};
+use crate::config::{Config, ConfigError, Tcp2PoolSection};
 use crate::journal::Journal;
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
+use crate::router::Router;
+use crate::shim::ShimExpose;
 use crate::shim::ShimNode;
+
+use crate::keys::sha256_hex;
+pub use crate::keys::{build_trust, create_key_file, load_or_create_key, read_private_file};
 
 /// Why the daemon could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -49,142 +51,48 @@ pub enum DaemonError {
     /// The POOL runtime.
     #[error(transparent)]
     Net(#[from] pool_net::Error),
+    /// A pending change is in the way, or there is none.
+    #[error("{0}")]
+    Pending(String),
+    /// The daemon's state files.
+    #[error("{0}")]
+    State(String),
 }
 
-/// Creates a new private key file (mode 0600, never overwriting one) and
-/// returns the key. Used by `pool keygen` and by the daemon's first start.
-pub fn create_key_file(path: &Path) -> std::io::Result<SecretKey> {
-    use std::io::Write;
-    let mut b = [0u8; 32];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    let key = SecretKey::from_bytes(b);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(key.to_file_text().as_bytes())?;
-    f.sync_all()?;
-    Ok(key)
-}
-
-/// Reads a secret file, refusing it (as ssh refuses a private key) when
-/// its group or others may read or write it. The mode is that of the file
-/// actually opened, so a swap between the check and the read cannot help.
-pub fn read_private_file(path: &Path, what: &str) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mode = f.metadata()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{what} {} is accessible by other users (mode {:o}), so it is refused; run `chmod 600 {}`",
-                path.display(),
-                mode & 0o777,
-                path.display()
-            ),
-        ));
-    }
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    Ok(text)
-}
-
-/// Loads a key file (refused when others may read it), or creates it when
-/// `create` and missing.
-pub fn load_or_create_key(path: &Path, create: bool) -> Result<SecretKey, DaemonError> {
-    match read_private_file(path, "key file") {
-        Ok(text) => SecretKey::from_file_text(&text)
-            .map_err(|e| DaemonError::Key(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && e.get_ref().is_some() => {
-            Err(DaemonError::Key(e.to_string()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let key = create_key_file(path).map_err(|e| {
-                DaemonError::Key(format!("cannot create key file {}: {e}", path.display()))
-            })?;
-            info!(key = %key.public_key(), file = %path.display(), "created a new node key");
-            Ok(key)
-        }
-        Err(e) => Err(DaemonError::Key(format!(
-            "cannot read key file {}: {e} (create one with `pool keygen --out {}`)",
-            path.display(),
-            path.display()
-        ))),
-    }
-}
-
-/// SHA-256 of a text, in hex (config digests in the journal).
-fn sha256_hex(text: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Builds a trust policy from a `[trust]` section (or the trust flags).
-pub fn build_trust(t: &TrustSection, default_known_peers: &Path) -> Result<Trust, DaemonError> {
-    let mut trust = Trust::new();
-    for k in &t.allow {
-        let key =
-            PublicKey::from_token(k).map_err(|e| DaemonError::Trust(format!("allow: {e}")))?;
-        trust = trust.allow(key);
-    }
-    if let Some(f) = &t.authorized {
-        trust = trust
-            .allow_file(f)
-            .map_err(|e| DaemonError::Trust(e.to_string()))?;
-    }
-    if let Some(f) = &t.fleet_secret {
-        let text = read_private_file(f, "fleet secret").map_err(|e| match e.get_ref() {
-            Some(_) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                DaemonError::Trust(e.to_string())
-            }
-            _ => DaemonError::Trust(format!("cannot read fleet secret {}: {e}", f.display())),
-        })?;
-        if text.trim().len() < 16 {
-            return Err(DaemonError::Trust(format!(
-                "fleet secret {} is too short (use at least 16 random characters, e.g. `head -c 32 /dev/urandom | base64 > {}`)",
-                f.display(),
-                f.display()
-            )));
-        }
-        trust = trust.fleet(FleetSecret::from_text(&text));
-    }
-    if t.tofu {
-        let kp = t
-            .known_peers
-            .clone()
-            .unwrap_or_else(|| default_known_peers.to_path_buf());
-        trust = trust
-            .tofu(&kp)
-            .map_err(|e| DaemonError::Trust(e.to_string()))?;
-    }
-    Ok(trust)
-}
-
-struct RunningBridge {
-    section: Tcp2PoolSection,
-    bridge: Arc<Tcp2Pool>,
-    stop: watch::Sender<bool>,
-    addr: String,
+pub(crate) struct RunningBridge {
+    pub(crate) section: Tcp2PoolSection,
+    pub(crate) bridge: Arc<Tcp2Pool>,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) addr: String,
+    pub(crate) listener: Arc<tokio::net::TcpListener>,
 }
 
 /// Shared state of a running daemon.
 pub struct Daemon {
-    config_path: Option<PathBuf>,
-    endpoint: Endpoint,
-    listening: bool,
-    journal: Option<Journal>,
-    bridges: Mutex<HashMap<String, RunningBridge>>,
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) listening: bool,
+    pub(crate) journal: Option<Journal>,
+    pub(crate) bridges: Mutex<HashMap<String, RunningBridge>>,
     retired: Mutex<Vec<Arc<Tcp2Pool>>>,
-    pool2tcp: Arc<Pool2Tcp>,
+    /// Every accepted stream goes through it.
+    pub(crate) router: Arc<Router>,
+    /// The counters of all `[[pool2tcp]]` targets together.
+    pub(crate) targets: Arc<BridgeStats>,
+    /// The exposed ports (`[[expose]]`).
+    pub(crate) expose: Arc<ShimExpose>,
+    /// The config applied now, and its text.
+    pub(crate) running: Mutex<(Config, String)>,
+    /// One apply at a time.
+    pub(crate) apply_lock: tokio::sync::Mutex<()>,
+    /// A `pool config apply --confirm-within` not yet confirmed.
+    pub(crate) pending: Mutex<Option<crate::pending::PendingChange>>,
+    /// Where the pending change is kept.
+    pub(crate) state_dir: PathBuf,
     started: Instant,
     metrics_addr: Mutex<Option<String>>,
     control_path: Option<PathBuf>,
-    shim: Option<RunningShim>,
+    pub(crate) shim: Option<RunningShim>,
     refusals: Mutex<RefusalLog>,
 }
 
@@ -348,8 +256,8 @@ impl RefusalLog {
     }
 }
 
-struct RunningShim {
-    node: Arc<ShimNode>,
+pub(crate) struct RunningShim {
+    pub(crate) node: Arc<ShimNode>,
     addr: String,
     stop: watch::Sender<bool>,
 }
@@ -415,7 +323,7 @@ impl Daemon {
             }
         }
         for r in &mut rows {
-            r.shim_streams = self.pool2tcp.shim.per_session(&r.id)
+            r.shim_streams = self.expose.per_session(&r.id)
                 + self.shim.as_ref().map_or(0, |s| s.node.per_session(&r.id));
         }
         rows
@@ -430,8 +338,8 @@ impl Daemon {
             resumes_accepted: ls.resumed.load(Ordering::Relaxed),
             ..NodeCounters::default()
         };
-        c.bridge_connections = self.pool2tcp.stats.connections.load(Ordering::Relaxed);
-        c.bridge_errors = self.pool2tcp.stats.errors.load(Ordering::Relaxed);
+        c.bridge_connections = self.targets.connections.load(Ordering::Relaxed);
+        c.bridge_errors = self.targets.errors.load(Ordering::Relaxed);
         if let Ok(b) = self.bridges.lock() {
             for r in b.values() {
                 c.bridge_connections += r.bridge.stats.connections.load(Ordering::Relaxed);
@@ -439,7 +347,7 @@ impl Daemon {
                 c.sessions_dialled += r.bridge.sessions_dialled();
             }
         }
-        let ex = &self.pool2tcp.shim.stats;
+        let ex = &self.expose.stats;
         c.shim_exposed = ex.exposed.load(Ordering::Relaxed);
         c.shim_refused = ex.refused.load(Ordering::Relaxed);
         if let Some(shim) = &self.shim {
@@ -459,6 +367,7 @@ impl Daemon {
 
     /// `pool ctl status` as JSON.
     pub fn status(&self) -> serde_json::Value {
+        let (running, running_text) = self.running_config();
         let bridges: Vec<serde_json::Value> = self
             .bridges
             .lock()
@@ -483,7 +392,7 @@ impl Daemon {
                 v
             })
             .unwrap_or_default();
-        let p = &self.pool2tcp.stats;
+        let p = &self.targets;
         let shim = self.shim.as_ref().map(|s| {
             let st = &s.node.stats;
             json!({
@@ -494,9 +403,9 @@ impl Daemon {
                 "failed": st.failed.load(Ordering::Relaxed),
             })
         });
-        let ex = &self.pool2tcp.shim.stats;
+        let ex = &self.expose.stats;
         let expose = json!({
-            "ports": self.pool2tcp.shim.rules().iter().map(|r| json!({"port": r.port, "target": r.target})).collect::<Vec<_>>(),
+            "ports": self.expose.rules().iter().map(|r| json!({"port": r.port, "target": r.target})).collect::<Vec<_>>(),
             "exposed": ex.exposed.load(Ordering::Relaxed),
             "refused": ex.refused.load(Ordering::Relaxed),
         });
@@ -515,18 +424,28 @@ impl Daemon {
             })).collect::<Vec<_>>(),
             "tcp2pool": bridges,
             "pool2tcp": {
-                "targets": self.pool2tcp.targets().iter().map(|t| json!({"service": t.service, "target": t.address, "proxy_protocol": t.proxy_protocol})).collect::<Vec<_>>(),
+                "targets": running.pool2tcp.iter().map(|t| json!({"service": t.service, "target": t.target, "proxy_protocol": t.proxy_protocol})).collect::<Vec<_>>(),
                 "active": p.active.load(Ordering::Relaxed),
                 "connections": p.connections.load(Ordering::Relaxed),
                 "errors": p.errors.load(Ordering::Relaxed),
             },
             "shim": shim,
             "expose": expose,
+            "services": self.router.table().names(),
+            "streams_refused": {
+                "unknown_service": self.router.stats.unknown.load(Ordering::Relaxed),
+                "forbidden": self.router.stats.forbidden.load(Ordering::Relaxed),
+            },
+            "config_sha256": sha256_hex(&running_text),
+            "pending": self.pending().map(|p| json!({
+                "sha256": p.sha256, "previous_sha256": p.previous_sha256,
+                "applied_by": p.applied_by, "seconds_left": p.time_left().as_secs(),
+            })),
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
         })
     }
 
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    pub(crate) fn journal(&self, event: &str, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
         }
@@ -555,6 +474,7 @@ impl Daemon {
             log.expire(Instant::now(), all, &mut out);
         }
         self.journal_refusals(out);
+        self.router.expire();
     }
 
     /// Journals the refusal counts of every open window now, and waits
@@ -566,43 +486,7 @@ impl Daemon {
         }
     }
 
-    async fn start_bridge(self: &Arc<Self>, section: Tcp2PoolSection) -> Result<(), DaemonError> {
-        let peer_key = PublicKey::from_token(&section.peer_key)
-            .map_err(|e| DaemonError::Trust(format!("tcp2pool {}: {e}", section.name)))?;
-        let cfg = Tcp2PoolConfig {
-            listen: section.listen.clone(),
-            peer: section.peer.clone(),
-            peer_key,
-            service: section.service.clone(),
-            limits: section.limits(),
-        };
-        let bridge = Tcp2Pool::new(cfg, self.endpoint.clone());
-        let listener = bridge.bind().await.map_err(|source| DaemonError::Listen {
-            what: format!("tcp2pool `{}` on {}", section.name, section.listen),
-            source,
-        })?;
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        info!(name = %section.name, listen = %addr, peer = %section.peer, "tcp2pool bridge up");
-        let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(bridge.clone().run(listener, stop_rx));
-        if let Ok(mut b) = self.bridges.lock() {
-            b.insert(
-                section.name.clone(),
-                RunningBridge {
-                    section,
-                    bridge,
-                    stop,
-                    addr,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    fn stop_bridge(&self, name: &str) {
+    pub(crate) fn stop_bridge(&self, name: &str) {
         let removed = self.bridges.lock().ok().and_then(|mut b| b.remove(name));
         if let Some(r) = removed {
             let _ = r.stop.send(true);
@@ -624,73 +508,17 @@ impl Daemon {
             .unwrap_or_default()
     }
 
-    /// Re-reads the config file: key, trust, bridges. Live connections stay.
-    pub async fn reload(self: &Arc<Self>) -> Result<(), DaemonError> {
-        let Some(path) = &self.config_path else {
-            return Ok(());
+    /// Re-reads the config file and applies it (SIGHUP, `pool ctl
+    /// reload`): atomically, see [`crate::apply`]. Live connections stay.
+    pub async fn reload(self: &Arc<Self>) -> Result<crate::apply::Plan, DaemonError> {
+        let Some(path) = self.config_path.clone() else {
+            return Ok(crate::apply::Plan::default());
         };
-        let (cfg, text) = Config::load(path)?;
-        let key = load_or_create_key(&cfg.node.key, false)?;
-        let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
-        let old_key = self.endpoint.public_key();
-        // Sessions of peers the new trust no longer covers end now; the
-        // others, and their connections, go on.
-        for s in self.endpoint.sessions() {
-            if !trust.trusts(&s.peer_key()) {
-                warn!(peer = %s.peer_key(), "key no longer trusted: closing its session");
-                self.journal(
-                    "session_revoked",
-                    json!({"session": s.id().to_string(), "peer": s.peer_key().to_string()}),
-                );
-                let s2 = s.clone();
-                tokio::spawn(async move {
-                    s2.close("your key is no longer trusted by this node").await;
-                });
-            }
-        }
-        self.endpoint.reload(key.clone(), trust.clone());
-        if key.public_key() != old_key {
-            self.journal(
-                "key_changed",
-                json!({"old": old_key.to_string(), "new": key.public_key().to_string()}),
-            );
-        }
-        self.pool2tcp
-            .set_targets(cfg.pool2tcp.iter().map(|t| t.target()).collect());
-        self.pool2tcp
-            .shim
-            .configure(cfg.expose.clone(), self.journal.clone());
-        if let Some(shim) = &self.shim {
-            // The same trust (and known-peers store) as the endpoint's.
-            shim.node.configure(&cfg.route, trust);
-        }
-        let current: HashMap<String, Tcp2PoolSection> = self
-            .bridges
-            .lock()
-            .map(|b| {
-                b.iter()
-                    .map(|(k, v)| (k.clone(), v.section.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (name, section) in &current {
-            if cfg.tcp2pool.iter().all(|s| s != section) {
-                self.stop_bridge(name);
-            }
-        }
-        for section in cfg.tcp2pool {
-            if current.get(&section.name) != Some(&section) {
-                self.start_bridge(section).await?;
-            }
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        self.journal(
-            "config_reloaded",
-            json!({"path": path.display().to_string(), "sha256": hex}),
-        );
-        info!(sha256 = %hex, "configuration reloaded");
-        Ok(())
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.apply_text(&text, &path, "reload").await
     }
 
     /// The shim socket's path, if `[shim]` is on.
@@ -700,7 +528,8 @@ impl Daemon {
 
     /// Connections still open on all bridges and the shim listener.
     pub fn active_connections(&self) -> u64 {
-        let mut n = self.pool2tcp.stats.active.load(Ordering::Relaxed);
+        let mut n = self.targets.active.load(Ordering::Relaxed)
+            + self.expose.bytes.active.load(Ordering::Relaxed);
         if let Some(s) = &self.shim {
             n += s.node.stats.active.load(Ordering::Relaxed);
         }
@@ -729,7 +558,7 @@ impl MetricsSource for Daemon {
     }
 }
 
-fn default_known_peers(cfg: &Config) -> PathBuf {
+pub(crate) fn default_known_peers(cfg: &Config) -> PathBuf {
     cfg.node
         .key
         .parent()
@@ -797,12 +626,8 @@ pub async fn start(
         ),
         _ => None,
     };
-    let pool2tcp = Pool2Tcp::new(
-        cfg.pool2tcp.iter().map(|t| t.target()).collect(),
-        cfg.pool2tcp.first().map(|t| t.limits()).unwrap_or_default(),
-    );
-    pool2tcp.shim.configure(cfg.expose.clone(), journal.clone());
-    pool2tcp.shim.track_sessions(endpoint.clone());
+    let expose = Arc::new(ShimExpose::default());
+    expose.track_sessions(endpoint.clone());
     let shim = match cfg.shim.as_ref().filter(|s| s.enabled) {
         Some(section) => {
             if std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("pool_shim")) {
@@ -834,10 +659,21 @@ pub async fn start(
         config_path,
         endpoint: endpoint.clone(),
         listening,
-        journal,
+        journal: journal.clone(),
         bridges: Mutex::new(HashMap::new()),
         retired: Mutex::new(Vec::new()),
-        pool2tcp: pool2tcp.clone(),
+        router: Router::new(journal.clone()),
+        targets: Arc::default(),
+        expose,
+        running: Mutex::new((Config::default(), String::new())),
+        apply_lock: tokio::sync::Mutex::new(()),
+        pending: Mutex::new(None),
+        state_dir: cfg
+            .node
+            .state_dir
+            .clone()
+            .or_else(|| cfg.node.key.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from(".")),
         started: Instant::now(),
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
@@ -852,15 +688,17 @@ pub async fn start(
         json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex,
                "journal_key": daemon.journal.as_ref().and_then(|j| j.public_key().map(str::to_owned))}),
     );
-    for section in cfg.tcp2pool.clone() {
-        daemon.start_bridge(section).await?;
-    }
+    // The first config goes in the way every later one does: prepared
+    // whole (every bridge bound), then swapped in.
+    let prepared = daemon.prepare(cfg.clone(), text.to_owned()).await?;
+    daemon.swap(prepared);
+    daemon.resume_pending()?;
     if listening {
         // Sessions accepted: serve their streams, journal open and close.
         let d = daemon.clone();
         tokio::spawn(async move {
             while let Some(s) = d.endpoint.accept().await {
-                let p2t = d.pool2tcp.clone();
+                let router = d.router.clone();
                 let d2 = d.clone();
                 tokio::spawn(async move {
                     let watch = s.clone();
@@ -873,7 +711,7 @@ pub async fn start(
                         "session_opened",
                         json!({"session": id, "peer": peer, "from": s.stats().remote.map(|a| a.to_string())}),
                     );
-                    tokio::spawn(p2t.serve_session(s));
+                    tokio::spawn(router.serve_session(s));
                     let reason = watch.closed().await;
                     d2.journal(
                         "session_closed",
@@ -1057,30 +895,11 @@ fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
             let d = daemon.clone();
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
-                let mut lines = BufReader::new(r).lines();
-                let Ok(Ok(Some(line))) =
-                    tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
-                else {
-                    return;
+                let reply = match crate::control::read_request(r).await {
+                    Ok(req) => d.execute(req, crate::control::Caller::Local).await,
+                    Err(e) => crate::control::error_reply(e),
                 };
-                let cmd = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("cmd").and_then(|c| c.as_str()).map(String::from))
-                    .unwrap_or_default();
-                let reply = match cmd.as_str() {
-                    "sessions" => serde_json::to_value(d.sessions()).unwrap_or_default(),
-                    "status" => d.status(),
-                    "reload" => match d.reload().await {
-                        Ok(()) => json!({"ok": true}),
-                        Err(e) => json!({"error": e.to_string()}),
-                    },
-                    other => {
-                        json!({"error": format!("unknown command `{other}` (try: sessions, status, reload)")})
-                    }
-                };
-                let mut text = reply.to_string();
-                text.push('\n');
-                let _ = w.write_all(text.as_bytes()).await;
+                crate::control::write_reply(&mut w, &reply).await;
             });
         }
     });
@@ -1105,8 +924,8 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 if let Err(e) = daemon.reload().await {
+                    // Journaled by the apply as `config_not_applied`.
                     error!("reload failed, keeping the running configuration: {e}");
-                    daemon.journal("config_reload_failed", json!({"error": e.to_string()}));
                 }
             }
             _ = term.recv() => break,
@@ -1155,7 +974,7 @@ mod tests {
     use super::*;
 
     fn key(n: u8) -> PublicKey {
-        SecretKey::from_bytes([n; 32]).public_key()
+        pool_net::SecretKey::from_bytes([n; 32]).public_key()
     }
 
     #[test]

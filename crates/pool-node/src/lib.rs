@@ -9,12 +9,20 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod apply;
 pub mod bridge;
 pub mod config;
+pub mod config_check;
+pub mod control;
 pub mod daemon;
 pub mod journal;
+pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pending;
 pub mod relay;
+pub mod router;
+pub mod services;
 pub mod shim;
+pub mod types;

@@ -278,63 +278,7 @@ impl SessionCounts {
     }
 }
 
-/// An address range: `10.0.0.0/8`, `fd00::/8`, or one address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `ADDR/LEN` or `ADDR`.
-    pub fn parse(s: &str) -> Option<Cidr> {
-        let s = s.trim();
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let net: IpAddr = a.trim().parse().ok()?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
-            None => max,
-        };
-        // A v4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is that IPv4
-        // range: destinations are compared as IPv4 (see `contains`).
-        if let IpAddr::V6(v6) = net {
-            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
-                return Some(Cidr {
-                    net: IpAddr::V4(v4),
-                    prefix: prefix - 96,
-                });
-            }
-        }
-        Some(Cidr { net, prefix })
-    }
-
-    /// Whether `ip` (v4-mapped IPv6 counts as IPv4) is in the range.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
+pub use crate::types::Cidr;
 
 /// Counters of shimmed connections.
 #[derive(Debug, Default)]
@@ -376,6 +320,7 @@ fn journal_to(j: &Option<Journal>, event: &str, fields: serde_json::Value) {
 #[derive(Default)]
 pub struct ShimExpose {
     rules: RwLock<Vec<ExposeSection>>,
+    limits: RwLock<Limits>,
     journal: RwLock<Option<Journal>>,
     endpoint: OnceLock<Endpoint>,
     per_session: SessionCounts,
@@ -393,6 +338,13 @@ impl ShimExpose {
         }
         if let Ok(mut j) = self.journal.write() {
             *j = journal;
+        }
+    }
+
+    /// The limits of exposed connections (connect and idle timeouts).
+    pub fn set_limits(&self, limits: Limits) {
+        if let Ok(mut l) = self.limits.write() {
+            *l = limits;
         }
     }
 
@@ -424,15 +376,15 @@ impl ShimExpose {
     }
 
     /// Serves one `":PORT"` stream of `session` from `peer`.
-    pub(crate) async fn serve(
+    async fn serve_stream(
         &self,
         session: &str,
         peer: PublicKey,
         pre: Preamble,
         rs: RecvStream,
         mut ws: SendStream,
-        limits: &Limits,
     ) {
+        let limits = self.limits.read().map(|l| l.clone()).unwrap_or_default();
         let port = pre.service[1..].parse::<u16>().ok().filter(|p| *p != 0);
         let rule = port.and_then(|p| self.rules().into_iter().find(|r| r.port == p));
         let refuse = |status: u8, reason: String| {
@@ -510,6 +462,17 @@ impl ShimExpose {
         });
         debug!(peer = %peer, %target, "shim stream connected");
         splice(sock, rs, ws, limits.idle_timeout, &self.bytes).await;
+    }
+}
+
+impl crate::router::Service for ShimExpose {
+    fn serve(self: Arc<Self>, s: crate::router::Incoming) -> crate::router::ServeFuture {
+        Box::pin(async move {
+            self.bytes.active.fetch_add(1, Ordering::Relaxed);
+            self.serve_stream(&s.session_id, s.peer, s.preamble, s.recv, s.send)
+                .await;
+            self.bytes.active.fetch_sub(1, Ordering::Relaxed);
+        })
     }
 }
 
@@ -625,17 +588,13 @@ fn shims_would_refuse(dir: &Path, uid: u32) -> Option<String> {
 }
 
 fn routes(sections: &[RouteSection]) -> Vec<Route> {
+    // Validated when the config was parsed: nothing to drop here.
     sections
         .iter()
-        .filter_map(|r| {
-            Some(Route {
-                cidr: Cidr::parse(&r.cidr)?,
-                peer: r.peer.clone(),
-                peer_key: r
-                    .peer_key
-                    .as_deref()
-                    .and_then(|k| PublicKey::from_token(k).ok()),
-            })
+        .map(|r| Route {
+            cidr: r.cidr,
+            peer: r.peer.clone(),
+            peer_key: r.peer_key,
         })
         .collect()
 }
@@ -1438,28 +1397,5 @@ mod tests {
             node.tables() == (0, 0, 0)
         })
         .await;
-    }
-
-    #[test]
-    fn cidr_ranges() {
-        let c = Cidr::parse("10.0.0.0/8").unwrap();
-        assert!(c.contains("10.200.1.1".parse().unwrap()));
-        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
-        assert!(!c.contains("11.0.0.1".parse().unwrap()));
-        assert!(!c.contains("fd00::1".parse().unwrap()));
-        let one = Cidr::parse("127.0.0.1").unwrap();
-        assert!(one.contains("127.0.0.1".parse().unwrap()));
-        assert!(!one.contains("127.0.0.2".parse().unwrap()));
-        let all = Cidr::parse("0.0.0.0/0").unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
-        let v6 = Cidr::parse("fd00::/8").unwrap();
-        assert!(v6.contains("fd12::1".parse().unwrap()));
-        assert!(!v6.contains("fe80::1".parse().unwrap()));
-        assert!(Cidr::parse("::/0")
-            .unwrap()
-            .contains("::1".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "fd00::/129"] {
-            assert_eq!(Cidr::parse(bad), None, "{bad}");
-        }
     }
 }
