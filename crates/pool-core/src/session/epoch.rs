@@ -343,6 +343,13 @@ impl Session {
         // The peer acknowledged everything below `peer_next`; it may have
         // acknowledged more on the old carrier meanwhile.
         self.send.ack(peer_next);
+        // Frames the peer holds were sent, even if this side's record says
+        // otherwise: restored from a snapshot taken after they were queued
+        // and before they went out, it never saw them leave. Without this
+        // the high-water mark stays below the queue's base, which breaks
+        // the replay buffer's invariants (and the next snapshot; found by
+        // the `resume` fuzz target).
+        self.send.sent_hw = self.send.sent_hw.max(self.send.base_seq);
         let again = self.send.rewind();
         self.stats.frames_resent += again;
         self.stats.resumes += 1;
