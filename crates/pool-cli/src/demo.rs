@@ -286,9 +286,17 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
     );
     println!("\nSessions on the server node (pool ctl sessions):\n");
     let sock = dir.join("server.sock");
-    tokio::task::spawn_blocking(move || crate::node::ctl_sessions(&sock, false))
-        .await
-        .map_err(|e| CliError::msg(e.to_string()))??;
+    tokio::task::spawn_blocking(move || {
+        crate::node::ctl_sessions(
+            &crate::ctl::Target {
+                control: Some(sock),
+                ..Default::default()
+            },
+            false,
+        )
+    })
+    .await
+    .map_err(|e| CliError::msg(e.to_string()))??;
     println!(
         "\nMetrics:  curl http://{metrics}/metrics      Health:  curl http://{metrics}/health"
     );

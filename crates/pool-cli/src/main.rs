@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod cmd;
+mod ctl;
 mod demo;
 mod migrate;
 mod node;
@@ -130,9 +131,12 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
     /// Carry TCP connections over POOL without changing the programs at either end.
     #[command(subcommand)]
     Bridge(BridgeCmd),
-    /// Ask a running daemon (over its control socket).
+    /// Ask a running daemon (over its control socket, or --node over POOL).
     #[command(subcommand)]
     Ctl(CtlCmd),
+    /// Check, apply (with automatic rollback), confirm or roll back a config.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Work with the change journal.
     #[command(subcommand)]
     Journal(JournalCmd),
@@ -262,25 +266,63 @@ enum CtlCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        #[command(flatten)]
+        to: ctl::Target,
     },
-    /// Node key, listeners, bridges, counts.
+    /// Node key, listeners, bridges, counts, a pending config change.
     Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        #[command(flatten)]
+        to: ctl::Target,
     },
-    /// Reload the configuration (like SIGHUP).
+    /// Reload the configuration file (like SIGHUP): all of it or nothing.
     Reload {
-        /// The control socket [default: $POOL_CONTROL or /run/pool/control.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        #[command(flatten)]
+        to: ctl::Target,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Check a config file; with a running daemon, say what applying it would change.
+    Check {
+        /// The config file.
+        file: PathBuf,
+        #[command(flatten)]
+        to: ctl::Target,
+    },
+    /// Apply a config file now; it rolls back by itself unless confirmed in time.
+    #[command(
+        after_help = "EXAMPLES:\n  pool config apply /etc/pool/pool.toml --confirm-within 2m\n  pool config confirm\n\n\
+The daemon rewrites its config file to FILE and keeps the one it replaces. Unconfirmed at the\n\
+deadline it goes back by itself, even if this command's session is gone or the daemon was\n\
+restarted meanwhile. --confirm-within 0 keeps the change at once."
+    )]
+    Apply {
+        /// The config file.
+        file: PathBuf,
+        /// Roll back unless `pool config confirm` comes within this long (90s, 2m, 1h; 0: keep at once).
+        #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+        confirm_within: std::time::Duration,
+        #[command(flatten)]
+        to: ctl::Target,
+    },
+    /// Keep the pending change.
+    Confirm {
+        #[command(flatten)]
+        to: ctl::Target,
+    },
+    /// Go back from the pending change now.
+    Rollback {
+        #[command(flatten)]
+        to: ctl::Target,
+    },
+}
+
+fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    pool_node::types::parse_duration(s)
 }
 
 #[derive(Subcommand, Debug)]
@@ -490,15 +532,17 @@ fn main() -> ExitCode {
         }
         Command::Relay(a) => relay::runtime().and_then(|rt| rt.block_on(relay::relay(a))),
         Command::Bridge(b) => cmd::runtime().and_then(|rt| rt.block_on(bridge(b))),
-        Command::Ctl(CtlCmd::Sessions { json, control }) => {
-            node::ctl_sessions(&control.unwrap_or_else(node::default_control), json)
-        }
-        Command::Ctl(CtlCmd::Status { json, control }) => {
-            node::ctl_status(&control.unwrap_or_else(node::default_control), json)
-        }
-        Command::Ctl(CtlCmd::Reload { control }) => {
-            node::ctl_reload(&control.unwrap_or_else(node::default_control))
-        }
+        Command::Ctl(CtlCmd::Sessions { json, to }) => node::ctl_sessions(&to, json),
+        Command::Ctl(CtlCmd::Status { json, to }) => node::ctl_status(&to, json),
+        Command::Ctl(CtlCmd::Reload { to }) => node::ctl_reload(&to),
+        Command::Config(ConfigCmd::Check { file, to }) => ctl::check(&file, &to),
+        Command::Config(ConfigCmd::Apply {
+            file,
+            confirm_within,
+            to,
+        }) => ctl::apply(&file, confirm_within, &to),
+        Command::Config(ConfigCmd::Confirm { to }) => ctl::confirm(&to),
+        Command::Config(ConfigCmd::Rollback { to }) => ctl::rollback(&to),
         Command::Journal(JournalCmd::Verify { file, key }) => {
             node::journal_verify(&file, key.as_deref())
         }

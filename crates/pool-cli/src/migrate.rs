@@ -11,7 +11,7 @@ use crate::cmd::{err, load_key, parse_key, CliError, Result};
 
 /// `pool migrate status`: every peer with its path, RTT and last change.
 pub(crate) fn status(control: &Path, json: bool) -> Result<()> {
-    let v = crate::node::ctl_request(control, "sessions")?;
+    let v = crate::ctl::local(control, &pool_node::control::Request::Sessions)?;
     let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
         .map_err(|e| CliError(format!("bad answer from the daemon: {e}")))?;
     if json {

@@ -1,7 +1,7 @@
 //! `pool daemon`, `pool bridge`, `pool ctl`, `pool journal`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use pool_node::control::Request;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -179,25 +179,6 @@ pub(crate) async fn pool2tcp(
     run_daemon(None, cfg, String::new()).await
 }
 
-pub(crate) fn ctl_request(control: &Path, cmd: &str) -> Result<serde_json::Value> {
-    let mut sock = UnixStream::connect(control).map_err(|e| {
-        CliError::msg(format!(
-            "cannot reach the daemon's control socket {}: {e} (is `pool daemon` running? set --control or POOL_CONTROL)",
-            control.display()
-        ))
-    })?;
-    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
-    writeln!(sock, "{}", serde_json::json!({ "cmd": cmd }))?;
-    let mut line = String::new();
-    BufReader::new(sock).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(CliError::msg(format!("daemon: {e}")));
-    }
-    Ok(v)
-}
-
 fn human_bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -222,8 +203,8 @@ fn human_age(secs: f64) -> String {
     }
 }
 
-pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
-    let v = ctl_request(control, "sessions")?;
+pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
+    let v = crate::ctl::request(to, &Request::Sessions)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -281,8 +262,8 @@ pub(crate) fn ctl_sessions(control: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
-    let v = ctl_request(control, "status")?;
+pub(crate) fn ctl_status(to: &crate::ctl::Target, json: bool) -> Result<()> {
+    let v = crate::ctl::request(to, &Request::Status)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -306,6 +287,16 @@ pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
             .unwrap_or_else(|| "-".into())
     );
     println!("journal      {}", s("journal"));
+    let digest = s("config_sha256");
+    match v["pending"].as_object() {
+        Some(p) => println!(
+            "config       {} PENDING: rolls back in {} s unless `pool config confirm` (applied by {})",
+            &digest[..12.min(digest.len())],
+            p["seconds_left"],
+            p["applied_by"].as_str().unwrap_or("?")
+        ),
+        None => println!("config       {}", &digest[..12.min(digest.len())]),
+    }
     println!("sessions     {}", v["sessions"]);
     if let Some(relays) = v["relays"].as_array() {
         for r in relays {
@@ -398,9 +389,17 @@ pub(crate) fn ctl_status(control: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn ctl_reload(control: &Path) -> Result<()> {
-    ctl_request(control, "reload")?;
-    println!("reloaded");
+pub(crate) fn ctl_reload(to: &crate::ctl::Target) -> Result<()> {
+    let v = crate::ctl::request(to, &Request::Reload)?;
+    println!("reloaded; changes:");
+    for c in v["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(v["restart_needed"].as_array().into_iter().flatten())
+    {
+        println!("  {}", c.as_str().unwrap_or("?"));
+    }
     Ok(())
 }
 

@@ -81,7 +81,7 @@ fn start_daemon(dir: &TempDir, name: &str, config: &Path) -> Proc {
 fn reloads(journal: &Path) -> usize {
     journal_entries(journal)
         .iter()
-        .filter(|e| e["event"] == "config_reloaded")
+        .filter(|e| e["event"] == "config_applied" && e["how"] == "reload")
         .count()
 }
 
@@ -89,7 +89,7 @@ fn reloads(journal: &Path) -> usize {
 fn sighup_and_wait(p: &Proc, journal: &Path) {
     let before = reloads(journal);
     p.signal("HUP");
-    wait_journal(journal, Duration::from_secs(5), "config_reloaded", |_| {
+    wait_journal(journal, Duration::from_secs(5), "config_applied", |_| {
         reloads(journal) > before
     });
 }
@@ -214,7 +214,7 @@ async fn sighup_during_transfers_loses_no_connection() {
         (1, 0),
         "sessions opened/closed across the reloads"
     );
-    assert!(entries.iter().all(|e| e["event"] != "config_reload_failed"));
+    assert!(entries.iter().all(|e| e["event"] != "config_not_applied"));
     let check = pool_cmd(&["journal", "verify", server_journal.to_str().expect("utf-8")]);
     assert!(
         check.status.success(),

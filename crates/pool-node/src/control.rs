@@ -277,7 +277,7 @@ impl Daemon {
                     Ok((plan, pending)) => {
                         let mut v = plan_reply(&plan);
                         v["pending"] = json!(pending.map(|p| json!({
-                            "sha256": p.sha256, "seconds_left": p.time_left().as_secs(),
+                            "sha256": p.sha256, "seconds_left": p.seconds_left(),
                         })));
                         v
                     }

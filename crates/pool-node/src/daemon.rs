@@ -439,7 +439,7 @@ impl Daemon {
             "config_sha256": sha256_hex(&running_text),
             "pending": self.pending().map(|p| json!({
                 "sha256": p.sha256, "previous_sha256": p.previous_sha256,
-                "applied_by": p.applied_by, "seconds_left": p.time_left().as_secs(),
+                "applied_by": p.applied_by, "seconds_left": p.seconds_left(),
             })),
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
         })

@@ -60,6 +60,11 @@ impl PendingChange {
     pub fn time_left(&self) -> Duration {
         Duration::from_millis(self.deadline_unix_ms.saturating_sub(now_ms()))
     }
+
+    /// Whole seconds left, rounded up (what people are told).
+    pub fn seconds_left(&self) -> u64 {
+        self.time_left().as_millis().div_ceil(1000) as u64
+    }
 }
 
 /// Writes `text` to `path` atomically: a new file beside it, fsynced, then
@@ -126,7 +131,7 @@ impl Daemon {
             return Err(DaemonError::Pending(format!(
                 "a change applied by {} is pending (rolls back in {} s): run `pool config confirm` or `pool config rollback` first",
                 p.applied_by,
-                p.time_left().as_secs()
+                p.seconds_left()
             )));
         }
         let source = self
@@ -203,7 +208,7 @@ impl Daemon {
         info!(sha256 = %p.sha256, "pending configuration confirmed");
         self.journal(
             "config_confirmed",
-            json!({"sha256": p.sha256, "by": by, "seconds_left": p.time_left().as_secs()}),
+            json!({"sha256": p.sha256, "by": by, "seconds_left": p.seconds_left()}),
         );
         Ok(p)
     }
@@ -283,7 +288,7 @@ impl Daemon {
             ))
         })?;
         warn!(
-            seconds_left = p.time_left().as_secs(),
+            seconds_left = p.seconds_left(),
             "a configuration change is pending from before the restart; it rolls back at its deadline unless confirmed"
         );
         self.set_pending(Some(p.clone()));

@@ -57,7 +57,7 @@ fn example_config_has_the_shim_sections() {
     assert_eq!(shim.socket, Path::new("/run/pool/shim.sock"));
     assert!(shim.allow_users.is_empty() && shim.allow_groups.is_empty());
     assert_eq!(shim.default_peer_port, 9253);
-    assert_eq!(cfg.route[0].cidr, "10.4.4.0/24");
+    assert_eq!(cfg.route[0].cidr.to_string(), "10.4.4.0/24");
     assert_eq!(cfg.expose[0].port, 80);
     assert_eq!(cfg.expose[0].target, None);
 }

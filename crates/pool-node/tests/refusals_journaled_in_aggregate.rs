@@ -81,7 +81,7 @@ async fn ten_thousand_refused_hellos_make_few_lines_and_lose_no_session() {
             ..NodeSection::default()
         },
         trust: TrustSection {
-            allow: vec![client.public_key().to_string()],
+            allow: vec![client.public_key()],
             ..TrustSection::default()
         },
         ..Config::default()
