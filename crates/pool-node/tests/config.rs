@@ -95,3 +95,56 @@ fn shim_sections_are_checked() {
     assert!(e.contains("needs [node] listen"), "{e}");
     parse("[[route]]\ncidr = \"fd00::/8\"\npeer = \"[fd00::1]:9253\"\n").expect("IPv6 route");
 }
+
+/// Every bad entry is reported, each with its line; none is skipped.
+#[test]
+fn every_problem_is_reported_with_its_line() {
+    let k = "uDTsXcomEBnCOnNsAuCPGfz_IbhljoeDxeOmE64zUiU";
+    let text = format!(
+        "[node]\nlisten = \"127.0.0.1:9253\"\n\n\
+         [[tcp2pool]]\nname = \"a\"\nlisten = \"127.0.0.1:8080\"\npeer = \"h:1\"\npeer_key = \"{k}\"\n\n\
+         [[tcp2pool]]\nname = \"b\"\nlisten = \"[::]:8080\"\npeer = \"h:1\"\npeer_key = \"{k}\"\n\n\
+         [[tcp2pool]]\nname = \"c\"\nlisten = \"127.0.0.1:9253\"\npeer = \"h:1\"\npeer_key = \"{k}\"\nservice = \"pool.nope\"\n\n\
+         [[pool2tcp]]\nservice = \"web\"\ntarget = \"127.0.0.1:80\"\n\n\
+         [[pool2tcp]]\nservice = \"web\"\ntarget = \"127.0.0.1:81\"\n"
+    );
+    let e = Config::parse(&text, Path::new("/etc/pool/x.toml")).unwrap_err();
+    let p: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+    assert_eq!(p.len(), 4, "{p:#?}");
+    assert!(
+        p[0].starts_with("line 12:") && p[0].contains("[[tcp2pool]] `a` already uses"),
+        "{p:#?}"
+    );
+    assert!(
+        p[1].starts_with("line 18:") && p[1].contains("[node] listen already uses"),
+        "{p:#?}"
+    );
+    assert!(
+        p[2].starts_with("line 21:") && p[2].contains("no such node service"),
+        "{p:#?}"
+    );
+    assert!(
+        p[3].starts_with("line 28:")
+            && p[3].contains("two [[pool2tcp]] sections have service `web`"),
+        "{p:#?}"
+    );
+    assert!(e.to_string().contains("/etc/pool/x.toml"));
+
+    // A bad value in [[route]] names its line too (from the TOML reader).
+    let bad = "[[route]]\ncidr = \"10.0.0.0/8\"\npeer = \"h:1\"\npeer_key = \"not-a-key\"\n";
+    let e = Config::parse(bad, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 4") && e.contains("not a POOL public key"),
+        "{e}"
+    );
+    let bad = "[[route]]\ncidr = \"10.0.0.0/40\"\npeer = \"h:1\"\n";
+    let e = Config::parse(bad, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 2") && e.contains("not an address range"),
+        "{e}"
+    );
+}
