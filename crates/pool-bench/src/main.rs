@@ -8,6 +8,7 @@
 //! pool-bench idle-clients ADDR KEY N      (the child of idle-memory)
 //! pool-bench forward LISTEN TARGET         (a bare relay: the floor path of bench-bridge)
 //! pool-bench flood       [--opens 200] [--sources 256] [--parallel 64]
+//! pool-bench reload      [--bridges 100] [--connections 1000] [--rounds 10]
 //! ```
 //!
 //! Each prints human lines and then `RESULT name=value unit=...` lines,
@@ -19,11 +20,12 @@ mod flood;
 mod forward;
 mod handshakes;
 mod idle;
+mod reload;
 mod resume;
 mod throughput;
 
 const USAGE: &str =
-    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|forward> [options]
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -38,6 +40,9 @@ const USAGE: &str =
   flood       [--opens 200] [--sources 256] [--parallel 64]
                  a real client's session-open time under a flood of bad
                  HELLOs from many addresses, against no flood
+  reload      [--bridges 100] [--connections 1000] [--rounds 10]
+                 config reloads of a daemon with that many bridges and live
+                 connections: time to apply, connections failed
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
                  in a row are the floor that bench-bridge measures";
@@ -56,6 +61,7 @@ fn main() {
         "throughput" => throughput::run(rest),
         "forward" => forward::run(rest),
         "flood" => flood::run(rest),
+        "reload" => reload::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;
