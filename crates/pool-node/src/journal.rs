@@ -6,7 +6,7 @@
 //!
 //! - `seq`: 1 for the first entry of a file, then +1 per entry;
 //! - `ts`: when the event was recorded, RFC 3339 UTC with milliseconds;
-//! - `event`: what happened (`session_opened`, `config_reloaded`, ...);
+//! - `event`: what happened (`session_opened`, `config_applied`, ...);
 //! - `prev`: the previous entry's `hash` (64 zeros for the first entry);
 //! - `hash`: hex SHA-256 of the entry's canonical form without `hash`.
 //!

@@ -287,6 +287,22 @@ impl Daemon {
                 path.display()
             ))
         })?;
+        let running = sha256_hex(&self.running_config().1);
+        if running != p.sha256 {
+            // The config file was changed by hand since: the pending change
+            // no longer describes what runs, and rolling back would undo
+            // an edit nobody asked to undo.
+            warn!(
+                file = %path.display(),
+                "a pending configuration change does not match the running config (edited since?); dropping it, nothing is rolled back"
+            );
+            self.journal(
+                "config_pending_dropped",
+                json!({"sha256": p.sha256, "running_sha256": running}),
+            );
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         warn!(
             seconds_left = p.seconds_left(),
             "a configuration change is pending from before the restart; it rolls back at its deadline unless confirmed"
