@@ -442,9 +442,9 @@ impl Daemon {
     /// change, binding nothing.
     pub fn check_text(&self, text: &str, source: &Path) -> Result<Plan, DaemonError> {
         let cfg = Config::parse(text, source)?;
-        let key = load_or_create_key(&cfg.node.key, false)?;
-        drop(key);
-        build_trust(&cfg.trust, &crate::daemon::default_known_peers(&cfg))?;
+        load_or_create_key(&cfg.node.key, false)?;
+        let trust = build_trust(&cfg.trust, &crate::daemon::default_known_peers(&cfg))?;
+        crate::keys::check_listener_trust(&cfg, &trust, self.listening)?;
         Ok(plan(&self.running_config().0, &cfg))
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use pool_net::{PublicKey, Session};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tracing::warn;
 
 use crate::bridge::Preamble;
@@ -136,8 +136,6 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, v: &serde_json::Value
     let _ = w.write_all(text.as_bytes()).await;
     let _ = w.flush().await;
 }
-
-use tokio::io::AsyncReadExt as _;
 
 /// The reset code of a stream read error (`stream reset by peer (code N)`).
 pub fn reset_code(e: &std::io::Error) -> Option<u64> {

@@ -591,15 +591,7 @@ pub async fn start(
     let key = load_or_create_key(&cfg.node.key, true)?;
     let trust = build_trust(&cfg.trust, &default_known_peers(&cfg))?;
     let listening = !cfg.node.listen.is_empty();
-    if listening && !trust.accepts_clients() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty())
-    {
-        return Err(DaemonError::Trust(
-            "this node listens but trusts no client, so every session would be refused: \
-             set [trust] allow, authorized (then `pool trust add KEY --authorized FILE` and reload) or fleet_secret \
-             (tofu only pins the listeners this node dials)"
-                .into(),
-        ));
-    }
+    crate::keys::check_listener_trust(&cfg, &trust, listening)?;
     let mut protocol = pool_net::Config::default();
     protocol.probe_timeout(Some(Duration::from_millis(
         cfg.node.probe_timeout_ms.max(50),

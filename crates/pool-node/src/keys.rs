@@ -122,3 +122,22 @@ pub fn build_trust(t: &TrustSection, default_known_peers: &Path) -> Result<Trust
     }
     Ok(trust)
 }
+
+/// A node that listens for services but trusts no client would refuse
+/// every session: said at start and before any apply.
+pub fn check_listener_trust(
+    cfg: &crate::config::Config,
+    trust: &Trust,
+    listening: bool,
+) -> Result<(), DaemonError> {
+    if listening && !trust.accepts_clients() && !(cfg.pool2tcp.is_empty() && cfg.expose.is_empty())
+    {
+        return Err(DaemonError::Trust(
+            "this node listens but trusts no client, so every session would be refused: \
+             set [trust] allow, authorized (then `pool trust add KEY --authorized FILE` and reload) or fleet_secret \
+             (tofu only pins the listeners this node dials)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
