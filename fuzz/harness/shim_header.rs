@@ -5,33 +5,16 @@
 //! Input: the 28 header bytes (the daemon reads exactly 28; shorter input
 //! is never decoded), then optional text taken as a `[[route]]` cidr.
 //!
-//! Checked: a header decodes exactly when it starts with `PSH1`; it
-//! writes back to its bytes (bar the reserved byte) in the layout the shim
-//! writes (`pool_shim::wire::encode`, which cannot be linked here: it
-//! would interpose `connect` in this process); IPv4 comes out as IPv4;
+//! Checked: a header decodes exactly when it starts with `PSH2`; it
+//! writes back to its bytes (bar the reserved byte) with the encoder the
+//! shim uses (`pool_shim_wire`, shared by both sides); IPv4 comes out as IPv4;
 //! the service name the daemon makes of the port gives the port back; a
 //! range of one address, and `/0`, contain the destination; and a range
 //! treats an IPv4 address and its v4-mapped IPv6 form alike.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use pool_node::shim::{service_for_port, Cidr, ShimHeader, HEADER_LEN, MAGIC};
-
-/// `pool_shim::wire::encode`'s layout: `magic[4] flags u8, reserved u8,
-/// port u16be, address[16] (IPv4 as v4-mapped IPv6), pid u32be`.
-fn encode(dest: SocketAddr, flags: u8, pid: u32) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..4].copy_from_slice(&MAGIC);
-    h[4] = flags;
-    h[6..8].copy_from_slice(&dest.port().to_be_bytes());
-    let v6 = match dest.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    h[8..24].copy_from_slice(&v6.octets());
-    h[24..28].copy_from_slice(&pid.to_be_bytes());
-    h
-}
 
 /// Fuzzing entry.
 pub(crate) fn run(data: &[u8]) {
@@ -57,7 +40,7 @@ fn check(data: &[u8], strict: bool) {
     if let Some(hd) = got {
         let mut want = h;
         want[5] = 0;
-        assert_eq!(encode(hd.destination, hd.flags, hd.pid), want);
+        assert_eq!(hd.encode(), want);
         let ip = hd.destination.ip();
         if let IpAddr::V6(v6) = ip {
             assert_eq!(v6.to_ipv4_mapped(), None, "v4-mapped must come out as IPv4");

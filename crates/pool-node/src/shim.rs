@@ -42,78 +42,20 @@ use crate::bridge::{abort_on_close, splice, stopped, BridgeStats, Limits, Preamb
 use crate::config::{ExposeSection, RouteSection, ShimSection};
 use crate::journal::Journal;
 
-/// `PSH2`: the header's magic (version 1 went over TCP and is gone).
-pub const MAGIC: [u8; 4] = *b"PSH2";
-/// Length of the shim's header.
-pub const HEADER_LEN: usize = 28;
-/// Header flag: answer with a status byte (the program blocks in `connect`).
-pub const FLAG_WANT_STATUS: u8 = 1;
-/// Status: connected.
-pub const STATUS_OK: u8 = 0;
-/// Status: refused (by the destination program's host).
-pub const STATUS_REFUSED: u8 = 1;
-/// Status: timed out.
-pub const STATUS_TIMED_OUT: u8 = 2;
-/// Status: no route or the peer daemon cannot be reached.
-pub const STATUS_UNREACHABLE: u8 = 3;
-/// Status: the destination daemon does not expose the port.
-pub const STATUS_NOT_EXPOSED: u8 = 4;
+pub use pool_shim_wire::{
+    Header as ShimHeader, Reply, FLAG_WANT_STATUS, HEADER_LEN, MAGIC, REPLY_CONNECTED,
+    REPLY_DENIED, REPLY_GO, REPLY_LEN, REQUEST_LEN, STATUS_NOT_EXPOSED, STATUS_OK, STATUS_REFUSED,
+    STATUS_TIMED_OUT, STATUS_UNREACHABLE, TOKEN_LEN,
+};
 
-/// Length of what the shim sends on the Unix socket: header, then token.
-pub const REQUEST_LEN: usize = HEADER_LEN + TOKEN_LEN;
-/// Length of each reply on the Unix socket.
-pub const REPLY_LEN: usize = 20;
-/// Length of the one-time token.
-pub const TOKEN_LEN: usize = 16;
-/// Reply: connect to `127.0.0.1:port` and send the token there (the
-/// token field echoes the caller's).
-pub const REPLY_GO: u8 = 1;
-/// Reply: the TCP connection from local port `port` presented the token.
-pub const REPLY_CONNECTED: u8 = 2;
-/// Reply: this user is not allowed (`[shim] allow_users`, `allow_groups`).
-pub const REPLY_DENIED: u8 = 3;
-
-/// `kind u8, reserved u8, port u16be, token[16]` (as `pool_shim::wire`).
-pub fn encode_reply(kind: u8, port: u16, token: &[u8; TOKEN_LEN]) -> [u8; REPLY_LEN] {
-    let mut b = [0u8; REPLY_LEN];
-    b[0] = kind;
-    b[2..4].copy_from_slice(&port.to_be_bytes());
-    b[4..].copy_from_slice(token);
-    b
-}
-
-/// What the shim sends first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShimHeader {
-    /// The address the program connected to.
-    pub destination: SocketAddr,
-    /// Header flags ([`FLAG_WANT_STATUS`]).
-    pub flags: u8,
-    /// The program's process id (for logs and the journal).
-    pub pid: u32,
-}
-
-impl ShimHeader {
-    /// `magic[4] flags u8, reserved u8, port u16be, address[16] (IPv4 as
-    /// v4-mapped), pid u32be`.
-    pub fn decode(h: &[u8; HEADER_LEN]) -> Option<ShimHeader> {
-        if h[..4] != MAGIC {
-            return None;
-        }
-        let port = u16::from_be_bytes([h[6], h[7]]);
-        let mut ip = [0u8; 16];
-        ip.copy_from_slice(&h[8..24]);
-        let ip = Ipv6Addr::from(ip);
-        let ip = match ip.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(ip),
-        };
-        Some(ShimHeader {
-            destination: SocketAddr::new(ip, port),
-            flags: h[4],
-            pid: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
-        })
+/// A reply's 20 bytes.
+fn encode_reply(kind: u8, port: u16, token: &[u8; TOKEN_LEN]) -> [u8; REPLY_LEN] {
+    Reply {
+        kind,
+        port,
+        token: *token,
     }
+    .encode()
 }
 
 /// The service name of a shim stream to `port`.
@@ -1239,35 +1181,6 @@ impl ShimNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The same bytes as `pool_shim::wire`'s test vector.
-    #[test]
-    fn header_test_vector() {
-        let h: [u8; 28] = [
-            b'P', b'S', b'H', b'2', 1, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10,
-            1, 2, 3, 1, 2, 3, 4,
-        ];
-        assert_eq!(
-            ShimHeader::decode(&h),
-            Some(ShimHeader {
-                destination: "10.1.2.3:8080".parse().unwrap(),
-                flags: FLAG_WANT_STATUS,
-                pid: 0x0102_0304,
-            })
-        );
-        let mut bad = h;
-        bad[0] = b'X';
-        assert_eq!(ShimHeader::decode(&bad), None);
-    }
-
-    /// The same bytes as `pool_shim::wire`'s reply vector.
-    #[test]
-    fn reply_test_vector() {
-        let mut want = [0u8; REPLY_LEN];
-        want[..4].copy_from_slice(&[1, 0, 0x9c, 0x40]);
-        want[4..].copy_from_slice(b"0123456789abcdef");
-        assert_eq!(encode_reply(REPLY_GO, 0x9c40, b"0123456789abcdef"), want);
-    }
 
     fn section(users: &str, groups: &str) -> ShimSection {
         let text = format!("[shim]\nallow_users = {users}\nallow_groups = {groups}\n");

@@ -761,7 +761,12 @@ fn to_daemon(r: &Real, fd: c_int, domain: c_int, dest: SocketAddr, blocking: boo
     };
     let flags = if blocking { wire::FLAG_WANT_STATUS } else { 0 };
     let mut request = [0u8; wire::REQUEST_LEN];
-    request[..wire::HEADER_LEN].copy_from_slice(&wire::encode(dest, flags, std::process::id()));
+    let header = wire::Header {
+        destination: dest,
+        flags,
+        pid: std::process::id(),
+    };
+    request[..wire::HEADER_LEN].copy_from_slice(&header.encode());
     request[wire::HEADER_LEN..].copy_from_slice(&token);
     let deadline = std::time::Instant::now() + REPLY_WAIT;
     // A daemon that refuses this user answers and closes at once, maybe
