@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{Pool2Tcp, Tcp2Pool, Tcp2PoolConfig};
 use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
-use crate::journal::Journal;
+use pool_journal::{Event, Journal};
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
 use crate::shim::ShimNode;
@@ -272,9 +272,9 @@ impl RefusalLog {
         from: std::net::SocketAddr,
         key: Option<PublicKey>,
         reason: &str,
-        out: &mut Vec<(&'static str, serde_json::Value)>,
+        out: &mut Vec<(Event, serde_json::Value)>,
     ) {
-        let source = crate::relay::address_bucket(from.ip());
+        let source = crate::net::address_bucket(from.ip());
         if self
             .budget_from
             .is_none_or(|t| now.duration_since(t) >= self.window)
@@ -299,7 +299,7 @@ impl RefusalLog {
             self.budget -= 1;
             w.journaled.push(key);
             out.push((
-                "handshake_refused",
+                Event::HandshakeRefused,
                 json!({"from": from.to_string(), "source": source.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
             ));
         } else {
@@ -307,11 +307,11 @@ impl RefusalLog {
         }
     }
 
-    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(&'static str, serde_json::Value)>) {
+    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(Event, serde_json::Value)>) {
         if let Some(w) = self.sources.remove(&source) {
             if w.count > 0 {
                 out.push((
-                    "handshake_refusals",
+                    Event::HandshakeRefusals,
                     w.summary(&source.to_string(), self.window),
                 ));
             }
@@ -323,7 +323,7 @@ impl RefusalLog {
         &mut self,
         now: Instant,
         all: bool,
-        out: &mut Vec<(&'static str, serde_json::Value)>,
+        out: &mut Vec<(Event, serde_json::Value)>,
     ) {
         let over: Vec<std::net::IpAddr> = self
             .sources
@@ -340,7 +340,7 @@ impl RefusalLog {
         }
         if self.other.count > 0 {
             out.push((
-                "handshake_refusals",
+                Event::HandshakeRefusals,
                 self.other.summary("other", self.window),
             ));
             self.other = RefusalWindow::default();
@@ -526,14 +526,14 @@ impl Daemon {
         })
     }
 
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    fn journal(&self, event: Event, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
         }
     }
 
     /// Journals what refusals produced, on the path that may be shed.
-    fn journal_refusals(&self, lines: Vec<(&'static str, serde_json::Value)>) {
+    fn journal_refusals(&self, lines: Vec<(Event, serde_json::Value)>) {
         if let Some(j) = &self.journal {
             for (event, fields) in lines {
                 j.record_bulk(event, fields);
@@ -639,7 +639,7 @@ impl Daemon {
             if !trust.trusts(&s.peer_key()) {
                 warn!(peer = %s.peer_key(), "key no longer trusted: closing its session");
                 self.journal(
-                    "session_revoked",
+                    Event::SessionRevoked,
                     json!({"session": s.id().to_string(), "peer": s.peer_key().to_string()}),
                 );
                 let s2 = s.clone();
@@ -651,7 +651,7 @@ impl Daemon {
         self.endpoint.reload(key.clone(), trust.clone());
         if key.public_key() != old_key {
             self.journal(
-                "key_changed",
+                Event::KeyChanged,
                 json!({"old": old_key.to_string(), "new": key.public_key().to_string()}),
             );
         }
@@ -686,7 +686,7 @@ impl Daemon {
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
         let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         self.journal(
-            "config_reloaded",
+            Event::ConfigReloaded,
             json!({"path": path.display().to_string(), "sha256": hex}),
         );
         info!(sha256 = %hex, "configuration reloaded");
@@ -848,7 +848,7 @@ pub async fn start(
     });
     let hex = sha256_hex(text);
     daemon.journal(
-        "node_started",
+        Event::NodeStarted,
         json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex,
                "journal_key": daemon.journal.as_ref().and_then(|j| j.public_key().map(str::to_owned))}),
     );
@@ -870,13 +870,13 @@ pub async fn start(
                     // those are a broadcast that a flood of refusals can
                     // make a slow reader miss.
                     d2.journal(
-                        "session_opened",
+                        Event::SessionOpened,
                         json!({"session": id, "peer": peer, "from": s.stats().remote.map(|a| a.to_string())}),
                     );
                     tokio::spawn(p2t.serve_session(s));
                     let reason = watch.closed().await;
                     d2.journal(
-                        "session_closed",
+                        Event::SessionClosed,
                         json!({"session": id, "peer": peer, "reason": reason.to_string()}),
                     );
                 });
@@ -890,13 +890,13 @@ pub async fn start(
                 match events.recv().await {
                     Ok(EndpointEvent::Refused { from, key, reason }) => d.refused(from, key, &reason),
                     Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
-                        "session_resumed",
+                        Event::SessionResumed,
                         json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
                     ),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "journal fell behind listener events");
-                        d.journal_refusals(vec![("listener_events_missed", json!({"count": n}))]);
+                        d.journal_refusals(vec![(Event::ListenerEventsMissed, json!({"count": n}))]);
                     }
                     Err(_) => return,
                 }
@@ -1106,7 +1106,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
                 info!("SIGHUP: reloading");
                 if let Err(e) = daemon.reload().await {
                     error!("reload failed, keeping the running configuration: {e}");
-                    daemon.journal("config_reload_failed", json!({"error": e.to_string()}));
+                    daemon.journal(Event::ConfigReloadFailed, json!({"error": e.to_string()}));
                 }
             }
             _ = term.recv() => break,
@@ -1140,7 +1140,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
         );
     }
     daemon.expire_refusals(true);
-    daemon.journal("node_stopped", json!({"connections_cut": left}));
+    daemon.journal(Event::NodeStopped, json!({"connections_cut": left}));
     if let Some(j) = &daemon.journal {
         j.checkpoint().await;
     }

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,7 +41,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::journal::{Journal, JournalError};
+use pool_journal::{Event, Journal, JournalError};
+
+use crate::net::address_bucket;
 
 /// Bytes each circuit direction reads and writes at a time.
 const SPLICE_BUF: usize = 128 * 1024;
@@ -481,7 +483,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    fn journal(&self, event: Event, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
         }
@@ -489,7 +491,7 @@ impl Shared {
 
     /// For entries an unauthenticated or costless sender can cause (failed
     /// proofs, refusals): shed before they crowd out the others.
-    fn journal_bulk(&self, event: &str, fields: serde_json::Value) {
+    fn journal_bulk(&self, event: Event, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record_bulk(event, fields);
         }
@@ -592,21 +594,6 @@ impl Shared {
             shared: self.clone(),
             state: slot.state.clone(),
         })
-    }
-}
-
-/// The unit that per-address caps and aggregates count in: an IPv4
-/// address, or the /64 of an IPv6 address (one host or site usually holds
-/// a whole /64, so counting single IPv6 addresses would cap nothing).
-/// IPv4-mapped IPv6 addresses count as IPv4.
-#[must_use]
-pub fn address_bucket(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(bits))
-        }
-        v4 => v4,
     }
 }
 
@@ -742,7 +729,7 @@ impl RelayServer {
             None => None,
         };
         shared.journal(
-            "relay_started",
+            Event::RelayStarted,
             json!({
                 "listen": local.to_string(),
                 "max_connections": shared.cfg.max_connections,
@@ -857,7 +844,7 @@ impl RelayServer {
         drop(metrics);
         let s = shared.stats();
         shared.journal(
-            "relay_stopped",
+            Event::RelayStopped,
             json!({ "circuits_total": s.circuits_total, "bytes": s.bytes }),
         );
         if let Some(j) = &shared.journal {
@@ -1070,7 +1057,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
             .fetch_add(1, Ordering::Relaxed);
         warn!(addr = %conn.addr, claimed = %key, "relay: proof of key ownership failed");
         shared.journal_bulk(
-            "relay_auth_failed",
+            Event::RelayAuthFailed,
             json!({
                 "addr": conn.addr.to_string(),
                 "claimed_key": key.to_string(),
@@ -1083,7 +1070,7 @@ async fn handshake(shared: &Shared, conn: &mut Conn) -> Result<(PublicKey, Inten
     }
     if !shared.cfg.allow.is_empty() && !shared.cfg.allow.contains(&key) {
         shared.journal_bulk(
-            "relay_refused",
+            Event::RelayRefused,
             json!({
                 "reason": Refusal::NotAllowed.label(),
                 "addr": conn.addr.to_string(),
@@ -1148,7 +1135,7 @@ async fn handle(
     let Some(node) = shared.enter_node(key) else {
         shared.refused(Refusal::Capacity);
         shared.journal_bulk(
-            "relay_refused",
+            Event::RelayRefused,
             json!({
                 "reason": Refusal::Capacity.label(),
                 "addr": addr.to_string(),
@@ -1184,7 +1171,7 @@ async fn control(shared: Arc<Shared>, a: Authed) {
     }
     info!(node = %key, %addr, "relay: node registered");
     shared.journal(
-        "node_registered",
+        Event::NodeRegistered,
         json!({ "key": key.to_string(), "addr": addr.to_string() }),
     );
     let (mut rd, mut wr) = conn.stream.into_split();
@@ -1198,7 +1185,7 @@ async fn control(shared: Arc<Shared>, a: Authed) {
     }
     info!(node = %key, %addr, reason, "relay: node unregistered");
     shared.journal(
-        "node_unregistered",
+        Event::NodeUnregistered,
         json!({ "key": key.to_string(), "addr": addr.to_string(), "reason": reason }),
     );
     drop(node);
@@ -1315,7 +1302,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
         shared.refused(Refusal::UnknownPeer);
         debug!(node = %key, %peer, "relay: CONNECT to an unregistered key");
         shared.journal_bulk(
-            "relay_refused",
+            Event::RelayRefused,
             json!({
                 "reason": Refusal::UnknownPeer.label(),
                 "addr": addr.to_string(),
@@ -1361,7 +1348,7 @@ async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
     let Some(b) = accepted else {
         shared.refused(Refusal::NoAnswer);
         shared.journal_bulk(
-            "relay_refused",
+            Event::RelayRefused,
             json!({
                 "reason": Refusal::NoAnswer.label(),
                 "addr": addr.to_string(),
@@ -1439,7 +1426,7 @@ async fn accept(shared: Arc<Shared>, mut b: Authed, circuit: CircuitId) {
     };
     shared.refused(reason);
     shared.journal_bulk(
-        "relay_refused",
+        Event::RelayRefused,
         json!({
             "reason": if code == ERR_AUTH { "wrong_acceptor" } else { reason.label() },
             "addr": addr.to_string(),
@@ -1510,7 +1497,7 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
     c.circuits_total.fetch_add(1, Ordering::Relaxed);
     info!(circuit = %id, from = %ka, to = %kb, "relay: circuit opened");
     shared.journal(
-        "circuit_opened",
+        Event::CircuitOpened,
         json!({
             "circuit": id,
             "from": ka.to_string(),
@@ -1618,7 +1605,7 @@ async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: CircuitId) {
     let secs = started.elapsed().as_secs_f64();
     info!(circuit = %id, from = %ka, to = %kb, bytes_from_to = ab, bytes_to_from = ba, secs, %reason, "relay: circuit closed");
     shared.journal(
-        "circuit_closed",
+        Event::CircuitClosed,
         json!({
             "circuit": id,
             "from": ka.to_string(),
@@ -1858,17 +1845,6 @@ mod tests {
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         // A second later the debt is paid and 500 tokens are back.
         assert_eq!(b.take(t0 + Duration::from_secs(1), 500), Duration::ZERO);
-    }
-
-    #[test]
-    fn address_buckets_are_ipv4_addresses_and_ipv6_slash_64s() {
-        let b = |s: &str| address_bucket(s.parse().unwrap());
-        assert_eq!(b("192.0.2.7"), b("192.0.2.7"));
-        assert_ne!(b("192.0.2.7"), b("192.0.2.8"));
-        assert_eq!(b("2001:db8:1:2::1"), b("2001:db8:1:2:ffff:ffff:ffff:ffff"));
-        assert_eq!(b("2001:db8:1:2::1").to_string(), "2001:db8:1:2::");
-        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
-        assert_eq!(b("::ffff:192.0.2.7"), b("192.0.2.7"));
     }
 
     #[test]

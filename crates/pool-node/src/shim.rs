@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::bridge::{abort_on_close, splice, stopped, BridgeStats, Limits, Preamble};
 use crate::config::{ExposeSection, RouteSection, ShimSection};
-use crate::journal::Journal;
+use pool_journal::{Event, Journal};
 
 /// `PSH2`: the header's magic (version 1 went over TCP and is gone).
 pub const MAGIC: [u8; 4] = *b"PSH2";
@@ -366,7 +366,7 @@ fn reason_of(status: u8) -> &'static str {
     }
 }
 
-fn journal_to(j: &Option<Journal>, event: &str, fields: serde_json::Value) {
+fn journal_to(j: &Option<Journal>, event: Event, fields: serde_json::Value) {
     if let Some(j) = j {
         j.record(event, fields);
     }
@@ -418,7 +418,7 @@ impl ShimExpose {
         self.per_session.get(session)
     }
 
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    fn journal(&self, event: Event, fields: serde_json::Value) {
         let j = self.journal.read().ok().and_then(|j| j.clone());
         journal_to(&j, event, fields);
     }
@@ -439,7 +439,7 @@ impl ShimExpose {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(peer = %peer, service = %pre.service, destination = %pre.destination, "shim connection refused: {reason}");
             self.journal(
-                "shim_refused",
+                Event::ShimRefused,
                 json!({
                     "peer": peer.to_string(),
                     "port": port,
@@ -994,7 +994,7 @@ impl ShimNode {
             warn!(uid, gid, pid, "shim caller refused: {reason}");
             journal_to(
                 &self.journal,
-                "shim_denied",
+                Event::ShimDenied,
                 json!({"uid": uid, "gid": gid, "pid": pid, "reason": reason, "denied_total": n}),
             );
         }
@@ -1259,7 +1259,7 @@ impl ShimNode {
                 warn!(pid = header.pid, uid, destination = %dest, %peer, "shim connection failed: {reason}");
                 journal_to(
                     &self.journal,
-                    "shim_failed",
+                    Event::ShimFailed,
                     json!({
                         "pid": header.pid,
                         "uid": uid,
