@@ -30,7 +30,10 @@ pub(crate) fn canonical_object(m: &Map<String, Value>, out: &mut String) {
     write_object(m.iter(), out);
 }
 
-pub(crate) fn write_object<'a>(items: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut String) {
+pub(crate) fn write_object<'a>(
+    items: impl Iterator<Item = (&'a String, &'a Value)>,
+    out: &mut String,
+) {
     let mut items: Vec<_> = items.collect();
     items.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push('{');
@@ -144,7 +147,6 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (year, month as u32, day as u32)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +183,4 @@ mod tests {
         canonical(&back, &mut again);
         assert_eq!(s, again);
     }
-
 }

@@ -281,4 +281,3 @@ pub(crate) fn parse_checkpoint(obj: &Map<String, Value>) -> Result<Checkpoint, &
         signature_ok,
     })
 }
-

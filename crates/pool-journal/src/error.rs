@@ -60,4 +60,3 @@ pub enum JournalError {
         given: String,
     },
 }
-

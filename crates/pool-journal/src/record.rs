@@ -137,7 +137,6 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, &'static str> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::time::UNIX_EPOCH;
@@ -160,5 +159,4 @@ mod tests {
         let parsed = parse_line(line.as_bytes()).unwrap();
         assert!(parsed.content_ok && parsed.canonical_ok);
     }
-
 }

@@ -377,4 +377,3 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
         .collect();
     Ok(report)
 }
-

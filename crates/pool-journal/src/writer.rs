@@ -643,7 +643,6 @@ fn last_line(file: &File, len: u64) -> io::Result<Option<Result<Vec<u8>, String>
     Ok(Some(Ok(line)))
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::time::UNIX_EPOCH;

@@ -20,10 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{Pool2Tcp, Tcp2Pool, Tcp2PoolConfig};
 use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
-use pool_journal::{Event, Journal};
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
 use crate::shim::ShimNode;
+use pool_journal::{Event, Journal};
 
 /// Why the daemon could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -319,12 +319,7 @@ impl RefusalLog {
     }
 
     /// Ends the windows that are over (all of them with `all`).
-    fn expire(
-        &mut self,
-        now: Instant,
-        all: bool,
-        out: &mut Vec<(Event, serde_json::Value)>,
-    ) {
+    fn expire(&mut self, now: Instant, all: bool, out: &mut Vec<(Event, serde_json::Value)>) {
         let over: Vec<std::net::IpAddr> = self
             .sources
             .iter()

@@ -16,5 +16,4 @@ pub mod daemon;
 pub mod metrics;
 pub mod model;
 pub mod net;
-pub mod relay;
 pub mod shim;

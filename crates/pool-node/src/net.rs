@@ -1,8 +1,11 @@
 //! Socket helpers, shared by the node and the relay server (`pool-relay`).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::warn;
 
 /// Binds a TCP listener the way every POOL listener binds
 /// ([`pool_net::bind_tcp`]: `[::]:PORT` is dual-stack), as an `io::Error`
@@ -14,6 +17,34 @@ pub async fn bind_tcp(addr: &str) -> std::io::Result<TcpListener> {
         }
         _ => std::io::Error::other(e.to_string()),
     })
+}
+
+/// The next connection on `listener`, or `None` once `stop` turns true
+/// (or its sender is gone). Accept errors (EMFILE and friends) are logged
+/// and retried after a short pause instead of spinning. The relay's
+/// listener loop; the node's listeners use the same loop in `bridge`.
+pub async fn accept_next(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stopped(stop) => return None,
+        }
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// The unit that per-address caps and aggregates count in: an IPv4

@@ -13,7 +13,7 @@ use pool_core::relay::{
     ERR_PROTOCOL, ERR_UNKNOWN_PEER, MAGIC, VERSION,
 };
 use pool_core::{PublicKey, SecretKey};
-use pool_node::relay::{RelayConfig, RelayHandle, RelayServer};
+use pool_relay::{RelayConfig, RelayHandle, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
