@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pool_journal::{Event, Journal};
 use pool_net::{
     Endpoint, EndpointConfig, EndpointEvent, FleetSecret, PublicKey, SecretKey, Session, Trust,
 };
@@ -23,7 +24,6 @@ use crate::config::{Config, ConfigError, Tcp2PoolSection, TrustSection};
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
 use crate::shim::ShimNode;
-use pool_journal::{Event, Journal};
 
 /// Why the daemon could not start or go on.
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use pool_journal::{Event, Journal};
 use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session, Trust};
 use serde::Deserialize;
 use serde_json::json;
@@ -40,7 +41,6 @@ use tracing::{debug, info, warn};
 
 use crate::bridge::{abort_on_close, splice, stopped, BridgeStats, Limits, Preamble};
 use crate::config::{ExposeSection, RouteSection, ShimSection};
-use pool_journal::{Event, Journal};
 
 /// `PSH2`: the header's magic (version 1 went over TCP and is gone).
 pub const MAGIC: [u8; 4] = *b"PSH2";
