@@ -1042,7 +1042,7 @@ async fn reset_is_carried_to_the_other_end() {
 }
 
 /// Not a test: prints relayed against direct loopback throughput.
-/// `cargo test --release -p pool-node --test relay -- --ignored --nocapture`
+/// `cargo test --release -p pool-relay --test relay -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn relayed_throughput_against_direct() {
