@@ -1,3 +1,5 @@
+//! # pool-journal: POOL's change journal
+//!
 //! The change journal: an append-only, hash-chained log of what an auditor
 //! asks about (sessions opened and closed, refused handshakes, config
 //! reloads, key changes, resumes).
