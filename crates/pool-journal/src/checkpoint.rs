@@ -92,7 +92,7 @@ pub fn key_path(journal: &Path) -> PathBuf {
 
 /// The hex public key of a journal's signing key file, for
 /// `pool journal pubkey` (to keep elsewhere and give to
-/// [`verify_with_key`]).
+/// [`verify_with_key`](crate::verify_with_key)).
 ///
 /// # Errors
 ///

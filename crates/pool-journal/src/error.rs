@@ -39,7 +39,7 @@ pub enum JournalError {
         /// What is wrong with the last line.
         reason: String,
     },
-    /// [`verify`] was given something other than a regular file.
+    /// [`verify`](crate::verify) was given something other than a regular file.
     #[error("journal {}: not a regular file", path.display())]
     NotAFile {
         /// The path given.

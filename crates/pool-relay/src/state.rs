@@ -61,7 +61,7 @@ pub struct RelayStats {
 }
 
 /// One node key with connections open at the relay, as
-/// [`RelayHandle::nodes`] lists it. Byte counts start when the key's first
+/// [`RelayHandle::nodes`](crate::RelayHandle::nodes) lists it. Byte counts start when the key's first
 /// open connection did (they are forgotten once it has none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStats {
