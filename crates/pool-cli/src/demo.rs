@@ -301,7 +301,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
         "\nMetrics:  curl http://{metrics}/metrics      Health:  curl http://{metrics}/health"
     );
     let jpath = dir.join("server-journal.log");
-    let report = tokio::task::spawn_blocking(move || pool_node::journal::verify(&jpath))
+    let report = tokio::task::spawn_blocking(move || pool_journal::verify(&jpath))
         .await
         .map_err(|e| CliError::msg(e.to_string()))?;
     if let Ok(r) = report {

@@ -436,14 +436,14 @@ pub(crate) fn shim_path() -> Result<()> {
 }
 
 pub(crate) fn journal_pubkey(file: &Path) -> Result<()> {
-    let key = pool_node::journal::public_key(file).map_err(|e| CliError::msg(e.to_string()))?;
+    let key = pool_journal::public_key(file).map_err(|e| CliError::msg(e.to_string()))?;
     println!("{key}");
     Ok(())
 }
 
 pub(crate) fn journal_verify(file: &Path, key: Option<&str>) -> Result<()> {
     let report =
-        pool_node::journal::verify_with_key(file, key).map_err(|e| CliError::msg(e.to_string()))?;
+        pool_journal::verify_with_key(file, key).map_err(|e| CliError::msg(e.to_string()))?;
     println!("{report}");
     if report.problems.is_empty() {
         Ok(())

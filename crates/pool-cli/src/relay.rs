@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use pool_net::PublicKey;
-use pool_node::relay::{load_authorized, RelayConfig, RelayServer};
+use pool_relay::{load_authorized, RelayConfig, RelayServer};
 
 use crate::cmd::CliError;
 

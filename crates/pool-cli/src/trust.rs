@@ -100,7 +100,7 @@ fn note(comment: Option<&str>) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)
         .unwrap_or(0) as i64;
-    let (y, m, d) = pool_node::journal::civil_from_days(days);
+    let (y, m, d) = pool_journal::civil_from_days(days);
     let mut s = format!("added {y:04}-{m:02}-{d:02} by pool trust add");
     if let Some(c) = comment {
         let c: String = c

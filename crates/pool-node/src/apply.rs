@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use pool_journal::Event;
 use pool_net::{SecretKey, Trust};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -332,7 +333,7 @@ impl Daemon {
             if !p.trust.trusts(&s.peer_key()) {
                 warn!(peer = %s.peer_key(), "key no longer trusted: closing its session");
                 self.journal(
-                    "session_revoked",
+                    Event::SessionRevoked,
                     json!({"session": s.id().to_string(), "peer": s.peer_key().to_string()}),
                 );
                 let s2 = s.clone();
@@ -345,7 +346,7 @@ impl Daemon {
         self.endpoint.reload(p.key.clone(), p.trust.clone());
         if p.key.public_key() != old_key {
             self.journal(
-                "key_changed",
+                Event::KeyChanged,
                 json!({"old": old_key.to_string(), "new": p.key.public_key().to_string()}),
             );
         }
@@ -419,7 +420,7 @@ impl Daemon {
                     info!(how, "  {c}");
                 }
                 self.journal(
-                    "config_applied",
+                    Event::ConfigApplied,
                     json!({"how": how, "source": source.display().to_string(), "sha256": digest,
                            "previous_sha256": previous, "changes": plan.changes,
                            "restart_needed": plan.restart_needed}),
@@ -429,7 +430,7 @@ impl Daemon {
             Err(e) => {
                 warn!(how, sha256 = %digest, "configuration NOT applied; the running one is unchanged: {e}");
                 self.journal(
-                    "config_not_applied",
+                    Event::ConfigNotApplied,
                     json!({"how": how, "source": source.display().to_string(), "sha256": digest,
                            "error": e.to_string()}),
                 );

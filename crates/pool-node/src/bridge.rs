@@ -299,33 +299,6 @@ pub(crate) async fn splice(
     drop(tr);
 }
 
-/// Resolves once `stop` turns true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-/// The next connection on `listener`, or `None` once `stop` turns true.
-/// Accept errors (EMFILE and friends) are logged and retried after a short
-/// pause instead of spinning. Shared by every TCP listener of the node.
-pub(crate) async fn accept_next(
-    listener: &TcpListener,
-    stop: &mut watch::Receiver<bool>,
-    what: &str,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => return Some(x),
-                Err(e) => {
-                    warn!(error = %e, "{what} accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = stopped(stop) => return None,
-        }
-    }
-}
-
 /// The `tcp2pool` end.
 #[derive(Clone, Debug)]
 pub struct Tcp2PoolConfig {
@@ -422,7 +395,9 @@ impl Tcp2Pool {
     /// Accepts connections until `stop` turns true, then returns (live
     /// connections go on; the caller waits for [`BridgeStats::active`]).
     pub async fn run(self: Arc<Self>, listener: Arc<TcpListener>, mut stop: watch::Receiver<bool>) {
-        while let Some((sock, from)) = accept_next(&listener, &mut stop, "tcp2pool").await {
+        while let Some((sock, from)) =
+            crate::net::accept_next(&listener, &mut stop, "tcp2pool").await
+        {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(%from, max = self.cfg.limits.max_connections, "connection cap reached; refusing");

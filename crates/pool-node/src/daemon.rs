@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pool_journal::{Event, Journal};
 use pool_net::{Endpoint, EndpointConfig, EndpointEvent, PublicKey, Session};
 use serde_json::json;
 use tokio::net::UnixListener;
@@ -17,7 +18,6 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{BridgeStats, Tcp2Pool};
 use crate::config::{Config, ConfigError, Tcp2PoolSection};
-use crate::journal::Journal;
 use crate::metrics::MetricsSource;
 use crate::model::{NodeCounters, SessionRow};
 use crate::router::Router;
@@ -180,9 +180,9 @@ impl RefusalLog {
         from: std::net::SocketAddr,
         key: Option<PublicKey>,
         reason: &str,
-        out: &mut Vec<(&'static str, serde_json::Value)>,
+        out: &mut Vec<(Event, serde_json::Value)>,
     ) {
-        let source = crate::relay::address_bucket(from.ip());
+        let source = crate::net::address_bucket(from.ip());
         if self
             .budget_from
             .is_none_or(|t| now.duration_since(t) >= self.window)
@@ -207,7 +207,7 @@ impl RefusalLog {
             self.budget -= 1;
             w.journaled.push(key);
             out.push((
-                "handshake_refused",
+                Event::HandshakeRefused,
                 json!({"from": from.to_string(), "source": source.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
             ));
         } else {
@@ -215,11 +215,11 @@ impl RefusalLog {
         }
     }
 
-    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(&'static str, serde_json::Value)>) {
+    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(Event, serde_json::Value)>) {
         if let Some(w) = self.sources.remove(&source) {
             if w.count > 0 {
                 out.push((
-                    "handshake_refusals",
+                    Event::HandshakeRefusals,
                     w.summary(&source.to_string(), self.window),
                 ));
             }
@@ -227,12 +227,7 @@ impl RefusalLog {
     }
 
     /// Ends the windows that are over (all of them with `all`).
-    fn expire(
-        &mut self,
-        now: Instant,
-        all: bool,
-        out: &mut Vec<(&'static str, serde_json::Value)>,
-    ) {
+    fn expire(&mut self, now: Instant, all: bool, out: &mut Vec<(Event, serde_json::Value)>) {
         let over: Vec<std::net::IpAddr> = self
             .sources
             .iter()
@@ -248,7 +243,7 @@ impl RefusalLog {
         }
         if self.other.count > 0 {
             out.push((
-                "handshake_refusals",
+                Event::HandshakeRefusals,
                 self.other.summary("other", self.window),
             ));
             self.other = RefusalWindow::default();
@@ -445,14 +440,14 @@ impl Daemon {
         })
     }
 
-    pub(crate) fn journal(&self, event: &str, fields: serde_json::Value) {
+    pub(crate) fn journal(&self, event: Event, fields: serde_json::Value) {
         if let Some(j) = &self.journal {
             j.record(event, fields);
         }
     }
 
     /// Journals what refusals produced, on the path that may be shed.
-    fn journal_refusals(&self, lines: Vec<(&'static str, serde_json::Value)>) {
+    fn journal_refusals(&self, lines: Vec<(Event, serde_json::Value)>) {
         if let Some(j) = &self.journal {
             for (event, fields) in lines {
                 j.record_bulk(event, fields);
@@ -676,7 +671,7 @@ pub async fn start(
     });
     let hex = sha256_hex(text);
     daemon.journal(
-        "node_started",
+        Event::NodeStarted,
         json!({"key": key.public_key().to_string(), "listen": endpoint.local_addr().map(|a| a.to_string()), "config_sha256": hex,
                "journal_key": daemon.journal.as_ref().and_then(|j| j.public_key().map(str::to_owned))}),
     );
@@ -700,13 +695,13 @@ pub async fn start(
                     // those are a broadcast that a flood of refusals can
                     // make a slow reader miss.
                     d2.journal(
-                        "session_opened",
+                        Event::SessionOpened,
                         json!({"session": id, "peer": peer, "from": s.stats().remote.map(|a| a.to_string())}),
                     );
                     tokio::spawn(router.serve_session(s));
                     let reason = watch.closed().await;
                     d2.journal(
-                        "session_closed",
+                        Event::SessionClosed,
                         json!({"session": id, "peer": peer, "reason": reason.to_string()}),
                     );
                 });
@@ -720,13 +715,13 @@ pub async fn start(
                 match events.recv().await {
                     Ok(EndpointEvent::Refused { from, key, reason }) => d.refused(from, key, &reason),
                     Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
-                        "session_resumed",
+                        Event::SessionResumed,
                         json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
                     ),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "journal fell behind listener events");
-                        d.journal_refusals(vec![("listener_events_missed", json!({"count": n}))]);
+                        d.journal_refusals(vec![(Event::ListenerEventsMissed, json!({"count": n}))]);
                     }
                     Err(_) => return,
                 }
@@ -951,7 +946,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
         );
     }
     daemon.expire_refusals(true);
-    daemon.journal("node_stopped", json!({"connections_cut": left}));
+    daemon.journal(Event::NodeStopped, json!({"connections_cut": left}));
     if let Some(j) = &daemon.journal {
         j.checkpoint().await;
     }

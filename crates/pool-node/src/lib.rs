@@ -2,8 +2,9 @@
 //!
 //! The daemon, the TCP bridge (`tcp2pool` / `pool2tcp`), the shim's
 //! daemon side (`[shim]`, `[[route]]`, `[[expose]]`), the control
-//! socket behind `pool ctl`, Prometheus metrics and the hash-chained change
-//! journal. Everything here uses only `pool-net`'s public API.
+//! socket behind `pool ctl` and Prometheus metrics. Changes are written to
+//! the change journal of `pool-journal`. Everything here uses only
+//! `pool-net`'s public API.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -15,13 +16,11 @@ pub mod config;
 pub mod config_check;
 pub mod control;
 pub mod daemon;
-pub mod journal;
 pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pending;
-pub mod relay;
 pub mod router;
 pub mod services;
 pub mod shim;

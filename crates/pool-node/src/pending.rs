@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pool_journal::Event;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{error, info, warn};
@@ -183,7 +184,7 @@ impl Daemon {
         };
         if let Some(p) = &pending {
             self.journal(
-                "config_pending",
+                Event::ConfigPending,
                 json!({"sha256": p.sha256, "previous_sha256": p.previous_sha256,
                        "confirm_within_secs": within.map(|w| w.as_secs()), "by": by}),
             );
@@ -207,7 +208,7 @@ impl Daemon {
         self.set_pending(None);
         info!(sha256 = %p.sha256, "pending configuration confirmed");
         self.journal(
-            "config_confirmed",
+            Event::ConfigConfirmed,
             json!({"sha256": p.sha256, "by": by, "seconds_left": p.seconds_left()}),
         );
         Ok(p)
@@ -234,7 +235,7 @@ impl Daemon {
         self.set_pending(None);
         warn!(how, to = %p.previous_sha256, "configuration rolled back");
         self.journal(
-            "config_rolled_back",
+            Event::ConfigRolledBack,
             json!({"how": how, "from_sha256": p.sha256, "to_sha256": p.previous_sha256,
                    "applied_by": p.applied_by}),
         );
@@ -297,7 +298,7 @@ impl Daemon {
                 "a pending configuration change does not match the running config (edited since?); dropping it, nothing is rolled back"
             );
             self.journal(
-                "config_pending_dropped",
+                Event::ConfigPendingDropped,
                 json!({"sha256": p.sha256, "running_sha256": running}),
             );
             let _ = std::fs::remove_file(&path);

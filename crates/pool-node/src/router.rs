@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::bridge::Preamble;
-use crate::journal::Journal;
+use pool_journal::{Event, Journal};
 
 /// Stream reset code: the TCP client or target reset its connection.
 pub const RESET_TCP: u64 = 1;
@@ -361,13 +361,13 @@ impl Router {
             .note(peer, reason, service);
         if first {
             self.journal(
-                "stream_refused",
+                Event::StreamRefused,
                 json!({"peer": peer.to_string(), "reason": reason, "service": truncate(service), "code": code}),
             );
         }
     }
 
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    fn journal(&self, event: Event, fields: serde_json::Value) {
         let j = self
             .journal
             .read()
@@ -387,7 +387,7 @@ impl Router {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         for l in lines {
-            self.journal("stream_refusals", l);
+            self.journal(Event::StreamRefusals, l);
         }
     }
 }

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use pool_journal::{Event, Journal};
 use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session, Trust};
 use serde::Deserialize;
 use serde_json::json;
@@ -38,9 +39,9 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::bridge::{abort_on_close, splice, stopped, BridgeStats, Limits, Preamble};
+use crate::bridge::{abort_on_close, splice, BridgeStats, Limits, Preamble};
 use crate::config::{ExposeSection, RouteSection, ShimSection};
-use crate::journal::Journal;
+use crate::net::stopped;
 
 pub use pool_shim_wire::{
     Header as ShimHeader, Reply, FLAG_WANT_STATUS, HEADER_LEN, MAGIC, REPLY_CONNECTED,
@@ -252,7 +253,7 @@ fn reason_of(status: u8) -> &'static str {
     }
 }
 
-fn journal_to(j: &Option<Journal>, event: &str, fields: serde_json::Value) {
+fn journal_to(j: &Option<Journal>, event: Event, fields: serde_json::Value) {
     if let Some(j) = j {
         j.record(event, fields);
     }
@@ -312,7 +313,7 @@ impl ShimExpose {
         self.per_session.get(session)
     }
 
-    fn journal(&self, event: &str, fields: serde_json::Value) {
+    fn journal(&self, event: Event, fields: serde_json::Value) {
         let j = self.journal.read().ok().and_then(|j| j.clone());
         journal_to(&j, event, fields);
     }
@@ -333,7 +334,7 @@ impl ShimExpose {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(peer = %peer, service = %pre.service, destination = %pre.destination, "shim connection refused: {reason}");
             self.journal(
-                "shim_refused",
+                Event::ShimRefused,
                 json!({
                     "peer": peer.to_string(),
                     "port": port,
@@ -801,7 +802,7 @@ impl ShimNode {
         let gate = Arc::new(Semaphore::new(MAX_UNPROVEN));
         let serial = Arc::new(AtomicU64::new(0));
         while let Some((mut sock, from)) =
-            crate::bridge::accept_next(&data, &mut stop, "shim data port").await
+            crate::net::accept_next(&data, &mut stop, "shim data port").await
         {
             let Ok(permit) = gate.clone().try_acquire_owned() else {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -895,7 +896,7 @@ impl ShimNode {
             warn!(uid, gid, pid, "shim caller refused: {reason}");
             journal_to(
                 &self.journal,
-                "shim_denied",
+                Event::ShimDenied,
                 json!({"uid": uid, "gid": gid, "pid": pid, "reason": reason, "denied_total": n}),
             );
         }
@@ -1160,7 +1161,7 @@ impl ShimNode {
                 warn!(pid = header.pid, uid, destination = %dest, %peer, "shim connection failed: {reason}");
                 journal_to(
                     &self.journal,
-                    "shim_failed",
+                    Event::ShimFailed,
                     json!({
                         "pid": header.pid,
                         "uid": uid,

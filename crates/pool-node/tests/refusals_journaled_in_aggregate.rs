@@ -188,6 +188,6 @@ async fn ten_thousand_refused_hellos_make_few_lines_and_lose_no_session() {
         "{}",
         opened[0]
     );
-    assert!(pool_node::journal::verify(&jpath).unwrap().is_intact());
+    assert!(pool_journal::verify(&jpath).unwrap().is_intact());
     session.close("done").await;
 }

@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pool_journal::Journal;
 use pool_net::{Endpoint, EndpointConfig, SecretKey, Session, Trust};
 use pool_node::bridge::Preamble;
 use pool_node::control::reset_code;
-use pool_node::journal::Journal;
 use pool_node::router::{
     Access, Incoming, Router, ServeFuture, Service, Table, RESET_FORBIDDEN, RESET_NO_SERVICE,
 };

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use pool_net::{Endpoint, EndpointConfig, SecretKey, Session, Trust};
-use pool_node::relay::{RelayConfig, RelayHandle, RelayServer};
+use pool_relay::{RelayConfig, RelayHandle, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn setup(relay_only: bool) -> (RelayHandle, Endpoint, Session) {

@@ -16,7 +16,7 @@ use pool_core::relay::{authenticate, CircuitId, Intent, Msg, VERSION};
 use pool_net::{
     BoxedCarrier, DialFuture, Dialer, Endpoint, EndpointConfig, PublicKey, SecretKey, Trust,
 };
-use pool_node::relay::{RelayConfig, RelayServer};
+use pool_relay::{RelayConfig, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pool_node::journal::{
-    key_path, public_key, verify, verify_with_key, Journal, JournalError, CHECKPOINT_EVENT,
+use pool_journal::{
+    key_path, public_key, verify, verify_with_key, Event, Journal, JournalError, CHECKPOINT_EVENT,
     CHECKPOINT_EVERY,
 };
 use serde_json::{json, Value};
@@ -52,7 +52,7 @@ async fn write_entries(path: &Path, from: u64, n: u64) -> Journal {
     let j = Journal::open(path).await.unwrap();
     for i in from..from + n {
         j.record(
-            "session_opened",
+            Event::SessionOpened,
             json!({"peer": format!("pk-{i}"), "session": i, "from": "192.0.2.1:4000"}),
         );
     }
@@ -501,7 +501,7 @@ async fn full_queue_drops_and_records_the_loss() {
     // On this single-threaded runtime the writer cannot run until we
     // await, so the queue fills and the rest is dropped.
     for i in 0..10_000u64 {
-        j.record("session_opened", json!({ "i": i }));
+        j.record(Event::SessionOpened, json!({ "i": i }));
     }
     flush(&j).await;
     let s = j.stats();
@@ -571,7 +571,7 @@ async fn full_disk_is_counted_logged_and_never_blocks() {
 
     let started = Instant::now();
     for i in 0..100u64 {
-        j.record("session_opened", json!({ "i": i }));
+        j.record(Event::SessionOpened, json!({ "i": i }));
     }
     assert!(started.elapsed() < Duration::from_secs(1), "record blocked");
     flush(&j).await;
@@ -582,7 +582,7 @@ async fn full_disk_is_counted_logged_and_never_blocks() {
 
     // Still failing: counted again, but the burst is logged only once.
     for i in 0..50u64 {
-        j.record("session_closed", json!({ "i": i }));
+        j.record(Event::SessionClosed, json!({ "i": i }));
     }
     flush(&j).await;
     let s = j.stats();

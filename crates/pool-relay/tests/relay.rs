@@ -13,7 +13,7 @@ use pool_core::relay::{
     ERR_PROTOCOL, ERR_UNKNOWN_PEER, MAGIC, VERSION,
 };
 use pool_core::{PublicKey, SecretKey};
-use pool_node::relay::{RelayConfig, RelayHandle, RelayServer};
+use pool_relay::{RelayConfig, RelayHandle, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -382,7 +382,7 @@ async fn wrong_proof_gets_nothing_forwarded() {
     assert_eq!(fails.len(), 3, "{text}");
     assert!(fails[0].contains(&a.public_key().to_string()), "{text}");
     assert!(fails[0].contains("127.0.0.1:"), "{text}");
-    assert!(pool_node::journal::verify(&path).unwrap().is_intact());
+    assert!(pool_journal::verify(&path).unwrap().is_intact());
     let _ = std::fs::remove_file(&path);
 }
 
@@ -668,7 +668,7 @@ async fn idle_circuit_is_closed_and_busy_one_is_not() {
         "{idle_one}"
     );
     let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_file(pool_node::journal::key_path(&path));
+    let _ = std::fs::remove_file(pool_journal::key_path(&path));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1016,7 +1016,7 @@ async fn journal_and_metrics_record_the_circuit() {
     assert_eq!(closed["bytes_from_to"], 1000);
     assert_eq!(closed["bytes_to_from"], 0);
     assert_eq!(events[1]["key"], b.public_key().to_string());
-    assert!(pool_node::journal::verify(&path).unwrap().is_intact());
+    assert!(pool_journal::verify(&path).unwrap().is_intact());
     let _ = std::fs::remove_file(&path);
 }
 
@@ -1042,7 +1042,7 @@ async fn reset_is_carried_to_the_other_end() {
 }
 
 /// Not a test: prints relayed against direct loopback throughput.
-/// `cargo test --release -p pool-node --test relay -- --ignored --nocapture`
+/// `cargo test --release -p pool-relay --test relay -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn relayed_throughput_against_direct() {
