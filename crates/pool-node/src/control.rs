@@ -10,6 +10,8 @@
 //!   change nothing ([`Request::changes_anything`]). Other keys are refused
 //!   by the router with [`RESET_FORBIDDEN`](crate::router::RESET_FORBIDDEN).
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use pool_net::{PublicKey, Session};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
 use tracing::warn;
 
 use crate::bridge::Preamble;
@@ -294,4 +297,134 @@ impl Daemon {
             },
         }
     }
+}
+
+/// Binds the control socket at `path` so that it is private (mode 0600,
+/// owned by this user) from the moment it exists there.
+///
+/// Binding at `path` and then `chmod`-ing it would leave a moment in which
+/// the socket has the umask's mode, and `chmod` follows a symlink swapped
+/// in meanwhile. Setting the umask instead is process-wide, so it would
+/// race with the runtime's other threads. So the socket is bound inside a
+/// fresh directory of mode 0700 beside `path` (nobody else can enter it),
+/// made 0600 there, and renamed onto `path`: `rename` replaces what is at
+/// `path` and never follows a symlink.
+///
+/// What may already be at `path`: nothing, or a stale socket (no daemon
+/// answers on it), which is replaced. A socket a daemon answers on, a
+/// symlink, or any other file is refused and left alone. A missing parent
+/// directory is created with mode 0700; one that others may write to
+/// (without the sticky bit) is refused, since they could replace the socket.
+///
+/// # Errors
+///
+/// As above, or when the operating system refuses a step; the message names
+/// the path and what to do.
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    let at = |what: String| format!("control socket {}: {what}", path.display());
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, at("not a file path".into())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let dmode = std::fs::metadata(dir)?.permissions().mode();
+    if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            at(format!(
+                "its directory {} is writable by other users (mode {:o}) without the sticky bit, so they could replace the socket;                  use a private directory (e.g. /run/pool, mode 0755 or 0700)",
+                dir.display(),
+                dmode & 0o7777
+            )),
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::new(
+                    ErrorKind::AddrInUse,
+                    at("a running daemon answers on it; stop that one first, or choose another [node] control path".into()),
+                ));
+            }
+            // Stale: the rename below replaces it.
+        }
+        Ok(m) => {
+            let kind = if m.file_type().is_symlink() {
+                "a symlink"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "a file that is not a socket"
+            };
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                at(format!(
+                    "{kind} is in the way; refusing to replace or follow it (remove it if it is not needed)"
+                )),
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let private = dir.join(format!(
+        ".{}.{}.{:016x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        u64::from_le_bytes(nonce)
+    ));
+    // mkdir never follows or reuses anything at `private`.
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inner = private.join("sock");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Removes the control socket at shutdown: only a socket, never what
+/// someone put in its place.
+pub(crate) fn remove_control(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Serves `pool ctl` on a Unix socket, readable and writable by the owner only.
+pub(crate) fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let listener = bind_control(path)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let reply = match read_request(r).await {
+                    Ok(req) => d.execute(req, Caller::Local).await,
+                    Err(e) => error_reply(e),
+                };
+                write_reply(&mut w, &reply).await;
+            });
+        }
+    });
+    Ok(())
 }

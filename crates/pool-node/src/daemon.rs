@@ -3,7 +3,6 @@
 //! without dropping live connections; SIGTERM drains with a deadline.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -12,7 +11,6 @@ use std::time::{Duration, Instant};
 use pool_journal::{Event, Journal};
 use pool_net::{Endpoint, EndpointConfig, EndpointEvent, PublicKey, Session};
 use serde_json::json;
-use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -93,162 +91,7 @@ pub struct Daemon {
     metrics_addr: Mutex<Option<String>>,
     control_path: Option<PathBuf>,
     pub(crate) shim: Option<RunningShim>,
-    refusals: Mutex<RefusalLog>,
-}
-
-/// Refusals journaled at once per source and window: the first, and the
-/// first of each further distinct key, up to this many.
-const REFUSALS_AT_ONCE: usize = 3;
-/// Distinct reasons and keys a `handshake_refusals` line lists.
-const REFUSALS_LISTED: usize = 4;
-/// Refusals journaled at once per window, all sources together.
-const REFUSALS_AT_ONCE_TOTAL: usize = 100;
-/// Sources tracked per window; refusals from more go to one line for all.
-const REFUSAL_SOURCES: usize = 256;
-
-/// Refused handshakes, aggregated per source (an IPv4 address or an IPv6
-/// /64) and window, so that an unauthenticated sender cannot fill the
-/// disk or the journal's queue. Per source and window: up to
-/// [`REFUSALS_AT_ONCE`] `handshake_refused` lines at once (the first
-/// refusal, then the first of each new key), then one
-/// `handshake_refusals` line with the count of the rest when the window
-/// ends. At most [`REFUSAL_SOURCES`] sources are tracked; refusals from
-/// others are summed into one line for `"source": "other"`; and at most
-/// [`REFUSALS_AT_ONCE_TOTAL`] lines per window are journaled at once, all
-/// sources together. So however many addresses send garbage, a window
-/// adds at most 100 + 257 lines.
-struct RefusalLog {
-    window: Duration,
-    sources: HashMap<std::net::IpAddr, RefusalWindow>,
-    other: RefusalWindow,
-    /// Lines that may still be journaled at once in the window that
-    /// started at `budget_from`.
-    budget: usize,
-    budget_from: Option<Instant>,
-}
-
-#[derive(Default)]
-struct RefusalWindow {
-    opened: Option<Instant>,
-    /// Keys whose refusal was journaled at once (`None`: no key).
-    journaled: Vec<Option<PublicKey>>,
-    /// Refusals not journaled one by one.
-    count: u64,
-    reasons: Vec<String>,
-    keys: Vec<String>,
-}
-
-impl RefusalWindow {
-    fn note(&mut self, key: Option<PublicKey>, reason: &str) {
-        self.count += 1;
-        if self.reasons.len() < REFUSALS_LISTED && !self.reasons.iter().any(|r| r == reason) {
-            self.reasons.push(reason.to_owned());
-        }
-        if let Some(k) = key.map(|k| k.to_string()) {
-            if self.keys.len() < REFUSALS_LISTED && !self.keys.contains(&k) {
-                self.keys.push(k);
-            }
-        }
-    }
-
-    fn summary(&self, source: &str, window: Duration) -> serde_json::Value {
-        json!({
-            "source": source,
-            "count": self.count,
-            "reasons": self.reasons,
-            "keys": self.keys,
-            "window_secs": window.as_secs(),
-        })
-    }
-}
-
-impl RefusalLog {
-    fn new(window: Duration) -> Self {
-        RefusalLog {
-            window,
-            sources: HashMap::new(),
-            other: RefusalWindow::default(),
-            budget: REFUSALS_AT_ONCE_TOTAL,
-            budget_from: None,
-        }
-    }
-
-    /// Takes one refusal; the lines to journal now go to `out`.
-    fn refused(
-        &mut self,
-        now: Instant,
-        from: std::net::SocketAddr,
-        key: Option<PublicKey>,
-        reason: &str,
-        out: &mut Vec<(Event, serde_json::Value)>,
-    ) {
-        let source = crate::net::address_bucket(from.ip());
-        if self
-            .budget_from
-            .is_none_or(|t| now.duration_since(t) >= self.window)
-        {
-            self.budget_from = Some(now);
-            self.budget = REFUSALS_AT_ONCE_TOTAL;
-        }
-        if let Some(w) = self.sources.get(&source) {
-            if w.opened
-                .is_some_and(|t| now.duration_since(t) >= self.window)
-            {
-                self.end(source, out);
-            }
-        }
-        if !self.sources.contains_key(&source) && self.sources.len() >= REFUSAL_SOURCES {
-            self.other.note(key, reason);
-            return;
-        }
-        let w = self.sources.entry(source).or_default();
-        w.opened.get_or_insert(now);
-        if self.budget > 0 && w.journaled.len() < REFUSALS_AT_ONCE && !w.journaled.contains(&key) {
-            self.budget -= 1;
-            w.journaled.push(key);
-            out.push((
-                Event::HandshakeRefused,
-                json!({"from": from.to_string(), "source": source.to_string(), "key": key.map(|k| k.to_string()), "reason": reason}),
-            ));
-        } else {
-            w.note(key, reason);
-        }
-    }
-
-    fn end(&mut self, source: std::net::IpAddr, out: &mut Vec<(Event, serde_json::Value)>) {
-        if let Some(w) = self.sources.remove(&source) {
-            if w.count > 0 {
-                out.push((
-                    Event::HandshakeRefusals,
-                    w.summary(&source.to_string(), self.window),
-                ));
-            }
-        }
-    }
-
-    /// Ends the windows that are over (all of them with `all`).
-    fn expire(&mut self, now: Instant, all: bool, out: &mut Vec<(Event, serde_json::Value)>) {
-        let over: Vec<std::net::IpAddr> = self
-            .sources
-            .iter()
-            .filter(|(_, w)| {
-                all || w
-                    .opened
-                    .is_none_or(|t| now.duration_since(t) >= self.window)
-            })
-            .map(|(s, _)| *s)
-            .collect();
-        for s in over {
-            self.end(s, out);
-        }
-        if self.other.count > 0 {
-            out.push((
-                Event::HandshakeRefusals,
-                self.other.summary("other", self.window),
-            ));
-            self.other = RefusalWindow::default();
-        }
-    }
+    refusals: Mutex<crate::refusals::RefusalLog>,
 }
 
 pub(crate) struct RunningShim {
@@ -665,7 +508,7 @@ pub async fn start(
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
         shim,
-        refusals: Mutex::new(RefusalLog::new(Duration::from_secs(
+        refusals: Mutex::new(crate::refusals::RefusalLog::new(Duration::from_secs(
             cfg.node.refusal_window_secs.max(1),
         ))),
     });
@@ -755,142 +598,14 @@ pub async fn start(
         }
     }
     if let Some(path) = &cfg.node.control {
-        serve_control(path, daemon.clone()).map_err(|source| DaemonError::Listen {
-            what: format!("control socket {}", path.display()),
-            source,
+        crate::control::serve_control(path, daemon.clone()).map_err(|source| {
+            DaemonError::Listen {
+                what: format!("control socket {}", path.display()),
+                source,
+            }
         })?;
     }
     Ok(daemon)
-}
-
-/// Binds the control socket at `path` so that it is private (mode 0600,
-/// owned by this user) from the moment it exists there.
-///
-/// Binding at `path` and then `chmod`-ing it would leave a moment in which
-/// the socket has the umask's mode, and `chmod` follows a symlink swapped
-/// in meanwhile. Setting the umask instead is process-wide, so it would
-/// race with the runtime's other threads. So the socket is bound inside a
-/// fresh directory of mode 0700 beside `path` (nobody else can enter it),
-/// made 0600 there, and renamed onto `path`: `rename` replaces what is at
-/// `path` and never follows a symlink.
-///
-/// What may already be at `path`: nothing, or a stale socket (no daemon
-/// answers on it), which is replaced. A socket a daemon answers on, a
-/// symlink, or any other file is refused and left alone. A missing parent
-/// directory is created with mode 0700; one that others may write to
-/// (without the sticky bit) is refused, since they could replace the socket.
-///
-/// # Errors
-///
-/// As above, or when the operating system refuses a step; the message names
-/// the path and what to do.
-pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
-    use std::io::{Error, ErrorKind};
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
-    let at = |what: String| format!("control socket {}: {what}", path.display());
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, at("not a file path".into())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let dmode = std::fs::metadata(dir)?.permissions().mode();
-    if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
-        return Err(Error::new(
-            ErrorKind::PermissionDenied,
-            at(format!(
-                "its directory {} is writable by other users (mode {:o}) without the sticky bit, so they could replace the socket;                  use a private directory (e.g. /run/pool, mode 0755 or 0700)",
-                dir.display(),
-                dmode & 0o7777
-            )),
-        ));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::new(
-                    ErrorKind::AddrInUse,
-                    at("a running daemon answers on it; stop that one first, or choose another [node] control path".into()),
-                ));
-            }
-            // Stale: the rename below replaces it.
-        }
-        Ok(m) => {
-            let kind = if m.file_type().is_symlink() {
-                "a symlink"
-            } else if m.is_dir() {
-                "a directory"
-            } else {
-                "a file that is not a socket"
-            };
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                at(format!(
-                    "{kind} is in the way; refusing to replace or follow it (remove it if it is not needed)"
-                )),
-            ));
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut nonce = [0u8; 8];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-    let private = dir.join(format!(
-        ".{}.{}.{:016x}",
-        name.to_string_lossy(),
-        std::process::id(),
-        u64::from_le_bytes(nonce)
-    ));
-    // mkdir never follows or reuses anything at `private`.
-    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let inner = private.join("sock");
-    let bound = (|| {
-        let listener = std::os::unix::net::UnixListener::bind(&inner)?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inner, path)?;
-        listener.set_nonblocking(true)?;
-        UnixListener::from_std(listener)
-    })();
-    let _ = std::fs::remove_file(&inner);
-    let _ = std::fs::remove_dir(&private);
-    bound
-}
-
-/// Removes the control socket at shutdown: only a socket, never what
-/// someone put in its place.
-fn remove_control(path: &Path) {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Serves `pool ctl` on a Unix socket, readable and writable by the owner only.
-fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    let listener = bind_control(path)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let d = daemon.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = sock.into_split();
-                let reply = match crate::control::read_request(r).await {
-                    Ok(req) => d.execute(req, crate::control::Caller::Local).await,
-                    Err(e) => crate::control::error_reply(e),
-                };
-                crate::control::write_reply(&mut w, &reply).await;
-            });
-        }
-    });
-    Ok(())
 }
 
 /// Runs until SIGTERM or SIGINT (then drains for up to `drain`), reloading
@@ -951,72 +666,7 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
         j.checkpoint().await;
     }
     if let Some(p) = &daemon.control_path {
-        remove_control(p);
+        crate::control::remove_control(p);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(n: u8) -> PublicKey {
-        pool_net::SecretKey::from_bytes([n; 32]).public_key()
-    }
-
-    #[test]
-    fn refusals_are_aggregated_per_source_and_window() {
-        let t0 = Instant::now();
-        let mut log = RefusalLog::new(Duration::from_secs(10));
-        let mut out = Vec::new();
-        let a: std::net::SocketAddr = "[2001:db8:1:2::1]:1000".parse().unwrap();
-        let b: std::net::SocketAddr = "[2001:db8:1:2::ffff]:2000".parse().unwrap();
-        // No key, then three keys: three lines at once, the rest counted.
-        log.refused(t0, a, None, "bad mac", &mut out);
-        log.refused(t0, b, None, "bad mac", &mut out);
-        log.refused(t0, a, Some(key(1)), "untrusted", &mut out);
-        log.refused(t0, a, Some(key(2)), "untrusted", &mut out);
-        log.refused(t0, a, Some(key(3)), "untrusted", &mut out);
-        assert_eq!(out.len(), 3, "{out:?}");
-        assert!(out
-            .iter()
-            .all(|(e, v)| *e == "handshake_refused" && v["source"] == "2001:db8:1:2::"));
-        out.clear();
-        log.expire(t0 + Duration::from_secs(5), false, &mut out);
-        assert!(out.is_empty());
-        log.expire(t0 + Duration::from_secs(10), false, &mut out);
-        assert_eq!(out.len(), 1, "{out:?}");
-        let (event, v) = &out[0];
-        assert_eq!(*event, "handshake_refusals");
-        assert_eq!(v["count"], 2);
-        assert_eq!(v["keys"], json!([key(3).to_string()]));
-        assert_eq!(v["reasons"], json!(["bad mac", "untrusted"]));
-        // A new window starts with a line at once again.
-        out.clear();
-        log.refused(t0 + Duration::from_secs(11), a, None, "bad mac", &mut out);
-        assert_eq!(out.len(), 1);
-    }
-
-    #[test]
-    fn sources_past_the_cap_share_one_line() {
-        let t0 = Instant::now();
-        let mut log = RefusalLog::new(Duration::from_secs(10));
-        let mut out = Vec::new();
-        for i in 0..REFUSAL_SOURCES as u32 + 100 {
-            let from = std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
-            log.refused(t0, from, None, "bad mac", &mut out);
-        }
-        // At once: the global budget, not one per source.
-        assert_eq!(out.len(), REFUSALS_AT_ONCE_TOTAL);
-        out.clear();
-        log.expire(t0, true, &mut out);
-        // One summary per tracked source past the budget, one for the rest.
-        assert_eq!(
-            out.len(),
-            REFUSAL_SOURCES - REFUSALS_AT_ONCE_TOTAL + 1,
-            "{out:?}"
-        );
-        let other = out.iter().find(|(_, v)| v["source"] == "other").unwrap();
-        assert_eq!(other.1["count"], 100);
-    }
 }

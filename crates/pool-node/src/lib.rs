@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pending;
+mod refusals;
 pub mod router;
 pub mod services;
 pub mod shim;

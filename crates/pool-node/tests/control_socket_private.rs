@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pool_node::daemon::bind_control;
+use pool_node::control::bind_control;
 
 struct TempDir(PathBuf);
 
