@@ -24,9 +24,9 @@ use crate::config::Config;
 use crate::crypto;
 use crate::error::{HandshakeError, WireError};
 use crate::handshake::{
-    ik_prologue, mac1_key, params, refusal_proof, split, split_record, write_refusal,
-    FleetSecret, CODE_UNKNOWN_SESSION, COOKIE_ROTATE, FLAG_MAC2, FLAG_PSK, HELLO_PAYLOAD_LEN,
-    MAC_LEN, NOISE_IK, NOISE_IK_PSK, REFUSE_PROOF, VERSION, WELCOME_PAYLOAD_LEN,
+    ik_prologue, mac1_key, params, refusal_proof, split, split_record, write_refusal, FleetSecret,
+    CODE_UNKNOWN_SESSION, COOKIE_ROTATE, FLAG_MAC2, FLAG_PSK, HELLO_PAYLOAD_LEN, MAC_LEN, NOISE_IK,
+    NOISE_IK_PSK, REFUSE_PROOF, VERSION, WELCOME_PAYLOAD_LEN,
 };
 use crate::keys::{PublicKey, SecretKey, KEY_LEN};
 use crate::session::{Role, Session, SessionId, TransportParams};
@@ -107,7 +107,6 @@ impl Recent {
         self.max = self.max.max(ts);
     }
 }
-
 
 /// What a listener's handshakes read and never change: the static key, its
 /// mac1 key, the fleet secret and the protocol configuration. Shared (in an
@@ -198,7 +197,11 @@ pub struct HelloGate {
 
 impl std::fmt::Debug for HelloGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HelloGate({:?}, under_load={})", self.keys, self.under_load)
+        write!(
+            f,
+            "HelloGate({:?}, under_load={})",
+            self.keys, self.under_load
+        )
     }
 }
 
@@ -377,7 +380,9 @@ impl Admitted {
     /// the same bytes): the Diffie-Hellman work, which needs no lock.
     pub fn open(self, record: &[u8], rng: &mut dyn RngCore) -> Result<Opened, HandshakeError> {
         if record.len() != self.len {
-            return Err(HandshakeError::Unexpected("not the HELLO the gate admitted"));
+            return Err(HandshakeError::Unexpected(
+                "not the HELLO the gate admitted",
+            ));
         }
         let keys = self.keys;
         let noise_msg = &record[RECORD_HEADER_LEN + 2..self.mac_at];
@@ -539,7 +544,11 @@ pub struct Acceptor {
 
 impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Acceptor(key={})", self.gate.keys.local.public_key().short())
+        write!(
+            f,
+            "Acceptor(key={})",
+            self.gate.keys.local.public_key().short()
+        )
     }
 }
 

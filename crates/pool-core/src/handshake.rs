@@ -312,7 +312,12 @@ fn parse_refusal(body: &[u8]) -> HandshakeError {
 
 /// The MAC that proves a refusal of a RESUME comes from the holder of the
 /// server's static key: keyed by X25519(server static, refusal key).
-pub(crate) fn refusal_proof(dh: &[u8; 32], id: &SessionId, epoch: u32, refuse: &PublicKey) -> [u8; MAC_LEN] {
+pub(crate) fn refusal_proof(
+    dh: &[u8; 32],
+    id: &SessionId,
+    epoch: u32,
+    refuse: &PublicKey,
+) -> [u8; MAC_LEN] {
     let mut k = Zeroizing::new([0u8; 32]);
     crypto::hkdf(b"pool refusal proof", &[dh], b"unknown session", &mut *k);
     crypto::mac16(&*k, &[&id.0, &epoch.to_be_bytes(), &refuse.0])

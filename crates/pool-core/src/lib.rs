@@ -40,10 +40,10 @@ mod rng;
 mod session;
 pub mod wire;
 
+pub use acceptor::{Acceptor, AcceptorKeys, Admitted, HelloGate, Opened, ReplayTable};
 pub use config::Config;
 pub use crypto::{aes_hardware, CipherSuite};
 pub use error::{CloseCode, CloseReason, HandshakeError, KeyError, StreamError, WireError};
-pub use acceptor::{Acceptor, AcceptorKeys, Admitted, HelloGate, Opened, ReplayTable};
 pub use handshake::{
     read_key_info, resume_session_id, write_key_probe, write_refusal, FleetSecret, Initiator,
     VERSION,

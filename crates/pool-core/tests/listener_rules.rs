@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use pool_core::listener::{
     first_record, resume_target, source_key, write_unexpected_first, FirstRecord, HandshakeSlots,
-    HelloDecision, Listener, LoadMeter, ResumeTarget, HELLO_BACKLOG, LOAD_HOLD,
-    PENDING_PER_SOURCE,
+    HelloDecision, Listener, LoadMeter, ResumeTarget, HELLO_BACKLOG, LOAD_HOLD, PENDING_PER_SOURCE,
 };
 use pool_core::{
     write_key_probe, Config, HandshakeError, Initiator, PublicKey, RecordType, ReplayTable,
@@ -60,7 +59,10 @@ fn first_record_dispatch() {
     let mut r = vec![RecordType::Resume as u8, 0, 0, 16];
     r.extend_from_slice(&[7; 16]);
     assert_eq!(first_record(&r), FirstRecord::Resume);
-    assert_eq!(first_record(&[RecordType::Welcome as u8, 0, 0, 0]), FirstRecord::Other);
+    assert_eq!(
+        first_record(&[RecordType::Welcome as u8, 0, 0, 0]),
+        FirstRecord::Other
+    );
     assert_eq!(first_record(&[]), FirstRecord::Other);
     let mut out = Vec::new();
     write_unexpected_first(&mut out);
@@ -177,13 +179,19 @@ fn over_half_the_slots_is_under_load() {
         assert!(l.take_slot(&[i]));
     }
     let (_, h) = hello(1, None, 1);
-    assert!(matches!(decide(&mut l, t0, b"s", &h).0, HelloDecision::Cookie));
+    assert!(matches!(
+        decide(&mut l, t0, b"s", &h).0,
+        HelloDecision::Cookie
+    ));
     for i in 0..5u8 {
         l.release_slot(&[i]);
     }
     assert_eq!(l.slots_in_use(), 0);
     let t1 = t0 + LOAD_HOLD;
-    assert!(matches!(decide(&mut l, t1, b"s", &h).0, HelloDecision::Admit(_)));
+    assert!(matches!(
+        decide(&mut l, t1, b"s", &h).0,
+        HelloDecision::Admit(_)
+    ));
 }
 
 #[test]
@@ -218,7 +226,10 @@ fn cookie_round_trip_then_split_accept() {
     };
     // The cookie is bound to the source.
     let (_, h2) = hello(1, Some(&cookie), 2);
-    assert!(matches!(decide(&mut l, t0, b"10.0.0.2", &h2).0, HelloDecision::Cookie));
+    assert!(matches!(
+        decide(&mut l, t0, b"10.0.0.2", &h2).0,
+        HelloDecision::Cookie
+    ));
     let (init, h3) = hello(1, Some(&cookie), 3);
     let a = match decide(&mut l, t0, b"10.0.0.1", &h3).0 {
         HelloDecision::Admit(a) => a,
@@ -247,7 +258,9 @@ fn concurrent_copies_of_a_hello_get_in_once() {
     let mut opened = Vec::new();
     for _ in 0..2 {
         match decide(&mut l, t0, b"s", &h).0 {
-            HelloDecision::Admit(a) => opened.push(a.open(&h, &mut SeededRng::from_u64(4)).unwrap()),
+            HelloDecision::Admit(a) => {
+                opened.push(a.open(&h, &mut SeededRng::from_u64(4)).unwrap())
+            }
             other => panic!("{other:?}"),
         }
     }

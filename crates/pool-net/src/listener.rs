@@ -125,7 +125,11 @@ pub(crate) struct ListenCtx {
 }
 
 impl ListenCtx {
-    pub(crate) fn new(config: EndpointConfig, incoming: mpsc::Sender<Session>, paths: Arc<PathCtx>) -> Arc<ListenCtx> {
+    pub(crate) fn new(
+        config: EndpointConfig,
+        incoming: mpsc::Sender<Session>,
+        paths: Arc<PathCtx>,
+    ) -> Arc<ListenCtx> {
         let relays = config
             .relays
             .iter()
@@ -242,9 +246,13 @@ async fn accept_hello(
     trust: Trust,
 ) -> (Result<pool_core::Session, HandshakeError>, Vec<u8>) {
     let mut out = Vec::new();
-    let decision =
-        ctx.rules()
-            .handle_hello(Instant::now(), source, &record, &mut rand_core::OsRng, &mut out);
+    let decision = ctx.rules().handle_hello(
+        Instant::now(),
+        source,
+        &record,
+        &mut rand_core::OsRng,
+        &mut out,
+    );
     let admitted = match decision {
         HelloDecision::Cookie => return (Err(HandshakeError::CookieRequired), out),
         HelloDecision::Refuse(e) => return (Err(e), out),
@@ -396,15 +404,15 @@ async fn handle_carrier(
         FirstRecord::Resume => {
             let res = match resume_target(&record, |id| ctx.registry.get(id)) {
                 ResumeTarget::Known(shared) => {
-                        // Answered, not switched: the session keeps its
-                        // carrier until the first record of the new epoch
-                        // arrives on this one.
-                        let r = shared.lock().core.handle_resume(
-                            Instant::now(),
-                            &record,
-                            &mut rand_core::OsRng,
-                            &mut out,
-                        );
+                    // Answered, not switched: the session keeps its
+                    // carrier until the first record of the new epoch
+                    // arrives on this one.
+                    let r = shared.lock().core.handle_resume(
+                        Instant::now(),
+                        &record,
+                        &mut rand_core::OsRng,
+                        &mut out,
+                    );
                     r.map(|()| shared)
                 }
                 ResumeTarget::Unknown => Err(HandshakeError::UnknownSession),
@@ -632,4 +640,3 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
-
