@@ -43,6 +43,16 @@ struct RateLimiter {
 const MAX_BUCKETS: usize = 16_384;
 
 impl RateLimiter {
+    /// Gives back the token a HELLO took when it was answered with a
+    /// cookie: the limit bounds Diffie-Hellman work per source, and a
+    /// cookie costs one MAC. A real client's cookie round trip under load
+    /// then costs one token, not two.
+    fn refund(&mut self, source: &[u8]) {
+        if let Some(b) = self.buckets.get_mut(source) {
+            b.0 = (b.0 + 1.0).min(f64::from(self.burst));
+        }
+    }
+
     fn allow(&mut self, now: Instant, source: &[u8]) -> bool {
         if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(source) {
             // Forget buckets that have refilled; they hold no information.
@@ -296,7 +306,8 @@ impl HelloGate {
     /// The cheap checks of a whole HELLO record from `source` (an opaque
     /// address key for the rate limit and the cookie), in this order: rate
     /// limit, size and version, mac1, under load the cookie, the fleet
-    /// secret flag. No Diffie-Hellman, and no state for the peer.
+    /// secret flag. No Diffie-Hellman, and no state for the peer. A HELLO
+    /// answered with a cookie gives its rate-limit token back.
     ///
     /// Under load without a valid cookie it writes a COOKIE record into
     /// `out` and returns [`HandshakeError::CookieRequired`]: send `out` and
@@ -347,6 +358,9 @@ impl HelloGate {
             if !(has_mac2 && self.mac2_ok(source, &record[..mac2_at], &record[mac2_at..])) {
                 let cookie = Self::cookie_for(&self.cookie_secret, source);
                 wire::push_record(out, RecordType::Cookie, &[&cookie]);
+                if let Some(l) = &mut self.limiter {
+                    l.refund(source);
+                }
                 return Err(HandshakeError::CookieRequired);
             }
         }

@@ -301,3 +301,43 @@ fn reload_swaps_keys_but_keeps_the_limiter() {
         HelloDecision::Refuse(HandshakeError::BadMac)
     ));
 }
+
+/// Under load a HELLO answered with a cookie gives its rate-limit token
+/// back: a real client's cookie round trip costs one token, not two, and
+/// the limit still bounds the HELLOs that reach Diffie-Hellman.
+#[test]
+fn cookie_answers_cost_no_rate_limit_token() {
+    let t0 = Instant::now();
+    let mut c = Config::default();
+    c.handshake_rate(Some((1, 2)));
+    let mut l = Listener::new(&c, util::key(2), None, 4);
+    for i in 0..3u8 {
+        assert!(l.take_slot(&[i]));
+    }
+    // Many cookies, and the burst of 2 is still there.
+    for i in 0..10 {
+        let (_, h) = hello(1, None, i + 1);
+        assert!(matches!(
+            decide(&mut l, t0, b"s", &h).0,
+            HelloDecision::Cookie
+        ));
+    }
+    let (init, h) = hello(1, None, 100);
+    let (_, out) = decide(&mut l, t0, b"s", &h);
+    let cookie = match init.finish(t0, &out) {
+        Err(HandshakeError::CookieReply { cookie }) => cookie,
+        other => panic!("{other:?}"),
+    };
+    for i in 0..2 {
+        let (_, h) = hello(1, Some(&cookie), 200 + i);
+        assert!(matches!(
+            decide(&mut l, t0, b"s", &h).0,
+            HelloDecision::Admit(_)
+        ));
+    }
+    let (_, h) = hello(1, Some(&cookie), 300);
+    assert!(matches!(
+        decide(&mut l, t0, b"s", &h).0,
+        HelloDecision::Refuse(HandshakeError::RateLimited)
+    ));
+}
