@@ -33,9 +33,10 @@ pub const HELLO_BACKLOG: usize = 4;
 /// /64, or relayed key) cannot take all of the listener's slots.
 pub const PENDING_PER_SOURCE: usize = 32;
 
-/// How long the listener stays under load after the last sign of it:
-/// a flood that is answered with cookies empties the backlog at once, and
-/// without this it would get its next HELLOs through to Diffie-Hellman.
+/// How long the listener stays under load after the last sign of it, while
+/// Diffie-Hellman work is being wasted: a flood that is answered with
+/// cookies empties the backlog at once, and without this it would get its
+/// next HELLOs through to Diffie-Hellman.
 pub const LOAD_HOLD: Duration = Duration::from_secs(1);
 
 /// What the first record on a new carrier asks for.
@@ -174,11 +175,15 @@ impl HandshakeSlots {
     }
 }
 
-/// "Under load", with hysteresis: on at the first sign of pressure, and on
-/// until [`LOAD_HOLD`] has passed without one.
+/// "Under load", with hysteresis: on while there is pressure, and for
+/// [`LOAD_HOLD`] after the last pressure if Diffie-Hellman work was wasted
+/// (a HELLO admitted that led to no session) within [`LOAD_HOLD`] too. A
+/// burst of real clients, whose Diffie-Hellman is not wasted, is not held:
+/// it would pay a cookie round trip each for nothing.
 #[derive(Debug, Default)]
 pub struct LoadMeter {
-    until: Option<Instant>,
+    pressure_at: Option<Instant>,
+    wasted_at: Option<Instant>,
 }
 
 impl LoadMeter {
@@ -186,9 +191,16 @@ impl LoadMeter {
     /// pressure now.
     pub fn update(&mut self, now: Instant, pressure: bool) -> bool {
         if pressure {
-            self.until = Some(now + LOAD_HOLD);
+            self.pressure_at = Some(now);
+            return true;
         }
-        self.until.is_some_and(|u| now < u)
+        let recent = |t: Option<Instant>| t.is_some_and(|t| now < t + LOAD_HOLD);
+        recent(self.pressure_at) && recent(self.wasted_at)
+    }
+
+    /// An admitted HELLO's Diffie-Hellman led to no session.
+    pub fn wasted(&mut self, now: Instant) {
+        self.wasted_at = Some(now);
     }
 }
 
@@ -272,10 +284,10 @@ impl Listener {
         self.gate.under_load()
     }
 
-    /// Decides on a whole HELLO record from `source`. Under load (more
-    /// than [`HELLO_BACKLOG`] admitted HELLOs waiting for their
-    /// Diffie-Hellman, or over half the slots taken, within the last
-    /// [`LOAD_HOLD`]) a HELLO without a valid cookie gets one.
+    /// Decides on a whole HELLO record from `source`. Under load (at least
+    /// [`HELLO_BACKLOG`] admitted HELLOs waiting for their Diffie-Hellman,
+    /// or over half the slots taken; held as [`LoadMeter`] says) a HELLO
+    /// without a valid cookie gets one.
     pub fn handle_hello(
         &mut self,
         now: Instant,
@@ -297,8 +309,12 @@ impl Listener {
         }
     }
 
-    /// An admitted HELLO's Diffie-Hellman is done (whatever its outcome).
-    pub fn hello_done(&mut self) {
+    /// An admitted HELLO's Diffie-Hellman is done; `wasted` when it led to
+    /// no session (refused after the Diffie-Hellman, or never run).
+    pub fn hello_done(&mut self, now: Instant, wasted: bool) {
         self.backlog = self.backlog.saturating_sub(1);
+        if wasted {
+            self.load.wasted(now);
+        }
     }
 }

@@ -125,17 +125,24 @@ fn slots_per_source_and_in_all() {
 }
 
 #[test]
-fn load_meter_holds_after_pressure() {
+fn load_meter_holds_after_pressure_while_dh_is_wasted() {
     let t0 = Instant::now();
+    let ms = Duration::from_millis;
     let mut m = LoadMeter::default();
     assert!(!m.update(t0, false));
     assert!(m.update(t0, true));
+    // Pressure, but no Diffie-Hellman wasted (real clients): no hold.
+    assert!(!m.update(t0 + ms(1), false));
+    // Pressure, and the admitted HELLOs are refused after their DH: held.
+    assert!(m.update(t0 + ms(2), true));
+    m.wasted(t0 + ms(3));
     assert!(m.update(t0 + LOAD_HOLD / 2, false));
-    assert!(m.update(t0 + LOAD_HOLD - Duration::from_millis(1), false));
-    assert!(!m.update(t0 + LOAD_HOLD, false));
-    // Pressure again extends it from then.
-    assert!(m.update(t0 + 2 * LOAD_HOLD, true));
-    assert!(m.update(t0 + 3 * LOAD_HOLD - Duration::from_millis(1), false));
+    assert!(m.update(t0 + ms(2) + LOAD_HOLD - ms(1), false));
+    assert!(!m.update(t0 + ms(2) + LOAD_HOLD, false));
+    // Pressure again holds again, while the waste is recent.
+    assert!(m.update(t0 + ms(500), true));
+    assert!(m.update(t0 + ms(500) + ms(502), false));
+    assert!(!m.update(t0 + ms(3) + LOAD_HOLD, false));
 }
 
 #[test]
@@ -156,10 +163,11 @@ fn backlog_turns_on_cookies_which_stay_on_for_the_hold() {
     let (d, out) = decide(&mut l, t0, b"s", &h);
     assert!(matches!(d, HelloDecision::Cookie), "{d:?}");
     assert_eq!(out[0], RecordType::Cookie as u8);
-    // The Diffie-Hellman work finishes; the backlog empties.
+    // The Diffie-Hellman work finishes, each refused (untrusted keys, say):
+    // wasted. The backlog empties.
     for (a, h) in admitted {
         let _ = a.open(&h, &mut SeededRng::from_u64(1)).unwrap();
-        l.hello_done();
+        l.hello_done(t0, true);
     }
     assert_eq!(l.backlog(), 0);
     // Still under load within the hold...
@@ -236,7 +244,7 @@ fn cookie_round_trip_then_split_accept() {
         other => panic!("{other:?}"),
     };
     let opened = a.open(&h3, &mut SeededRng::from_u64(3)).unwrap();
-    l.hello_done();
+    l.hello_done(t0, false);
     assert_eq!(opened.peer(), util::key(1).public_key());
     let mut table = ReplayTable::new();
     table
@@ -340,4 +348,30 @@ fn cookie_answers_cost_no_rate_limit_token() {
         decide(&mut l, t0, b"s", &h).0,
         HelloDecision::Refuse(HandshakeError::RateLimited)
     ));
+}
+
+/// A burst of real clients fills the backlog, but their Diffie-Hellman is
+/// not wasted: cookies only while the backlog is full, no hold after it.
+#[test]
+fn a_burst_of_real_clients_is_not_held_under_load() {
+    let t0 = Instant::now();
+    let mut l = listener(1024);
+    for i in 0..HELLO_BACKLOG as u64 {
+        let (_, h) = hello(10 + i, None, i + 1);
+        assert!(matches!(
+            decide(&mut l, t0, b"s", &h).0,
+            HelloDecision::Admit(_)
+        ));
+    }
+    let (_, h) = hello(20, None, 50);
+    assert!(matches!(
+        decide(&mut l, t0, b"s", &h).0,
+        HelloDecision::Cookie
+    ));
+    for _ in 0..HELLO_BACKLOG {
+        l.hello_done(t0, false);
+    }
+    let (_, h) = hello(21, None, 51);
+    let d = decide(&mut l, t0 + Duration::from_millis(1), b"s", &h).0;
+    assert!(matches!(d, HelloDecision::Admit(_)), "{d:?}");
 }

@@ -223,12 +223,15 @@ impl Drop for PendingSlot<'_> {
 }
 
 /// Tells the listener an admitted HELLO's Diffie-Hellman is over, however
-/// it ended (also when its job never ran).
-struct HelloDone(Arc<ListenCtx>);
+/// it ended (also when its job never ran: then it was wasted).
+struct HelloDone {
+    ctx: Arc<ListenCtx>,
+    wasted: bool,
+}
 
 impl Drop for HelloDone {
     fn drop(&mut self) {
-        self.0.rules().hello_done();
+        self.ctx.rules().hello_done(Instant::now(), self.wasted);
     }
 }
 
@@ -258,19 +261,25 @@ async fn accept_hello(
         HelloDecision::Refuse(e) => return (Err(e), out),
         HelloDecision::Admit(a) => a,
     };
-    let done = HelloDone(ctx.clone());
-    let ctx2 = ctx.clone();
+    let mut done = HelloDone {
+        ctx: ctx.clone(),
+        wasted: true,
+    };
     let job = tokio::task::spawn_blocking(move || {
-        let _done = done;
-        let opened = admitted.open(&record, &mut rand_core::OsRng)?;
-        let trusted = trust.check_client(&opened.peer());
-        ctx2.replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(&opened, unix_nanos(), &mut |_: &PublicKey| trusted)?;
-        let mut out = Vec::new();
-        let session = opened.welcome(Instant::now(), &mut out)?;
-        Ok((session, out))
+        let res = (|| {
+            let opened = admitted.open(&record, &mut rand_core::OsRng)?;
+            let trusted = trust.check_client(&opened.peer());
+            done.ctx
+                .replay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(&opened, unix_nanos(), &mut |_: &PublicKey| trusted)?;
+            let mut out = Vec::new();
+            let session = opened.welcome(Instant::now(), &mut out)?;
+            Ok((session, out))
+        })();
+        done.wasted = res.is_err();
+        res
     });
     match job.await {
         Ok(Ok((session, out))) => (Ok(session), out),
