@@ -224,14 +224,21 @@ impl Drop for PendingSlot<'_> {
 
 /// Tells the listener an admitted HELLO's Diffie-Hellman is over, however
 /// it ended (also when its job never ran: then it was wasted).
-struct HelloDone {
-    ctx: Arc<ListenCtx>,
-    wasted: bool,
+struct HelloDone(Option<Arc<ListenCtx>>);
+
+impl HelloDone {
+    fn report(mut self, wasted: bool) {
+        if let Some(ctx) = self.0.take() {
+            ctx.rules().hello_done(Instant::now(), wasted);
+        }
+    }
 }
 
 impl Drop for HelloDone {
     fn drop(&mut self) {
-        self.ctx.rules().hello_done(Instant::now(), self.wasted);
+        if let Some(ctx) = self.0.take() {
+            ctx.rules().hello_done(Instant::now(), true);
+        }
     }
 }
 
@@ -261,16 +268,13 @@ async fn accept_hello(
         HelloDecision::Refuse(e) => return (Err(e), out),
         HelloDecision::Admit(a) => a,
     };
-    let mut done = HelloDone {
-        ctx: ctx.clone(),
-        wasted: true,
-    };
+    let done = HelloDone(Some(ctx.clone()));
+    let ctx2 = ctx.clone();
     let job = tokio::task::spawn_blocking(move || {
         let res = (|| {
             let opened = admitted.open(&record, &mut rand_core::OsRng)?;
             let trusted = trust.check_client(&opened.peer());
-            done.ctx
-                .replay
+            ctx2.replay
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .admit(&opened, unix_nanos(), &mut |_: &PublicKey| trusted)?;
@@ -278,7 +282,7 @@ async fn accept_hello(
             let session = opened.welcome(Instant::now(), &mut out)?;
             Ok((session, out))
         })();
-        done.wasted = res.is_err();
+        done.report(res.is_err());
         res
     });
     match job.await {
