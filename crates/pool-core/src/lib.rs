@@ -7,6 +7,10 @@
 //!
 //! - [`Initiator`] / [`Acceptor`]: the Noise `IK` handshake (with an
 //!   optional fleet secret), producing a [`Session`].
+//! - [`listener`]: a listener's rules (first-record dispatch, handshake
+//!   slots, under load, the HELLO gate) as a state machine on `now`; the
+//!   Acceptor's steps ([`HelloGate`], [`Admitted`], [`ReplayTable`]) let a
+//!   runtime do the Diffie-Hellman outside the listener's lock.
 //! - [`Session`]: records, sequence numbers, cumulative acks, the replay
 //!   buffer, key epochs (rekey in band, resume on a new carrier), streams
 //!   with flow control, keepalive, [`Session::snapshot`] / [`Session::restore`].
@@ -23,23 +27,26 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod acceptor;
 mod b64;
 mod config;
 mod crypto;
 mod error;
 mod handshake;
 mod keys;
+pub mod listener;
 pub mod relay;
 mod rng;
 mod session;
 pub mod wire;
 
+pub use acceptor::{Acceptor, AcceptorKeys, Admitted, HelloGate, Opened, ReplayTable};
 pub use config::Config;
 pub use crypto::{aes_hardware, CipherSuite};
 pub use error::{CloseCode, CloseReason, HandshakeError, KeyError, StreamError, WireError};
 pub use handshake::{
-    read_key_info, resume_session_id, write_key_probe, write_refusal, Acceptor, FleetSecret,
-    Initiator, VERSION,
+    read_key_info, resume_session_id, write_key_probe, write_refusal, FleetSecret, Initiator,
+    VERSION,
 };
 pub use keys::{PublicKey, SecretKey, KEY_LEN};
 pub use rng::{Rng, SeededRng};

@@ -6,8 +6,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use pool_core::HandshakeError;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::error::Error;
@@ -106,4 +108,50 @@ pub(crate) fn tune(s: &TcpStream) {
     let sock = socket2::SockRef::from(s);
     let _ = sock.set_send_buffer_size(4 << 20);
     let _ = sock.set_recv_buffer_size(4 << 20);
+}
+
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads exactly one record (handshake class) from a carrier, within `t`.
+pub(crate) async fn read_record<R: AsyncRead + Unpin + ?Sized>(
+    rd: &mut R,
+    addr: &str,
+    t: Duration,
+) -> Result<Vec<u8>, Error> {
+    let fut = async {
+        let mut buf = vec![0u8; 4];
+        rd.read_exact(&mut buf).await?;
+        let len = match pool_core::peek_record(&buf) {
+            Ok(_) => (usize::from(buf[1]) << 16) | (usize::from(buf[2]) << 8) | usize::from(buf[3]),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
+            }
+        };
+        buf.resize(4 + len, 0);
+        rd.read_exact(&mut buf[4..]).await?;
+        Ok(buf)
+    };
+    match tokio::time::timeout(t, fut).await {
+        Err(_) => Err(Error::Timeout {
+            addr: addr.to_string(),
+            secs: t.as_secs(),
+        }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::HandshakeEof {
+            addr: addr.to_string(),
+        }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(Error::Handshake {
+            addr: addr.to_string(),
+            source: HandshakeError::Unexpected("not a POOL record"),
+        }),
+        Ok(Err(e)) => Err(Error::Io(e)),
+        Ok(Ok(b)) => Ok(b),
+    }
 }

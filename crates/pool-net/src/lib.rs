@@ -28,8 +28,10 @@
 )]
 
 mod carrier;
+mod config;
 mod endpoint;
 mod error;
+mod listener;
 mod paths;
 mod relay;
 mod session;

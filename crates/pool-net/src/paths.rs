@@ -26,12 +26,12 @@ use std::time::Duration;
 use pool_core::{PublicKey, SecretKey};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tracing::{debug, info};
+use tracing::{debug, info, Instrument};
 
 use crate::carrier::{tune, BoxedCarrier, DialFuture, Dialer, TcpDialer};
 use crate::error::Error;
 use crate::relay::RelayDialer;
-use crate::session::{self, Shared};
+use crate::session::{self, Session, Shared};
 
 /// How often local interface addresses are looked at.
 const ADDRESS_POLL: Duration = Duration::from_secs(1);
@@ -256,7 +256,15 @@ impl Dialer for PathDialer {
 /// local address changes, and every `direct_retry` while on a relay: not
 /// right after falling back (hysteresis: a path that just failed is not
 /// hammered).
-pub(crate) async fn run(shared: Arc<Shared>, ctx: Arc<PathCtx>, dialer: Option<Arc<PathDialer>>) {
+/// Starts the path manager of a new session (its candidates, and for an
+/// initiator with `dialer` its moves to a direct path).
+pub(crate) fn start(session: &Session, ctx: Arc<PathCtx>, dialer: Option<Arc<PathDialer>>) {
+    let shared = session.shared.clone();
+    let span = session::span(&shared);
+    tokio::spawn(run(shared, ctx, dialer).instrument(span));
+}
+
+async fn run(shared: Arc<Shared>, ctx: Arc<PathCtx>, dialer: Option<Arc<PathDialer>>) {
     let mut version = ctx.version.subscribe();
     // Our candidates, computed again only when local addresses change (the
     // core sends them again by itself after every resume).

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::carrier::{BoxedCarrier, Dialer};
 use crate::error::Error;
-use crate::paths::{PathCtx, PathDialer};
 use crate::stream::Stream;
 
 /// Runtime state guarded by one lock, next to the core session.
@@ -340,13 +339,21 @@ impl Session {
     }
 }
 
+/// Called with the session's id when its driver ends (a listener removes
+/// it from its registry).
+pub(crate) type OnEnd = Box<dyn FnOnce(SessionId) + Send>;
+
+/// The tracing span of a session's tasks.
+pub(crate) fn span(shared: &Shared) -> tracing::Span {
+    tracing::info_span!("session", id = %shared.id, peer = %shared.peer.short())
+}
+
 /// Creates the shared state and starts the driver on `carrier`.
 pub(crate) fn spawn(
     core: pool_core::Session,
     carrier: BoxedCarrier,
     dialer: Option<Arc<dyn Dialer>>,
-    registry: Option<Weak<crate::endpoint::Registry>>,
-    paths: Option<(Arc<PathCtx>, Option<Arc<PathDialer>>)>,
+    on_end: Option<OnEnd>,
 ) -> Session {
     let id = core.id();
     let peer = core.peer_key();
@@ -384,20 +391,16 @@ pub(crate) fn spawn(
         resume_lock: tokio::sync::Mutex::new(()),
     });
     attach(&shared, carrier);
-    let span = tracing::info_span!("session", id = %id, peer = %peer.short());
     let drv = shared.clone();
     tokio::spawn(
         async move {
             drive(drv.clone()).await;
-            if let Some(reg) = registry.and_then(|r| r.upgrade()) {
-                reg.remove(&drv.id);
+            if let Some(f) = on_end {
+                f(drv.id);
             }
         }
-        .instrument(span.clone()),
+        .instrument(span(&shared)),
     );
-    if let Some((ctx, dialer)) = paths {
-        tokio::spawn(crate::paths::run(shared.clone(), ctx, dialer).instrument(span));
-    }
     Session { shared }
 }
 
@@ -675,7 +678,7 @@ pub(crate) async fn resume_on(
         })?;
     let answer = async {
         carrier.write_all(&msg).await?;
-        crate::endpoint::read_record(&mut carrier, addr, Duration::from_secs(5)).await
+        crate::carrier::read_record(&mut carrier, addr, Duration::from_secs(5)).await
     }
     .await;
     let mut st = shared.lock();

@@ -1,0 +1,93 @@
+//! How an endpoint is set up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pool_core::{Config, SecretKey};
+
+use crate::trust::Trust;
+
+/// How an endpoint is set up. A key is required: there is no default
+/// identity, and no default trust (an endpoint that trusts nobody refuses
+/// every client).
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    pub(crate) key: SecretKey,
+    pub(crate) protocol: Config,
+    pub(crate) trust: Trust,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) max_pending_handshakes: usize,
+    pub(crate) relays: Vec<String>,
+    pub(crate) direct_retry: Duration,
+    pub(crate) relay_only: bool,
+}
+
+impl EndpointConfig {
+    /// A configuration for this node's key.
+    pub fn new(key: SecretKey) -> Self {
+        EndpointConfig {
+            key,
+            protocol: Config::default(),
+            trust: Trust::new(),
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 1024,
+            relays: Vec::new(),
+            direct_retry: Duration::from_secs(60),
+            relay_only: false,
+        }
+    }
+    /// Protocol knobs (windows, timers, ciphers).
+    pub fn protocol(mut self, config: Config) -> Self {
+        self.protocol = config;
+        self
+    }
+    /// Who may connect (listener) and the fleet secret (both sides).
+    pub fn trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
+    }
+    /// How long a new carrier may take to present its first record and to
+    /// finish the handshake (default 5 s; slowloris connections are cut).
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+    /// Relays (`HOST:PORT`, default port 9255): a listening endpoint
+    /// registers at each so that peers can reach it by key alone; every
+    /// endpoint uses them to reach peers without a direct path, and falls
+    /// back to them when a direct path dies.
+    pub fn relays(mut self, relays: Vec<String>) -> Self {
+        self.relays = relays
+            .into_iter()
+            .map(|r| {
+                if r.parse::<SocketAddr>().is_ok()
+                    || r.rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+                {
+                    r
+                } else {
+                    format!("{r}:{}", pool_core::relay::DEFAULT_PORT)
+                }
+            })
+            .collect();
+        self
+    }
+    /// While a session runs through a relay, how often direct paths are
+    /// tried again (default 60 s; also at once when candidates arrive or a
+    /// local address changes).
+    pub fn direct_retry(mut self, every: Duration) -> Self {
+        self.direct_retry = every.max(Duration::from_millis(100));
+        self
+    }
+    /// Keep dialled sessions on the relays: never try direct paths (for
+    /// measuring or debugging a relay; default off).
+    pub fn relay_only(mut self, on: bool) -> Self {
+        self.relay_only = on;
+        self
+    }
+    /// Handshakes in progress at once on a listener (default 1024).
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.max_pending_handshakes = n.max(1);
+        self
+    }
+}
