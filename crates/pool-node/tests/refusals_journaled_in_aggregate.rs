@@ -126,7 +126,10 @@ async fn ten_thousand_refused_hellos_make_few_lines_and_lose_no_session() {
         f.await.unwrap();
     }
     let delivered = delivered.load(Ordering::Relaxed);
-    assert!(delivered >= FLOOD * 99 / 100, "only {delivered} HELLOs could be sent");
+    assert!(
+        delivered >= FLOOD * 99 / 100,
+        "only {delivered} HELLOs could be sent"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while d.counters().handshakes_refused < delivered {
         assert!(Instant::now() < deadline, "refused: {:?}", d.counters());
