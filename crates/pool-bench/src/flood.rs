@@ -45,21 +45,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         let addr = server.local_addr().ok_or("no address")?;
         let quiet = open_times(&server, addr, opens).await?;
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let flood = {
-            let (stop, sent) = (stop.clone(), sent.clone());
-            let server_pub = common::server_key().public_key();
-            std::thread::Builder::new()
-                .name("flood".into())
-                .spawn(move || flood(addr, server_pub, sources, parallel, &stop, &sent))?
-        };
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (t0, s0) = (Instant::now(), sent.load(Ordering::Relaxed));
-        let loaded = open_times(&server, addr, opens).await?;
-        let rate = (sent.load(Ordering::Relaxed) - s0) as f64 / t0.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let _ = flood.join();
+        let (loaded, rate) =
+            under_flood(addr, sources, parallel, open_times(&server, addr, opens)).await?;
 
         let floor = floor_times(opens, sources, parallel).await?;
 
@@ -113,6 +100,33 @@ async fn open_times(server: &Endpoint, addr: SocketAddr, n: usize) -> Result<Vec
     Ok(times)
 }
 
+/// Runs `measure` while the flood (its own OS thread) hits `addr`, from
+/// half a second after the flood starts; returns what `measure` returned
+/// and the flood's rate meanwhile (HELLOs/s).
+async fn under_flood<T>(
+    addr: SocketAddr,
+    sources: usize,
+    parallel: usize,
+    measure: impl std::future::Future<Output = Result<T>>,
+) -> Result<(T, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let server_pub = common::server_key().public_key();
+        std::thread::Builder::new()
+            .name("flood".into())
+            .spawn(move || flood(addr, server_pub, sources, parallel, &stop, &sent))?
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (t0, s0) = (Instant::now(), sent.load(Ordering::Relaxed));
+    let out = measure.await;
+    let rate = (sent.load(Ordering::Relaxed) - s0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.join();
+    Ok((out?, rate))
+}
+
 /// The floor: a plain TCP echo listener on this runtime; `opens` plain
 /// opens (connect, then two HELLO-sized round trips) without and then with
 /// the same flood. Returns both lists of times in ms and the flood's rate.
@@ -136,21 +150,8 @@ async fn floor_times(
         }
     });
     let quiet = plain_open_times(addr, opens).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let flood = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        let server_pub = common::server_key().public_key();
-        std::thread::Builder::new()
-            .name("flood".into())
-            .spawn(move || flood(addr, server_pub, sources, parallel, &stop, &sent))?
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (t0, s0) = (Instant::now(), sent.load(Ordering::Relaxed));
-    let loaded = plain_open_times(addr, opens).await?;
-    let rate = (sent.load(Ordering::Relaxed) - s0) as f64 / t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = flood.join();
+    let (loaded, rate) =
+        under_flood(addr, sources, parallel, plain_open_times(addr, opens)).await?;
     server.abort();
     Ok((quiet, loaded, rate))
 }
