@@ -144,11 +144,11 @@ pub struct ShimSection {
     /// Local users whose programs the daemon carries, by name or uid
     /// (`["alice", 1001]`); root and the daemon's own user always are.
     #[serde(default)]
-    pub allow_users: Vec<crate::shim::Principal>,
+    pub allow_users: Vec<crate::types::Principal>,
     /// Local groups (name or gid) whose members' programs the daemon
     /// carries: the caller's group, or the caller listed in `/etc/group`.
     #[serde(default)]
-    pub allow_groups: Vec<crate::shim::Principal>,
+    pub allow_groups: Vec<crate::types::Principal>,
     /// Gone: the shim reached the daemon over TCP, `127.0.0.1:9256`.
     /// Refused with a message, so an old config is not silently changed.
     #[serde(default)]

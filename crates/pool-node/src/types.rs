@@ -112,6 +112,17 @@ pub fn de_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Err
         .map_err(serde::de::Error::custom)
 }
 
+/// A local user or group in `[shim] allow_users` / `allow_groups`: a
+/// name (looked up in `/etc/passwd`, `/etc/group`) or a numeric id.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Principal {
+    /// A numeric uid or gid.
+    Id(u32),
+    /// A name, or an id written as a string (`"1001"`).
+    Name(String),
+}
+
 /// Parses a duration as people write it: `90s`, `2m`, `1h`, `500ms`, or
 /// plain seconds (`120`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

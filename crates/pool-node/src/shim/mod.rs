@@ -22,17 +22,16 @@
 //! first, so a blocking `connect` in the program can fail the way the
 //! kernel's would.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use pool_journal::{Event, Journal};
-use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session, Trust};
-use serde::Deserialize;
+use pool_net::{Endpoint, PublicKey, Session, Trust};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -40,9 +39,15 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::bridge::{abort_on_close, splice, BridgeStats, Limits, Preamble};
-use crate::config::{ExposeSection, RouteSection, ShimSection};
+use crate::config::{RouteSection, ShimSection};
 use crate::net::stopped;
 
+mod allow;
+mod expose;
+
+pub use crate::types::Principal;
+pub use allow::Allow;
+pub use expose::ShimExpose;
 pub use pool_shim_wire::{
     Header as ShimHeader, Reply, FLAG_WANT_STATUS, HEADER_LEN, MAGIC, REPLY_CONNECTED,
     REPLY_DENIED, REPLY_GO, REPLY_LEN, REQUEST_LEN, STATUS_NOT_EXPOSED, STATUS_OK, STATUS_REFUSED,
@@ -62,93 +67,6 @@ fn encode_reply(kind: u8, port: u16, token: &[u8; TOKEN_LEN]) -> [u8; REPLY_LEN]
 /// The service name of a shim stream to `port`.
 pub fn service_for_port(port: u16) -> String {
     format!(":{port}")
-}
-
-/// A local user or group in `[shim] allow_users` / `allow_groups`: a
-/// name (looked up in `/etc/passwd`, `/etc/group`) or a numeric id.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum Principal {
-    /// A numeric uid or gid.
-    Id(u32),
-    /// A name, or an id written as a string (`"1001"`).
-    Name(String),
-}
-
-/// `name:…:id:…` lines of `/etc/passwd` or `/etc/group`: name, id, and
-/// the third and fourth fields (primary gid, or the member list).
-fn db_lines(text: &str) -> impl Iterator<Item = (&str, u32, &str)> {
-    text.lines().filter_map(|l| {
-        let mut f = l.split(':');
-        let name = f.next()?;
-        let _ = f.next()?;
-        let id = f.next()?.trim().parse().ok()?;
-        Some((name, id, f.next().unwrap_or("")))
-    })
-}
-
-fn lookup(db: &str, p: &Principal, what: &str, file: &str) -> Result<u32, String> {
-    match p {
-        Principal::Id(id) => Ok(*id),
-        Principal::Name(n) => match n.trim().parse::<u32>() {
-            Ok(id) => Ok(id),
-            Err(_) => db_lines(db)
-                .find(|(name, _, _)| *name == n.trim())
-                .map(|(_, id, _)| id)
-                .ok_or_else(|| format!("no {what} `{n}` in {file} (a numeric id works too)")),
-        },
-    }
-}
-
-/// Who may use the daemon's shim socket, resolved once from the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Allow {
-    uids: HashSet<u32>,
-    gids: HashSet<u32>,
-}
-
-impl Allow {
-    /// From `[shim]` and the texts of `/etc/passwd` and `/etc/group`;
-    /// `daemon_uid` is always allowed, and so is root.
-    pub fn resolve(
-        section: &ShimSection,
-        daemon_uid: u32,
-        passwd: &str,
-        group: &str,
-    ) -> Result<Allow, String> {
-        let mut uids: HashSet<u32> = [0, daemon_uid].into();
-        for u in &section.allow_users {
-            uids.insert(lookup(passwd, u, "user", "/etc/passwd")?);
-        }
-        let mut gids = HashSet::new();
-        for g in &section.allow_groups {
-            let gid = lookup(group, g, "group", "/etc/group")?;
-            gids.insert(gid);
-            // Supplementary members listed in /etc/group (SO_PEERCRED
-            // gives only the caller's own group).
-            let members = db_lines(group)
-                .filter(|(_, id, _)| *id == gid)
-                .flat_map(|(_, _, m)| m.split(',').map(str::trim));
-            for m in members.filter(|m| !m.is_empty()) {
-                if let Some((_, uid, _)) = db_lines(passwd).find(|(n, _, _)| *n == m) {
-                    uids.insert(uid);
-                }
-            }
-        }
-        Ok(Allow { uids, gids })
-    }
-
-    /// [`Allow::resolve`] with this host's `/etc/passwd` and `/etc/group`.
-    pub fn resolve_here(section: &ShimSection, daemon_uid: u32) -> Result<Allow, String> {
-        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-        Allow::resolve(section, daemon_uid, &passwd, &group)
-    }
-
-    /// Whether a caller with this uid and gid (`SO_PEERCRED`) is served.
-    pub fn permits(&self, uid: u32, gid: u32) -> bool {
-        self.uids.contains(&uid) || self.gids.contains(&gid)
-    }
 }
 
 /// Counts per session id, pruned when the session closes (F11): an entry
@@ -256,166 +174,6 @@ fn reason_of(status: u8) -> &'static str {
 fn journal_to(j: &Option<Journal>, event: Event, fields: serde_json::Value) {
     if let Some(j) = j {
         j.record(event, fields);
-    }
-}
-
-/// The destination side: which ports peers' shimmed connections may reach.
-#[derive(Default)]
-pub struct ShimExpose {
-    rules: RwLock<Vec<ExposeSection>>,
-    limits: RwLock<Limits>,
-    journal: RwLock<Option<Journal>>,
-    endpoint: OnceLock<Endpoint>,
-    per_session: SessionCounts,
-    /// Counters ([`ShimStats::exposed`], [`ShimStats::refused`]).
-    pub stats: Arc<ShimStats>,
-    /// Bytes carried.
-    pub bytes: Arc<BridgeStats>,
-}
-
-impl ShimExpose {
-    /// Sets the exposed ports (on start and reload) and the journal.
-    pub fn configure(&self, rules: Vec<ExposeSection>, journal: Option<Journal>) {
-        if let Ok(mut r) = self.rules.write() {
-            *r = rules;
-        }
-        if let Ok(mut j) = self.journal.write() {
-            *j = journal;
-        }
-    }
-
-    /// The limits of exposed connections (connect and idle timeouts).
-    pub fn set_limits(&self, limits: Limits) {
-        if let Ok(mut l) = self.limits.write() {
-            *l = limits;
-        }
-    }
-
-    /// The endpoint whose sessions the streams arrive on: each session's
-    /// count is dropped when it closes. Without it nothing is counted per
-    /// session.
-    pub fn track_sessions(&self, endpoint: Endpoint) {
-        let _ = self.endpoint.set(endpoint);
-    }
-
-    /// Sessions with a count now (each an open session).
-    pub fn sessions_tracked(&self) -> usize {
-        self.per_session.len()
-    }
-
-    /// The exposed ports.
-    pub fn rules(&self) -> Vec<ExposeSection> {
-        self.rules.read().map(|r| r.clone()).unwrap_or_default()
-    }
-
-    /// Shim streams served per session id.
-    pub fn per_session(&self, session: &str) -> u64 {
-        self.per_session.get(session)
-    }
-
-    fn journal(&self, event: Event, fields: serde_json::Value) {
-        let j = self.journal.read().ok().and_then(|j| j.clone());
-        journal_to(&j, event, fields);
-    }
-
-    /// Serves one `":PORT"` stream of `session` from `peer`.
-    async fn serve_stream(
-        &self,
-        session: &str,
-        peer: PublicKey,
-        pre: Preamble,
-        rs: RecvStream,
-        mut ws: SendStream,
-    ) {
-        let limits = self.limits.read().map(|l| l.clone()).unwrap_or_default();
-        let port = pre.service[1..].parse::<u16>().ok().filter(|p| *p != 0);
-        let rule = port.and_then(|p| self.rules().into_iter().find(|r| r.port == p));
-        let refuse = |status: u8, reason: String| {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %peer, service = %pre.service, destination = %pre.destination, "shim connection refused: {reason}");
-            self.journal(
-                Event::ShimRefused,
-                json!({
-                    "peer": peer.to_string(),
-                    "port": port,
-                    "destination": pre.destination.to_string(),
-                    "source": pre.source.to_string(),
-                    "reason": reason,
-                }),
-            );
-            status
-        };
-        let (Some(port), Some(rule)) = (port, rule) else {
-            let status = refuse(
-                STATUS_NOT_EXPOSED,
-                format!(
-                    "port {} is not exposed here (add an [[expose]] port = {} to allow it)",
-                    &pre.service[1..],
-                    &pre.service[1..]
-                ),
-            );
-            let _ = ws.write_all(&[status]).await;
-            let _ = ws.shutdown().await;
-            return;
-        };
-        let target = match &rule.target {
-            Some(t) => t.clone(),
-            None => {
-                let lo = if pre.destination.is_ipv4() {
-                    IpAddr::V4(Ipv4Addr::LOCALHOST)
-                } else {
-                    IpAddr::V6(Ipv6Addr::LOCALHOST)
-                };
-                SocketAddr::new(lo, port).to_string()
-            }
-        };
-        let sock =
-            match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&target)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let status = refuse(
-                        STATUS_REFUSED,
-                        format!("cannot connect to the exposed target {target}: {e}"),
-                    );
-                    let _ = ws.write_all(&[status]).await;
-                    let _ = ws.shutdown().await;
-                    return;
-                }
-                Err(_) => {
-                    let status = refuse(
-                        STATUS_TIMED_OUT,
-                        format!("connecting to the exposed target {target} timed out"),
-                    );
-                    let _ = ws.write_all(&[status]).await;
-                    let _ = ws.shutdown().await;
-                    return;
-                }
-            };
-        let _ = sock.set_nodelay(true);
-        if ws.write_all(&[STATUS_OK]).await.is_err() {
-            return;
-        }
-        self.stats.exposed.fetch_add(1, Ordering::Relaxed);
-        self.per_session.bump(session, || {
-            self.endpoint
-                .get()?
-                .sessions()
-                .into_iter()
-                .find(|s| s.id().to_string() == session)
-        });
-        debug!(peer = %peer, %target, "shim stream connected");
-        splice(sock, rs, ws, limits.idle_timeout, &self.bytes).await;
-    }
-}
-
-impl crate::router::Service for ShimExpose {
-    fn serve(self: Arc<Self>, s: crate::router::Incoming) -> crate::router::ServeFuture {
-        Box::pin(async move {
-            self.bytes.active.fetch_add(1, Ordering::Relaxed);
-            self.serve_stream(&s.session_id, s.peer, s.preamble, s.recv, s.send)
-                .await;
-            self.bytes.active.fetch_sub(1, Ordering::Relaxed);
-        })
     }
 }
 
