@@ -1,4 +1,4 @@
-//! The POOL/1 wire format: records on a carrier, frames inside data records.
+//! The POOL wire format (protocol version 2): records on a carrier, frames inside data records.
 //!
 //! See `docs/protocol.md` for the tables. Everything here is pure encoding:
 //! `encode` writes into a caller's buffer, `decode` borrows from the input,

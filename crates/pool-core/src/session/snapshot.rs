@@ -25,7 +25,7 @@ const MAGIC: &[u8; 8] = b"POOLSNP2";
 #[non_exhaustive]
 pub enum SnapshotError {
     /// Not a POOL session snapshot, or another version.
-    #[error("not a POOL/1 session snapshot")]
+    #[error("not a POOL session snapshot")]
     Magic,
     /// Truncated or inconsistent.
     #[error("corrupt session snapshot: {0}")]
