@@ -202,6 +202,8 @@ mod ty {
     pub(super) const PONG: u8 = 0x03;
     pub(super) const KEY_UPDATE: u8 = 0x04;
     pub(super) const KEY_UPDATE_ACK: u8 = 0x05;
+    pub(super) const HANDOFF: u8 = 0x06;
+    pub(super) const HANDOFF_DECLINE: u8 = 0x07;
     pub(super) const STREAM: u8 = 0x08;
     pub(super) const STREAM_FIN: u8 = 0x09;
     pub(super) const RESET_STREAM: u8 = 0x0a;
@@ -295,10 +297,59 @@ pub enum Frame<'a> {
         /// The encoded addresses.
         addrs: &'a [u8],
     },
+    /// Server → client: "resume this session at another server" (the live
+    /// handoff, docs/handoff.md). Authenticated by the current epoch, so
+    /// only the server the client already trusts can send it. Not
+    /// sequenced; sent again after every resume while the offer stands.
+    /// The runtime does not follow it yet (the handoff is being built):
+    /// a receiver ignores it.
+    Handoff {
+        /// The source's id of this handoff (echoed by a decline).
+        id: u32,
+        /// The target's static public key.
+        target: [u8; 32],
+        /// The lowest epoch the resume at the target may propose.
+        floor: u32,
+        /// Milliseconds the token stays valid.
+        expires_ms: u32,
+        /// The migration token, [`HANDOFF_TOKEN_LEN`] bytes, opaque to the
+        /// client (minted and checked by the target).
+        token: &'a [u8],
+        /// The target's addresses, 18 bytes each as in PATHS, at most
+        /// [`MAX_PATHS`]; empty: reach the target by key through relays.
+        addrs: &'a [u8],
+    },
+    /// Client → server: the client will not follow handoff `id`, and why
+    /// (a [`DeclineCode`] value). Not sequenced.
+    HandoffDecline {
+        /// The handoff declined.
+        id: u32,
+        /// Why.
+        code: u8,
+    },
 }
 
 /// Most direct-path candidates one PATHS frame carries.
 pub const MAX_PATHS: usize = 16;
+
+/// Length of a migration token in a HANDOFF frame.
+pub const HANDOFF_TOKEN_LEN: usize = 48;
+
+/// Why a client declines a handoff ([`Frame::HandoffDecline`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DeclineCode {
+    /// This client follows no handoffs.
+    Policy = 1,
+    /// The target's key is not one this client allows.
+    KeyNotAllowed = 2,
+    /// The client could not reach the target.
+    Unreachable = 3,
+    /// The target refused the resume.
+    Refused = 4,
+    /// The token expired before the client got there.
+    Expired = 5,
+}
 
 impl Frame<'_> {
     /// Whether this frame takes a sequence number (and is resent on resume).
@@ -331,6 +382,16 @@ impl Frame<'_> {
                 varint_len(*code) + varint_len(reason.len() as u64) + reason.len()
             }
             Frame::Paths { addrs } => varint_len(addrs.len() as u64) + addrs.len(),
+            Frame::Handoff { token, addrs, .. } => {
+                4 + 32
+                    + 4
+                    + 4
+                    + varint_len(token.len() as u64)
+                    + token.len()
+                    + varint_len(addrs.len() as u64)
+                    + addrs.len()
+            }
+            Frame::HandoffDecline { .. } => 4 + 1,
         }
     }
 
@@ -407,6 +468,32 @@ impl Frame<'_> {
                 put_varint(out, &mut p, addrs.len() as u64);
                 out[p..p + addrs.len()].copy_from_slice(addrs);
                 p += addrs.len();
+            }
+            Frame::Handoff {
+                id,
+                target,
+                floor,
+                expires_ms,
+                token,
+                addrs,
+            } => {
+                byte(out, &mut p, ty::HANDOFF);
+                out[p..p + 4].copy_from_slice(&id.to_be_bytes());
+                out[p + 4..p + 36].copy_from_slice(target);
+                out[p + 36..p + 40].copy_from_slice(&floor.to_be_bytes());
+                out[p + 40..p + 44].copy_from_slice(&expires_ms.to_be_bytes());
+                p += 44;
+                for field in [token, addrs] {
+                    put_varint(out, &mut p, field.len() as u64);
+                    out[p..p + field.len()].copy_from_slice(field);
+                    p += field.len();
+                }
+            }
+            Frame::HandoffDecline { id, code } => {
+                byte(out, &mut p, ty::HANDOFF_DECLINE);
+                out[p..p + 4].copy_from_slice(&id.to_be_bytes());
+                out[p + 4] = *code;
+                p += 5;
             }
         }
         p
@@ -493,6 +580,32 @@ pub(crate) fn decode_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, WireErro
                 addrs: r.bytes(len as usize)?,
             }
         }
+        ty::HANDOFF => {
+            let id = r.u32()?;
+            let target = r.array()?;
+            let floor = r.u32()?;
+            let expires_ms = r.u32()?;
+            if r.varint()? != HANDOFF_TOKEN_LEN as u64 {
+                return Err(WireError::FieldTooLong);
+            }
+            let token = r.bytes(HANDOFF_TOKEN_LEN)?;
+            let len = r.varint()?;
+            if len > (MAX_PATHS * 18) as u64 || len % 18 != 0 {
+                return Err(WireError::FieldTooLong);
+            }
+            Frame::Handoff {
+                id,
+                target,
+                floor,
+                expires_ms,
+                token,
+                addrs: r.bytes(len as usize)?,
+            }
+        }
+        ty::HANDOFF_DECLINE => Frame::HandoffDecline {
+            id: r.u32()?,
+            code: r.u8()?,
+        },
         other => return Err(WireError::UnknownFrameType(other)),
     })
 }
@@ -511,7 +624,7 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = (u8, u64, u64, Vec<u8>, bool, u32)> {
         (
-            0u8..12,
+            0u8..14,
             0..=VARINT_MAX,
             0..=VARINT_MAX,
             proptest::collection::vec(any::<u8>(), 0..300),
@@ -538,6 +651,21 @@ mod tests {
             9 => Frame::MaxStreams { max: b },
             10 => Frame::Paths {
                 addrs: &d[..(d.len() / 18).min(MAX_PATHS) * 18],
+            },
+            11 if d.len() >= HANDOFF_TOKEN_LEN => {
+                let rest = &d[HANDOFF_TOKEN_LEN..];
+                Frame::Handoff {
+                    id: e,
+                    target: [d[0]; 32],
+                    floor: e.rotate_left(7),
+                    expires_ms: a as u32,
+                    token: &d[..HANDOFF_TOKEN_LEN],
+                    addrs: &rest[..(rest.len() / 18).min(MAX_PATHS) * 18],
+                }
+            }
+            12 => Frame::HandoffDecline {
+                id: e,
+                code: b as u8,
             },
             _ => Frame::Close { code: a, reason: d },
         }
@@ -572,6 +700,46 @@ mod tests {
             let cut = cut % buf.len();
             prop_assert!(decode(&buf[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn handoff_frames_have_bounded_fields() {
+        let token = [7u8; HANDOFF_TOKEN_LEN];
+        let addrs = [1u8; 18 * MAX_PATHS];
+        let f = Frame::Handoff {
+            id: 9,
+            target: [3; 32],
+            floor: 4,
+            expires_ms: 10_000,
+            token: &token,
+            addrs: &addrs,
+        };
+        let mut buf = Vec::new();
+        f.encode_to_vec(&mut buf);
+        assert_eq!(buf.len(), 1 + 44 + 1 + 48 + 2 + 288);
+        assert_eq!(decode(&buf).unwrap(), (f.clone(), buf.len()));
+        // A token of another length, or an address list that is too long
+        // or not whole addresses, is refused.
+        for (token_len, addrs_len) in [(47, 0), (49, 0), (48, 17), (48, 18 * (MAX_PATHS + 1))] {
+            let mut b = vec![ty::HANDOFF];
+            b.extend_from_slice(&[0; 44]);
+            b.push(token_len as u8);
+            b.extend(std::iter::repeat_n(0u8, token_len));
+            let mut p = 0;
+            let mut v = [0u8; 8];
+            put_varint(&mut v, &mut p, addrs_len as u64);
+            b.extend_from_slice(&v[..p]);
+            b.extend(std::iter::repeat_n(0u8, addrs_len));
+            assert!(decode(&b).is_err(), "token {token_len}, addrs {addrs_len}");
+        }
+        let d = Frame::HandoffDecline {
+            id: 9,
+            code: DeclineCode::KeyNotAllowed as u8,
+        };
+        let mut buf = Vec::new();
+        d.encode_to_vec(&mut buf);
+        assert_eq!(buf, [ty::HANDOFF_DECLINE, 0, 0, 0, 9, 2]);
+        assert!(!f.is_sequenced() && !d.is_sequenced());
     }
 
     #[test]

@@ -78,6 +78,36 @@ fn forged_peer_control_valid_frames_are_delivered() {
     assert!(!b.is_closed());
 }
 
+/// The handoff is not followed yet: an authentic HANDOFF offer (or a
+/// decline) changes nothing, and the frames after it still arrive.
+#[test]
+fn handoff_offers_are_ignored_for_now() {
+    let (mut b, mut f, now) = forged_responder();
+    let token = [5u8; pool_core::wire::HANDOFF_TOKEN_LEN];
+    let rec = f.seal_frames(&[
+        Frame::Handoff {
+            id: 1,
+            target: [9; 32],
+            floor: 2,
+            expires_ms: 10_000,
+            token: &token,
+            addrs: &[],
+        },
+        Frame::HandoffDecline { id: 1, code: 1 },
+        Frame::Stream {
+            id: 0,
+            fin: true,
+            data: b"after",
+        },
+    ]);
+    let ev = feed(&mut b, now, &[rec]);
+    assert!(!b.is_closed(), "{ev:?}");
+    assert_eq!(
+        util::read_available(&mut b, 0).unwrap(),
+        (b"after".to_vec(), true)
+    );
+}
+
 #[test]
 fn unknown_or_truncated_frame_closes() {
     let (mut b, mut f, now) = forged_responder();
