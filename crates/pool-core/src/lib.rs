@@ -32,6 +32,7 @@ mod b64;
 mod config;
 mod crypto;
 mod error;
+pub mod handoff;
 mod handshake;
 mod keys;
 pub mod listener;
