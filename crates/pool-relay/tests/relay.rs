@@ -616,9 +616,11 @@ async fn idle_circuit_is_closed_and_busy_one_is_not() {
     let (a, b, c, d) = (key(62), key(63), key(64), key(65));
     let mut b_ctl = register(addr, &b).await;
     let mut d_ctl = register(addr, &d).await;
+    // Before the quiet pair's last bytes (its setup), so that the time
+    // since `t0` is never less than the time the circuit was idle.
+    let t0 = Instant::now();
     let (mut quiet_a, mut quiet_b) = pair(addr, &a, &b, &mut b_ctl).await;
     let (mut busy_c, mut busy_d) = pair(addr, &c, &d, &mut d_ctl).await;
-    let t0 = Instant::now();
     // The busy pair trades a byte every 100 ms for three idle timeouts.
     let busy = tokio::spawn(async move {
         let mut one = [0u8; 1];
