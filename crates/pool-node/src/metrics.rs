@@ -651,15 +651,5 @@ async fn handle(mut stream: TcpStream, registry: Arc<Registry>) {
     }
     // Lingering close: closing with unread input (an oversized head, a
     // body) sends a reset that can destroy the response in flight.
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left -= n.min(left),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    crate::net::drain_before_close(&mut stream, LINGER).await;
 }

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::warn;
@@ -60,6 +61,24 @@ pub fn address_bucket(ip: IpAddr) -> IpAddr {
         }
         v4 => v4,
     }
+}
+
+/// A lingering close: reads and discards what the peer still sends (at
+/// most 64 KiB, for at most `linger`) after our answer went out. Closing
+/// with unread input makes the kernel send a reset, which can destroy the
+/// answer still in flight.
+pub async fn drain_before_close<S: AsyncRead + Unpin>(stream: &mut S, linger: Duration) {
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(linger, drain).await;
 }
 
 #[cfg(test)]

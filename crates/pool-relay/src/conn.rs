@@ -59,17 +59,7 @@ pub(crate) async fn send_error(stream: &mut TcpStream, code: u8, message: &str) 
     if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
         return;
     }
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left -= n.min(left),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    pool_node::net::drain_before_close(stream, LINGER).await;
 }
 
 pub(crate) async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> std::io::Result<()> {
