@@ -147,6 +147,17 @@ pub enum HandshakeError {
     /// The session is closed.
     #[error("session is closed")]
     Closed,
+    /// The session is being handed to another server and is frozen here
+    /// for the moment: try again shortly (refusal code 10).
+    #[error("a handoff of this session is under way here; try again shortly")]
+    HandoffPending,
+    /// A resume at a handoff's target showed a token that is not good
+    /// here (refusal code 11).
+    #[error("handoff token refused: {0}")]
+    HandoffToken(String),
+    /// This server handed the session to another one (refusal code 12).
+    #[error("this server handed the session to another one")]
+    SessionMoved,
 }
 
 impl HandshakeError {
@@ -173,6 +184,9 @@ impl HandshakeError {
             HandshakeError::RateLimited => 6,
             HandshakeError::UnknownSession | HandshakeError::SessionGone => 7,
             HandshakeError::StaleResume { .. } => 9,
+            HandshakeError::HandoffPending => 10,
+            HandshakeError::HandoffToken(_) => 11,
+            HandshakeError::SessionMoved => 12,
             _ => 8,
         }
     }
@@ -252,6 +266,13 @@ pub enum CloseReason {
     ResumeDeadline {
         /// The deadline in seconds.
         secs: u64,
+    },
+    /// This server handed the session to another one (the live handoff);
+    /// the session goes on there.
+    #[error("handed off to {to}")]
+    HandedOff {
+        /// The server that holds the session now.
+        to: PublicKey,
     },
 }
 

@@ -26,6 +26,10 @@ pub(crate) const MAC_LEN: usize = 16;
 pub(crate) const NOISE_IK: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub(crate) const NOISE_IK_PSK: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 const NOISE_EPOCH: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// The epoch handshake of a resume at a handoff's target: both static keys
+/// known in advance, so the answer proves the target's (the source, which
+/// holds the chaining secret too, cannot answer it).
+const NOISE_EPOCH_KK: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
 pub(crate) const HELLO_PAYLOAD_LEN: usize = 8 + 1 + TransportParams::LEN;
 pub(crate) const WELCOME_PAYLOAD_LEN: usize = 1 + TransportParams::LEN;
 
@@ -370,16 +374,22 @@ pub fn resume_session_id(record: &[u8]) -> Result<SessionId, HandshakeError> {
 /// The epoch handshake (`NNpsk0`, psk = the session's chaining secret),
 /// used by resume (in RESUME/RESUMED records) and rekey (in KEY_UPDATE
 /// frames). Fresh ephemerals every time: forward secrecy per epoch.
+///
+/// A resume at a handoff's target (RESUME_HANDOFF) uses `KKpsk0` instead:
+/// the same chaining secret, and both static keys ([`Statics`]).
 pub(crate) struct EpochHandshake {
     hs: snow::HandshakeState,
 }
 
+/// This side's static key and the peer's, for the `KKpsk0` epoch handshake.
+pub(crate) type Statics<'a> = Option<(&'a SecretKey, &'a PublicKey)>;
+
 /// The epoch handshake's prologue: the session id and the new epoch, and
 /// for a resume its base epoch and refusal key (`extra`), so that none of
 /// the cleartext fields of a RESUME can be altered.
-fn epoch_prologue(id: &SessionId, epoch: u32, extra: &[u8]) -> Vec<u8> {
+fn epoch_prologue(id: &SessionId, epoch: u32, extra: &[u8], kk: bool) -> Vec<u8> {
     let mut p = Vec::with_capacity(32 + extra.len());
-    p.extend_from_slice(b"POOL/2 epoch");
+    p.extend_from_slice(if kk { b"POOL/2 handoff" } else { b"POOL/2 epoch" });
     p.extend_from_slice(&id.0);
     p.extend_from_slice(&epoch.to_be_bytes());
     p.extend_from_slice(extra);
@@ -392,15 +402,26 @@ impl EpochHandshake {
         id: &SessionId,
         epoch: u32,
         extra: &[u8],
+        statics: Statics<'_>,
         initiator: bool,
         rng: &mut dyn RngCore,
     ) -> Result<Self, HandshakeError> {
-        let prologue = epoch_prologue(id, epoch, extra);
-        let b =
-            snow::Builder::with_resolver(params(NOISE_EPOCH)?, crate::rng::Resolver::boxed(rng))
-                .prologue(&prologue)
-                .and_then(|b| b.psk(0, chain))
+        let prologue = epoch_prologue(id, epoch, extra, statics.is_some());
+        let name = if statics.is_some() {
+            NOISE_EPOCH_KK
+        } else {
+            NOISE_EPOCH
+        };
+        let mut b = snow::Builder::with_resolver(params(name)?, crate::rng::Resolver::boxed(rng))
+            .prologue(&prologue)
+            .and_then(|b| b.psk(0, chain))
+            .map_err(|_| HandshakeError::Crypto)?;
+        if let Some((local, remote)) = statics {
+            b = b
+                .local_private_key(local.as_bytes())
+                .and_then(|b| b.remote_public_key(&remote.0))
                 .map_err(|_| HandshakeError::Crypto)?;
+        }
         let hs = if initiator {
             b.build_initiator()
         } else {
@@ -411,16 +432,18 @@ impl EpochHandshake {
     }
 
     /// Starter: writes the first message carrying `payload`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         chain: &[u8; 32],
         id: &SessionId,
         epoch: u32,
         extra: &[u8],
+        statics: Statics<'_>,
         payload: &[u8],
         rng: &mut dyn RngCore,
         msg: &mut [u8],
     ) -> Result<(Self, usize), HandshakeError> {
-        let mut me = Self::build(chain, id, epoch, extra, true, rng)?;
+        let mut me = Self::build(chain, id, epoch, extra, statics, true, rng)?;
         let n = me
             .hs
             .write_message(payload, msg)
@@ -436,13 +459,14 @@ impl EpochHandshake {
         id: &SessionId,
         epoch: u32,
         extra: &[u8],
+        statics: Statics<'_>,
         first: &[u8],
         payload_out: &mut [u8],
         reply: &[u8],
         rng: &mut dyn RngCore,
         msg: &mut [u8],
     ) -> Result<(Agreed, usize, usize), HandshakeError> {
-        let mut me = Self::build(chain, id, epoch, extra, false, rng)?;
+        let mut me = Self::build(chain, id, epoch, extra, statics, false, rng)?;
         let p = me
             .hs
             .read_message(first, payload_out)

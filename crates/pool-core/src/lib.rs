@@ -52,5 +52,8 @@ pub use handshake::{
 pub use keys::{PublicKey, SecretKey, KEY_LEN};
 pub use rng::{Rng, SeededRng};
 pub use session::snapshot::SnapshotError;
-pub use session::{DebugSizes, Event, ReadResult, Role, Session, SessionId, Stats};
+pub use session::{
+    DebugSizes, Event, HandoffError, HandoffOffer, HeldOp, ReadResult, Role, Session, SessionId,
+    Stats,
+};
 pub use wire::{peek_record, RecordType, MAX_RECORD_LEN};

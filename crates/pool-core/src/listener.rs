@@ -23,7 +23,7 @@ use crate::error::HandshakeError;
 use crate::handshake::{resume_session_id, write_refusal, FleetSecret};
 use crate::keys::{PublicKey, SecretKey};
 use crate::session::SessionId;
-use crate::wire::RecordType;
+use crate::wire::{RecordType, HANDOFF_TOKEN_LEN};
 
 /// HELLOs admitted by the gate and waiting for (or in) their
 /// Diffie-Hellman work beyond which the listener counts as under load.
@@ -47,6 +47,9 @@ pub enum FirstRecord {
     Hello,
     /// A resume: [`resume_target`] finds the session.
     Resume,
+    /// A resume at a handoff's target: [`handoff_resume_fields`] reads
+    /// what to check before any Diffie-Hellman.
+    ResumeHandoff,
     /// A key probe: answer with [`AcceptorKeys::write_key_info`].
     Probe,
     /// Anything else: counted as dropped, answered with
@@ -59,6 +62,7 @@ pub fn first_record(record: &[u8]) -> FirstRecord {
     match record.first().copied() {
         Some(t) if t == RecordType::Hello as u8 => FirstRecord::Hello,
         Some(t) if t == RecordType::Resume as u8 => FirstRecord::Resume,
+        Some(t) if t == RecordType::ResumeHandoff as u8 => FirstRecord::ResumeHandoff,
         Some(t) if t == RecordType::KeyProbe as u8 => FirstRecord::Probe,
         _ => FirstRecord::Other,
     }
@@ -96,6 +100,24 @@ pub fn resume_target<T>(
         },
         Err(e) => ResumeTarget::Malformed(e),
     }
+}
+
+/// What a RESUME_HANDOFF names, read without any cryptography: the session,
+/// the proposed epoch and the migration token. The target checks the token
+/// ([`crate::handoff::Imports::check`], one MAC) before any key exchange.
+pub fn handoff_resume_fields(
+    record: &[u8],
+) -> Result<(SessionId, u32, [u8; HANDOFF_TOKEN_LEN]), HandshakeError> {
+    let (ty, body) = crate::handshake::split_record(record)?;
+    if ty != RecordType::ResumeHandoff {
+        return Err(HandshakeError::Unexpected("not a RESUME_HANDOFF"));
+    }
+    let mut r = crate::wire::Reader::new(body);
+    let id = SessionId(r.array()?);
+    let epoch = r.u32()?;
+    let _base_and_refusal_key: [u8; 36] = r.array()?;
+    let token = r.array()?;
+    Ok((id, epoch, token))
 }
 
 /// The rate-limit, cookie and slot key of a carrier's source: the IPv4

@@ -43,6 +43,9 @@ pub enum RecordType {
     /// A listener under load: a cookie for the HELLO's source, to be sent
     /// back in `mac2` (WireGuard's cookie reply).
     Cookie = 0x08,
+    /// Resume at a handoff's target: session id, new epoch, base epoch,
+    /// refusal key, migration token, Noise KKpsk0 first message.
+    ResumeHandoff = 0x09,
     /// An encrypted record of frames.
     Data = 0x10,
 }
@@ -59,6 +62,7 @@ impl RecordType {
             0x06 => RecordType::KeyProbe,
             0x07 => RecordType::KeyInfo,
             0x08 => RecordType::Cookie,
+            0x09 => RecordType::ResumeHandoff,
             0x10 => RecordType::Data,
             _ => return None,
         })
@@ -301,8 +305,6 @@ pub enum Frame<'a> {
     /// handoff, docs/handoff.md). Authenticated by the current epoch, so
     /// only the server the client already trusts can send it. Not
     /// sequenced; sent again after every resume while the offer stands.
-    /// The runtime does not follow it yet (the handoff is being built):
-    /// a receiver ignores it.
     Handoff {
         /// The source's id of this handoff (echoed by a decline).
         id: u32,

@@ -94,37 +94,62 @@ impl Session {
         rng: &mut dyn RngCore,
         out: &mut Vec<u8>,
     ) -> Result<(), HandshakeError> {
+        self.start_resume_as(None, rng, out)
+    }
+
+    /// A RESUME, or with `handoff` a RESUME_HANDOFF to the target it names
+    /// (`KKpsk0` with our static key, the token in the prologue).
+    pub(super) fn start_resume_as(
+        &mut self,
+        handoff: Option<ResumeAt<'_>>,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<u8>,
+    ) -> Result<(), HandshakeError> {
         if self.is_closed() {
             return Err(HandshakeError::Closed);
         }
         let base = self.rx_confirmed;
         let base_chain = Zeroizing::new(*self.chain_of(base).ok_or(HandshakeError::Crypto)?);
-        let epoch = self.next_epoch().ok_or(HandshakeError::Closed)?;
+        let mut epoch = self.next_epoch().ok_or(HandshakeError::Closed)?;
+        if let Some(h) = &handoff {
+            epoch = epoch.max(h.floor);
+        }
         let mut secret = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut *secret);
         let refuse_key = crate::keys::SecretKey::from_bytes(*secret);
-        let extra = resume_extra(base, &refuse_key.public_key());
+        let mut extra = resume_extra(base, &refuse_key.public_key()).to_vec();
+        if let Some(h) = &handoff {
+            extra.extend_from_slice(h.token);
+        }
+        let statics = handoff.as_ref().map(|h| (h.local, &h.target));
         let mut msg = [0u8; 256];
         let (hs, n) = EpochHandshake::start(
             &base_chain,
             &self.id,
             epoch,
             &extra,
+            statics,
             &self.recv_next.to_be_bytes(),
             rng,
             &mut msg,
         )?;
         self.max_epoch = epoch;
+        let ty = if handoff.is_some() {
+            RecordType::ResumeHandoff
+        } else {
+            RecordType::Resume
+        };
         self.resume = Some(PendingResume {
             hs,
             epoch,
             base,
             base_chain,
             refuse_key,
+            target: handoff.map(|h| h.target),
         });
         wire::push_record(
             out,
-            RecordType::Resume,
+            ty,
             &[&self.id.0, &epoch.to_be_bytes(), &extra, &msg[..n]],
         );
         Ok(())
@@ -143,7 +168,8 @@ impl Session {
         if ty == RecordType::Refuse {
             let refusal = crate::handshake::Refusal::parse(body);
             if let Some(p) = &self.resume {
-                if refusal.proves_gone(&p.refuse_key, &self.peer, &self.id, p.epoch) {
+                let server = p.target.unwrap_or(self.peer);
+                if refusal.proves_gone(&p.refuse_key, &server, &self.id, p.epoch) {
                     return Err(HandshakeError::SessionGone);
                 }
             }
@@ -166,6 +192,9 @@ impl Session {
         }
         let (tx, rx) = epoch_keys(self.suite, &agreed, pending.epoch, true)?;
         let chain = next_chain(&pending.base_chain, &agreed);
+        if let Some(target) = pending.target {
+            self.moved_to(target);
+        }
         self.attach(
             now,
             pending.epoch,
@@ -192,11 +221,33 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<(), HandshakeError> {
         let _ = now;
+        if self.frozen {
+            return Err(HandshakeError::HandoffPending);
+        }
+        self.answer_resume(record, None, rng, out)
+    }
+
+    /// Answers a RESUME, or with `local` (this node's static key) a
+    /// RESUME_HANDOFF, whose `KKpsk0` proves that key to the client.
+    pub(super) fn answer_resume(
+        &mut self,
+        record: &[u8],
+        local: Option<&crate::keys::SecretKey>,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<u8>,
+    ) -> Result<(), HandshakeError> {
         if self.is_closed() {
             return Err(HandshakeError::Closed);
         }
         let (ty, body) = split_record(record)?;
-        if ty != RecordType::Resume {
+        let (want, extra_len) = match local {
+            None => (RecordType::Resume, RESUME_EXTRA_LEN),
+            Some(_) => (
+                RecordType::ResumeHandoff,
+                RESUME_EXTRA_LEN + wire::HANDOFF_TOKEN_LEN,
+            ),
+        };
+        if ty != want {
             return Err(HandshakeError::Unexpected("not a RESUME"));
         }
         let mut r = Reader::new(body);
@@ -205,7 +256,7 @@ impl Session {
             return Err(HandshakeError::UnknownSession);
         }
         let epoch = r.u32()?;
-        let extra: [u8; RESUME_EXTRA_LEN] = r.array()?;
+        let extra = r.bytes(extra_len)?;
         let floor = self.committed_epoch.max(self.resume_floor);
         if epoch <= floor {
             return Err(HandshakeError::StaleResume {
@@ -215,13 +266,16 @@ impl Session {
         }
         let base = u32::from_be_bytes([extra[0], extra[1], extra[2], extra[3]]);
         let base_chain = Zeroizing::new(*self.chain_of(base).ok_or(HandshakeError::Crypto)?);
+        let peer = self.peer;
+        let statics = local.map(|k| (k, &peer));
         let mut payload = [0u8; 64];
         let mut msg = [0u8; 256];
         let (agreed, p, n) = EpochHandshake::answer(
             &base_chain,
             &self.id,
             epoch,
-            &extra,
+            extra,
+            statics,
             r.remaining(),
             &mut payload,
             &self.recv_next.to_be_bytes(),
@@ -359,6 +413,7 @@ impl Session {
         self.awaiting_since = None;
         self.ping_outstanding = false;
         self.paths_queued = !self.local_paths.is_empty();
+        self.offer_queued = self.offer.is_some();
         self.next_ping = now;
         self.ping_due = true;
         // Tell the peer where we are at once: for the responder of the
@@ -477,6 +532,9 @@ impl Session {
             && self.rx_next.is_none()
             && self.carrier_up
             && self.rx_confirmed == self.committed_epoch
+            && self.offer.is_none()
+            && self.moving.is_none()
+            && !self.frozen
             && !self.is_closed()
     }
 
@@ -491,7 +549,7 @@ impl Session {
         let mut rng = crate::rng::SeededRng::new(seed);
         let mut msg = [0u8; 256];
         if let Ok((hs, n)) =
-            EpochHandshake::start(&self.chain, &self.id, epoch, &[], &[], &mut rng, &mut msg)
+            EpochHandshake::start(&self.chain, &self.id, epoch, &[], None, &[], &mut rng, &mut msg)
         {
             self.max_epoch = epoch;
             self.rekey = Some(PendingEpoch { hs, epoch });
@@ -555,10 +613,11 @@ impl Session {
         }
         // Epoch numbers the peer used are never proposed again by us.
         self.max_epoch = self.max_epoch.max(epoch);
-        if self.resume.is_some() {
+        if self.resume.is_some() || self.offer.is_some() || self.moving.is_some() {
             // Our resume is based on the current epoch; answering would
-            // move our chain under it. The peer drops its rekey and tries
-            // again later.
+            // move our chain under it (a handoff offered or followed is a
+            // resume to come). The peer drops its rekey and tries again
+            // later.
             self.out_key_ack = Some(KeyAck::Decline(epoch));
             return Ok(());
         }
@@ -578,6 +637,7 @@ impl Session {
             &self.id,
             epoch,
             &[],
+            None,
             msg,
             &mut payload,
             &[],
@@ -651,6 +711,18 @@ impl Session {
 /// What a RESUME carries besides the session id and epoch, bound into the
 /// epoch handshake's prologue: the base epoch and the refusal key.
 pub(crate) const RESUME_EXTRA_LEN: usize = 4 + 32;
+
+/// A resume at a handoff's target.
+pub(super) struct ResumeAt<'a> {
+    /// Our static key (the `KKpsk0` handshake proves it).
+    pub(super) local: &'a crate::keys::SecretKey,
+    /// The target's static key, from the HANDOFF frame.
+    pub(super) target: PublicKey,
+    /// The migration token, shown to the target.
+    pub(super) token: &'a [u8],
+    /// The lowest epoch the target accepts.
+    pub(super) floor: u32,
+}
 
 fn resume_extra(base: u32, refuse: &PublicKey) -> [u8; RESUME_EXTRA_LEN] {
     let mut x = [0u8; RESUME_EXTRA_LEN];

@@ -22,11 +22,15 @@ use crate::wire::{
 };
 
 mod epoch;
+mod handoff;
 mod receive;
 mod send_queue;
 pub(crate) mod snapshot;
 mod streams;
 mod transmit;
+
+pub use handoff::{HandoffError, HandoffOffer, HeldOp};
+use handoff::{ClientMove, Deferred, SourceOffer};
 
 use send_queue::SendQueue;
 use streams::StreamState;
@@ -113,6 +117,26 @@ pub enum Event {
     Rekeyed(u32),
     /// The peer told us where it accepts direct carriers.
     PeerPaths(Vec<std::net::SocketAddr>),
+    /// Client: the server offers to hand the session to another server
+    /// (a HANDOFF frame). Follow it with [`Session::start_handoff_resume`]
+    /// on a carrier to the target, or refuse it with
+    /// [`Session::decline_handoff`].
+    HandoffOffered(HandoffOffer),
+    /// Source: the client declined handoff `id` with `code` (a
+    /// [`crate::wire::DeclineCode`] value).
+    HandoffDeclined {
+        /// The handoff.
+        id: u32,
+        /// Why.
+        code: u8,
+    },
+    /// Client: the session moved to another server; `to` is its peer now.
+    Moved {
+        /// The server it left.
+        from: PublicKey,
+        /// The server that holds it now.
+        to: PublicKey,
+    },
     /// The session is over.
     Closed(CloseReason),
 }
@@ -223,6 +247,8 @@ struct PendingResume {
     /// Ephemeral key that lets a server prove it no longer knows the
     /// session (an authenticated refusal, see `handshake::resume_refusal`).
     refuse_key: crate::keys::SecretKey,
+    /// A resume at a handoff's target (RESUME_HANDOFF): its key.
+    target: Option<PublicKey>,
 }
 
 /// Responder: a RESUME answered, waiting for the first valid record on the
@@ -337,6 +363,22 @@ pub struct Session {
     entropy: [u8; 32],
     pongs: VecDeque<u64>,
     last_rtt_sample: Option<Duration>,
+
+    /// Source of a handoff: the offer sent to the client (again after
+    /// every resume while it stands).
+    offer: Option<SourceOffer>,
+    offer_queued: bool,
+    /// Source: frozen while the target takes the session over; nothing is
+    /// read, sent or delivered (see `session/handoff.rs`).
+    frozen: bool,
+    /// Stream operations asked for while frozen, done at unfreeze (or
+    /// handed to the runtime at fence).
+    deferred: Vec<Deferred>,
+    /// Client: the handoff being followed.
+    moving: Option<ClientMove>,
+    decline_queued: Option<(u32, u8)>,
+    /// Client: the server the session started with, once it moved.
+    origin: Option<PublicKey>,
 
     pending_close: Option<(CloseCode, String, bool)>,
     state: State,
@@ -492,6 +534,13 @@ impl Session {
             entropy: [0; 32],
             pongs: VecDeque::new(),
             last_rtt_sample: None,
+            offer: None,
+            offer_queued: false,
+            frozen: false,
+            deferred: Vec::new(),
+            moving: None,
+            decline_queued: None,
+            origin: None,
             pending_close: None,
             state: State::Open,
             events: VecDeque::new(),
@@ -513,9 +562,14 @@ impl Session {
     pub fn role(&self) -> Role {
         self.role
     }
-    /// The peer's authenticated static key.
+    /// The peer's authenticated static key: after a handoff, the server
+    /// that holds the session now.
     pub fn peer_key(&self) -> PublicKey {
         self.peer
+    }
+    /// The server the session started with, if it moved since (client).
+    pub fn origin_key(&self) -> Option<PublicKey> {
+        self.origin
     }
     /// This node's static key.
     pub fn local_key(&self) -> PublicKey {
@@ -592,7 +646,7 @@ impl Session {
     /// When [`Session::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.is_closed() {
+        if self.is_closed() || self.frozen {
             return None;
         }
         let mut t: Option<Instant> = None;
@@ -627,7 +681,7 @@ impl Session {
 
     /// Runs timers due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.is_closed() {
+        if self.is_closed() || self.frozen {
             return;
         }
         if !self.carrier_up {

@@ -16,7 +16,9 @@ impl Session {
     /// session with a reason (see [`Event::Closed`]).
     pub fn handle_carrier_data(&mut self, now: Instant, buf: &mut [u8]) -> usize {
         let mut used = 0;
-        while !self.is_closed() && self.carrier_up {
+        // Frozen for a handoff: nothing is read (the bytes wait in the
+        // runtime's buffer, unacknowledged), so an abort loses nothing.
+        while !self.is_closed() && self.carrier_up && !self.frozen {
             match wire::peek_record(&buf[used..]) {
                 Ok(None) => break,
                 Ok(Some((RecordType::Data, len))) => {
@@ -199,10 +201,15 @@ impl Session {
                     .collect();
                 self.events.push_back(Event::PeerPaths(list));
             }
-            // The live handoff is not followed yet (docs/handoff.md): an
-            // offer is ignored, as a client whose policy is "no handoffs"
-            // would, and the offering server's token simply expires.
-            Frame::Handoff { .. } | Frame::HandoffDecline { .. } => {}
+            Frame::Handoff {
+                id,
+                target,
+                floor,
+                expires_ms,
+                token,
+                addrs,
+            } => self.on_handoff_offer(now, id, target, floor, expires_ms, token, addrs),
+            Frame::HandoffDecline { id, code } => self.on_handoff_decline(id, code),
             Frame::KeyUpdate { epoch, msg } => self.handle_key_update(now, epoch, msg)?,
             Frame::KeyUpdateAck { epoch, msg } => self.handle_key_update_ack(now, epoch, msg)?,
             Frame::Stream { id, fin, data } => self.on_stream_data(id, fin, data)?,

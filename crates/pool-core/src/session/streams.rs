@@ -53,6 +53,9 @@ impl Session {
     /// frame), so protocols where the server speaks first work.
     pub fn open_stream(&mut self) -> Result<u64, StreamError> {
         self.check_open()?;
+        if self.frozen {
+            return Err(StreamError::Blocked);
+        }
         if self.next_local_index >= self.peer_max_streams {
             self.stream_limit_blocked = true;
             return Err(StreamError::Limit);
@@ -83,6 +86,14 @@ impl Session {
     /// (then wait for [`Event::StreamWritable`]).
     pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
         self.check_open()?;
+        if self.frozen {
+            // Waits for unfreeze (nothing moves) or for the runtime to
+            // re-home the stream after the handoff.
+            if !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
         let st = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
         if let Some(code) = st.reset {
             return Err(StreamError::Reset(code));
@@ -120,6 +131,10 @@ impl Session {
     /// Ends the sending side (FIN). Reading goes on until the peer's FIN.
     pub fn stream_finish(&mut self, id: u64) -> Result<(), StreamError> {
         self.check_open()?;
+        if self.frozen {
+            self.deferred.push(Deferred::Finish(id));
+            return Ok(());
+        }
         let st = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
         if let Some(code) = st.reset {
             return Err(StreamError::Reset(code));
@@ -145,6 +160,10 @@ impl Session {
     /// Aborts the stream in both directions; the peer sees `code`.
     pub fn stream_reset(&mut self, id: u64, code: u64) -> Result<(), StreamError> {
         self.check_open()?;
+        if self.frozen {
+            self.deferred.push(Deferred::Reset(id, code));
+            return Ok(());
+        }
         let st = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
         if st.reset.is_some() {
             return Ok(());
@@ -196,6 +215,10 @@ impl Session {
     /// arrives is dropped and credited, so the peer is never blocked.
     /// Also finishes the sending side if it is still open.
     pub fn stream_stop(&mut self, id: u64) -> Result<(), StreamError> {
+        if self.frozen {
+            self.deferred.push(Deferred::Stop(id));
+            return Ok(());
+        }
         let Some(st) = self.streams.get_mut(&id) else {
             return Ok(());
         };
@@ -242,6 +265,9 @@ impl Session {
         id: u64,
         f: impl FnOnce(&[u8], &[u8]) -> usize,
     ) -> Result<ReadResult, StreamError> {
+        if self.frozen {
+            return Ok(ReadResult::Blocked);
+        }
         let closed = self.close_reason().cloned();
         let Some(st) = self.streams.get_mut(&id) else {
             if let Some(r) = closed {
@@ -288,6 +314,10 @@ impl Session {
     pub fn close(&mut self, now: Instant, code: CloseCode, reason: &str) {
         let _ = now;
         if self.is_closed() || self.pending_close.is_some() {
+            return;
+        }
+        if self.frozen {
+            self.deferred.push(Deferred::Close(code, reason.to_string()));
             return;
         }
         if !self.carrier_up {

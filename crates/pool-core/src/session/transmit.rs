@@ -9,7 +9,7 @@ impl Session {
     /// [`crate::MAX_RECORD_LEN`] bytes; a smaller one gets smaller records.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
-        if !self.carrier_up || self.tx.is_none() {
+        if !self.carrier_up || self.tx.is_none() || self.frozen {
             return None;
         }
         let cap = buf.len().min(MAX_RECORD_LEN);
@@ -41,6 +41,8 @@ impl Session {
             || self.max_data_queued
             || self.max_streams_queued
             || self.paths_queued
+            || self.offer_queued
+            || self.decline_queued.is_some()
             || !self.max_stream_data_queue.is_empty();
         let ack_wanted = self.recv_next > self.ack_sent || self.ack_forced;
         if !ack_wanted {
@@ -141,6 +143,21 @@ impl Session {
             )
         {
             self.paths_queued = false;
+        }
+        if self.offer_queued {
+            if let Some(o) = &self.offer {
+                let f = o.frame(now);
+                if put(buf, &mut p, &f) {
+                    self.offer_queued = false;
+                }
+            } else {
+                self.offer_queued = false;
+            }
+        }
+        if let Some((id, code)) = self.decline_queued {
+            if put(buf, &mut p, &Frame::HandoffDecline { id, code }) {
+                self.decline_queued = None;
+            }
         }
         while let Some(&id) = self.max_stream_data_queue.front() {
             if let Some(st) = self.streams.get_mut(&id) {
