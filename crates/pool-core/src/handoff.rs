@@ -1,5 +1,5 @@
-//! The target's side of the live handoff's migration token (step 2 of
-//! `docs/handoff.md`; the handoff itself is not built yet).
+//! The target's side of the live handoff's migration token
+//! (docs/handoff.md).
 //!
 //! The target of a handoff mints the token when the source asks it to
 //! prepare ([`Imports::prepare`]); the source passes it to the client in a
@@ -259,6 +259,11 @@ impl Imports {
             self.spend(&s);
         }
         self.spent.retain(|_, until| now_ms < *until);
+    }
+
+    /// The import prepared for `session`, if any.
+    pub fn get(&self, session: &SessionId) -> Option<&Import> {
+        self.by_session.get(session)
     }
 
     /// Imports prepared now.

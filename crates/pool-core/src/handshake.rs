@@ -389,7 +389,11 @@ pub(crate) type Statics<'a> = Option<(&'a SecretKey, &'a PublicKey)>;
 /// the cleartext fields of a RESUME can be altered.
 fn epoch_prologue(id: &SessionId, epoch: u32, extra: &[u8], kk: bool) -> Vec<u8> {
     let mut p = Vec::with_capacity(32 + extra.len());
-    p.extend_from_slice(if kk { b"POOL/2 handoff" } else { b"POOL/2 epoch" });
+    p.extend_from_slice(if kk {
+        b"POOL/2 handoff"
+    } else {
+        b"POOL/2 epoch"
+    });
     p.extend_from_slice(&id.0);
     p.extend_from_slice(&epoch.to_be_bytes());
     p.extend_from_slice(extra);

@@ -55,9 +55,9 @@ fn offer(p: &mut Pair, token: [u8; 48]) {
     .expect("offer");
     p.drive();
     assert!(
-        p.a_events
-            .iter()
-            .any(|e| matches!(e, Event::HandoffOffered(o) if o.id == 7 && o.target == target_key())),
+        p.a_events.iter().any(
+            |e| matches!(e, Event::HandoffOffered(o) if o.id == 7 && o.target == target_key())
+        ),
         "the client sees the offer: {:?}",
         p.a_events
     );
@@ -73,7 +73,14 @@ fn move_to_target(p: &mut Pair, imports: &mut Imports) -> Session {
     let (id, epoch, token) = handoff_resume_fields(&msg).expect("fields");
     assert_eq!(id, p.b.id());
     imports
-        .check(NOW_MS + 1, &id, &target_key(), &key(1).public_key(), &token, epoch)
+        .check(
+            NOW_MS + 1,
+            &id,
+            &target_key(),
+            &key(1).public_key(),
+            &token,
+            epoch,
+        )
         .expect("token good");
     // It pulls the state from the source, which freezes.
     let snap = p.b.freeze().expect("freeze");
@@ -85,7 +92,8 @@ fn move_to_target(p: &mut Pair, imports: &mut Imports) -> Session {
     // The old carrier's bytes in flight are lost with it.
     p.ab.clear();
     p.ba.clear();
-    p.a.finish_resume(p.now, &reply).expect("client takes the answer");
+    p.a.finish_resume(p.now, &reply)
+        .expect("client takes the answer");
     assert_eq!(p.a.peer_key(), target_key());
     assert_eq!(p.a.origin_key(), Some(key(2).public_key()));
     let mut buf = vec![0u8; pool_core::MAX_RECORD_LEN];
@@ -129,9 +137,15 @@ fn handoff_mid_transfer_moves_every_byte_once() {
         assert_eq!(n_sent, n_got, "every byte arrived once");
         assert_eq!(sent, got);
     }
-    assert!(p.a_events.iter().any(|e| matches!(e, Event::Moved { to, .. } if *to == target_key())));
+    assert!(p
+        .a_events
+        .iter()
+        .any(|e| matches!(e, Event::Moved { to, .. } if *to == target_key())));
     assert!(!p.a.is_closed() && !p.b.is_closed());
-    assert!(p.a.stats().frames_resent > 0, "the lost round was sent again");
+    assert!(
+        p.a.stats().frames_resent > 0,
+        "the lost round was sent again"
+    );
 }
 
 #[test]
@@ -164,7 +178,10 @@ fn server_to_client_data_in_flight_moves_too() {
     // And the target goes on serving the stream.
     assert_eq!(p.b.stream_write(id, b"from the target").unwrap(), 15);
     p.drive();
-    assert_eq!(util::read_available(&mut p.a, id).unwrap().0, b"from the target");
+    assert_eq!(
+        util::read_available(&mut p.a, id).unwrap().0,
+        b"from the target"
+    );
 }
 
 #[test]
@@ -184,7 +201,10 @@ fn frozen_source_reads_sends_and_delivers_nothing_and_unfreezes_losslessly() {
     p.a.stream_write(id, b" during").unwrap();
     p.drive();
     assert!(!p.ab.is_empty(), "the bytes wait, unread");
-    assert_eq!(p.b.stream_read(id, &mut [0u8; 64]).unwrap(), ReadResult::Blocked);
+    assert_eq!(
+        p.b.stream_read(id, &mut [0u8; 64]).unwrap(),
+        ReadResult::Blocked
+    );
     assert_eq!(p.b.stream_write(id, b"x"), Err(StreamError::Blocked));
     assert!(p.b.poll_timeout().is_none(), "no timers while frozen");
     // A resume at the frozen source is refused for now (code 10).
@@ -192,7 +212,9 @@ fn frozen_source_reads_sends_and_delivers_nothing_and_unfreezes_losslessly() {
     p.a.cancel_resume();
     p.a.start_resume(&mut p.rng, &mut msg).unwrap();
     let mut out = Vec::new();
-    let err = p.b.handle_resume(p.now, &msg, &mut p.rng, &mut out).unwrap_err();
+    let err =
+        p.b.handle_resume(p.now, &msg, &mut p.rng, &mut out)
+            .unwrap_err();
     assert_eq!(err, HandshakeError::HandoffPending);
     assert_eq!(err.refuse_code(), 10);
     p.a.cancel_resume();
@@ -246,10 +268,9 @@ fn stream_operations_held_while_frozen_go_to_the_runtime_at_fence() {
     let mut msg = Vec::new();
     p.a.cancel_resume();
     p.a.start_resume(&mut p.rng, &mut msg).unwrap();
-    let err = p
-        .b
-        .handle_resume(p.now, &msg, &mut p.rng, &mut Vec::new())
-        .unwrap_err();
+    let err =
+        p.b.handle_resume(p.now, &msg, &mut p.rng, &mut Vec::new())
+            .unwrap_err();
     assert_eq!(err, HandshakeError::Closed);
 }
 
@@ -294,7 +315,8 @@ fn a_replayed_handoff_resume_is_refused_after_the_commit() {
     let token = prepare(&p, &mut imports);
     offer(&mut p, token);
     let mut msg = Vec::new();
-    p.a.start_handoff_resume(&key(1), &mut p.rng, &mut msg).unwrap();
+    p.a.start_handoff_resume(&key(1), &mut p.rng, &mut msg)
+        .unwrap();
     let (id, epoch, tok) = handoff_resume_fields(&msg).unwrap();
     let snap = p.b.freeze().unwrap();
     let mut t = Session::restore(p.now, p.b.config().clone(), &snap).unwrap();
@@ -306,7 +328,14 @@ fn a_replayed_handoff_resume_is_refused_after_the_commit() {
     imports.spend(&id);
     // The token is spent, and the session refuses the same epoch again.
     assert!(imports
-        .check(NOW_MS, &id, &target_key(), &key(1).public_key(), &tok, epoch)
+        .check(
+            NOW_MS,
+            &id,
+            &target_key(),
+            &key(1).public_key(),
+            &tok,
+            epoch
+        )
         .is_err());
     assert!(matches!(
         t.answer_handoff(p.now, &msg, &key(3), &mut p.rng, &mut Vec::new()),

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use pool_core::{Config, SecretKey};
+use std::collections::HashSet;
+
+use pool_core::{Config, PublicKey, SecretKey};
 
 use crate::trust::Trust;
 
@@ -20,6 +22,23 @@ pub struct EndpointConfig {
     pub(crate) relays: Vec<String>,
     pub(crate) direct_retry: Duration,
     pub(crate) relay_only: bool,
+    pub(crate) handoff: HandoffPolicy,
+}
+
+/// Which handoffs a dialled session follows when its server offers to move
+/// it to another server (the live handoff, docs/handoff.md). The offer
+/// comes from the server this side authenticated, in an authenticated
+/// frame, and the target proves the key the offer names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandoffPolicy {
+    /// Follow any target the server names (the default).
+    #[default]
+    Any,
+    /// Follow none: stay on the server (it is told, and keeps the session).
+    Refuse,
+    /// Follow only to these keys.
+    Only(HashSet<PublicKey>),
 }
 
 impl EndpointConfig {
@@ -34,7 +53,14 @@ impl EndpointConfig {
             relays: Vec::new(),
             direct_retry: Duration::from_secs(60),
             relay_only: false,
+            handoff: HandoffPolicy::Any,
         }
+    }
+    /// Which handoffs dialled sessions follow (default: any the server
+    /// names).
+    pub fn handoff(mut self, policy: HandoffPolicy) -> Self {
+        self.handoff = policy;
+        self
     }
     /// Protocol knobs (windows, timers, ciphers).
     pub fn protocol(mut self, config: Config) -> Self {

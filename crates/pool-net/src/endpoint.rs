@@ -139,6 +139,10 @@ impl Endpoint {
         })
     }
 
+    pub(crate) fn listen_ctx(&self) -> &Arc<ListenCtx> {
+        &self.inner.ctx
+    }
+
     fn config(&self) -> EndpointConfig {
         self.inner
             .ctx
@@ -310,7 +314,13 @@ impl Endpoint {
             },
         })?;
         debug!(to = %addr, session = %core.id(), cipher = core.cipher().name(), "session established");
-        let session = session::spawn(core, carrier, Some(dialer), None);
+        let follow = crate::handoff::Follow {
+            key: cfg.key.clone(),
+            policy: cfg.handoff.clone(),
+            relays: self.inner.ctx.paths.relays.clone(),
+            events: self.inner.ctx.events.clone(),
+        };
+        let session = session::spawn(core, Some(carrier), Some(dialer), Some(follow), None);
         if let Some((ctx, upgrade)) = paths {
             crate::paths::start(&session, ctx, upgrade);
         }

@@ -92,6 +92,20 @@ pub enum Error {
         /// The peer's key.
         peer: String,
     },
+    /// A live handoff did not happen; the session stays where it was
+    /// (unless `stage` says otherwise).
+    #[error("handoff failed at {stage}: {reason}")]
+    Handoff {
+        /// Where it stopped: "prepare", "offer", "freeze", "state",
+        /// "commit".
+        stage: &'static str,
+        /// Why, in words.
+        reason: String,
+        /// The metric label: `target_refused`, `target_unreachable`,
+        /// `client_declined`, `token_expired`, `target_lost`, `pending`,
+        /// `closed`.
+        code: &'static str,
+    },
     /// Any other I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),

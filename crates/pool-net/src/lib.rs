@@ -31,6 +31,7 @@ mod carrier;
 mod config;
 mod endpoint;
 mod error;
+mod handoff;
 mod listener;
 mod paths;
 mod relay;
@@ -39,8 +40,12 @@ mod stream;
 mod trust;
 
 pub use carrier::{BoxedCarrier, Carrier, DialFuture, Dialer, TcpDialer};
+pub use config::HandoffPolicy;
 pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats, RelayStatus};
 pub use error::Error;
+pub use handoff::{
+    HandoffLink, HandoffOptions, HandoffReport, LinkFuture, LinkPurpose, RESET_HANDOFF_DEADLINE,
+};
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,
     SecretKey, SessionId, Stats,

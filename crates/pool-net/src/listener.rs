@@ -37,12 +37,12 @@ impl Registry {
             m.remove(id);
         }
     }
-    fn insert(&self, id: SessionId, session: &Session) {
+    pub(crate) fn insert(&self, id: SessionId, session: &Session) {
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(id, Arc::downgrade(&session.shared));
         }
     }
-    fn get(&self, id: &SessionId) -> Option<Arc<Shared>> {
+    pub(crate) fn get(&self, id: &SessionId) -> Option<Arc<Shared>> {
         self.sessions.lock().ok()?.get(id)?.upgrade()
     }
 }
@@ -93,6 +93,33 @@ pub enum EndpointEvent {
         /// New carrier address.
         from: SocketAddr,
     },
+    /// Target: a session was handed to this node and committed here.
+    HandedIn {
+        /// Session id.
+        id: SessionId,
+        /// The client.
+        client: PublicKey,
+        /// The worker it came from.
+        from: PublicKey,
+    },
+    /// Client: a dialled session moved to another server.
+    Moved {
+        /// Session id.
+        id: SessionId,
+        /// The server it left.
+        from: PublicKey,
+        /// The server that holds it now.
+        to: PublicKey,
+    },
+    /// Client: a dialled session declined its server's handoff offer.
+    HandoffDeclined {
+        /// Session id.
+        id: SessionId,
+        /// The target offered.
+        to: PublicKey,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A listener's registration at one relay.
@@ -122,6 +149,8 @@ pub(crate) struct ListenCtx {
     pub(crate) registry: Arc<Registry>,
     pub(crate) incoming: mpsc::Sender<Session>,
     pub(crate) stats: Arc<ListenerStats>,
+    /// The handoffs this node is the target of.
+    pub(crate) imported: crate::handoff::Imported,
 }
 
 impl ListenCtx {
@@ -157,7 +186,18 @@ impl ListenCtx {
             incoming,
             stats: Arc::default(),
             events: tokio::sync::broadcast::channel(1024).0,
+            imported: crate::handoff::Imported::new(),
         })
+    }
+
+    pub(crate) fn registry_get(&self, id: &SessionId) -> Option<Arc<Shared>> {
+        self.registry.get(id)
+    }
+
+    pub(crate) fn registry_has(&self, id: &SessionId) -> bool {
+        self.registry
+            .get(id)
+            .is_some_and(|s| !s.lock().core.is_closed())
     }
 
     /// This node's key now (it changes on reload).
@@ -374,7 +414,7 @@ async fn handle_carrier(
                             reg.remove(&id);
                         }
                     });
-                    let session = session::spawn(core, sock, None, Some(on_end));
+                    let session = session::spawn(core, Some(sock), None, None, Some(on_end));
                     if let Some(pc) = paths {
                         crate::paths::start(&session, pc, None);
                     }
@@ -439,6 +479,16 @@ async fn handle_carrier(
                             let mut st = shared.lock();
                             match st.core.confirm_resume(Instant::now(), &mut first) {
                                 Ok(()) => {
+                                    // A handed-in session waiting for its
+                                    // commit: this was it.
+                                    if let Some(hook) = shared
+                                        .on_commit
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .take()
+                                    {
+                                        let _ = hook.send(());
+                                    }
                                     // Retire the old carrier under the same
                                     // lock: its reader must not see the new
                                     // epoch's keys.
@@ -477,9 +527,10 @@ async fn handle_carrier(
             match res {
                 Ok(shared) => {
                     ctx.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                    let peer = shared.lock().core.peer_key();
                     let _ = ctx.events.send(EndpointEvent::Resumed {
                         id: shared.id,
-                        peer: shared.peer,
+                        peer,
                         from,
                     });
                     info!(%from, session = %shared.id, "session resumed on a new carrier");
@@ -492,6 +543,9 @@ async fn handle_carrier(
                     let _ = sock.write_all(&out).await;
                 }
             }
+        }
+        FirstRecord::ResumeHandoff => {
+            return crate::handoff::handle_resume_handoff(ctx, sock, from, record).await;
         }
         FirstRecord::Probe => {
             let keys = ctx.rules().keys();

@@ -40,6 +40,14 @@ pub(crate) struct State {
     carrier_fd: Option<std::os::fd::OwnedFd>,
     /// Retransmissions on carriers already retired.
     retrans_base: u64,
+    /// After a handoff (source side): where each stream lives now.
+    pub(crate) rehomed: HashMap<u64, Arc<crate::stream::Rehomed>>,
+    /// Source: the client declined this handoff, with this code.
+    pub(crate) declined: Option<(u32, u8)>,
+    /// Client: the server the session left at its last handoff, and how
+    /// many handoffs it made.
+    pub(crate) moved_from: Option<PublicKey>,
+    pub(crate) handoffs: u64,
 }
 
 impl State {
@@ -53,23 +61,35 @@ impl State {
 
 /// What a [`crate::Session`] handle and its streams share with the driver.
 pub(crate) struct Shared {
+    /// This, for tasks spawned while only a reference is at hand.
+    pub(crate) me: std::sync::Weak<Shared>,
     pub(crate) state: Mutex<State>,
     /// Wakes the driver: something to send, or a carrier change.
     pub(crate) wake: Notify,
     /// Wakes `accept_stream`, `open_stream` and `closed` waiters.
     pub(crate) app: Notify,
     pub(crate) id: SessionId,
+    /// The peer the session started with (the span's name); after a
+    /// handoff the core's `peer_key()` is the current one.
     pub(crate) peer: PublicKey,
     pub(crate) started: Instant,
     /// The current carrier generation, watched by readers so that a
     /// retired carrier's reader stops at once.
     generation: tokio::sync::watch::Sender<u64>,
-    dialer: Option<Arc<dyn Dialer>>,
+    dialer: Mutex<Option<Arc<dyn Dialer>>>,
+    /// Initiator: how to follow a server's handoff offer.
+    pub(crate) follow: Option<crate::handoff::Follow>,
+    /// Wakes a carrier reader waiting while the session is frozen.
+    pub(crate) thaw: Notify,
+    /// Wakes a source's handoff task (the client declined).
+    pub(crate) handoff_note: Notify,
+    /// Target: told when an imported session commits on a later carrier.
+    pub(crate) on_commit: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     handles: AtomicU64,
     /// Wakes the path manager: the peer's candidates changed.
     pub(crate) paths_changed: Notify,
     /// One resume at a time (reconnect and path upgrade both resume).
-    resume_lock: tokio::sync::Mutex<()>,
+    pub(crate) resume_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -77,6 +97,17 @@ impl Shared {
         // A poisoned lock means a panic elsewhere while holding it; the
         // state is still the best we have.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn dialer(&self) -> Option<Arc<dyn Dialer>> {
+        self.dialer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_dialer(&self, d: Arc<dyn Dialer>) {
+        *self.dialer.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
     }
 
     pub(crate) fn add_handle(&self) {
@@ -133,6 +164,26 @@ pub(crate) fn process_events(st: &mut State, shared: &Shared) {
                 shared.wake.notify_one();
             }
             Event::Rekeyed(epoch) => debug!(session = %shared.id, epoch, "new key epoch"),
+            Event::HandoffOffered(offer) => {
+                crate::handoff::offered(st, shared, offer);
+            }
+            Event::HandoffDeclined { id, code } => {
+                info!(session = %shared.id, handoff = id, code, "the client declined the handoff");
+                st.declined = Some((id, code));
+                shared.handoff_note.notify_waiters();
+            }
+            Event::Moved { from, to } => {
+                info!(session = %shared.id, %from, %to, "session moved to another server");
+                st.moved_from = Some(from);
+                st.handoffs += 1;
+                if let Some(f) = &shared.follow {
+                    let _ = f.events.send(crate::EndpointEvent::Moved {
+                        id: shared.id,
+                        from,
+                        to,
+                    });
+                }
+            }
             Event::PeerPaths(paths) if paths != st.peer_paths => {
                 debug!(session = %shared.id, ?paths, "peer's direct-path candidates");
                 st.peer_paths = paths;
@@ -141,6 +192,8 @@ pub(crate) fn process_events(st: &mut State, shared: &Shared) {
             Event::Closed(reason) => {
                 info!(session = %shared.id, %reason, "session closed");
                 st.closed = Some(reason);
+                shared.thaw.notify_waiters();
+                shared.handoff_note.notify_waiters();
                 for (_, w) in st.read_wakers.drain() {
                     w.wake();
                 }
@@ -179,6 +232,13 @@ pub struct SessionStats {
     /// TCP retransmissions on the current carrier (from `TCP_INFO`), when
     /// the carrier is TCP and the platform reports it.
     pub tcp_retransmits: Option<u64>,
+    /// The server the session left at its last handoff (client side).
+    pub moved_from: Option<PublicKey>,
+    /// Handoffs this session followed (client side).
+    pub handoffs: u64,
+    /// Whether a handoff of this session is under way (server side: offered
+    /// or frozen).
+    pub handing_off: bool,
 }
 
 /// A live POOL session: open and accept streams, read stats, close.
@@ -220,9 +280,10 @@ impl Session {
         self.shared.id
     }
 
-    /// The peer's authenticated public key.
+    /// The peer's authenticated public key: after a handoff, the server
+    /// that holds the session now.
     pub fn peer_key(&self) -> PublicKey {
-        self.shared.peer
+        self.shared.lock().core.peer_key()
     }
 
     /// Counters, RTT and carrier state.
@@ -247,6 +308,9 @@ impl Session {
             age: self.shared.started.elapsed(),
             tcp_retransmits: (st.carrier_fd.is_some() || st.retrans_base > 0)
                 .then(|| st.retrans_base + st.tcp_retransmits_now()),
+            moved_from: st.moved_from,
+            handoffs: st.handoffs,
+            handing_off: st.core.handoff_offered().is_some() || st.core.is_frozen(),
         }
     }
 
@@ -351,17 +415,19 @@ pub(crate) fn span(shared: &Shared) -> tracing::Span {
 /// Creates the shared state and starts the driver on `carrier`.
 pub(crate) fn spawn(
     core: pool_core::Session,
-    carrier: BoxedCarrier,
+    carrier: Option<BoxedCarrier>,
     dialer: Option<Arc<dyn Dialer>>,
+    follow: Option<crate::handoff::Follow>,
     on_end: Option<OnEnd>,
 ) -> Session {
     let id = core.id();
     let peer = core.peer_key();
-    let remote = carrier.peer_addr();
-    let kind = carrier.kind();
+    let remote = carrier.as_ref().and_then(|c| c.peer_addr());
+    let kind = carrier.as_ref().map_or("none", |c| c.kind());
     let mut core = core;
     core.provide_entropy(&mut rand_core::OsRng);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new_cyclic(|me| Shared {
+        me: me.clone(),
         state: Mutex::new(State {
             core,
             read_wakers: HashMap::new(),
@@ -378,6 +444,10 @@ pub(crate) fn spawn(
             closed: None,
             carrier_fd: None,
             retrans_base: 0,
+            rehomed: HashMap::new(),
+            declined: None,
+            moved_from: None,
+            handoffs: 0,
         }),
         wake: Notify::new(),
         app: Notify::new(),
@@ -385,12 +455,18 @@ pub(crate) fn spawn(
         peer,
         started: Instant::now(),
         generation: tokio::sync::watch::Sender::new(0),
-        dialer,
+        dialer: Mutex::new(dialer),
+        follow,
+        thaw: Notify::new(),
+        handoff_note: Notify::new(),
+        on_commit: Mutex::new(None),
         handles: AtomicU64::new(1),
         paths_changed: Notify::new(),
         resume_lock: tokio::sync::Mutex::new(()),
     });
-    attach(&shared, carrier);
+    if let Some(c) = carrier {
+        attach(&shared, c);
+    }
     let drv = shared.clone();
     tokio::spawn(
         async move {
@@ -457,32 +533,66 @@ async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64
             r = rd.read_buf(&mut buf) => r,
             _ = retired.wait_for(|g| *g != gen) => return,
         };
-        let mut st = shared.lock();
-        if st.generation != gen {
-            return;
-        }
-        match res {
-            Ok(0) | Err(_) => {
-                debug!("carrier closed by the other end");
-                st.core.carrier_lost(Instant::now());
-                bump_generation(&mut st, &shared);
-                process_events(&mut st, &shared);
-                drop(st);
-                shared.wake.notify_one();
+        let frozen = {
+            let mut st = shared.lock();
+            if st.generation != gen {
                 return;
             }
-            Ok(_) => {
-                let used = st.core.handle_carrier_data(Instant::now(), &mut buf);
-                process_events(&mut st, &shared);
-                let closed = st.core.is_closed();
+            match res {
+                Ok(0) | Err(_) => {
+                    debug!("carrier closed by the other end");
+                    st.core.carrier_lost(Instant::now());
+                    bump_generation(&mut st, &shared);
+                    process_events(&mut st, &shared);
+                    drop(st);
+                    shared.wake.notify_one();
+                    return;
+                }
+                Ok(_) => {
+                    let used = st.core.handle_carrier_data(Instant::now(), &mut buf);
+                    process_events(&mut st, &shared);
+                    let closed = st.core.is_closed();
+                    let frozen = st.core.is_frozen();
+                    drop(st);
+                    buf.drain(..used);
+                    shared.wake.notify_one();
+                    if closed {
+                        return;
+                    }
+                    frozen
+                }
+            }
+        };
+        if frozen && !wait_thawed(&shared, &mut buf, gen).await {
+            return;
+        }
+    }
+}
+
+/// Frozen for a handoff: reads nothing more (the bytes wait in the socket,
+/// unacknowledged) until the session thaws, then hands over what was
+/// buffered. Returns whether the reader goes on.
+async fn wait_thawed(shared: &Arc<Shared>, buf: &mut Vec<u8>, gen: u64) -> bool {
+    loop {
+        let thawed = shared.thaw.notified();
+        tokio::pin!(thawed);
+        thawed.as_mut().enable();
+        {
+            let mut st = shared.lock();
+            if st.generation != gen || st.core.is_closed() {
+                return false;
+            }
+            if !st.core.is_frozen() {
+                let used = st.core.handle_carrier_data(Instant::now(), buf);
+                process_events(&mut st, shared);
+                let go_on = !st.core.is_closed();
                 drop(st);
                 buf.drain(..used);
                 shared.wake.notify_one();
-                if closed {
-                    return;
-                }
+                return go_on;
             }
         }
+        thawed.await;
     }
 }
 
@@ -542,7 +652,7 @@ async fn drive(shared: Arc<Shared>) {
             }
             process_events(&mut st, &shared);
             let lost = !st.core.carrier_up() && !st.core.is_closed();
-            if lost && !st.reconnecting && shared.dialer.is_some() {
+            if lost && !st.reconnecting && shared.dialer().is_some() {
                 st.reconnecting = true;
                 let sh = shared.clone();
                 tokio::spawn(reconnect(sh).in_current_span());
@@ -608,14 +718,15 @@ async fn drive(shared: Arc<Shared>) {
 /// Initiator: dial and resume with backoff until the core's resume
 /// deadline closes the session.
 async fn reconnect(shared: Arc<Shared>) {
-    let Some(dialer) = shared.dialer.clone() else {
-        return;
-    };
     let mut backoff = Duration::from_millis(10);
     loop {
         if shared.lock().core.is_closed() {
             break;
         }
+        // Read each time: a handoff may have moved the session meanwhile.
+        let Some(dialer) = shared.dialer() else {
+            break;
+        };
         match resume_once(&shared, dialer.as_ref()).await {
             Ok(()) => {
                 info!(to = %dialer.describe(), "carrier resumed");

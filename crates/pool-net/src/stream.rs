@@ -30,7 +30,7 @@ pub struct SendStream {
     finished: bool,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     shared: Arc<Shared>,
     id: u64,
 }
@@ -39,7 +39,11 @@ impl Drop for Inner {
     fn drop(&mut self) {
         {
             let mut st = self.shared.lock();
+            // Handed off: the stream's new home goes when its last handle
+            // here does.
+            let home = st.rehomed.remove(&self.id);
             let _ = st.core.stream_stop(self.id);
+            drop(home);
             st.read_wakers.remove(&self.id);
             st.write_wakers.remove(&self.id);
         }
@@ -72,12 +76,68 @@ fn to_io(e: StreamError) -> io::Error {
     }
 }
 
+/// A stream's home after its session was handed off (source side): the
+/// worker-session stream that carries it on to the target. The service's
+/// handles keep working; each call goes there.
+pub(crate) struct Rehomed {
+    pub(crate) inner: Arc<Inner>,
+    finished: std::sync::Mutex<bool>,
+}
+
+impl Rehomed {
+    pub(crate) fn new(s: Stream) -> Arc<Rehomed> {
+        let finished = s.finished;
+        Arc::new(Rehomed {
+            inner: s.into_inner(),
+            finished: std::sync::Mutex::new(finished),
+        })
+    }
+
+    fn poll_finish(&self, cx: &mut Context<'_>, outer: &mut bool) -> Poll<io::Result<()>> {
+        let mut f = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.inner.poll_finish(cx, &mut f);
+        if r.is_ready() {
+            *outer = true;
+        }
+        r
+    }
+
+    /// Sends FIN now if there is room (a FIN the application asked for
+    /// while the session was frozen, or a dropped writing half).
+    pub(crate) fn finish_now(&self) {
+        let mut f = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if !*f {
+            *f = true;
+            self.inner.finish_now();
+        }
+    }
+}
+
 /// A consumer of a stream's buffered bytes: see [`RecvStream::read_with`].
 type Sink<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<usize> + 'a;
 
 impl Inner {
-    fn reset(&self, code: u64) {
+    fn finish_now(&self) {
         let mut st = self.shared.lock();
+        let _ = st.core.stream_finish(self.id);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+
+    /// Where the stream lives after its session was handed off, if it was.
+    fn home(&self, st: &crate::session::State) -> Option<Arc<Inner>> {
+        if st.rehomed.is_empty() {
+            return None;
+        }
+        st.rehomed.get(&self.id).map(|r| r.inner.clone())
+    }
+
+    pub(crate) fn reset(&self, code: u64) {
+        let mut st = self.shared.lock();
+        if let Some(home) = self.home(&st) {
+            drop(st);
+            return home.reset(code);
+        }
         let _ = st.core.stream_reset(self.id, code);
         drop(st);
         self.shared.wake.notify_one();
@@ -101,6 +161,10 @@ impl Inner {
     /// Hands what has arrived to `f`: see [`RecvStream::read_with`].
     fn poll_read_with(&self, cx: &mut Context<'_>, f: &mut Sink<'_>) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
+        if let Some(home) = self.home(&st) {
+            drop(st);
+            return home.poll_read_with(cx, f);
+        }
         let mut sink_err = None;
         let res = st.core.stream_read_with(self.id, |a, b| match f(a, b) {
             Ok(n) => n,
@@ -130,8 +194,12 @@ impl Inner {
         }
     }
 
-    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
+        if let Some(home) = self.home(&st) {
+            drop(st);
+            return home.poll_write(cx, data);
+        }
         match st.core.stream_write(self.id, data) {
             Ok(n) => {
                 drop(st);
@@ -150,11 +218,19 @@ impl Inner {
         }
     }
 
-    fn poll_finish(&self, cx: &mut Context<'_>, finished: &mut bool) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_finish(
+        &self,
+        cx: &mut Context<'_>,
+        finished: &mut bool,
+    ) -> Poll<io::Result<()>> {
         if *finished {
             return Poll::Ready(Ok(()));
         }
         let mut st = self.shared.lock();
+        if let Some(home) = st.rehomed.get(&self.id).cloned() {
+            drop(st);
+            return home.poll_finish(cx, finished);
+        }
         match st.core.stream_finish(self.id) {
             Ok(()) | Err(StreamError::Unknown(_)) => {
                 *finished = true;
@@ -183,6 +259,11 @@ impl Stream {
     /// The stream id within its session.
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// The shared part, for re-homing a stream after a handoff.
+    pub(crate) fn into_inner(self) -> Arc<Inner> {
+        self.inner
     }
 
     /// Aborts the stream in both directions; the peer's reads and writes
@@ -243,6 +324,11 @@ impl Drop for SendStream {
     fn drop(&mut self) {
         if !self.finished {
             let mut st = self.inner.shared.lock();
+            if let Some(home) = st.rehomed.get(&self.inner.id).cloned() {
+                drop(st);
+                home.finish_now();
+                return;
+            }
             let _ = st.core.stream_finish(self.inner.id);
             drop(st);
             self.inner.shared.wake.notify_one();

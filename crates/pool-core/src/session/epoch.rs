@@ -548,9 +548,16 @@ impl Session {
         let seed = self.derive_rekey_seed();
         let mut rng = crate::rng::SeededRng::new(seed);
         let mut msg = [0u8; 256];
-        if let Ok((hs, n)) =
-            EpochHandshake::start(&self.chain, &self.id, epoch, &[], None, &[], &mut rng, &mut msg)
-        {
+        if let Ok((hs, n)) = EpochHandshake::start(
+            &self.chain,
+            &self.id,
+            epoch,
+            &[],
+            None,
+            &[],
+            &mut rng,
+            &mut msg,
+        ) {
             self.max_epoch = epoch;
             self.rekey = Some(PendingEpoch { hs, epoch });
             self.out_key_update = Some((epoch, msg[..n].to_vec()));

@@ -280,8 +280,7 @@ impl Session {
 
     pub(super) fn on_handoff_decline(&mut self, id: u32, code: u8) {
         if self.offer.as_ref().is_some_and(|o| o.id == id) {
-            self.events
-                .push_back(Event::HandoffDeclined { id, code });
+            self.events.push_back(Event::HandoffDeclined { id, code });
         }
     }
 

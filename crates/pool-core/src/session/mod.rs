@@ -29,8 +29,8 @@ pub(crate) mod snapshot;
 mod streams;
 mod transmit;
 
-pub use handoff::{HandoffError, HandoffOffer, HeldOp};
 use handoff::{ClientMove, Deferred, SourceOffer};
+pub use handoff::{HandoffError, HandoffOffer, HeldOp};
 
 use send_queue::SendQueue;
 use streams::StreamState;

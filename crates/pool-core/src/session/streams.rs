@@ -317,7 +317,8 @@ impl Session {
             return;
         }
         if self.frozen {
-            self.deferred.push(Deferred::Close(code, reason.to_string()));
+            self.deferred
+                .push(Deferred::Close(code, reason.to_string()));
             return;
         }
         if !self.carrier_up {
