@@ -60,7 +60,7 @@ pub(crate) fn local(control: &Path, req: &Request) -> Result<serde_json::Value> 
             control.display()
         ))
     })?;
-    let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(600)));
     let line = serde_json::to_string(req).map_err(|e| CliError::msg(e.to_string()))?;
     writeln!(sock, "{line}")?;
     let mut line = String::new();
@@ -209,5 +209,44 @@ pub(crate) fn rollback(to: &Target) -> Result<()> {
     let v = request(to, &Request::ConfigRollback)?;
     println!("rolled back to the previous config:");
     print_plan(&v);
+    Ok(())
+}
+
+/// `pool ctl handoff SESSION --to HOST:PORT --to-key KEY`.
+pub(crate) fn handoff(session: String, to: String, to_key: String, target: &Target) -> Result<()> {
+    let v = request(
+        target,
+        &Request::Handoff {
+            session,
+            to,
+            to_key,
+        },
+    )?;
+    println!(
+        "session {} handed to {}: frozen {:.2} ms, {} stream(s) forwarded, {} bytes of state",
+        v["session"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?"),
+        v["frozen_ms"].as_f64().unwrap_or(0.0),
+        v["forwarded"].as_u64().unwrap_or(0),
+        v["state_bytes"].as_u64().unwrap_or(0),
+    );
+    Ok(())
+}
+
+/// `pool ctl drain --to HOST:PORT --to-key KEY`.
+pub(crate) fn drain(to: String, to_key: String, target: &Target) -> Result<()> {
+    let v = request(target, &Request::Drain { to, to_key })?;
+    println!(
+        "drained: {} of {} session(s) handed over in {:.2} s (longest freeze {:.2} ms)",
+        v["handed"].as_u64().unwrap_or(0),
+        v["sessions"].as_u64().unwrap_or(0),
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["max_frozen_ms"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(a) = v["aborted"].as_object().filter(|a| !a.is_empty()) {
+        for (reason, n) in a {
+            println!("  stayed here: {n} ({reason})");
+        }
+    }
     Ok(())
 }

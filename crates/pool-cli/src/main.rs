@@ -282,6 +282,36 @@ enum CtlCmd {
         #[command(flatten)]
         to: ctl::Target,
     },
+    /// Hand a live session to another worker; the client follows, nothing is lost.
+    #[command(
+        after_help = "EXAMPLE:\n  pool ctl handoff 3fa2c1 --to 10.0.0.2:9253 --to-key KEY\n\n\
+SESSION is a session id (or its start) or a peer-key prefix, as `pool ctl sessions` shows them.\n\
+Both workers list each other in [handoff] peers. Streams this worker serves stay here and are\n\
+forwarded through the target until they end (or [handoff] forward_deadline); new streams go there."
+    )]
+    Handoff {
+        /// The session: an id prefix or a peer-key prefix.
+        session: String,
+        /// The target worker's POOL address.
+        #[arg(long = "to", value_name = "HOST:PORT")]
+        dest: String,
+        /// The target worker's public key.
+        #[arg(long = "to-key", value_name = "KEY", allow_hyphen_values = true)]
+        dest_key: String,
+        #[command(flatten)]
+        to: ctl::Target,
+    },
+    /// Hand every session of this worker to another one, then report.
+    Drain {
+        /// The target worker's POOL address.
+        #[arg(long = "to", value_name = "HOST:PORT")]
+        dest: String,
+        /// The target worker's public key.
+        #[arg(long = "to-key", value_name = "KEY", allow_hyphen_values = true)]
+        dest_key: String,
+        #[command(flatten)]
+        to: ctl::Target,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -535,6 +565,13 @@ fn main() -> ExitCode {
         Command::Ctl(CtlCmd::Sessions { json, to }) => node::ctl_sessions(&to, json),
         Command::Ctl(CtlCmd::Status { json, to }) => node::ctl_status(&to, json),
         Command::Ctl(CtlCmd::Reload { to }) => node::ctl_reload(&to),
+        Command::Ctl(CtlCmd::Handoff {
+            session,
+            dest,
+            dest_key,
+            to,
+        }) => ctl::handoff(session, dest, dest_key, &to),
+        Command::Ctl(CtlCmd::Drain { dest, dest_key, to }) => ctl::drain(dest, dest_key, &to),
         Command::Config(ConfigCmd::Check { file, to }) => ctl::check(&file, &to),
         Command::Config(ConfigCmd::Apply {
             file,

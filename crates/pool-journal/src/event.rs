@@ -48,6 +48,18 @@ pub enum Event {
     SessionResumed,
     /// A session was closed because its peer is no longer trusted (`session_revoked`).
     SessionRevoked,
+    /// This node (the source) started handing a session to another worker (`handoff_started`).
+    HandoffStarted,
+    /// A session this node handed off committed at the target (`handoff_committed`).
+    HandoffCommitted,
+    /// A handoff failed before its commit; the session stayed where it was (`handoff_aborted`).
+    HandoffAborted,
+    /// A session was handed to this node (the target) and committed here (`handoff_imported`).
+    HandoffImported,
+    /// A session this node dialled moved to another server (`session_moved`).
+    SessionMoved,
+    /// This node's dialled session declined its server's handoff offer (`handoff_declined`).
+    HandoffDeclined,
     /// One refused handshake, journaled at once (`handshake_refused`).
     HandshakeRefused,
     /// The count of refused handshakes of one source and window not
@@ -87,7 +99,7 @@ pub enum Event {
 
 impl Event {
     /// Every event, in the order `docs/journal.md` lists them.
-    pub const ALL: [Event; 31] = [
+    pub const ALL: [Event; 37] = [
         Event::NodeStarted,
         Event::NodeStopped,
         Event::ConfigApplied,
@@ -103,6 +115,12 @@ impl Event {
         Event::SessionClosed,
         Event::SessionResumed,
         Event::SessionRevoked,
+        Event::HandoffStarted,
+        Event::HandoffCommitted,
+        Event::HandoffAborted,
+        Event::HandoffImported,
+        Event::SessionMoved,
+        Event::HandoffDeclined,
         Event::HandshakeRefused,
         Event::HandshakeRefusals,
         Event::ListenerEventsMissed,
@@ -140,6 +158,12 @@ impl Event {
             Event::SessionClosed => "session_closed",
             Event::SessionResumed => "session_resumed",
             Event::SessionRevoked => "session_revoked",
+            Event::HandoffStarted => "handoff_started",
+            Event::HandoffCommitted => "handoff_committed",
+            Event::HandoffAborted => "handoff_aborted",
+            Event::HandoffImported => "handoff_imported",
+            Event::SessionMoved => "session_moved",
+            Event::HandoffDeclined => "handoff_declined",
             Event::HandshakeRefused => "handshake_refused",
             Event::HandshakeRefusals => "handshake_refusals",
             Event::ListenerEventsMissed => "listener_events_missed",

@@ -273,6 +273,25 @@ impl Stream {
         self.finished = true;
     }
 
+    /// Puts the halves of one stream back together (the inverse of
+    /// [`Stream::into_split`]); gives them back if they are not halves of
+    /// the same stream.
+    pub fn reunite(
+        recv: RecvStream,
+        mut send: SendStream,
+    ) -> Result<Stream, (RecvStream, SendStream)> {
+        if !Arc::ptr_eq(&recv.inner, &send.inner) {
+            return Err((recv, send));
+        }
+        let finished = send.finished;
+        let inner = send.inner.clone();
+        // The half's drop must not send FIN: the whole stream goes on.
+        send.finished = true;
+        drop(send);
+        drop(recv);
+        Ok(Stream { inner, finished })
+    }
+
     /// Splits into a reading and a writing half, each usable from its own
     /// task.
     pub fn into_split(self) -> (RecvStream, SendStream) {

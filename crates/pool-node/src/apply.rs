@@ -239,6 +239,9 @@ impl Daemon {
                 self.expose.clone(),
             );
         }
+        for (name, svc) in crate::handoff::services(self, &cfg.handoff.peers) {
+            t.add(name, Access::from_keys(&cfg.handoff.peers), svc);
+        }
         let (admins, readers) = (&cfg.control.admins, &cfg.control.readers);
         if !admins.is_empty() || !readers.is_empty() {
             let all: Vec<_> = admins.iter().chain(readers).copied().collect();

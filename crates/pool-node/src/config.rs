@@ -103,6 +103,77 @@ pub struct Config {
     /// Who may run `pool ctl` and `pool config` over POOL.
     #[serde(default)]
     pub control: ControlSection,
+    /// Live handoffs: the workers this node hands sessions to and takes
+    /// them from, and which handoffs its own dialled sessions follow.
+    #[serde(default)]
+    pub handoff: HandoffSection,
+}
+
+/// `[handoff]` (docs/handoff.md).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffSection {
+    /// The fleet: worker keys this node hands sessions to and accepts them
+    /// from (each must also be trusted by `[trust]`). Empty: no handoffs.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub peers: Vec<PublicKey>,
+    /// Which offers this node's dialled sessions follow: "any" (the
+    /// default), "none", or "listed" (only to the keys in `allowed`).
+    #[serde(default = "default_follow")]
+    pub follow: String,
+    /// With `follow = "listed"`.
+    #[serde(default, deserialize_with = "de_keys")]
+    pub allowed: Vec<PublicKey>,
+    /// How long a client has to reach the target ("10s").
+    #[serde(
+        default = "default_token_lifetime",
+        deserialize_with = "crate::types::de_duration"
+    )]
+    pub token_lifetime: std::time::Duration,
+    /// How long streams that stay behind are forwarded ("10m").
+    #[serde(
+        default = "default_forward_deadline",
+        deserialize_with = "crate::types::de_duration"
+    )]
+    pub forward_deadline: std::time::Duration,
+}
+
+impl Default for HandoffSection {
+    fn default() -> Self {
+        HandoffSection {
+            peers: Vec::new(),
+            follow: default_follow(),
+            allowed: Vec::new(),
+            token_lifetime: default_token_lifetime(),
+            forward_deadline: default_forward_deadline(),
+        }
+    }
+}
+
+fn default_follow() -> String {
+    "any".into()
+}
+fn default_token_lifetime() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_forward_deadline() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+impl HandoffSection {
+    /// The client policy this section describes.
+    pub fn policy(&self) -> Result<pool_net::HandoffPolicy, String> {
+        match self.follow.as_str() {
+            "any" => Ok(pool_net::HandoffPolicy::Any),
+            "none" => Ok(pool_net::HandoffPolicy::Refuse),
+            "listed" => Ok(pool_net::HandoffPolicy::Only(
+                self.allowed.iter().copied().collect(),
+            )),
+            other => Err(format!(
+                "[handoff] follow = \"{other}\": use \"any\", \"none\" or \"listed\""
+            )),
+        }
+    }
 }
 
 /// `[control]`: the control service over POOL (`pool ctl --node`). Keys

@@ -62,6 +62,22 @@ pub enum Request {
     ConfigConfirm,
     /// Go back from the pending change now.
     ConfigRollback,
+    /// Hand one accepted session to another worker.
+    Handoff {
+        /// A session id (prefix) or peer-key prefix from `ctl sessions`.
+        session: String,
+        /// The target worker's POOL address, `HOST:PORT`.
+        to: String,
+        /// The target worker's key (it must be in `[handoff] peers`).
+        to_key: String,
+    },
+    /// Hand every accepted session to another worker, then report.
+    Drain {
+        /// The target worker's POOL address, `HOST:PORT`.
+        to: String,
+        /// The target worker's key (it must be in `[handoff] peers`).
+        to_key: String,
+    },
 }
 
 impl Request {
@@ -83,6 +99,8 @@ impl Request {
             Request::ConfigApply { .. } => "config apply",
             Request::ConfigConfirm => "config confirm",
             Request::ConfigRollback => "config rollback",
+            Request::Handoff { .. } => "ctl handoff",
+            Request::Drain { .. } => "ctl drain",
         }
     }
 }
@@ -128,7 +146,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: R) -> Result<Request, String>
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
     serde_json::from_slice(&line).map_err(|e| {
-        format!("not a control request ({e}); commands: sessions, status, reload, config_check, config_apply, config_confirm, config_rollback")
+        format!("not a control request ({e}); commands: sessions, status, reload, config_check, config_apply, config_confirm, config_rollback, handoff, drain")
     })
 }
 
@@ -295,6 +313,12 @@ impl Daemon {
                 Ok(plan) => plan_reply(&plan),
                 Err(e) => error_reply(e),
             },
+            Request::Handoff {
+                session,
+                to,
+                to_key,
+            } => self.ctl_handoff(&session, &to, &to_key).await,
+            Request::Drain { to, to_key } => self.ctl_drain(&to, &to_key).await,
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct Daemon {
     control_path: Option<PathBuf>,
     pub(crate) shim: Option<RunningShim>,
     refusals: Mutex<crate::refusals::RefusalLog>,
+    /// Worker links and handoff counters.
+    pub(crate) handoffs: crate::handoff::Handoffs,
 }
 
 pub(crate) struct RunningShim {
@@ -124,6 +126,9 @@ fn row(s: &Session) -> SessionRow {
         resumes: c.resumes,
         epoch: c.epoch,
         cipher: c.cipher.to_string(),
+        moved_from: st.moved_from.map(|k| k.to_string()),
+        handoffs: st.handoffs,
+        handing_off: st.handing_off,
         shim_streams: 0,
     }
 }
@@ -281,6 +286,10 @@ impl Daemon {
             })),
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
         })
+    }
+
+    pub(crate) fn journal_event(&self, event: Event, fields: serde_json::Value) {
+        self.journal(event, fields);
     }
 
     pub(crate) fn journal(&self, event: Event, fields: serde_json::Value) {
@@ -442,7 +451,8 @@ pub async fn start(
         .protocol(protocol)
         .trust(trust.clone())
         .relays(cfg.node.relays.clone())
-        .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs));
+        .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs))
+        .handoff(cfg.handoff.policy().map_err(DaemonError::Key)?);
     let endpoint = if listening {
         Endpoint::bind(&cfg.node.listen, epcfg).await?
     } else {
@@ -508,6 +518,7 @@ pub async fn start(
         metrics_addr: Mutex::new(None),
         control_path: cfg.node.control.clone(),
         shim,
+        handoffs: crate::handoff::Handoffs::default(),
         refusals: Mutex::new(crate::refusals::RefusalLog::new(Duration::from_secs(
             cfg.node.refusal_window_secs.max(1),
         ))),
@@ -560,6 +571,21 @@ pub async fn start(
                     Ok(EndpointEvent::Resumed { id, peer, from }) => d.journal(
                         Event::SessionResumed,
                         json!({"session": id.to_string(), "peer": peer.to_string(), "from": from.to_string()}),
+                    ),
+                    Ok(EndpointEvent::HandedIn { id, client, from }) => {
+                        d.handoffs.imported.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        d.journal(
+                            Event::HandoffImported,
+                            json!({"session": id.to_string(), "client": client.to_string(), "from": from.to_string()}),
+                        )
+                    }
+                    Ok(EndpointEvent::Moved { id, from, to }) => d.journal(
+                        Event::SessionMoved,
+                        json!({"session": id.to_string(), "from": from.to_string(), "to": to.to_string()}),
+                    ),
+                    Ok(EndpointEvent::HandoffDeclined { id, to, reason }) => d.journal(
+                        Event::HandoffDeclined,
+                        json!({"session": id.to_string(), "to": to.to_string(), "reason": reason}),
                     ),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

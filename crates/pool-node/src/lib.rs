@@ -16,6 +16,7 @@ pub mod config;
 pub mod config_check;
 pub mod control;
 pub mod daemon;
+pub mod handoff;
 pub mod keys;
 pub mod metrics;
 pub mod model;

@@ -48,6 +48,15 @@ pub struct SessionRow {
     pub epoch: u32,
     /// Data cipher.
     pub cipher: String,
+    /// (Client) the server this session left at its last handoff.
+    #[serde(default)]
+    pub moved_from: Option<String>,
+    /// (Client) handoffs this session followed.
+    #[serde(default)]
+    pub handoffs: u64,
+    /// (Server) a handoff of this session is under way.
+    #[serde(default)]
+    pub handing_off: bool,
     /// Streams of this session that carried shimmed connections
     /// (`LD_PRELOAD=libpool_shim.so`), in total.
     #[serde(default)]

@@ -146,6 +146,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `deserialize_with` for a duration written as [`parse_duration`] reads it.
+pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
 /// Writes a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
