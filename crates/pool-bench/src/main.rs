@@ -18,6 +18,7 @@
 mod common;
 mod flood;
 mod forward;
+mod handoff;
 mod handshakes;
 mod idle;
 mod reload;
@@ -25,7 +26,7 @@ mod resume;
 mod throughput;
 
 const USAGE: &str =
-    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|forward> [options]
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -43,6 +44,9 @@ const USAGE: &str =
   reload      [--bridges 100] [--connections 1000] [--rounds 10]
                  config reloads of a daemon with that many bridges and live
                  connections: time to apply, connections failed
+  handoff     [--rounds 20] [--interval-ms 1] [--round-ms 300]
+                 the stall of a live handoff at a paced stream's receiver,
+                 against the same stream without one (every chunk checked)
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
                  in a row are the floor that bench-bridge measures";
@@ -62,6 +66,7 @@ fn main() {
         "forward" => forward::run(rest),
         "flood" => flood::run(rest),
         "reload" => reload::run(rest),
+        "handoff" => handoff::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;
