@@ -9,7 +9,7 @@
 //!   STATE); on COMMITTED the streams this side serves are re-homed onto
 //!   worker streams to the target (`pool.handoff.fwd`) and the session is
 //!   fenced. Any failure before the commit unfreezes it: nothing moved.
-//! - **Target** ([`Endpoint::serve_handoff`], [`Endpoint::serve_forward`]):
+//! - **Target** ([`crate::Endpoint::serve_handoff`], [`crate::Endpoint::serve_forward`]):
 //!   mints the token, takes the client's RESUME_HANDOFF on its listener
 //!   (token checked before any key exchange), restores the state, answers
 //!   with `KKpsk0`, commits on the client's first record, and forwards the
@@ -54,9 +54,9 @@ pub const RESET_HANDOFF_DEADLINE: u64 = 7;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LinkPurpose {
-    /// The handoff's own messages (served by [`Endpoint::serve_handoff`]).
+    /// The handoff's own messages (served by [`crate::Endpoint::serve_handoff`]).
     Handoff,
-    /// One stream the source forwards (served by [`Endpoint::serve_forward`]).
+    /// One stream the source forwards (served by [`crate::Endpoint::serve_forward`]).
     Forward,
 }
 
