@@ -290,7 +290,8 @@ Both workers list each other in [handoff] peers. Streams this worker serves stay
 forwarded through the target until they end (or [handoff] forward_deadline); new streams go there."
     )]
     Handoff {
-        /// The session: an id prefix or a peer-key prefix.
+        /// The session: an id prefix or a peer-key prefix (which may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         session: String,
         /// The target worker's POOL address.
         #[arg(long = "to", value_name = "HOST:PORT")]
