@@ -158,6 +158,10 @@ pub enum HandshakeError {
     /// This server handed the session to another one (refusal code 12).
     #[error("this server handed the session to another one")]
     SessionMoved,
+    /// The listener is draining (its sessions move to other workers) and
+    /// takes no new session (refusal code 13).
+    #[error("this node is draining and takes no new sessions; connect to another one")]
+    Draining,
 }
 
 impl HandshakeError {
@@ -187,6 +191,7 @@ impl HandshakeError {
             HandshakeError::HandoffPending => 10,
             HandshakeError::HandoffToken(_) => 11,
             HandshakeError::SessionMoved => 12,
+            HandshakeError::Draining => 13,
             _ => 8,
         }
     }

@@ -353,6 +353,23 @@ impl Endpoint {
             .unwrap_or_default()
     }
 
+    /// Draining: the listener refuses new sessions (refusal code 13) while
+    /// resumes, and handoffs of its sessions to other workers, go on.
+    pub fn set_draining(&self, on: bool) {
+        self.inner
+            .ctx
+            .draining
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the listener is draining ([`Endpoint::set_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.inner
+            .ctx
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Sessions this endpoint accepted that are still alive.
     pub fn session_count(&self) -> usize {
         self.inner

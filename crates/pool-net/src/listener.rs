@@ -151,6 +151,8 @@ pub(crate) struct ListenCtx {
     pub(crate) stats: Arc<ListenerStats>,
     /// The handoffs this node is the target of.
     pub(crate) imported: crate::handoff::Imported,
+    /// Draining: new sessions are refused (code 13), resumes go on.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl ListenCtx {
@@ -187,6 +189,7 @@ impl ListenCtx {
             stats: Arc::default(),
             events: tokio::sync::broadcast::channel(1024).0,
             imported: crate::handoff::Imported::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -355,6 +358,11 @@ async fn handle_carrier(
     };
     let mut out = Vec::new();
     match first_record(&record) {
+        FirstRecord::Hello if ctx.draining.load(Ordering::Relaxed) => {
+            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+            pool_core::write_refusal(&HandshakeError::Draining, &mut out);
+            let _ = sock.write_all(&out).await;
+        }
         FirstRecord::Hello => {
             let source = source_key(from, relayed.as_ref());
             let (mut res, mut reply) = accept_hello(ctx, &source, record, trust.clone()).await;

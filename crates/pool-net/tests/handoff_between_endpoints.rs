@@ -253,3 +253,95 @@ async fn a_refused_or_failed_handoff_leaves_the_session_in_place() {
     assert_eq!(c.peer_key(), key(2).public_key());
     let _ = Arc::new(());
 }
+
+/// A TCP forwarder that keeps the first bytes of each connection it carries.
+async fn recording_forwarder(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                let Ok(mut out) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let mut first = vec![0u8; 4096];
+                let n = inbound.read(&mut first).await.unwrap_or(0);
+                first.truncate(n);
+                keep.lock().unwrap().push(first.clone());
+                if out.write_all(&first).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `bytes` as the first record of a new carrier to `addr` and returns
+/// the REFUSE code of the answer.
+async fn refusal_code(addr: std::net::SocketAddr, bytes: &[u8]) -> u8 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut head = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .expect("an answer");
+    assert_eq!(head[0], pool_core::RecordType::Refuse as u8, "refused");
+    head[4]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_forged_handoff_resumes_are_refused_and_harm_nothing() {
+    util::init_tracing();
+    let (source, target, _client, c, s) = setup(HandoffPolicy::Any).await;
+    serve(target.clone(), b"T");
+    let taddr = target.local_addr().unwrap();
+    // The client reaches the target through a forwarder that records what
+    // it sends: its RESUME_HANDOFF, as an on-path attacker would see it.
+    let (faddr, seen) = recording_forwarder(taddr).await;
+    let link = Link(
+        source
+            .connect(&taddr.to_string(), key(3).public_key())
+            .await
+            .unwrap(),
+    );
+    s.handoff_to(
+        &link,
+        key(3).public_key(),
+        vec![faddr],
+        HandoffOptions::default(),
+    )
+    .await
+    .expect("handoff");
+    let captured = seen.lock().unwrap()[0].clone();
+    assert_eq!(captured[0], pool_core::RecordType::ResumeHandoff as u8);
+    let len = 4
+        + (usize::from(captured[1]) << 16
+            | usize::from(captured[2]) << 8
+            | usize::from(captured[3]));
+    let record = captured[..len].to_vec();
+    // Replayed after the commit: the token is spent (code 11), checked
+    // before any key exchange; at the source, which prepared no import,
+    // the token is no good either (11).
+    assert_eq!(refusal_code(taddr, &record).await, 11);
+    assert_eq!(
+        refusal_code(source.local_addr().unwrap(), &record).await,
+        11
+    );
+    // Forged: a flipped token bit, and garbage of the right shape.
+    let mut forged = record.clone();
+    forged[4 + 16 + 4 + 36 + 40] ^= 1;
+    assert_eq!(refusal_code(taddr, &forged).await, 11);
+    // The session is unharmed, at the target.
+    let mut y = c.open_stream().await.unwrap();
+    y.write_all(&[0]).await.unwrap();
+    exchange(&mut y, 0, 20, b"T").await;
+    assert_eq!(c.peer_key(), key(3).public_key());
+}

@@ -190,6 +190,13 @@ impl Daemon {
                 c.sessions_dialled += r.bridge.sessions_dialled();
             }
         }
+        let h = &self.handoffs;
+        c.handoffs_started = h.started.load(Ordering::Relaxed);
+        c.handoffs_committed = h.committed.load(Ordering::Relaxed);
+        c.handoffs_imported = h.imported.load(Ordering::Relaxed);
+        if let Ok(a) = h.aborted.lock() {
+            c.handoffs_aborted = a.iter().map(|(k, v)| ((*k).to_string(), *v)).collect();
+        }
         let ex = &self.expose.stats;
         c.shim_exposed = ex.exposed.load(Ordering::Relaxed);
         c.shim_refused = ex.refused.load(Ordering::Relaxed);
@@ -285,6 +292,7 @@ impl Daemon {
                 "applied_by": p.applied_by, "seconds_left": p.seconds_left(),
             })),
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
+            "draining": self.endpoint.is_draining(),
         })
     }
 

@@ -253,6 +253,8 @@ impl Daemon {
         if !self.fleet_peer(&key) {
             return json!({"error": format!("{key} is not in [handoff] peers")});
         }
+        // No new sessions from now on (until a restart); resumes go on.
+        self.endpoint.set_draining(true);
         let sessions: Vec<Session> = self
             .endpoint
             .sessions()

@@ -324,6 +324,36 @@ impl Collector for PoolCollector {
             c.journal_failed,
         )?;
 
+        counter(
+            e,
+            "pool_handoffs_started",
+            "Live handoffs this node started as the source.",
+            c.handoffs_started,
+        )?;
+        counter(
+            e,
+            "pool_handoffs_committed",
+            "Live handoffs this node started that committed at the target.",
+            c.handoffs_committed,
+        )?;
+        counter(
+            e,
+            "pool_handoffs_imported",
+            "Sessions handed to this node that committed here.",
+            c.handoffs_imported,
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "pool_handoffs_aborted",
+                "Live handoffs that failed before the commit (the session stayed where it was), by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in &c.handoffs_aborted {
+                ConstCounter::new(*n)
+                    .encode(family.encode_family(&[("reason", reason.as_str())])?)?;
+            }
+        }
         let peers = self.peers(&sessions);
         let bytes = Unit::Bytes;
         let seconds = Unit::Seconds;

@@ -97,4 +97,17 @@ pub struct NodeCounters {
     /// Shim streams from peers refused (port not exposed, target down).
     #[serde(default)]
     pub shim_refused: u64,
+    /// Handoffs this node started as the source.
+    #[serde(default)]
+    pub handoffs_started: u64,
+    /// Of those, committed at the target.
+    #[serde(default)]
+    pub handoffs_committed: u64,
+    /// Handoffs that failed before the commit, by reason (as the source,
+    /// and as the target for its own refusals).
+    #[serde(default)]
+    pub handoffs_aborted: std::collections::BTreeMap<String, u64>,
+    /// Sessions handed to this node that committed here.
+    #[serde(default)]
+    pub handoffs_imported: u64,
 }
