@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod shim;
+pub mod workers;
 
 /// The binary under test.
 pub const POOL: &str = env!("CARGO_BIN_EXE_pool");
