@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{ms, Opts, Result};
 
-struct Link(Session);
+pub(crate) struct Link(pub(crate) Session);
 
 impl HandoffLink for Link {
     fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
@@ -43,7 +43,7 @@ impl HandoffLink for Link {
     }
 }
 
-fn key(n: u8) -> SecretKey {
+pub(crate) fn key(n: u8) -> SecretKey {
     let mut b = [n; 32];
     b[1] = n.wrapping_mul(37);
     SecretKey::from_bytes(b)
@@ -115,7 +115,7 @@ async fn delay_pipe(
 }
 
 /// Serves the target: handoff and forward streams by their tag byte.
-fn serve_target(ep: Endpoint) {
+pub(crate) fn serve_target(ep: Endpoint) {
     tokio::spawn(async move {
         while let Some(session) = ep.accept().await {
             let ep = ep.clone();

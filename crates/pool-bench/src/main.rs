@@ -18,6 +18,7 @@
 mod common;
 mod flood;
 mod forward;
+mod drain;
 mod handoff;
 mod handshakes;
 mod idle;
@@ -26,7 +27,7 @@ mod resume;
 mod throughput;
 
 const USAGE: &str =
-    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|forward> [options]
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|drain|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -47,6 +48,9 @@ const USAGE: &str =
   handoff     [--rounds 20] [--interval-ms 1] [--round-ms 300]
                  the stall of a live handoff at a paced stream's receiver,
                  against the same stream without one (every chunk checked)
+  drain       [--idle 1000] [--busy 100] [--parallel 32]
+                 hand every session of a worker to another: time until
+                 the source holds none (busy streams checked by index)
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
                  in a row are the floor that bench-bridge measures";
@@ -67,6 +71,7 @@ fn main() {
         "flood" => flood::run(rest),
         "reload" => reload::run(rest),
         "handoff" => handoff::run(rest),
+        "drain" => drain::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;
