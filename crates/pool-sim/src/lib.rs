@@ -67,6 +67,11 @@ pub struct Options {
     /// `handle_timeout` (a known core bug, see `docs/simulator.md`): skip
     /// such a timer and count it in [`RunStats::stuck_timers`].
     pub lenient_timers: bool,
+    /// Do not fail when a fenced server's session still returns stream
+    /// bytes it had buffered at the freeze (a known core bug, finding 9 in
+    /// `docs/simulator.md`): skip them and count them in
+    /// [`RunStats::fenced_reads`].
+    pub lenient_fence: bool,
 }
 
 impl Default for Options {
@@ -78,6 +83,7 @@ impl Default for Options {
             keep_trace: false,
             plant: None,
             lenient_timers: false,
+            lenient_fence: false,
         }
     }
 }
@@ -108,6 +114,20 @@ pub struct RunStats {
     /// A session closed at its resume deadline after a real outage, so no
     /// liveness was owed.
     pub expired: bool,
+    /// Handoffs offered (the target prepared a token, the source offered).
+    pub handoffs_offered: u64,
+    /// Handoffs committed at their target.
+    pub handoffs_committed: u64,
+    /// Handoffs that ended without a commit, the session going on at the
+    /// source.
+    pub handoffs_aborted: u64,
+    /// The worker link died after the state left the source and the target
+    /// never committed: by the runtime's rule the source stays frozen and
+    /// gives the session up (docs/handoff.md §8); no liveness owed.
+    pub handoff_lost: bool,
+    /// Stream bytes a fenced server returned under
+    /// [`Options::lenient_fence`].
+    pub fenced_reads: u64,
 }
 
 /// The result of one schedule.

@@ -9,7 +9,8 @@ use pool_sim::{run_schedule, Attacks, Options, Outcome};
 
 const USAGE: &str = "\
 usage: pool-sim [--schedules N] [--seed S] [--steps K] [--attacks LIST]
-                [--threads T] [--keep-going] [--lenient-timers] [--verbose]
+                [--threads T] [--keep-going] [--lenient-timers] [--lenient-fence]
+                [--verbose]
 
   --schedules N   schedules to run (default 1000, or 1 with --seed)
   --seed S        first seed (default 1); schedule i uses seed S+i
@@ -17,11 +18,13 @@ usage: pool-sim [--schedules N] [--seed S] [--steps K] [--attacks LIST]
   --attacks LIST  comma-separated classes, `all` (default), `none`, `today`;
                   `-name` removes one. Classes: flip, truncate, garbage,
                   replay-record, replay-resume, forge-refuse, junk-carrier,
-                  rekey-race, abandon-resume, mbb-race
+                  replay-handoff, rekey-race, abandon-resume, mbb-race
   --threads T     worker threads (default: 2 or fewer cores)
   --keep-going    report every failing seed, not only the first
   --lenient-timers  skip a timer that stays due after handle_timeout
                   (a known core bug) instead of failing
+  --lenient-fence  do not count stream bytes a fenced server still returns
+                  (a known core bug) as delivered
   --verbose       print every event of every schedule run
 
 stdout is deterministic (the same arguments give the same output);
@@ -68,6 +71,7 @@ fn parse() -> Result<Args, String> {
             }
             "--keep-going" => keep_going = true,
             "--lenient-timers" => opts.lenient_timers = true,
+            "--lenient-fence" => opts.lenient_fence = true,
             "--verbose" => opts.verbose = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
@@ -88,12 +92,17 @@ fn report(o: &Outcome, a: &Args) {
     println!("last events:");
     print!("{}", o.trace.render_tail());
     println!(
-        "replay: pool-sim --seed {} --steps {} --attacks {}{}",
+        "replay: pool-sim --seed {} --steps {} --attacks {}{}{}",
         o.seed,
         a.opts.steps,
         a.opts.attacks,
         if a.opts.lenient_timers {
             " --lenient-timers"
+        } else {
+            ""
+        },
+        if a.opts.lenient_fence {
+            " --lenient-fence"
         } else {
             ""
         }
@@ -112,13 +121,18 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "pool-sim: seeds {}..{} steps={} attacks={}{}",
+        "pool-sim: seeds {}..{} steps={} attacks={}{}{}",
         args.seed,
         args.seed + args.schedules,
         args.opts.steps,
         args.opts.attacks,
         if args.opts.lenient_timers {
             " lenient-timers"
+        } else {
+            ""
+        },
+        if args.opts.lenient_fence {
+            " lenient-fence"
         } else {
             ""
         }

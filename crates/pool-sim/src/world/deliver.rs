@@ -6,6 +6,9 @@ impl World {
     /// Delivers up to `n` in-flight bytes of one pipe and lets the receiver
     /// handle them.
     pub(super) fn deliver(&mut self, cid: usize, dir: Dir, n: usize) -> R {
+        if self.frozen_reader(cid, dir) {
+            return Ok(());
+        }
         let p = &mut self.carriers[cid].pipes[dir];
         let n = n.min(p.inflight.len());
         if n == 0 {
@@ -37,6 +40,7 @@ impl World {
                     }
                 }
             }
+            moved |= self.link_pump()?;
             if !moved {
                 return Ok(());
             }
@@ -103,10 +107,21 @@ impl World {
     /// server while a resume is under way: no acknowledgement overtakes
     /// the RESUME.
     pub(super) fn mbb_held(&self, cid: usize, dir: Dir) -> bool {
-        dir == 0
+        (dir == 0
             && self.green(Attack::MbbRace)
             && self.nodes[CLIENT].resuming.is_some()
-            && self.nodes[CLIENT].primary == Some(cid)
+            && self.nodes[CLIENT].primary == Some(cid))
+            || self.frozen_reader(cid, dir)
+    }
+
+    /// A frozen session reads nothing: the runtime stops reading its
+    /// carrier, so the bytes wait in flight (never acknowledged).
+    pub(super) fn frozen_reader(&self, cid: usize, dir: Dir) -> bool {
+        let c = &self.carriers[cid];
+        dir == 0
+            && c.server != ATTACKER
+            && self.nodes[c.server].primary == Some(cid)
+            && self.frozen(c.server)
     }
 
     /// Takes the next whole record from a pipe's receive buffer.
@@ -140,6 +155,7 @@ impl World {
                 match c.sstate {
                     SState::Unbound => self.server_first(cid)?,
                     SState::Prepared => self.server_confirm(cid)?,
+                    SState::Pulled => return Ok(()),
                     SState::Primary => self.feed(cid, 0, c.server)?,
                     SState::Done => self.carriers[cid].pipes[0].rx.clear(),
                 }

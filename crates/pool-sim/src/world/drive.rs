@@ -13,11 +13,25 @@ impl World {
         let mut events = Vec::new();
         let res = (|| -> R {
             let target = self.nodes[node].primary.filter(|&c| self.carriers[c].alive);
+            let fenced = self.nodes[node].fenced;
+            let name = self.nodes[node].name;
             let Some(s) = self.nodes[node].session.as_mut() else {
                 return Ok(());
             };
+            let frozen = s.is_frozen();
             while let Some(n) = s.poll_transmit(self.now, &mut buf) {
                 let rec = &buf[..n];
+                if fenced || frozen {
+                    return Err(Violation::new(
+                        if fenced { Kind::Fence } else { Kind::Owner },
+                        format!(
+                            "{name}, {}, wrote a {}-byte record (type {:#04x}) of the session",
+                            if fenced { "fenced" } else { "frozen" },
+                            n,
+                            rec[0]
+                        ),
+                    ));
+                }
                 if let Some((epoch, counter)) = record_nonce(rec) {
                     self.nonces.sealed(dir, epoch, counter)?;
                     self.records_seen += 1;
@@ -64,6 +78,21 @@ impl World {
                 Event::StreamOpened(id) => {
                     self.book.opened(id).known[dir] = true;
                 }
+                Event::HandoffOffered(o) => {
+                    let to = self
+                        .node_of_key(&o.target)
+                        .map_or("?", |n| self.nodes[n].name);
+                    self.log(format!(
+                        "client is offered handoff #{} to {to} (expires in {:.3}ms)",
+                        o.id,
+                        ms(o.expires.saturating_duration_since(self.now))
+                    ));
+                }
+                Event::Moved { from, to } => {
+                    let name = |k| self.node_of_key(&k).map_or("?", |n| self.nodes[n].name);
+                    self.log(format!("client moved: peer {} -> {}", name(from), name(to)));
+                }
+                Event::HandoffDeclined { id, code } => self.on_declined(node, id, code)?,
                 _ => {}
             }
         }
@@ -112,6 +141,7 @@ impl World {
                 }
             }
             CloseReason::Peer { .. } if self.nodes[other].closed => Ok(()),
+            CloseReason::HandedOff { .. } if self.nodes[node].fenced => Ok(()),
             r => {
                 let tainted = self.nodes[node].tainted.is_some();
                 let kind = if tainted {

@@ -71,9 +71,10 @@ impl World {
             // or the dead-after timer shows otherwise).
             let mut t = self.now + tick;
             if self.stats.bytes_moved == moved_before {
-                if let Some(next) = [CLIENT, self.srv]
+                if let Some(next) = [CLIENT, self.srv, IMPORT]
                     .iter()
                     .filter_map(|&n| self.nodes[n].session.as_ref()?.poll_timeout())
+                    .chain(self.handoff_deadline())
                     .min()
                 {
                     t = t.max(next);

@@ -2,16 +2,18 @@
 //! between them as pairs of byte pipes, a virtual clock, the adversary, and
 //! the schedule that draws one step at a time from the seed.
 //!
-//! Today only the client↔server-1 session exists; server 2 has an
-//! acceptor and gets junk, and `srv` names the node that runs the server
-//! side so a later handoff can move it.
+//! The session starts at server 1; in one schedule in three it is handed
+//! between the servers (`handoff.rs`), and `srv` names the node that owns
+//! its server side now. A restored import waiting for its commit at a
+//! target lives in the pseudo-node [`IMPORT`].
 
 use std::time::{Duration, Instant};
 
+use pool_core::handoff::Imports;
 use pool_core::{
     resume_session_id, write_refusal, Acceptor, CipherSuite, CloseReason, Config, Event,
-    HandshakeError, Initiator, ReadResult, RecordType, SecretKey, SeededRng, Session, StreamError,
-    MAX_RECORD_LEN,
+    HandshakeError, Initiator, PublicKey, ReadResult, RecordType, SecretKey, SeededRng, Session,
+    StreamError, MAX_RECORD_LEN,
 };
 
 use crate::adapter::{self, ServerAnswer};
@@ -28,6 +30,7 @@ mod app_ops;
 mod bounds;
 mod deliver;
 mod drive;
+mod handoff;
 mod handshake;
 mod heal;
 mod net_ops;
@@ -39,8 +42,12 @@ type R<T = ()> = Result<T, Violation>;
 pub(crate) const CLIENT: usize = 0;
 /// The server that accepts the session.
 pub(crate) const SERVER1: usize = 1;
-/// The second server (target of a later handoff; gets junk today).
+/// The second server (the first handoff's target).
 pub(crate) const SERVER2: usize = 2;
+/// Not a node of its own: the session a handoff's target restored and
+/// answered, waiting for its commit (the runtime keeps it detached, out
+/// of the application's reach, until then).
+pub(crate) const IMPORT: usize = 3;
 /// A carrier end that is the attacker, not a node.
 const ATTACKER: usize = usize::MAX;
 
@@ -67,6 +74,9 @@ enum SState {
     Prepared,
     /// The session's carrier.
     Primary,
+    /// A RESUME_HANDOFF read; the target is pulling the state (nothing
+    /// more is read until it answers).
+    Pulled,
     /// Refused or dropped: input is ignored.
     Done,
 }
@@ -112,6 +122,13 @@ struct Carrier {
     pipes: [Pipe; 2],
     cstate: CState,
     sstate: SState,
+    /// Server end: bound to the [`IMPORT`] session (a resume it answered).
+    import: bool,
+    /// Client end: carries a RESUME_HANDOFF.
+    handoff: bool,
+    /// The server's refusal on this carrier is one the rules allow (the
+    /// reason, for the client's side of the check).
+    excused: Option<&'static str>,
 }
 
 struct Node {
@@ -130,6 +147,8 @@ struct Node {
     tainted: Option<String>,
     /// `Event::Closed` seen.
     closed: bool,
+    /// The session here was fenced (handed off for good).
+    fenced: bool,
 }
 
 /// Limits of the schedule's configuration (the same on every node).
@@ -163,6 +182,27 @@ pub(crate) struct World {
     book: StreamBook,
     nonces: NonceBook,
     pub(crate) trace: Trace,
+    /// Static keys of the client and the two servers.
+    secrets: Vec<SecretKey>,
+    pubs: Vec<PublicKey>,
+    /// Each server's table of prepared imports (index by node).
+    imports: Vec<Option<Imports>>,
+    /// The handoff under way, if any.
+    ho: Option<handoff::Handoff>,
+    /// Draws of the handoff phase: a stream of its own, so schedules
+    /// without handoffs are the ones they were before.
+    hrng: Prng,
+    /// This schedule hands the session over (one in three).
+    handoffs_on: bool,
+    /// Token lifetime of this schedule's handoffs.
+    lifetime: Duration,
+    handoff_seq: u32,
+    /// Tokens of the handoffs that committed.
+    committed_tokens: Vec<[u8; 48]>,
+    /// RESUME_HANDOFF records the client wrote (for replays), and those
+    /// that committed, with their target.
+    captured_handoffs: Vec<Vec<u8>>,
+    committed_records: Vec<(usize, Vec<u8>)>,
     step: usize,
     healing: bool,
     /// A session closed at its resume deadline after a real outage: the
@@ -231,6 +271,9 @@ impl World {
             .handshake_rate(None)
             .ciphers(&[rng.pick(&[CipherSuite::ChaCha20Poly1305, CipherSuite::Aes256Gcm])]);
         let t0 = Instant::now();
+        let mut hrng = Prng::new(seed ^ 0x4841_4E44_4F46_4621);
+        let handoffs_on = hrng.chance(1, 3);
+        let lifetime = Duration::from_millis(hrng.pick(&[1_000, 3_000, 8_000]));
         let node = |name| Node {
             name,
             session: None,
@@ -241,6 +284,7 @@ impl World {
             epoch_started: t0,
             tainted: None,
             closed: false,
+            fenced: false,
         };
         World {
             attacks: opts.attacks,
@@ -251,12 +295,28 @@ impl World {
             now: t0,
             config,
             lim,
-            nodes: vec![node("client"), node("server1"), node("server2")],
+            nodes: vec![
+                node("client"),
+                node("server1"),
+                node("server2"),
+                node("import"),
+            ],
             srv: SERVER1,
             carriers: Vec::new(),
             book: StreamBook::default(),
             nonces: NonceBook::default(),
             trace: Trace::new(opts.verbose || opts.keep_trace),
+            secrets: Vec::new(),
+            pubs: Vec::new(),
+            imports: Vec::new(),
+            ho: None,
+            hrng,
+            handoffs_on,
+            lifetime,
+            handoff_seq: 0,
+            committed_tokens: Vec::new(),
+            captured_handoffs: Vec::new(),
+            committed_records: Vec::new(),
             step: 0,
             healing: false,
             expired: false,
@@ -324,6 +384,13 @@ impl World {
         let s1 = self.key();
         let s2 = self.key();
         let client_pub = ck.public_key();
+        self.secrets = vec![ck.clone(), s1.clone(), s2.clone()];
+        self.pubs = self.secrets.iter().map(SecretKey::public_key).collect();
+        self.imports = vec![
+            None,
+            Some(Imports::new(&mut self.crng)),
+            Some(Imports::new(&mut self.crng)),
+        ];
         let mut a1 = Acceptor::new(&self.config, s1, None);
         let a2 = Acceptor::new(&self.config, s2, None);
         let mut hello = Vec::new();
@@ -389,6 +456,9 @@ impl World {
                 CState::Resuming
             },
             sstate: SState::Unbound,
+            import: false,
+            handoff: false,
+            excused: None,
         });
         self.carriers.len() - 1
     }
@@ -401,6 +471,7 @@ impl World {
             self.step = step;
             self.one_step()?;
             self.check_bounds()?;
+            self.check_owner()?;
             if self.expired {
                 self.log("schedule ends: a session expired after a real outage (no liveness owed)");
                 self.stats.expired = true;
@@ -425,6 +496,9 @@ impl World {
             && self.rng.chance(1, 3)
         {
             return self.reconnect("no carrier");
+        }
+        if self.handoffs_on && self.hrng.chance(1, 8) {
+            return self.handoff_op();
         }
         let on_path = self.attacks.any_on_path();
         match self.rng.below(1000) {
