@@ -58,6 +58,11 @@ impl World {
         let (Some(id), false) = (stream, op < 8 || stream.is_none()) else {
             return self.op_open(side);
         };
+        if op > 84 && !self.book.streams[&id].known[Self::dir_of(side)] {
+            // An application finishes, resets or stops only streams it has
+            // seen (a frozen session would hold the call without knowing).
+            return Ok(());
+        }
         match op {
             8..=44 => self.op_write(side, id),
             45..=84 => {
@@ -140,7 +145,7 @@ impl World {
         let name = self.nodes[side].name;
         let fenced = self.nodes[side].fenced;
         let res = match r {
-            Ok(ReadResult::Data(n)) if fenced && n > 0 && self.opts.lenient_fence => {
+            Ok(ReadResult::Data(n)) if fenced && n > 0 && self.opts.lenient_handoff => {
                 // Finding 9: a fenced session still hands out what it had
                 // buffered at the freeze (the target delivers it too).
                 if self.stats.fenced_reads == 0 {
@@ -151,7 +156,7 @@ impl World {
                 self.stats.fenced_reads += n as u64;
                 Ok(false)
             }
-            Ok(ReadResult::Fin) if fenced && self.opts.lenient_fence => Ok(false),
+            Ok(ReadResult::Fin) if fenced && self.opts.lenient_handoff => Ok(false),
             Ok(ReadResult::Data(n)) => {
                 if self.opts.plant == Some(Plant::CorruptDelivery) && !self.planted && n > 0 {
                     self.planted = true;

@@ -60,7 +60,9 @@ impl World {
             _ => false,
         };
         if !matches {
-            if honest {
+            // (A lenient strand ends the schedule: the client dials a target
+            // that gave the session up.)
+            if honest && !self.stats.stranded {
                 return Err(Violation::new(
                     Kind::Resume,
                     format!(
@@ -305,7 +307,7 @@ impl World {
                         }
                         self.log("client declines the handoff (the target refused its token)");
                     }
-                } else if !tainted && both_open {
+                } else if !tainted && both_open && !self.stats.stranded {
                     return Err(Violation::new(
                         if self.carriers[cid].handoff {
                             Kind::Handoff

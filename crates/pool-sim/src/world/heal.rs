@@ -80,6 +80,13 @@ impl World {
                     t = t.max(next);
                 }
             }
+            if self.frozen(self.client_peer()) {
+                // The client is refused while its server is frozen: only
+                // the handoff's end (a deadline) changes that.
+                if let Some(d) = self.handoff_deadline() {
+                    t = t.max(d);
+                }
+            }
             self.advance_to(t)?;
         }
         if self.expired {

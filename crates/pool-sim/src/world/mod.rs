@@ -497,8 +497,18 @@ impl World {
         {
             return self.reconnect("no carrier");
         }
-        if self.handoffs_on && self.hrng.chance(1, 8) {
-            return self.handoff_op();
+        if self.handoffs_on {
+            // The client's runtime dials the target soon after an offer.
+            let offered = self.nodes[CLIENT]
+                .session
+                .as_ref()
+                .is_some_and(|s| s.handoff_followed().is_some());
+            if offered && self.nodes[CLIENT].resuming.is_none() && self.hrng.chance(1, 4) {
+                return self.client_arrives();
+            }
+            if self.hrng.chance(1, 6) {
+                return self.handoff_op();
+            }
         }
         let on_path = self.attacks.any_on_path();
         match self.rng.below(1000) {
