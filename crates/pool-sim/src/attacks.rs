@@ -1,6 +1,6 @@
 //! The adversary's classes, each switchable on its own.
 //!
-//! Seven are on-path attacks (the attacker changes, replays or injects
+//! Eight are on-path attacks (the attacker changes, replays or injects
 //! bytes). Three are *races* the network alone can cause, with no attacker:
 //! they are listed here because the current core is known to fail them
 //! (see `docs/simulator.md`), and a green run needs them off until the core
@@ -26,6 +26,9 @@ pub enum Attack {
     /// Open carriers to the servers and send junk: random bytes, RESUMEs
     /// with the live session id and a random or bit-flipped body, HELLOs.
     JunkCarrier,
+    /// Send a RESUME_HANDOFF seen earlier (with its token) to either
+    /// server on a new carrier, also after its handoff committed.
+    ReplayHandoff,
     /// Not an attacker: rekeys (forced, on time or on volume) may overlap
     /// carrier cuts, carrier death by timeout, resumes and snapshots. When
     /// off, every rekey completes on a healthy carrier before anything else
@@ -47,7 +50,7 @@ pub enum Attack {
 
 impl Attack {
     /// Every class, in a fixed order.
-    pub const EVERY: [Attack; 10] = [
+    pub const EVERY: [Attack; 11] = [
         Attack::Flip,
         Attack::Truncate,
         Attack::Garbage,
@@ -55,10 +58,14 @@ impl Attack {
         Attack::ReplayResume,
         Attack::ForgeRefuse,
         Attack::JunkCarrier,
+        Attack::ReplayHandoff,
         Attack::RekeyRace,
         Attack::AbandonResume,
         Attack::MbbRace,
     ];
+
+    /// How many of [`Attack::EVERY`], from the start, are on-path attacks.
+    pub const ON_PATH: usize = 8;
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -70,6 +77,7 @@ impl Attack {
             Attack::ReplayResume => "replay-resume",
             Attack::ForgeRefuse => "forge-refuse",
             Attack::JunkCarrier => "junk-carrier",
+            Attack::ReplayHandoff => "replay-handoff",
             Attack::RekeyRace => "rekey-race",
             Attack::AbandonResume => "abandon-resume",
             Attack::MbbRace => "mbb-race",
@@ -90,7 +98,7 @@ impl Attacks {
     /// time jumps only (with the two races off).
     pub const NONE: Attacks = Attacks(0);
     /// Everything: the default, and what the core must survive.
-    pub const ALL: Attacks = Attacks((1 << 10) - 1);
+    pub const ALL: Attacks = Attacks((1 << 11) - 1);
     /// The classes the current core survives (measured; see
     /// `docs/simulator.md`). The fixed-budget test runs these until the
     /// core's resume and authentication fixes land, then switches to
@@ -114,7 +122,9 @@ impl Attacks {
 
     /// Whether any on-path attack (not a race) is on.
     pub fn any_on_path(self) -> bool {
-        Attack::EVERY[..7].iter().any(|a| self.has(*a))
+        Attack::EVERY[..Attack::ON_PATH]
+            .iter()
+            .any(|a| self.has(*a))
     }
 
     /// Parses a comma-separated list of class names, or `all`, `none`,
@@ -182,6 +192,6 @@ mod tests {
         let t = Attacks::parse("all,-flip").unwrap();
         assert!(!t.has(Attack::Flip) && t.has(Attack::Garbage));
         assert!(Attacks::parse("nope").is_err());
-        assert_eq!(Attacks::ALL.to_string().split(',').count(), 10);
+        assert_eq!(Attacks::ALL.to_string().split(',').count(), 11);
     }
 }

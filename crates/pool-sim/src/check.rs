@@ -41,6 +41,20 @@ pub enum Kind {
     Livelock,
     /// The core panicked.
     Panic,
+    /// One owner: more than one of the servers (and a target's import)
+    /// held the session neither frozen nor fenced, or a frozen source
+    /// wrote a record.
+    Owner,
+    /// A fenced server wrote a record of the session, or answered a
+    /// resume of it.
+    Fence,
+    /// Make-before-break: a handoff that did not commit left the session
+    /// unusable at the source, or an honest step of a handoff failed.
+    Handoff,
+    /// Token single use: two commits for one token, a commit on attacker
+    /// bytes, a replayed RESUME_HANDOFF answered, or the client's valid
+    /// token refused.
+    Token,
 }
 
 impl Kind {
@@ -57,6 +71,10 @@ impl Kind {
             Kind::Snapshot => "snapshot",
             Kind::Livelock => "livelock",
             Kind::Panic => "panic",
+            Kind::Owner => "owner",
+            Kind::Fence => "fence",
+            Kind::Handoff => "handoff",
+            Kind::Token => "token",
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum Plant {
     /// Flip a bit of the session id in the client's RESUME without marking
     /// it as attacker bytes: the server cannot know the session.
     UnmarkedTamper,
+    /// Unfreeze the source of a handoff as soon as its target answered
+    /// (before any commit can be ruled out): two owners.
+    UnfreezeEarly,
 }
 
 /// How to run a schedule.
@@ -67,6 +70,12 @@ pub struct Options {
     /// `handle_timeout` (a known core bug, see `docs/simulator.md`): skip
     /// such a timer and count it in [`RunStats::stuck_timers`].
     pub lenient_timers: bool,
+    /// Do not fail on the two known handoff findings (9 and 10 in
+    /// `docs/simulator.md`): stream bytes a fenced server's session still
+    /// returns are skipped and counted in [`RunStats::fenced_reads`]; a
+    /// client stranded at a target that gave its import up ends the
+    /// schedule, counted in [`RunStats::stranded`].
+    pub lenient_handoff: bool,
 }
 
 impl Default for Options {
@@ -78,6 +87,7 @@ impl Default for Options {
             keep_trace: false,
             plant: None,
             lenient_timers: false,
+            lenient_handoff: false,
         }
     }
 }
@@ -108,6 +118,24 @@ pub struct RunStats {
     /// A session closed at its resume deadline after a real outage, so no
     /// liveness was owed.
     pub expired: bool,
+    /// Handoffs offered (the target prepared a token, the source offered).
+    pub handoffs_offered: u64,
+    /// Handoffs committed at their target.
+    pub handoffs_committed: u64,
+    /// Handoffs that ended without a commit, the session going on at the
+    /// source.
+    pub handoffs_aborted: u64,
+    /// The worker link died after the state left the source and the target
+    /// never committed: by the runtime's rule the source stays frozen and
+    /// gives the session up (docs/handoff.md §8); no liveness owed.
+    pub handoff_lost: bool,
+    /// Stream bytes a fenced server returned under
+    /// [`Options::lenient_handoff`].
+    pub fenced_reads: u64,
+    /// The client took the target's answer, its commit never arrived, the
+    /// target gave the import up and the source unfroze: the client only
+    /// dials the target (finding 10), under [`Options::lenient_handoff`].
+    pub stranded: bool,
 }
 
 /// The result of one schedule.

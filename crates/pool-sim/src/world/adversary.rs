@@ -7,11 +7,14 @@ impl World {
         if self.healing {
             return Ok(());
         }
-        let on: Vec<Attack> = Attack::EVERY[..7]
+        let on: Vec<Attack> = Attack::EVERY[..Attack::ON_PATH]
             .iter()
             .copied()
-            .filter(|a| self.attacks.has(*a))
+            .filter(|a| self.attacks.has(*a) && (*a != Attack::ReplayHandoff || self.handoffs_on))
             .collect();
+        if on.is_empty() {
+            return Ok(());
+        }
         let a = on[self.rng.index(on.len())];
         match a {
             Attack::Flip | Attack::Truncate | Attack::Garbage => self.tamper(a),
@@ -30,6 +33,7 @@ impl World {
                 self.attacker_carrier(to, rec, format!("replayed RESUME #{i}"))
             }
             Attack::ForgeRefuse => self.forge_refuse(),
+            Attack::ReplayHandoff => self.replay_handoff(),
             _ => self.junk(),
         }
     }

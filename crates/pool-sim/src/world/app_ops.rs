@@ -26,16 +26,43 @@ impl World {
         }
     }
 
+    /// Mostly the client or the owner; in a handoff schedule sometimes the
+    /// other server, frozen or fenced (it must deliver nothing: a byte read
+    /// there and again at the owner is a Delivery violation).
+    pub(super) fn app_side(&mut self) -> usize {
+        if self.handoffs_on && self.hrng.chance(1, 10) {
+            let other = if self.srv == SERVER1 {
+                SERVER2
+            } else {
+                SERVER1
+            };
+            if self.nodes[other].session.is_some() {
+                return other;
+            }
+        }
+        self.side()
+    }
+
     pub(super) fn app_op(&mut self) -> R {
-        let side = self.side();
-        if !self.open(side) {
+        let side = self.app_side();
+        let owner = side == CLIENT || side == self.srv;
+        if owner && !self.open(side) {
             return Ok(());
         }
-        let op = self.rng.below(100);
+        let mut op = self.rng.below(100);
+        if !owner && !(8..=91).contains(&op) {
+            // Only reads, writes and finishes at a server that is not the owner.
+            op = 45;
+        }
         let stream = self.pick_stream();
         let (Some(id), false) = (stream, op < 8 || stream.is_none()) else {
             return self.op_open(side);
         };
+        if op > 84 && !self.book.streams[&id].known[Self::dir_of(side)] {
+            // An application finishes, resets or stops only streams it has
+            // seen (a frozen session would hold the call without knowing).
+            return Ok(());
+        }
         match op {
             8..=44 => self.op_write(side, id),
             45..=84 => {
@@ -116,7 +143,20 @@ impl World {
         let mut out = std::mem::take(&mut self.scratch);
         let r = self.session_mut(side).stream_read(id, &mut out[..max]);
         let name = self.nodes[side].name;
+        let fenced = self.nodes[side].fenced;
         let res = match r {
+            Ok(ReadResult::Data(n)) if fenced && n > 0 && self.opts.lenient_handoff => {
+                // Finding 9: a fenced session still hands out what it had
+                // buffered at the freeze (the target delivers it too).
+                if self.stats.fenced_reads == 0 {
+                    self.log(format!(
+                        "lenient: {name}, fenced, returned {n} bytes on stream {id} (not counted as delivered)"
+                    ));
+                }
+                self.stats.fenced_reads += n as u64;
+                Ok(false)
+            }
+            Ok(ReadResult::Fin) if fenced && self.opts.lenient_handoff => Ok(false),
             Ok(ReadResult::Data(n)) => {
                 if self.opts.plant == Some(Plant::CorruptDelivery) && !self.planted && n > 0 {
                     self.planted = true;

@@ -84,7 +84,11 @@ impl World {
             // are this side's own.
             let active = s.stats().streams_active;
             let own = self.book.local_held(Self::dir_of(n));
-            if active > self.lim.max_streams + own {
+            // A frozen session holds its finishes, resets and stops (done
+            // at unfreeze, or by the owner at the fence): its table, and the
+            // owner's until the fence, lag the book.
+            let held_ops = self.frozen(n) || self.fence_pending();
+            if !held_ops && active > self.lim.max_streams + own {
                 return Err(Violation::new(
                     Kind::Bound,
                     format!(

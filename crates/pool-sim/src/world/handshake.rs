@@ -17,6 +17,12 @@ impl World {
         };
         let attacker = self.carriers[cid].attacker;
         let honest = !tainted && !attacker && self.nodes[CLIENT].resuming == Some(cid);
+        if rec.first() == Some(&(RecordType::ResumeHandoff as u8)) {
+            return self.target_first(cid, rec, tainted, attacker, honest);
+        }
+        // A resume for the import a handoff's target answered goes to it
+        // (a later resume may still commit it).
+        let sn = if self.import_at(node) { IMPORT } else { node };
         let mut rec = rec;
         if honest && !self.planted && rec.len() > 8 {
             match self.opts.plant {
@@ -25,10 +31,10 @@ impl World {
                     // Inside the session id (after the 4-byte header).
                     rec[6] ^= 0x10;
                 }
-                Some(Plant::StaleResume) if self.open(node) => {
+                Some(Plant::StaleResume) if self.open(sn) => {
                     self.planted = true;
                     let mut out = Vec::new();
-                    if let Some(s) = self.nodes[node].session.as_mut() {
+                    if let Some(s) = self.nodes[sn].session.as_mut() {
                         let _ = adapter::server_answer(s, self.now, &rec, &mut self.crng, &mut out);
                     }
                 }
@@ -49,12 +55,14 @@ impl World {
             }
             return self.refuse(cid, &HandshakeError::Unexpected("not a RESUME"), cause);
         }
-        let matches = match (resume_session_id(&rec), self.nodes[node].session.as_ref()) {
+        let matches = match (resume_session_id(&rec), self.nodes[sn].session.as_ref()) {
             (Ok(id), Some(s)) => s.id() == id,
             _ => false,
         };
         if !matches {
-            if honest {
+            // (A lenient strand ends the schedule: the client dials a target
+            // that gave the session up.)
+            if honest && !self.stats.stranded {
                 return Err(Violation::new(
                     Kind::Resume,
                     format!(
@@ -69,16 +77,28 @@ impl World {
             let what = self.carriers[cid].pipes[0].taint_what.clone();
             self.nodes[node].tainted = Some(format!("{what} (reached it at step {})", self.step));
         }
-        let both_open = self.open(CLIENT) && self.open(node);
+        let both_open = self.open(CLIENT) && self.open(sn);
+        let frozen = self.frozen(sn);
         let mut out = Vec::new();
-        let Some(s) = self.nodes[node].session.as_mut() else {
+        let Some(s) = self.nodes[sn].session.as_mut() else {
             return Ok(());
         };
         match adapter::server_answer(s, self.now, &rec, &mut self.crng, &mut out) {
             Ok(ans) => {
+                if self.nodes[sn].fenced {
+                    return Err(Violation::new(
+                        Kind::Fence,
+                        format!(
+                            "{}, fenced, answered a RESUME on c{cid}",
+                            self.nodes[node].name
+                        ),
+                    ));
+                }
+                self.carriers[cid].import = sn == IMPORT;
                 self.log(format!(
-                    "{} answers RESUME on c{cid} ({ans:?}){}",
+                    "{}{} answers RESUME on c{cid} ({ans:?}){}",
                     self.nodes[node].name,
+                    if sn == IMPORT { " (its import)" } else { "" },
                     if tainted || attacker {
                         " [attacker's]"
                     } else {
@@ -93,7 +113,7 @@ impl World {
                     ServerAnswer::Switched => self.switch_server(node, cid)?,
                     ServerAnswer::Prepared => self.carriers[cid].sstate = SState::Prepared,
                 }
-                self.after_input(node)?;
+                self.after_input(sn)?;
                 if self.green(Attack::AbandonResume)
                     && !attacker
                     && self.carriers[cid].alive
@@ -130,7 +150,13 @@ impl World {
                         }),
                     _ => None,
                 };
-                if honest && both_open && replayed.is_none() {
+                // A frozen source refuses every resume for now (code 10):
+                // the client tries again (docs/handoff.md §2).
+                let pending = frozen && e == HandshakeError::HandoffPending;
+                if pending {
+                    self.carriers[cid].excused = Some("the session is frozen for a handoff");
+                }
+                if honest && both_open && replayed.is_none() && !pending {
                     return Err(Violation::new(
                         Kind::Resume,
                         format!(
@@ -144,7 +170,7 @@ impl World {
                     self.stats.replayed_resumes_refused += 1;
                     self.log(format!("  ({w})"));
                 }
-                self.after_input(node)?;
+                self.after_input(sn)?;
                 let cause = cause
                     .map(|w| format!("refusal of a tampered RESUME ({w})"))
                     .or(replayed);
@@ -187,20 +213,30 @@ impl World {
     /// Server: the first record on a prepared carrier commits the resume.
     pub(super) fn server_confirm(&mut self, cid: usize) -> R {
         let node = self.carriers[cid].server;
-        let (mut rec, _tainted) = match self.take_record(cid, 0) {
+        let (mut rec, tainted) = match self.take_record(cid, 0) {
             Err(_) => return self.kill(cid, [true, false]),
             Ok(None) => return Ok(()),
             Ok(Some(r)) => r,
         };
-        let Some(s) = self.nodes[node].session.as_mut() else {
-            return Ok(());
+        let imp = self.carriers[cid].import;
+        let sn = if imp { IMPORT } else { node };
+        let Some(s) = self.nodes[sn].session.as_mut() else {
+            return self.kill(cid, [true, false]);
         };
         match adapter::server_confirm(s, self.now, &mut rec) {
             Ok(c) => {
                 self.log(format!(
-                    "{} confirms the resume on c{cid}",
-                    self.nodes[node].name
+                    "{} confirms the resume on c{cid}{}",
+                    self.nodes[node].name,
+                    if imp {
+                        " (its import: the commit point)"
+                    } else {
+                        ""
+                    }
                 ));
+                if imp {
+                    self.commit(cid, tainted)?;
+                }
                 self.switch_server(node, cid)?;
                 if !c.consumed {
                     let p = &mut self.carriers[cid].pipes[0];
@@ -214,7 +250,7 @@ impl World {
                     "{} does not confirm on c{cid}: {e}",
                     self.nodes[node].name
                 ));
-                self.after_input(node)?;
+                self.after_input(sn)?;
                 self.kill(cid, [true, false])
             }
         }
@@ -239,6 +275,7 @@ impl World {
             self.nodes[CLIENT].tainted = Some(format!("{what} (reached it at step {})", self.step));
         }
         let both_open = self.open(CLIENT) && self.open(self.srv);
+        let excused = self.carriers[cid].excused;
         let Some(s) = self.nodes[CLIENT].session.as_mut() else {
             return Ok(());
         };
@@ -261,11 +298,29 @@ impl World {
                     if tainted { " [attacker's answer]" } else { "" }
                 ));
                 self.last_resume_error = Some(e.to_string());
-                if !tainted && both_open {
+                if let Some(why) = excused {
+                    self.log(format!("  (allowed: {why})"));
+                    if why == handoff::TOKEN_REFUSED {
+                        // The runtime declines an offer whose token failed.
+                        if let Some(s) = self.nodes[CLIENT].session.as_mut() {
+                            s.decline_handoff(pool_core::wire::DeclineCode::Refused);
+                        }
+                        self.log("client declines the handoff (the target refused its token)");
+                    }
+                } else if !tainted && both_open && !self.stats.stranded {
                     return Err(Violation::new(
-                        Kind::Resume,
+                        if self.carriers[cid].handoff {
+                            Kind::Handoff
+                        } else {
+                            Kind::Resume
+                        },
                         format!(
-                            "the server's untampered answer to the client's RESUME failed: {e}{}",
+                            "the server's untampered answer to the client's {} failed: {e}{}",
+                            if self.carriers[cid].handoff {
+                                "RESUME_HANDOFF"
+                            } else {
+                                "RESUME"
+                            },
                             self.taint_note()
                         ),
                     ));
@@ -287,11 +342,9 @@ impl World {
         self.kill(cid, [false, true])
     }
 
-    /// The client opens a new carrier and starts a resume on it.
-    pub(super) fn reconnect(&mut self, why: &str) -> R {
-        if !self.open(CLIENT) {
-            return Ok(());
-        }
+    /// The client gives up the resume under way, if any (a new attempt
+    /// replaces it).
+    pub(super) fn abandon_attempt(&mut self) -> R {
         if let Some(old) = self.nodes[CLIENT].resuming {
             if self.green(Attack::AbandonResume) {
                 // Nothing of the old attempt reaches the server.
@@ -306,20 +359,32 @@ impl World {
                 self.abandon(old)?;
             }
         }
+        Ok(())
+    }
+
+    /// The client opens a new carrier and starts a resume on it.
+    pub(super) fn reconnect(&mut self, why: &str) -> R {
+        if !self.open(CLIENT) {
+            return Ok(());
+        }
+        self.abandon_attempt()?;
         let mut out = Vec::new();
         let Some(s) = self.nodes[CLIENT].session.as_mut() else {
             return Ok(());
         };
         match adapter::client_start(s, &mut self.crng, &mut out) {
             Ok(()) => {
-                let srv = self.srv;
+                // The runtime dials the session's peer: the target once the
+                // client moved.
+                let srv = self.client_peer();
                 let cid = self.new_carrier(CLIENT, srv, false);
                 self.carriers[cid].pipes[0].inflight = out.clone();
                 self.nodes[CLIENT].resuming = Some(cid);
                 self.captured_resumes.push(out);
                 let old = self.nodes[CLIENT].primary;
                 self.log(format!(
-                    "client starts a resume on new carrier c{cid} ({why}; old carrier {old:?})"
+                    "client starts a resume on new carrier c{cid} to {} ({why}; old carrier {old:?})",
+                    self.nodes[srv].name
                 ));
                 if let Some(o) = old.filter(|&o| self.carriers[o].alive) {
                     if self.green(Attack::MbbRace) {

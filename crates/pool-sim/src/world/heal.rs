@@ -71,12 +71,20 @@ impl World {
             // or the dead-after timer shows otherwise).
             let mut t = self.now + tick;
             if self.stats.bytes_moved == moved_before {
-                if let Some(next) = [CLIENT, self.srv]
+                if let Some(next) = [CLIENT, self.srv, IMPORT]
                     .iter()
                     .filter_map(|&n| self.nodes[n].session.as_ref()?.poll_timeout())
+                    .chain(self.handoff_deadline())
                     .min()
                 {
                     t = t.max(next);
+                }
+            }
+            if self.frozen(self.client_peer()) {
+                // The client is refused while its server is frozen: only
+                // the handoff's end (a deadline) changes that.
+                if let Some(d) = self.handoff_deadline() {
+                    t = t.max(d);
                 }
             }
             self.advance_to(t)?;

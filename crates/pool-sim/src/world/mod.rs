@@ -2,16 +2,18 @@
 //! between them as pairs of byte pipes, a virtual clock, the adversary, and
 //! the schedule that draws one step at a time from the seed.
 //!
-//! Today only the client↔server-1 session exists; server 2 has an
-//! acceptor and gets junk, and `srv` names the node that runs the server
-//! side so a later handoff can move it.
+//! The session starts at server 1; in one schedule in three it is handed
+//! between the servers (`handoff.rs`), and `srv` names the node that owns
+//! its server side now. A restored import waiting for its commit at a
+//! target lives in the pseudo-node [`IMPORT`].
 
 use std::time::{Duration, Instant};
 
+use pool_core::handoff::Imports;
 use pool_core::{
     resume_session_id, write_refusal, Acceptor, CipherSuite, CloseReason, Config, Event,
-    HandshakeError, Initiator, ReadResult, RecordType, SecretKey, SeededRng, Session, StreamError,
-    MAX_RECORD_LEN,
+    HandshakeError, Initiator, PublicKey, ReadResult, RecordType, SecretKey, SeededRng, Session,
+    StreamError, MAX_RECORD_LEN,
 };
 
 use crate::adapter::{self, ServerAnswer};
@@ -26,6 +28,9 @@ use crate::{Options, Plant, RunStats};
 mod adversary;
 mod app_ops;
 mod bounds;
+mod deliver;
+mod drive;
+mod handoff;
 mod handshake;
 mod heal;
 mod net_ops;
@@ -37,8 +42,12 @@ type R<T = ()> = Result<T, Violation>;
 pub(crate) const CLIENT: usize = 0;
 /// The server that accepts the session.
 pub(crate) const SERVER1: usize = 1;
-/// The second server (target of a later handoff; gets junk today).
+/// The second server (the first handoff's target).
 pub(crate) const SERVER2: usize = 2;
+/// Not a node of its own: the session a handoff's target restored and
+/// answered, waiting for its commit (the runtime keeps it detached, out
+/// of the application's reach, until then).
+pub(crate) const IMPORT: usize = 3;
 /// A carrier end that is the attacker, not a node.
 const ATTACKER: usize = usize::MAX;
 
@@ -65,6 +74,9 @@ enum SState {
     Prepared,
     /// The session's carrier.
     Primary,
+    /// A RESUME_HANDOFF read; the target is pulling the state (nothing
+    /// more is read until it answers).
+    Pulled,
     /// Refused or dropped: input is ignored.
     Done,
 }
@@ -110,6 +122,13 @@ struct Carrier {
     pipes: [Pipe; 2],
     cstate: CState,
     sstate: SState,
+    /// Server end: bound to the [`IMPORT`] session (a resume it answered).
+    import: bool,
+    /// Client end: carries a RESUME_HANDOFF.
+    handoff: bool,
+    /// The server's refusal on this carrier is one the rules allow (the
+    /// reason, for the client's side of the check).
+    excused: Option<&'static str>,
 }
 
 struct Node {
@@ -128,6 +147,8 @@ struct Node {
     tainted: Option<String>,
     /// `Event::Closed` seen.
     closed: bool,
+    /// The session here was fenced (handed off for good).
+    fenced: bool,
 }
 
 /// Limits of the schedule's configuration (the same on every node).
@@ -161,6 +182,27 @@ pub(crate) struct World {
     book: StreamBook,
     nonces: NonceBook,
     pub(crate) trace: Trace,
+    /// Static keys of the client and the two servers.
+    secrets: Vec<SecretKey>,
+    pubs: Vec<PublicKey>,
+    /// Each server's table of prepared imports (index by node).
+    imports: Vec<Option<Imports>>,
+    /// The handoff under way, if any.
+    ho: Option<handoff::Handoff>,
+    /// Draws of the handoff phase: a stream of its own, so schedules
+    /// without handoffs are the ones they were before.
+    hrng: Prng,
+    /// This schedule hands the session over (one in three).
+    handoffs_on: bool,
+    /// Token lifetime of this schedule's handoffs.
+    lifetime: Duration,
+    handoff_seq: u32,
+    /// Tokens of the handoffs that committed.
+    committed_tokens: Vec<[u8; 48]>,
+    /// RESUME_HANDOFF records the client wrote (for replays), and those
+    /// that committed, with their target.
+    captured_handoffs: Vec<Vec<u8>>,
+    committed_records: Vec<(usize, Vec<u8>)>,
     step: usize,
     healing: bool,
     /// A session closed at its resume deadline after a real outage: the
@@ -229,6 +271,9 @@ impl World {
             .handshake_rate(None)
             .ciphers(&[rng.pick(&[CipherSuite::ChaCha20Poly1305, CipherSuite::Aes256Gcm])]);
         let t0 = Instant::now();
+        let mut hrng = Prng::new(seed ^ 0x4841_4E44_4F46_4621);
+        let handoffs_on = hrng.chance(1, 3);
+        let lifetime = Duration::from_millis(hrng.pick(&[1_000, 3_000, 8_000]));
         let node = |name| Node {
             name,
             session: None,
@@ -239,6 +284,7 @@ impl World {
             epoch_started: t0,
             tainted: None,
             closed: false,
+            fenced: false,
         };
         World {
             attacks: opts.attacks,
@@ -249,12 +295,28 @@ impl World {
             now: t0,
             config,
             lim,
-            nodes: vec![node("client"), node("server1"), node("server2")],
+            nodes: vec![
+                node("client"),
+                node("server1"),
+                node("server2"),
+                node("import"),
+            ],
             srv: SERVER1,
             carriers: Vec::new(),
             book: StreamBook::default(),
             nonces: NonceBook::default(),
             trace: Trace::new(opts.verbose || opts.keep_trace),
+            secrets: Vec::new(),
+            pubs: Vec::new(),
+            imports: Vec::new(),
+            ho: None,
+            hrng,
+            handoffs_on,
+            lifetime,
+            handoff_seq: 0,
+            committed_tokens: Vec::new(),
+            captured_handoffs: Vec::new(),
+            committed_records: Vec::new(),
             step: 0,
             healing: false,
             expired: false,
@@ -322,6 +384,13 @@ impl World {
         let s1 = self.key();
         let s2 = self.key();
         let client_pub = ck.public_key();
+        self.secrets = vec![ck.clone(), s1.clone(), s2.clone()];
+        self.pubs = self.secrets.iter().map(SecretKey::public_key).collect();
+        self.imports = vec![
+            None,
+            Some(Imports::new(&mut self.crng)),
+            Some(Imports::new(&mut self.crng)),
+        ];
         let mut a1 = Acceptor::new(&self.config, s1, None);
         let a2 = Acceptor::new(&self.config, s2, None);
         let mut hello = Vec::new();
@@ -387,6 +456,9 @@ impl World {
                 CState::Resuming
             },
             sstate: SState::Unbound,
+            import: false,
+            handoff: false,
+            excused: None,
         });
         self.carriers.len() - 1
     }
@@ -399,6 +471,7 @@ impl World {
             self.step = step;
             self.one_step()?;
             self.check_bounds()?;
+            self.check_owner()?;
             if self.expired {
                 self.log("schedule ends: a session expired after a real outage (no liveness owed)");
                 self.stats.expired = true;
@@ -424,6 +497,19 @@ impl World {
         {
             return self.reconnect("no carrier");
         }
+        if self.handoffs_on {
+            // The client's runtime dials the target soon after an offer.
+            let offered = self.nodes[CLIENT]
+                .session
+                .as_ref()
+                .is_some_and(|s| s.handoff_followed().is_some());
+            if offered && self.nodes[CLIENT].resuming.is_none() && self.hrng.chance(1, 4) {
+                return self.client_arrives();
+            }
+            if self.hrng.chance(1, 6) {
+                return self.handoff_op();
+            }
+        }
         let on_path = self.attacks.any_on_path();
         match self.rng.below(1000) {
             0..=399 => self.app_op(),
@@ -435,375 +521,5 @@ impl World {
             _ if on_path => self.attack_op(),
             _ => self.pump(),
         }
-    }
-
-    // ---- driving sessions ----
-
-    /// The drain rule: after any input to `node`'s session, send what it
-    /// wrote to its carrier and handle its events.
-    fn after_input(&mut self, node: usize) -> R {
-        let dir = Self::dir_of(node);
-        let mut buf = std::mem::take(&mut self.buf);
-        let mut events = Vec::new();
-        let res = (|| -> R {
-            let target = self.nodes[node].primary.filter(|&c| self.carriers[c].alive);
-            let Some(s) = self.nodes[node].session.as_mut() else {
-                return Ok(());
-            };
-            while let Some(n) = s.poll_transmit(self.now, &mut buf) {
-                let rec = &buf[..n];
-                if let Some((epoch, counter)) = record_nonce(rec) {
-                    self.nonces.sealed(dir, epoch, counter)?;
-                    self.records_seen += 1;
-                    if self.opts.plant == Some(Plant::RepeatNonce) && self.records_seen == 20 {
-                        self.planted = true;
-                        self.nonces.sealed(dir, epoch, counter)?;
-                    }
-                    // Keep a sample of records for replay.
-                    if self.captured_records.len() < 32 {
-                        self.captured_records.push(rec.to_vec());
-                    } else if self.rng.chance(1, 16) {
-                        let i = self.rng.index(32);
-                        self.captured_records[i] = rec.to_vec();
-                    }
-                }
-                if let Some(c) = target {
-                    let side = Self::dir_of(node);
-                    self.carriers[c].pipes[side].inflight.extend_from_slice(rec);
-                }
-            }
-            while let Some(e) = s.poll_event() {
-                events.push(e);
-            }
-            Ok(())
-        })();
-        self.buf = buf;
-        res?;
-        for e in events {
-            match e {
-                Event::Rekeyed(epoch) => {
-                    self.nonces.installed(dir, epoch);
-                    self.nodes[node].epoch_started = self.now;
-                    self.log(format!("{} epoch {epoch} installed", self.nodes[node].name));
-                }
-                Event::CarrierDead => {
-                    let c = self.nodes[node].primary;
-                    self.log(format!(
-                        "{} declares its carrier {c:?} dead (timer)",
-                        self.nodes[node].name
-                    ));
-                    self.drop_primary(node)?;
-                }
-                Event::Closed(reason) => self.on_closed(node, reason)?,
-                Event::StreamOpened(id) => {
-                    self.book.opened(id).known[dir] = true;
-                }
-                _ => {}
-            }
-        }
-        let Some(s) = self.nodes[node].session.as_ref() else {
-            return Ok(());
-        };
-        let (up, closed) = (s.carrier_up(), s.is_closed());
-        if !up && !closed && self.nodes[node].primary.is_some() {
-            self.drop_primary(node)?;
-        }
-        let n = &mut self.nodes[node];
-        if up {
-            n.down_since = None;
-        } else if n.down_since.is_none() {
-            n.down_since = Some(self.now);
-        }
-        Ok(())
-    }
-
-    fn on_closed(&mut self, node: usize, reason: CloseReason) -> R {
-        if self.nodes[node].closed {
-            return Ok(());
-        }
-        self.nodes[node].closed = true;
-        let name = self.nodes[node].name;
-        self.log(format!("{name} session closed: {reason}"));
-        let other = if node == CLIENT { self.srv } else { CLIENT };
-        match reason {
-            CloseReason::ResumeDeadline { .. } => {
-                let down = self.nodes[node]
-                    .down_since
-                    .map(|d| self.now - d)
-                    .unwrap_or_default();
-                if down >= self.lim.resume_deadline {
-                    self.expired = true;
-                    Ok(())
-                } else {
-                    Err(Violation::new(
-                        Kind::Close,
-                        format!(
-                            "{name} closed by the resume deadline after only {:.3} s without a carrier (deadline {:?})",
-                            down.as_secs_f64(),
-                            self.lim.resume_deadline
-                        ),
-                    ))
-                }
-            }
-            CloseReason::Peer { .. } if self.nodes[other].closed => Ok(()),
-            r => {
-                let tainted = self.nodes[node].tainted.is_some();
-                let kind = if tainted {
-                    Kind::AttackerClose
-                } else {
-                    Kind::Close
-                };
-                Err(Violation::new(
-                    kind,
-                    format!("{name} session closed: {r}{}", self.taint_note()),
-                ))
-            }
-        }
-    }
-
-    /// `node` stops using its carrier and closes it (the other end notices).
-    fn drop_primary(&mut self, node: usize) -> R {
-        if let Some(c) = self.nodes[node].primary.take() {
-            let notify = if node == CLIENT {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            self.kill(c, notify)?;
-        }
-        Ok(())
-    }
-
-    /// A carrier dies; in-flight bytes are lost. Each end in `notify`
-    /// learns of it now (EOF); the others find out by their timers.
-    fn kill(&mut self, cid: usize, notify: [bool; 2]) -> R {
-        if !self.carriers[cid].alive {
-            return Ok(());
-        }
-        let c = &mut self.carriers[cid];
-        c.alive = false;
-        for p in &mut c.pipes {
-            p.inflight.clear();
-            p.rx.clear();
-            p.taint = None;
-            p.rx_taint = false;
-        }
-        let (client, server) = (c.client, c.server);
-        if notify[0] && client == CLIENT {
-            if self.nodes[CLIENT].resuming == Some(cid) {
-                self.nodes[CLIENT].resuming = None;
-                self.carriers[cid].cstate = CState::Gone;
-                if let Some(s) = self.nodes[CLIENT].session.as_mut() {
-                    adapter::client_abandon(s);
-                }
-            }
-            if self.nodes[CLIENT].primary == Some(cid) {
-                self.nodes[CLIENT].primary = None;
-                if let Some(s) = self.nodes[CLIENT].session.as_mut() {
-                    s.carrier_lost(self.now);
-                }
-                self.after_input(CLIENT)?;
-            }
-        }
-        if notify[1] && server != ATTACKER && self.nodes[server].primary == Some(cid) {
-            self.nodes[server].primary = None;
-            if let Some(s) = self.nodes[server].session.as_mut() {
-                s.carrier_lost(self.now);
-            }
-            self.after_input(server)?;
-        }
-        Ok(())
-    }
-
-    /// Delivers up to `n` in-flight bytes of one pipe and lets the receiver
-    /// handle them.
-    fn deliver(&mut self, cid: usize, dir: Dir, n: usize) -> R {
-        let p = &mut self.carriers[cid].pipes[dir];
-        let n = n.min(p.inflight.len());
-        if n == 0 {
-            return Ok(());
-        }
-        if let Some((a, b)) = p.taint {
-            if a < n {
-                p.rx_taint = true;
-            }
-            p.taint = (b > n).then(|| (a.saturating_sub(n), b - n));
-        }
-        p.rx.extend(p.inflight.drain(..n));
-        self.stats.bytes_moved += n as u64;
-        self.process_rx(cid, dir)
-    }
-
-    /// Delivers everything deliverable until nothing moves.
-    fn pump(&mut self) -> R {
-        for _ in 0..PUMP_LIMIT {
-            let mut moved = false;
-            for cid in 0..self.carriers.len() {
-                for dir in 0..2 {
-                    if self.carriers[cid].alive
-                        && self.carriers[cid].pipes[dir].deliverable(self.now)
-                        && !self.mbb_held(cid, dir)
-                    {
-                        self.deliver(cid, dir, usize::MAX)?;
-                        moved = true;
-                    }
-                }
-            }
-            if !moved {
-                return Ok(());
-            }
-        }
-        let what = self.still_moving();
-        Err(Violation::new(
-            Kind::Livelock,
-            format!("the network did not go quiet after {PUMP_LIMIT} rounds: {what}"),
-        ))
-    }
-
-    /// For a livelock report: what moves in a few more rounds (carrier,
-    /// direction, record types and lengths) and each session's counters.
-    fn still_moving(&mut self) -> String {
-        let mut moves = Vec::new();
-        for _ in 0..3 {
-            for cid in 0..self.carriers.len() {
-                for dir in 0..2 {
-                    let c = &self.carriers[cid];
-                    if !c.alive || !c.pipes[dir].deliverable(self.now) || self.mbb_held(cid, dir) {
-                        continue;
-                    }
-                    let mut recs = Vec::new();
-                    let mut b = &c.pipes[dir].inflight[..];
-                    while let Ok(Some((ty, len))) = pool_core::peek_record(b) {
-                        recs.push(format!("{ty:?}/{len}"));
-                        b = &b[len..];
-                    }
-                    moves.push(format!(
-                        "c{cid} {} [{}{}]",
-                        dir_name(dir),
-                        recs.join(" "),
-                        if b.is_empty() { "" } else { " +partial" }
-                    ));
-                    if self.deliver(cid, dir, usize::MAX).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let mut who = Vec::new();
-        for n in [CLIENT, self.srv] {
-            if let Some(s) = self.nodes[n].session.as_ref() {
-                let st = s.stats();
-                who.push(format!(
-                    "{}: epoch {} records sent {} received {} frames sent {} received {} resent {} dup {} pending {} {:?}",
-                    self.nodes[n].name,
-                    st.epoch,
-                    st.records_sent,
-                    st.records_received,
-                    st.frames_sent,
-                    st.frames_received,
-                    st.frames_resent,
-                    st.duplicates_dropped,
-                    s.pending_bytes(),
-                    s.debug_sizes()
-                ));
-            }
-        }
-        format!("moving: {}; {}", moves.join(", "), who.join("; "))
-    }
-
-    /// With `mbb-race` off, the client's old carrier carries nothing to the
-    /// server while a resume is under way: no acknowledgement overtakes
-    /// the RESUME.
-    fn mbb_held(&self, cid: usize, dir: Dir) -> bool {
-        dir == 0
-            && self.green(Attack::MbbRace)
-            && self.nodes[CLIENT].resuming.is_some()
-            && self.nodes[CLIENT].primary == Some(cid)
-    }
-
-    /// Takes the next whole record from a pipe's receive buffer.
-    fn take_record(
-        &mut self,
-        cid: usize,
-        dir: Dir,
-    ) -> Result<Option<(Vec<u8>, bool)>, pool_core::WireError> {
-        let p = &mut self.carriers[cid].pipes[dir];
-        match pool_core::peek_record(&p.rx)? {
-            None => Ok(None),
-            Some((_, len)) => {
-                let rec: Vec<u8> = p.rx.drain(..len).collect();
-                let tainted = p.rx_taint;
-                if p.rx.is_empty() {
-                    p.rx_taint = false;
-                }
-                Ok(Some((rec, tainted)))
-            }
-        }
-    }
-
-    fn process_rx(&mut self, cid: usize, dir: Dir) -> R {
-        loop {
-            let c = &self.carriers[cid];
-            if !c.alive || c.pipes[dir].rx.is_empty() {
-                return Ok(());
-            }
-            let before = c.pipes[dir].rx.len();
-            if dir == 0 {
-                match c.sstate {
-                    SState::Unbound => self.server_first(cid)?,
-                    SState::Prepared => self.server_confirm(cid)?,
-                    SState::Primary => self.feed(cid, 0, c.server)?,
-                    SState::Done => self.carriers[cid].pipes[0].rx.clear(),
-                }
-            } else if c.attacker {
-                self.carriers[cid].pipes[1].rx.clear();
-            } else {
-                match c.cstate {
-                    CState::Resuming => self.client_answer(cid)?,
-                    CState::Primary => self.feed(cid, 1, c.client)?,
-                    CState::Gone => self.carriers[cid].pipes[1].rx.clear(),
-                }
-            }
-            let c = &self.carriers[cid];
-            if !c.alive || c.pipes[dir].rx.len() == before {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Records on a session's own carrier.
-    fn feed(&mut self, cid: usize, dir: Dir, node: usize) -> R {
-        if self.nodes[node].primary != Some(cid) || !self.open(node) {
-            self.carriers[cid].pipes[dir].rx.clear();
-            return Ok(());
-        }
-        let mut rx = std::mem::take(&mut self.carriers[cid].pipes[dir].rx);
-        let tainted = self.carriers[cid].pipes[dir].rx_taint;
-        let used = match self.nodes[node].session.as_mut() {
-            Some(s) => s.handle_carrier_data(self.now, &mut rx),
-            None => 0,
-        };
-        rx.drain(..used.min(rx.len()));
-        if tainted && used > 0 && self.nodes[node].tainted.is_none() {
-            let what = self.carriers[cid].pipes[dir].taint_what.clone();
-            self.nodes[node].tainted = Some(format!("{what} (reached it at step {})", self.step));
-        }
-        let p = &mut self.carriers[cid].pipes[dir];
-        if rx.is_empty() {
-            p.rx_taint = false;
-        }
-        let left = rx.len();
-        p.rx = rx;
-        self.after_input(node)?;
-        if left >= MAX_RECORD_LEN && self.open(node) && self.nodes[node].primary == Some(cid) {
-            return Err(Violation::new(
-                Kind::Bound,
-                format!(
-                    "{} left {left} unconsumed bytes on carrier c{cid}: a driver would buffer more than one record",
-                    self.nodes[node].name
-                ),
-            ));
-        }
-        Ok(())
     }
 }

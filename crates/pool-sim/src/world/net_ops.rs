@@ -162,7 +162,8 @@ impl World {
                 && cp.is_some_and(|c| self.carriers[c].alive)
                 && self.nodes[CLIENT].resuming.is_none()
                 && self.open(CLIENT)
-                && self.open(self.srv);
+                && self.open(self.srv)
+                && self.ho.is_none();
             if !ok {
                 return Ok(());
             }
@@ -183,7 +184,7 @@ impl World {
 
     pub(super) fn snapshot_op(&mut self) -> R {
         let side = self.side();
-        if !self.open(side) {
+        if !self.open(side) || self.frozen(side) {
             return Ok(());
         }
         let name = self.nodes[side].name;

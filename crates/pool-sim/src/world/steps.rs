@@ -32,7 +32,7 @@ impl World {
         loop {
             let mut past: Option<Instant> = None;
             let mut next: Option<Instant> = None;
-            for n in [CLIENT, self.srv] {
+            for n in [CLIENT, self.srv, IMPORT] {
                 if let Some(t) = self.nodes[n]
                     .session
                     .as_ref()
@@ -51,6 +51,9 @@ impl World {
                         next = Some(next.map_or(u, |x| x.min(u)));
                     }
                 }
+            }
+            if let Some(u) = self.handoff_deadline().filter(|u| *u > self.now) {
+                next = Some(next.map_or(u, |x| x.min(u)));
             }
             if let Some(t) = past {
                 // Inputs at this instant may have armed a timer for it:
@@ -108,12 +111,13 @@ impl World {
     }
 
     pub(super) fn fire_timers(&mut self) -> R {
-        for n in [CLIENT, self.srv] {
+        for n in [CLIENT, self.srv, IMPORT] {
             if let Some(s) = self.nodes[n].session.as_mut() {
                 s.handle_timeout(self.now);
             }
             self.after_input(n)?;
         }
+        self.handoff_timers()?;
         if self.green(Attack::RekeyRace) {
             let due = [CLIENT, self.srv].into_iter().any(|n| {
                 self.nodes[n]
@@ -138,6 +142,7 @@ impl World {
                 p.until = None;
             }
         }
+        self.release_link();
         self.pump()
     }
 }
