@@ -300,7 +300,7 @@ impl Run {
             return;
         }
         let mut snap = self.p.a.snapshot().to_vec();
-        // `POOLSNP2` layout (see forge.rs): recv_next is the u64 after the
+        // `POOLSNP3` layout (see forge.rs; v3 only appends the handoff section): recv_next is the u64 after the
         // previous-chain flag at 138 (and its 36 bytes, if present) and the
         // three peer limits.
         let off = if snap[138] == 1 { 139 + 36 } else { 139 } + 24;

@@ -35,8 +35,11 @@ async fn bench(idle: usize, busy: usize, parallel: usize) -> Result<()> {
     .await?;
     let target = Endpoint::bind(
         "127.0.0.1:0",
-        EndpointConfig::new(key(3))
-            .trust(Trust::new().allow(ck.public_key()).allow(key(2).public_key())),
+        EndpointConfig::new(key(3)).trust(
+            Trust::new()
+                .allow(ck.public_key())
+                .allow(key(2).public_key()),
+        ),
     )
     .await?;
     serve_target(target.clone());
@@ -91,7 +94,9 @@ async fn bench(idle: usize, busy: usize, parallel: usize) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let link = std::sync::Arc::new(Link(
-        source.connect(&taddr.to_string(), key(3).public_key()).await?,
+        source
+            .connect(&taddr.to_string(), key(3).public_key())
+            .await?,
     ));
     let before = source.session_count();
     let started = Instant::now();
@@ -101,9 +106,14 @@ async fn bench(idle: usize, busy: usize, parallel: usize) -> Result<()> {
         let (link, permits) = (link.clone(), permits.clone());
         tasks.push(tokio::spawn(async move {
             let _p = permits.acquire_owned().await;
-            s.handoff_to(link.as_ref(), key(3).public_key(), vec![taddr], HandoffOptions::default())
-                .await
-                .map(|r| r.frozen)
+            s.handoff_to(
+                link.as_ref(),
+                key(3).public_key(),
+                vec![taddr],
+                HandoffOptions::default(),
+            )
+            .await
+            .map(|r| r.frozen)
         }));
     }
     let mut worst = Duration::ZERO;

@@ -50,7 +50,10 @@ pub(crate) fn key(n: u8) -> SecretKey {
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    let o = Opts::parse(args, &["--rounds", "--interval-ms", "--round-ms", "--worker-rtt-ms"])?;
+    let o = Opts::parse(
+        args,
+        &["--rounds", "--interval-ms", "--round-ms", "--worker-rtt-ms"],
+    )?;
     let rounds: usize = o.num("--rounds", 20)?;
     let rtt = Duration::from_millis(o.num("--worker-rtt-ms", 0)?);
     let interval = Duration::from_millis(o.num("--interval-ms", 1)?);
@@ -255,8 +258,15 @@ async fn bench(rounds: usize, interval: Duration, round: Duration, rtt: Duration
     let mut chunks = 0;
     for _ in 0..rounds {
         let (base, _, n0) = one_round(&source, client_to, &client, None, interval, round).await?;
-        let (gap, frozen, n1) =
-            one_round(&source, client_to, &client, Some((&link, taddr)), interval, round).await?;
+        let (gap, frozen, n1) = one_round(
+            &source,
+            client_to,
+            &client,
+            Some((&link, taddr)),
+            interval,
+            round,
+        )
+        .await?;
         stalls.push(gap.saturating_sub(base));
         freezes.push(frozen.unwrap_or_default());
         chunks += n0 + n1;

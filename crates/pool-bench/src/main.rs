@@ -16,9 +16,9 @@
 //! per-source handshake rate limit off (all clients come from 127.0.0.1).
 
 mod common;
+mod drain;
 mod flood;
 mod forward;
-mod drain;
 mod handoff;
 mod handshakes;
 mod idle;

@@ -367,3 +367,88 @@ fn offers_are_one_at_a_time_and_only_from_servers() {
     assert_eq!(p.b.freeze().unwrap_err(), HandoffError::NotPending);
     let _ = Instant::now();
 }
+
+#[test]
+fn a_fenced_source_hands_out_nothing_of_the_moved_streams() {
+    // Simulator finding 9: bytes buffered at the source at the freeze are
+    // in the snapshot, so the target delivers them; the fenced source must
+    // not hand them out too.
+    let mut p = util::pair();
+    let mut imports = Imports::new(&mut pool_core::SeededRng::from_u64(41));
+    let id = p.a.open_stream().unwrap();
+    p.a.stream_write(id, b"unread at the source").unwrap();
+    p.drive();
+    let token = prepare(&p, &mut imports);
+    offer(&mut p, token);
+    let mut t = move_to_target(&mut p, &mut imports);
+    p.b.fence(target_key());
+    assert!(matches!(
+        p.b.stream_read(id, &mut [0u8; 64]),
+        Err(StreamError::SessionClosed(_))
+    ));
+    assert_eq!(
+        util::read_available(&mut t, id).unwrap().0,
+        b"unread at the source"
+    );
+}
+
+#[test]
+fn an_unconfirmed_move_goes_back_to_the_source() {
+    // Simulator finding 10: the client took the target's answer, but its
+    // first record never arrived and the target gave the import up; the
+    // source unfroze. The client goes back and nothing is lost.
+    let mut p = util::pair();
+    let mut imports = Imports::new(&mut pool_core::SeededRng::from_u64(41));
+    let id = p.a.open_stream().unwrap();
+    p.a.stream_write(id, b"before ").unwrap();
+    p.drive();
+    let token = prepare(&p, &mut imports);
+    offer(&mut p, token);
+    let mut msg = Vec::new();
+    p.a.start_handoff_resume(&key(1), &mut p.rng, &mut msg)
+        .unwrap();
+    let snap = p.b.freeze().unwrap();
+    let mut t = Session::restore(p.now, p.b.config().clone(), &snap).unwrap();
+    t.rebind_local(target_key());
+    let mut reply = Vec::new();
+    t.answer_handoff(p.now, &msg, &key(3), &mut p.rng, &mut reply)
+        .unwrap();
+    p.ab.clear();
+    p.ba.clear();
+    p.a.finish_resume(p.now, &reply).unwrap();
+    assert!(p.a.move_unconfirmed());
+    // The client writes more; its first record to the target is lost.
+    p.a.stream_write(id, b"after").unwrap();
+    let _ =
+        p.a.poll_transmit(p.now, &mut vec![0u8; pool_core::MAX_RECORD_LEN]);
+    p.a.carrier_lost(p.now);
+    // The target gives up; the source thaws; the client goes back.
+    drop(t);
+    p.b.unfreeze(p.now);
+    assert!(p.a.revert_handoff());
+    assert_eq!(p.a.peer_key(), key(2).public_key());
+    assert!(!p.a.revert_handoff(), "once");
+    p.cut();
+    p.resume().expect("resume at the source");
+    p.drive();
+    assert_eq!(
+        util::read_available(&mut p.b, id).unwrap().0,
+        b"before after"
+    );
+}
+
+#[test]
+fn a_confirmed_move_cannot_go_back() {
+    let mut p = util::pair();
+    let mut imports = Imports::new(&mut pool_core::SeededRng::from_u64(41));
+    let token = prepare(&p, &mut imports);
+    offer(&mut p, token);
+    let t = move_to_target(&mut p, &mut imports);
+    p.b.fence(target_key());
+    p.b = t;
+    p.drive();
+    // A record of the target in the new epoch confirmed the commit.
+    assert!(!p.a.move_unconfirmed());
+    assert!(!p.a.revert_handoff());
+    assert_eq!(p.a.peer_key(), target_key());
+}

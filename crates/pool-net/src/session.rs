@@ -48,6 +48,9 @@ pub(crate) struct State {
     /// many handoffs it made.
     pub(crate) moved_from: Option<PublicKey>,
     pub(crate) handoffs: u64,
+    /// Client: the dialer of the server left at the last handoff, while
+    /// the move is unconfirmed (no record of the target yet).
+    pub(crate) origin_dialer: Option<Arc<dyn Dialer>>,
 }
 
 impl State {
@@ -448,6 +451,7 @@ pub(crate) fn spawn(
             declined: None,
             moved_from: None,
             handoffs: 0,
+            origin_dialer: None,
         }),
         wake: Notify::new(),
         app: Notify::new(),
@@ -732,6 +736,15 @@ async fn reconnect(shared: Arc<Shared>) {
                 info!(to = %dialer.describe(), "carrier resumed");
                 break;
             }
+            Err(Error::Handshake {
+                source: HandshakeError::SessionGone | HandshakeError::Refused { .. },
+                ..
+            }) if go_back(&shared) => {
+                // The target refused a session it answered but never saw
+                // commit: it gave the import up, and the source thaws.
+                info!("the handoff did not commit at the target; going back to the source");
+                backoff = Duration::from_millis(10);
+            }
             Err(Error::Handshake { source, .. })
                 if matches!(source, HandshakeError::SessionGone | HandshakeError::Closed) =>
             {
@@ -756,6 +769,25 @@ async fn reconnect(shared: Arc<Shared>) {
     }
     shared.lock().reconnecting = false;
     shared.wake.notify_one();
+}
+
+/// Client: after a handoff whose commit the target never confirmed, goes
+/// back to the source (`Session::revert_handoff`). Whether it did.
+fn go_back(shared: &Shared) -> bool {
+    let mut st = shared.lock();
+    if !st.core.move_unconfirmed() {
+        return false;
+    }
+    let Some(d) = st.origin_dialer.take() else {
+        return false;
+    };
+    if !st.core.revert_handoff() {
+        return false;
+    }
+    process_events(&mut st, shared);
+    drop(st);
+    shared.set_dialer(d);
+    true
 }
 
 async fn resume_once(shared: &Arc<Shared>, dialer: &dyn Dialer) -> Result<(), Error> {

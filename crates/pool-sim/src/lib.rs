@@ -135,7 +135,12 @@ pub struct RunStats {
     /// The client took the target's answer, its commit never arrived, the
     /// target gave the import up and the source unfroze: the client only
     /// dials the target (finding 10), under [`Options::lenient_handoff`].
+    /// Fixed: the client now goes back ([`RunStats::reverted`]), so this
+    /// stays false.
     pub stranded: bool,
+    /// Times the client went back to the source after a move the target
+    /// never confirmed (`Session::revert_handoff`; the fix of finding 10).
+    pub reverted: u64,
 }
 
 /// The result of one schedule.

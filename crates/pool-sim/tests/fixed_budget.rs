@@ -28,14 +28,13 @@ fn budget() -> u64 {
 /// `docs/simulator.md`, finding 6, and [`known_core_livelock_seed_16`]).
 /// Switch to `Attacks::ALL` once the core is fixed.
 ///
-/// The two known handoff findings (`docs/simulator.md`, 9 and 10) are
-/// counted, not failed (`lenient_handoff`); `tests/handoff_findings.rs`
-/// shows each still fails strictly. Switch it off once the core is fixed.
+/// Strict on the handoff too: its two findings (`docs/simulator.md`, 9 and
+/// 10) are fixed (`tests/handoff_findings.rs`).
 fn budget_options() -> Options {
     Options {
         attacks: Attacks::ALL,
         lenient_timers: false,
-        lenient_handoff: true,
+        lenient_handoff: false,
         ..Options::default()
     }
 }

@@ -193,7 +193,7 @@ impl Session {
         let (tx, rx) = epoch_keys(self.suite, &agreed, pending.epoch, true)?;
         let chain = next_chain(&pending.base_chain, &agreed);
         if let Some(target) = pending.target {
-            self.moved_to(target);
+            self.moved_to(target, pending.epoch);
         }
         self.attach(
             now,

@@ -221,7 +221,9 @@ impl Session {
         for op in std::mem::take(&mut self.deferred) {
             match op {
                 HeldOp::Finish(id) => {
-                    let _ = self.stream_finish(id);
+                    if matches!(self.stream_finish(id), Err(StreamError::Blocked)) {
+                        self.held_fins.push(id);
+                    }
                 }
                 HeldOp::Reset(id, code) => {
                     let _ = self.stream_reset(id, code);
@@ -266,6 +268,13 @@ impl Session {
         self.out_key_update = None;
         self.out_key_ack = None;
         self.carrier_up = false;
+        // The streams belong to the target now, buffered bytes included
+        // (they were in the snapshot): nothing of them may be read here.
+        self.streams.clear();
+        self.pending_resets.clear();
+        self.blocked.clear();
+        self.max_stream_data_queue.clear();
+        self.held_fins.clear();
         let held = std::mem::take(&mut self.deferred);
         self.finish_close(CloseReason::HandedOff { to });
         held
@@ -375,12 +384,40 @@ impl Session {
     }
 
     /// Client: the target answered; it is the peer from now on.
-    pub(super) fn moved_to(&mut self, target: PublicKey) {
+    pub(super) fn moved_to(&mut self, target: PublicKey, epoch: u32) {
         let from = self.peer;
         self.origin.get_or_insert(from);
         self.peer = target;
         self.moving = None;
+        self.unconfirmed_move = Some((from, epoch));
         self.events.push_back(Event::Moved { from, to: target });
+    }
+
+    /// Client: whether the session moved to a target from which no record
+    /// has authenticated yet (the commit may not have happened there).
+    pub fn move_unconfirmed(&self) -> bool {
+        self.unconfirmed_move.is_some()
+    }
+
+    /// Client: goes back to the server the session left, when the move is
+    /// unconfirmed and the target refuses the session (it gave the import
+    /// up: no commit happened, and the source unfreezes). The peer is the
+    /// source again; resume there. Returns whether it went back.
+    ///
+    /// Safe whatever the truth: if the target did commit, the source is
+    /// fenced and refuses the resume (the session is lost, never
+    /// duplicated); if it did not, the source holds the session.
+    pub fn revert_handoff(&mut self) -> bool {
+        let Some((from, _)) = self.unconfirmed_move.take() else {
+            return false;
+        };
+        let to = self.peer;
+        self.peer = from;
+        if self.origin == Some(from) {
+            self.origin = None;
+        }
+        self.events.push_back(Event::Moved { from: to, to: from });
+        true
     }
 
     // ---- target ----

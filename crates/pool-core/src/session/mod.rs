@@ -379,6 +379,12 @@ pub struct Session {
     decline_queued: Option<(u32, u8)>,
     /// Client: the server the session started with, once it moved.
     origin: Option<PublicKey>,
+    /// Client: moved to a target (the server it left, the new epoch) and
+    /// no record of the target authenticated yet: the commit may not have
+    /// happened, and [`Session::revert_handoff`] may go back.
+    unconfirmed_move: Option<(PublicKey, u32)>,
+    /// FINs held while frozen that found no room at unfreeze.
+    held_fins: Vec<u64>,
 
     pending_close: Option<(CloseCode, String, bool)>,
     state: State,
@@ -541,6 +547,8 @@ impl Session {
             moving: None,
             decline_queued: None,
             origin: None,
+            unconfirmed_move: None,
+            held_fins: Vec::new(),
             pending_close: None,
             state: State::Open,
             events: VecDeque::new(),

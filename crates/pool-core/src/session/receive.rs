@@ -80,6 +80,10 @@ impl Session {
         self.last_recv = now;
         if let Some(rx) = &self.rx {
             self.rx_confirmed = self.rx_confirmed.max(rx.epoch);
+            if self.unconfirmed_move.is_some_and(|(_, e)| rx.epoch >= e) {
+                // The target's record in the new epoch: it committed.
+                self.unconfirmed_move = None;
+            }
         }
     }
 

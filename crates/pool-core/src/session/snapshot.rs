@@ -18,7 +18,9 @@ use crate::error::WireError;
 use crate::keys::PublicKey;
 use crate::wire::Reader;
 
-const MAGIC: &[u8; 8] = b"POOLSNP2";
+const MAGIC: &[u8; 8] = b"POOLSNP3";
+/// The version before, without the handoff section; still restored.
+const MAGIC_V2: &[u8; 8] = b"POOLSNP2";
 
 /// A snapshot could not be restored.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -164,6 +166,23 @@ impl Session {
         ] {
             w.u64(v);
         }
+        // v3: the client's unconfirmed move and origin, so that a client
+        // restored mid-handoff can still go back to the source.
+        match self.unconfirmed_move {
+            Some((from, epoch)) => {
+                w.0.push(1);
+                w.0.extend_from_slice(&from.0);
+                w.u32(epoch);
+            }
+            None => w.0.push(0),
+        }
+        match self.origin {
+            Some(k) => {
+                w.0.push(1);
+                w.0.extend_from_slice(&k.0);
+            }
+            None => w.0.push(0),
+        }
         Zeroizing::new(w.0)
     }
 
@@ -172,7 +191,9 @@ impl Session {
     /// responder waits for the peer's RESUME. `config` is this node's.
     pub fn restore(now: Instant, config: Config, bytes: &[u8]) -> Result<Session, SnapshotError> {
         let mut r = Reader::new(bytes);
-        if r.bytes(8)? != MAGIC {
+        let magic = r.bytes(8)?;
+        let v3 = magic == MAGIC;
+        if !v3 && magic != MAGIC_V2 {
             return Err(SnapshotError::Magic);
         }
         let role = match r.u8()? {
@@ -266,6 +287,15 @@ impl Session {
             &mut st.streams_opened,
         ] {
             *v = r.u64()?;
+        }
+        if v3 {
+            if r.u8()? == 1 {
+                let from = PublicKey(r.array()?);
+                s.unconfirmed_move = Some((from, r.u32()?));
+            }
+            if r.u8()? == 1 {
+                s.origin = Some(PublicKey(r.array()?));
+            }
         }
         if !r.is_empty() {
             return Err(SnapshotError::Invalid("trailing bytes"));

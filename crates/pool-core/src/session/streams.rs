@@ -185,6 +185,7 @@ impl Session {
     /// nothing only fills it). A stream is forgotten, and its slot given
     /// back to the peer, once its frame is queued.
     pub(super) fn flush_resets(&mut self) {
+        self.flush_held_fins();
         while let Some(&id) = self.pending_resets.front() {
             let Some(code) = self
                 .streams
@@ -208,6 +209,19 @@ impl Session {
                 st.reset_unsent = false;
             }
             self.forget(id);
+        }
+    }
+
+    /// FINs held while the session was frozen that found no room when it
+    /// thawed: sent as room frees up, never dropped.
+    fn flush_held_fins(&mut self) {
+        if self.held_fins.is_empty() || self.frozen {
+            return;
+        }
+        for id in std::mem::take(&mut self.held_fins) {
+            if matches!(self.stream_finish(id), Err(StreamError::Blocked)) {
+                self.held_fins.push(id);
+            }
         }
     }
 

@@ -117,7 +117,7 @@ impl Forger {
         rng: &mut dyn RngCore,
     ) -> Forger {
         let s = initiator_snapshot;
-        assert_eq!(&s[..8], b"POOLSNP2");
+        assert_eq!(&s[..8], b"POOLSNP3");
         assert_eq!(s[8], 0, "an initiator's snapshot");
         let id: [u8; 16] = s[9..25].try_into().unwrap();
         let suite_bit = s[89];

@@ -75,6 +75,8 @@ async fn follow_offer(shared: Arc<Shared>, follow: Follow, offer: HandoffOffer) 
         }
         match follow_once(&shared, &follow.key, dialer.as_ref(), offer.id).await {
             Ok(true) => {
+                let left = shared.dialer();
+                shared.lock().origin_dialer = left;
                 shared.set_dialer(dialer);
                 info!(to = %offer.target, stall_ms = started.elapsed().as_secs_f64() * 1e3, "followed the handoff");
                 return;

@@ -60,9 +60,13 @@ impl World {
             _ => false,
         };
         if !matches {
-            // (A lenient strand ends the schedule: the client dials a target
-            // that gave the session up.)
-            if honest && !self.stats.stranded {
+            // A client whose move was never confirmed may dial a target that
+            // gave the import up: the refusal sends it back to the source.
+            let unconfirmed = self.nodes[CLIENT]
+                .session
+                .as_ref()
+                .is_some_and(Session::move_unconfirmed);
+            if honest && !self.stats.stranded && !unconfirmed {
                 return Err(Violation::new(
                     Kind::Resume,
                     format!(
@@ -293,6 +297,26 @@ impl World {
                 self.after_input(CLIENT)
             }
             Err(e) => {
+                // The runtime's rule: a move the target never confirmed,
+                // refused by the target (it gave the import up), goes back
+                // to the source (`Session::revert_handoff`).
+                let refused_by_target = matches!(
+                    e,
+                    HandshakeError::SessionGone | HandshakeError::Refused { .. }
+                );
+                if !tainted
+                    && refused_by_target
+                    && self.nodes[CLIENT]
+                        .session
+                        .as_mut()
+                        .is_some_and(|s| s.move_unconfirmed() && s.revert_handoff())
+                {
+                    self.log(format!(
+                        "client: resume on c{cid} refused ({e}); the move was never confirmed: back to the source"
+                    ));
+                    self.stats.reverted += 1;
+                    return self.abandon(cid);
+                }
                 self.log(format!(
                     "client: resume on c{cid} failed: {e}{}",
                     if tainted { " [attacker's answer]" } else { "" }
