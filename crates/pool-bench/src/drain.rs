@@ -52,9 +52,35 @@ async fn bench(idle: usize, busy: usize, parallel: usize) -> Result<()> {
     let mut servers = Vec::with_capacity(idle + busy);
     let mut readers = Vec::new();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Accepted sessions arrive in order on their own task (a failed connect
+    // must not leave an accept waiting forever).
+    let (acc_tx, mut acc_rx) = tokio::sync::mpsc::unbounded_channel();
+    let acceptor = source.clone();
+    tokio::spawn(async move {
+        while let Some(s) = acceptor.accept().await {
+            if acc_tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
     for i in 0..idle + busy {
-        let (c, s) = tokio::join!(client.connect(&saddr, key(2).public_key()), source.accept());
-        let (c, s) = (c?, s.ok_or("no session")?);
+        let mut tries = 0u32;
+        let c = loop {
+            match client.connect(&saddr, key(2).public_key()).await {
+                Ok(c) => break c,
+                // The listener rate-limits handshakes per source address,
+                // and every session here comes from 127.0.0.1.
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let s = tokio::time::timeout(Duration::from_secs(5), acc_rx.recv())
+            .await
+            .map_err(|_| "the source did not accept")?
+            .ok_or("no session")?;
         if i >= idle {
             let mut up = c.open_stream().await?;
             up.write_all(&[0]).await?;
