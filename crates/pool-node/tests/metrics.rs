@@ -92,6 +92,10 @@ fn fake() -> Arc<FakeSource> {
             shim_failed: 21,
             shim_exposed: 22,
             shim_refused: 23,
+            handoffs_started: 24,
+            handoffs_committed: 25,
+            handoffs_imported: 26,
+            handoffs_aborted: [("target_refused".to_string(), 27)].into_iter().collect(),
         },
     })
 }
@@ -286,7 +290,7 @@ fn parse_exposition(text: &str) -> Exposition {
     x
 }
 
-const AGGREGATE_COUNTERS: [&str; 13] = [
+const AGGREGATE_COUNTERS: [&str; 16] = [
     "pool_sessions_accepted",
     "pool_sessions_dialled",
     "pool_handshakes_refused",
@@ -300,6 +304,9 @@ const AGGREGATE_COUNTERS: [&str; 13] = [
     "pool_shim_failed",
     "pool_shim_exposed",
     "pool_shim_refused",
+    "pool_handoffs_started",
+    "pool_handoffs_committed",
+    "pool_handoffs_imported",
 ];
 
 const PEER_FAMILIES: [(&str, &str); 9] = [
@@ -341,6 +348,13 @@ async fn metrics_match_the_source() {
             "{name}"
         );
     }
+    assert_eq!(x.types["pool_handoffs_aborted"], "counter");
+    assert_eq!(
+        x.samples
+            .get("pool_handoffs_aborted_total{reason=\"target_refused\"}")
+            .copied(),
+        Some(27.0)
+    );
     for (name, kind) in PEER_FAMILIES {
         assert_eq!(x.types.get(name).map(String::as_str), Some(kind), "{name}");
         assert!(!x.help[name].is_empty(), "{name}");
@@ -391,11 +405,11 @@ async fn metrics_match_the_source() {
         Some(0.0)
     );
     assert_eq!(x.value("pool_session_path_changes", None), Some(0.0));
-    // 1 + 3 (by path) + 1 (path changes) + 13 aggregate samples, 9 + 6
-    // per-peer samples, nothing else.
+    // 1 + 3 (by path) + 1 (path changes) + 16 aggregate samples, 1
+    // handoff abort reason, 9 + 6 per-peer samples, nothing else.
     assert_eq!(
         x.samples.len(),
-        1 + 3 + 1 + 13 + 9 + 6,
+        1 + 3 + 1 + 16 + 1 + 9 + 6,
         "{:?}",
         x.samples.keys()
     );
