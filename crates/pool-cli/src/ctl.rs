@@ -223,11 +223,13 @@ pub(crate) fn handoff(session: String, to: String, to_key: String, target: &Targ
         },
     )?;
     println!(
-        "session {} handed to {}: frozen {:.2} ms, {} stream(s) forwarded, {} bytes of state",
+        "session {} handed to {}: frozen {:.2} ms, {} stream(s) forwarded, {} moved, {} reset, {} bytes of state",
         v["session"].as_str().unwrap_or("?"),
         v["to"].as_str().unwrap_or("?"),
         v["frozen_ms"].as_f64().unwrap_or(0.0),
         v["forwarded"].as_u64().unwrap_or(0),
+        v["moved"].as_u64().unwrap_or(0),
+        v["reset"].as_u64().unwrap_or(0),
         v["state_bytes"].as_u64().unwrap_or(0),
     );
     Ok(())

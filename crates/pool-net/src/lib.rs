@@ -44,7 +44,8 @@ pub use config::HandoffPolicy;
 pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats, RelayStatus};
 pub use error::Error;
 pub use handoff::{
-    HandoffLink, HandoffOptions, HandoffReport, LinkFuture, LinkPurpose, RESET_HANDOFF_DEADLINE,
+    HandoffLink, HandoffOptions, HandoffReport, Importer, LinkFuture, LinkPurpose, StreamPolicy,
+    RESET_HANDOFF, RESET_HANDOFF_DEADLINE,
 };
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,

@@ -278,6 +278,12 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// Another handle to the session behind `shared`.
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Session {
+        shared.add_handle();
+        Session { shared }
+    }
+
     /// The session id (the same on both sides).
     pub fn id(&self) -> SessionId {
         self.shared.id

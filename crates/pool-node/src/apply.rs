@@ -239,6 +239,11 @@ impl Daemon {
                 self.expose.clone(),
             );
         }
+        t.add(
+            crate::handoff_test::HANDOFF_TEST_SERVICE,
+            Access::Trusted,
+            crate::handoff::test_service(),
+        );
         for (name, svc) in crate::handoff::services(self, &cfg.handoff.peers) {
             t.add(name, Access::from_keys(&cfg.handoff.peers), svc);
         }

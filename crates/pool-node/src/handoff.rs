@@ -53,7 +53,11 @@ impl Service for HandoffService {
             let r = if self.forward {
                 d.endpoint.serve_forward(stream, peer).await
             } else {
-                let r = d.endpoint.serve_handoff(stream, peer).await;
+                let importer = NodeImporter(self.daemon.clone());
+                let r = d
+                    .endpoint
+                    .serve_handoff_with(stream, peer, Some(&importer))
+                    .await;
                 if let Err(e) = &r {
                     d.handoffs.count_aborted(error_code(e));
                 }
@@ -63,6 +67,19 @@ impl Service for HandoffService {
                 info!(from = %peer.short(), "handoff (target side) ended: {e}");
             }
         })
+    }
+}
+
+/// Hands streams that moved to this node's services (the router).
+struct NodeImporter(Weak<Daemon>);
+
+impl pool_net::Importer for NodeImporter {
+    fn moved(&self, session: Session, stream: Stream, service: String, read: u64, written: u64) {
+        let Some(d) = self.0.upgrade() else {
+            return;
+        };
+        let router = d.router.clone();
+        tokio::spawn(async move { router.import(stream, session, service, read, written).await });
     }
 }
 
@@ -167,7 +184,8 @@ impl Daemon {
         );
         let opts = HandoffOptions::default()
             .token_lifetime(cfg.token_lifetime)
-            .forward_deadline(cfg.forward_deadline);
+            .forward_deadline(cfg.forward_deadline)
+            .policies(self.router.policies(&id));
         let res = match self.link(to, to_key).await {
             Ok(link) => session.handoff_to(&Link(link), to_key, addrs, opts).await,
             Err(e) => Err(pool_net::Error::Handoff {
@@ -236,7 +254,8 @@ impl Daemon {
             Ok(r) => json!({
                 "ok": true, "session": r.session.to_string(), "to": r.to.to_string(),
                 "frozen_ms": r.frozen.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
-                "forwarded": r.forwarded, "state_bytes": r.state_bytes,
+                "forwarded": r.forwarded, "moved": r.moved, "reset": r.reset,
+                "state_bytes": r.state_bytes,
             }),
             Err(e) => json!({"error": e.to_string(), "reason": error_code(&e)}),
         }
@@ -312,4 +331,10 @@ pub(crate) fn services(
             HandoffService::new(Arc::downgrade(daemon), true),
         ),
     ]
+}
+
+/// `pool.handoff.test`, registered on every node (it moves with handoffs;
+/// trusted peers only, like every service).
+pub(crate) fn test_service() -> Arc<dyn Service> {
+    Arc::new(crate::handoff_test::HandoffTest)
 }

@@ -17,6 +17,7 @@ pub mod config_check;
 pub mod control;
 pub mod daemon;
 pub mod handoff;
+pub mod handoff_test;
 pub mod keys;
 pub mod metrics;
 pub mod model;

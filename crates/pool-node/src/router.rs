@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use pool_net::{PublicKey, RecvStream, SendStream, Session};
+use pool_net::{PublicKey, RecvStream, SendStream, Session, StreamPolicy};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -93,6 +93,24 @@ pub struct Incoming {
 pub trait Service: Send + Sync + 'static {
     /// Serves one stream until it ends.
     fn serve(self: Arc<Self>, stream: Incoming) -> ServeFuture;
+
+    /// What the service's streams do when their session is handed to
+    /// another worker: stay here and be forwarded (the default), move to
+    /// the target's instance of the service ([`Service::import`]), or be
+    /// reset.
+    fn handoff_policy(&self) -> StreamPolicy {
+        StreamPolicy::Forward
+    }
+
+    /// At a handoff's target: go on serving a stream that moved, whose
+    /// service at the source had read `read` and written `written` bytes
+    /// of it. Services whose policy is not `Move` never get one; the
+    /// default resets it.
+    fn import(self: Arc<Self>, stream: Incoming, read: u64, written: u64) -> ServeFuture {
+        let _ = (read, written);
+        let mut send = stream.send;
+        Box::pin(async move { send.reset(pool_net::RESET_HANDOFF) })
+    }
 }
 
 /// Which peer keys may use a service.
@@ -256,8 +274,30 @@ pub struct Router {
     permits: Arc<Semaphore>,
     journal: RwLock<Option<Journal>>,
     refusals: Mutex<RefusalCounts>,
+    /// The streams being served, by session: each one's policy at a
+    /// handoff and its service's name.
+    live: Mutex<HashMap<String, HashMap<u64, (StreamPolicy, String)>>>,
     /// Counters.
     pub stats: RouterStats,
+}
+
+/// Removes a stream from [`Router::live`] when its service is done.
+struct Live<'a> {
+    router: &'a Router,
+    session: String,
+    stream: u64,
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        let mut live = self.router.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = live.get_mut(&self.session) {
+            m.remove(&self.stream);
+            if m.is_empty() {
+                live.remove(&self.session);
+            }
+        }
+    }
 }
 
 impl Router {
@@ -268,8 +308,78 @@ impl Router {
             permits: Arc::new(Semaphore::new(MAX_STREAMS)),
             journal: RwLock::new(journal),
             refusals: Mutex::default(),
+            live: Mutex::default(),
             stats: RouterStats::default(),
         })
+    }
+
+    /// The streams of session `id` being served now: each one's handoff
+    /// policy and service.
+    pub fn policies(&self, id: &str) -> HashMap<u64, (StreamPolicy, String)> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn track(&self, session: &str, stream: u64, policy: StreamPolicy, service: &str) -> Live<'_> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(session.to_string())
+            .or_default()
+            .insert(stream, (policy, service.to_string()));
+        Live {
+            router: self,
+            session: session.to_string(),
+            stream,
+        }
+    }
+
+    /// At a handoff's target: hands a stream that moved to the service
+    /// named `service`, which goes on from the offsets (or the stream is
+    /// reset if the service is gone).
+    pub async fn import(
+        &self,
+        stream: pool_net::Stream,
+        session: Session,
+        service: String,
+        read: u64,
+        written: u64,
+    ) {
+        let peer = session.peer_key();
+        let id = session.id().to_string();
+        let sid = stream.id();
+        let (recv, mut send) = stream.into_split();
+        let entry = self.table().lookup(&service).cloned();
+        let Some(entry) = entry.filter(|e| e.access.allows(&peer)) else {
+            send.reset(pool_net::RESET_HANDOFF);
+            return;
+        };
+        let any = std::net::SocketAddr::from(([0u8; 16], 0));
+        let _live = self.track(&id, sid, entry.service.handoff_policy(), &service);
+        let preamble = Preamble {
+            source: any,
+            destination: any,
+            service,
+        };
+        entry
+            .service
+            .import(
+                Incoming {
+                    preamble,
+                    recv,
+                    send,
+                    peer,
+                    session,
+                    session_id: id,
+                },
+                read,
+                written,
+            )
+            .await;
     }
 
     /// Replaces the whole table at once (config apply). Streams already
@@ -306,6 +416,7 @@ impl Router {
     }
 
     async fn route(&self, stream: pool_net::Stream, peer: PublicKey, session: Session, id: String) {
+        let sid = stream.id();
         let (mut recv, mut send) = stream.into_split();
         let preamble = match tokio::time::timeout(PREAMBLE_TIMEOUT, Preamble::read(&mut recv)).await
         {
@@ -332,6 +443,7 @@ impl Router {
             return;
         }
         self.stats.routed.fetch_add(1, Ordering::Relaxed);
+        let _live = self.track(&id, sid, entry.service.handoff_policy(), &preamble.service);
         entry
             .service
             .serve(Incoming {

@@ -21,7 +21,11 @@ impl HandoffLink for Link {
     fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
         Box::pin(async move {
             let mut s = self.0.open_stream().await?;
-            let tag = if purpose == LinkPurpose::Handoff { 1 } else { 2 };
+            let tag = if purpose == LinkPurpose::Handoff {
+                1
+            } else {
+                2
+            };
             s.write_all(&[tag]).await?;
             Ok(s)
         })
@@ -78,7 +82,11 @@ async fn exchange(st: &mut Stream, from: u8, n: u8, mark: u8) {
 async fn registered(ep: &Endpoint) {
     let t = Instant::now();
     while !ep.relay_status().first().is_some_and(|r| r.registered) {
-        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", ep.relay_status());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            ep.relay_status()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -114,11 +122,7 @@ async fn a_relayed_client_follows_a_handoff_through_the_relay() {
     registered(&source).await;
     registered(&target).await;
     serve(target.clone(), b'T');
-    let client = Endpoint::client(
-        EndpointConfig::new(kc)
-            .relays(vec![raddr])
-            .relay_only(true),
-    );
+    let client = Endpoint::client(EndpointConfig::new(kc).relays(vec![raddr]).relay_only(true));
     let (c, s) = tokio::join!(client.connect_key(ks.public_key()), source.accept());
     let (c, s) = (c.unwrap(), s.unwrap());
     assert_eq!(c.stats().path, "relay");
@@ -151,7 +155,11 @@ async fn a_relayed_client_follows_a_handoff_through_the_relay() {
         .expect("handoff through the relay");
     assert_eq!(report.forwarded, 1);
     assert_eq!(c.peer_key(), kt.public_key());
-    assert_eq!(c.stats().path, "relay", "the client still reaches it through the relay");
+    assert_eq!(
+        c.stats().path,
+        "relay",
+        "the client still reaches it through the relay"
+    );
     assert!(
         relay.stats().circuits_total > circuits,
         "a new circuit, to the target"

@@ -280,6 +280,12 @@ impl Session {
         held
     }
 
+    /// A stream's offsets: bytes the application read from it, and bytes
+    /// it wrote to it (a moved stream's service continues from there).
+    pub fn stream_offsets(&self, id: u64) -> Option<(u64, u64)> {
+        self.streams.get(&id).map(|s| (s.recv_consumed, s.sent))
+    }
+
     /// The streams the session holds now (open in at least one direction).
     pub fn stream_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self.streams.keys().copied().collect();

@@ -23,10 +23,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use pool_core::{PublicKey, SessionId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::Error;
+use crate::session::Session;
 use crate::stream::Stream;
 
 mod follow;
@@ -71,6 +74,35 @@ pub trait HandoffLink: Send + Sync {
     fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_>;
 }
 
+/// What happens to one stream of a session handed off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamPolicy {
+    /// The stream stays with its service on the source, and the target
+    /// forwards it (streams bound to the source host: a `pool2tcp`
+    /// connection to its backend). The default.
+    #[default]
+    Forward,
+    /// The stream moves: the target's instance of the same service goes
+    /// on with it from its offsets ([`Importer`]).
+    Move,
+    /// The stream is reset with [`RESET_HANDOFF`] before the state leaves
+    /// (services that opt out).
+    Reset,
+}
+
+/// The stream reset code for a stream whose service does not move with a
+/// handed-off session.
+pub const RESET_HANDOFF: u64 = 6;
+
+/// The target's side of moved streams: a service takes a stream of a
+/// handed-in session over, from where the source's instance left it.
+pub trait Importer: Send + Sync {
+    /// `stream` of `session` was served by `service` at the source, which
+    /// had read `read` bytes and written `written` bytes of it.
+    fn moved(&self, session: Session, stream: Stream, service: String, read: u64, written: u64);
+}
+
 /// How a handoff is run.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -79,6 +111,9 @@ pub struct HandoffOptions {
     pub token_lifetime: Duration,
     /// How long the target forwards streams that stay on the source.
     pub forward_deadline: Duration,
+    /// Per stream: its policy and its service's name (streams not listed
+    /// are forwarded).
+    pub policies: HashMap<u64, (StreamPolicy, String)>,
 }
 
 impl Default for HandoffOptions {
@@ -86,6 +121,7 @@ impl Default for HandoffOptions {
         HandoffOptions {
             token_lifetime: Duration::from_secs(10),
             forward_deadline: Duration::from_secs(600),
+            policies: HashMap::new(),
         }
     }
 }
@@ -99,6 +135,11 @@ impl HandoffOptions {
     /// With this forward deadline.
     pub fn forward_deadline(mut self, d: Duration) -> Self {
         self.forward_deadline = d;
+        self
+    }
+    /// With these stream policies (stream id → policy and service name).
+    pub fn policies(mut self, p: HashMap<u64, (StreamPolicy, String)>) -> Self {
+        self.policies = p;
         self
     }
 }
@@ -117,6 +158,10 @@ pub struct HandoffReport {
     pub frozen: Duration,
     /// Streams left on this side and forwarded through the target.
     pub forwarded: usize,
+    /// Streams that moved to the target's services.
+    pub moved: usize,
+    /// Streams reset because their service does not move.
+    pub reset: usize,
     /// Bytes of state sent.
     pub state_bytes: usize,
 }

@@ -65,6 +65,21 @@ impl Session {
         prep.extend_from_slice(&floor.to_be_bytes());
         prep.extend_from_slice(&ms(opts.token_lifetime).to_be_bytes());
         prep.extend_from_slice(&ms(opts.forward_deadline).to_be_bytes());
+        // The manifest: streams that move, and the service that takes each.
+        let moved: Vec<(u64, &String)> = opts
+            .policies
+            .iter()
+            .filter(|(_, (p, _))| *p == StreamPolicy::Move)
+            .map(|(id, (_, name))| (*id, name))
+            .take(usize::from(u16::MAX))
+            .collect();
+        prep.extend_from_slice(&(moved.len() as u16).to_be_bytes());
+        for (sid, name) in &moved {
+            let name = &name.as_bytes()[..name.len().min(255)];
+            prep.extend_from_slice(&sid.to_be_bytes());
+            prep.push(name.len() as u8);
+            prep.extend_from_slice(name);
+        }
         let lost = |e: std::io::Error| fail("prepare", "target_unreachable", e.to_string());
         write_msg(&mut ctl, PREPARE, &prep).await.map_err(lost)?;
         let (ty, body) = tokio::time::timeout(Duration::from_secs(5), read_msg(&mut ctl))
@@ -159,6 +174,21 @@ impl Session {
         };
         debug!(session = %id, epoch, "the client reached the target; freezing");
 
+        // Streams whose service does not move are reset first, so the
+        // resets travel in the state the target inherits.
+        let resets: Vec<u64> = opts
+            .policies
+            .iter()
+            .filter(|(_, (p, _))| *p == StreamPolicy::Reset)
+            .map(|(id, _)| *id)
+            .collect();
+        {
+            let mut st = shared.lock();
+            for sid in &resets {
+                let _ = st.core.stream_reset(*sid, RESET_HANDOFF);
+            }
+            process_events(&mut st, shared);
+        }
         // Freeze; a resume half done here completes within a round trip.
         let mut tries = 0;
         let snap = loop {
@@ -211,7 +241,12 @@ impl Session {
         // worker streams, then fence.
         let ids = shared.lock().core.stream_ids();
         let mut homes = HashMap::new();
-        for sid in ids {
+        let staying = |sid: &u64| {
+            opts.policies
+                .get(sid)
+                .is_none_or(|(p, _)| *p == StreamPolicy::Forward)
+        };
+        for sid in ids.into_iter().filter(staying) {
             match open_forward(link, &id, sid).await {
                 Ok(s) => {
                     homes.insert(sid, Rehomed::new(s));
@@ -229,6 +264,8 @@ impl Session {
             total: started.elapsed(),
             frozen,
             forwarded,
+            moved: moved.len(),
+            reset: resets.len(),
             state_bytes,
         })
     }

@@ -66,12 +66,25 @@ impl Endpoint {
     /// Target side of a handoff: serves one handoff stream from the source
     /// worker `source` (an authenticated peer the caller trusts for
     /// handoffs). Returns when the handoff committed or failed.
-    pub async fn serve_handoff(&self, mut link: Stream, source: PublicKey) -> Result<(), Error> {
+    pub async fn serve_handoff(&self, link: Stream, source: PublicKey) -> Result<(), Error> {
+        self.serve_handoff_with(link, source, None).await
+    }
+
+    /// Like [`Endpoint::serve_handoff`], with `importer` taking over the
+    /// streams that move (without one they are reset with
+    /// [`RESET_HANDOFF`]).
+    pub async fn serve_handoff_with(
+        &self,
+        mut link: Stream,
+        source: PublicKey,
+        importer: Option<&dyn Importer>,
+    ) -> Result<(), Error> {
         let ctx = self.listen_ctx().clone();
         let (ty, body) = read_msg(&mut link).await?;
-        if ty != PREPARE || body.len() != 4 + 16 + 32 + 4 + 4 + 4 {
-            return Err(fail("prepare", "target_refused", "not a PREPARE"));
-        }
+        let moved = match (ty, body.get(64..).map(parse_manifest)) {
+            (PREPARE, Some(Some(m))) => m,
+            _ => return Err(fail("prepare", "target_refused", "not a PREPARE")),
+        };
         let hid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         let mut sid = [0u8; 16];
         sid.copy_from_slice(&body[4..20]);
@@ -237,7 +250,23 @@ impl Endpoint {
             warn!(session = %id, "accept queue full; the handed-in session is not served");
         }
         write_msg(&mut link, COMMITTED, &[]).await?;
-        info!(session = %id, from = %source.short(), "handoff committed here");
+        info!(session = %id, from = %source.short(), moved = moved.len(), "handoff committed here");
+        if !moved.is_empty() {
+            if let Some(shared) = ctx.registry_get(&id) {
+                let handle = Session::from_shared(shared.clone());
+                for (sid, service) in moved {
+                    let offsets = shared.lock().core.stream_offsets(sid);
+                    let Some((read, written)) = offsets else {
+                        continue;
+                    };
+                    let mut stream = Stream::new(shared.clone(), sid);
+                    match importer {
+                        Some(i) => i.moved(handle.clone(), stream, service, read, written),
+                        None => stream.reset(RESET_HANDOFF),
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -297,6 +326,22 @@ impl Endpoint {
         }
         Ok(())
     }
+}
+
+/// The PREPARE's manifest: `count u16`, then per moved stream `id u64,
+/// name len u8, name`. `None` if malformed.
+fn parse_manifest(b: &[u8]) -> Option<Vec<(u64, String)>> {
+    let n = u16::from_be_bytes([*b.first()?, *b.get(1)?]) as usize;
+    let mut at = 2;
+    let mut out = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let id = u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?);
+        let len = usize::from(*b.get(at + 8)?);
+        let name = std::str::from_utf8(b.get(at + 9..at + 9 + len)?).ok()?;
+        out.push((id, name.to_string()));
+        at += 9 + len;
+    }
+    (at == b.len()).then_some(out)
 }
 
 async fn pull_state(
