@@ -41,7 +41,7 @@ fn a_moved_stream_survives_a_hundred_handoffs_chunk_for_chunk() {
         &["daemon", "--config", path.to_str().unwrap()],
         &dir,
     );
-    client.wait_log("tcp2pool bridge up", Duration::from_secs(15));
+    client.wait_log("listening on", Duration::from_secs(15));
 
     let mut tcp = TcpStream::connect(&listen).expect("connect to the bridge");
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use crate::config::{Config, Problem};
 
 /// The node's own services; other `pool.` names are reserved.
-pub const NODE_SERVICES: [&str; 2] = [
+pub const NODE_SERVICES: [&str; 5] = [
     crate::services::DISCARD_SERVICE,
     crate::control::CONTROL_SERVICE,
+    crate::handoff_test::HANDOFF_TEST_SERVICE,
+    crate::handoff::HANDOFF_SERVICE,
+    crate::handoff::FORWARD_SERVICE,
 ];
 
 /// The line (1-based) of `key` in the `index`-th `header` section of

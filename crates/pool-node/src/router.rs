@@ -276,10 +276,13 @@ pub struct Router {
     refusals: Mutex<RefusalCounts>,
     /// The streams being served, by session: each one's policy at a
     /// handoff and its service's name.
-    live: Mutex<HashMap<String, HashMap<u64, (StreamPolicy, String)>>>,
+    live: Mutex<HashMap<String, StreamPolicies>>,
     /// Counters.
     pub stats: RouterStats,
 }
+
+/// A session's live streams: each one's handoff policy and service name.
+pub type StreamPolicies = HashMap<u64, (StreamPolicy, String)>;
 
 /// Removes a stream from [`Router::live`] when its service is done.
 struct Live<'a> {
@@ -315,7 +318,7 @@ impl Router {
 
     /// The streams of session `id` being served now: each one's handoff
     /// policy and service.
-    pub fn policies(&self, id: &str) -> HashMap<u64, (StreamPolicy, String)> {
+    pub fn policies(&self, id: &str) -> StreamPolicies {
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
