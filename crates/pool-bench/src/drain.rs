@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use pool_net::{Endpoint, EndpointConfig, HandoffOptions, Trust};
+use pool_net::{Endpoint, EndpointConfig, HandoffOptions, TaggedLink, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{ms, Opts, Result};
-use crate::handoff::{key, serve_target, Link};
+use crate::handoff::{key, serve_target};
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let o = Opts::parse(args, &["--idle", "--busy", "--parallel"])?;
@@ -119,7 +119,7 @@ async fn bench(idle: usize, busy: usize, parallel: usize) -> Result<()> {
         servers.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let link = std::sync::Arc::new(Link(
+    let link = std::sync::Arc::new(TaggedLink(
         source
             .connect(&taddr.to_string(), key(3).public_key())
             .await?,

@@ -18,30 +18,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use pool_net::{
-    Endpoint, EndpointConfig, HandoffLink, HandoffOptions, LinkFuture, LinkPurpose, SecretKey,
-    Session, Trust,
-};
+use pool_net::{Endpoint, EndpointConfig, HandoffOptions, SecretKey, TaggedLink, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{ms, Opts, Result};
-
-pub(crate) struct Link(pub(crate) Session);
-
-impl HandoffLink for Link {
-    fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
-        Box::pin(async move {
-            let mut s = self.0.open_stream().await?;
-            let tag = if purpose == LinkPurpose::Handoff {
-                1
-            } else {
-                2
-            };
-            s.write_all(&[tag]).await?;
-            Ok(s)
-        })
-    }
-}
 
 pub(crate) fn key(n: u8) -> SecretKey {
     let mut b = [n; 32];
@@ -123,18 +103,10 @@ pub(crate) fn serve_target(ep: Endpoint) {
         while let Some(session) = ep.accept().await {
             let ep = ep.clone();
             tokio::spawn(async move {
-                while let Some(mut st) = session.accept_stream().await {
+                while let Some(st) = session.accept_stream().await {
                     let (ep, peer) = (ep.clone(), session.peer_key());
                     tokio::spawn(async move {
-                        let mut tag = [0u8; 1];
-                        if st.read_exact(&mut tag).await.is_err() {
-                            return;
-                        }
-                        let _ = match tag[0] {
-                            1 => ep.serve_handoff(st, peer).await,
-                            2 => ep.serve_forward(st, peer).await,
-                            _ => Ok(()),
-                        };
+                        let _ = ep.serve_tagged(st, peer).await;
                     });
                 }
             });
@@ -148,7 +120,7 @@ async fn one_round(
     source: &Endpoint,
     source_addr: SocketAddr,
     client: &Endpoint,
-    link: Option<(&Link, std::net::SocketAddr)>,
+    link: Option<(&TaggedLink, std::net::SocketAddr)>,
     interval: Duration,
     round: Duration,
 ) -> Result<(Duration, Option<Duration>, u64)> {
@@ -248,7 +220,7 @@ async fn bench(rounds: usize, interval: Duration, round: Duration, rtt: Duration
             delaying_forwarder(saddr, rtt / 2).await?,
         )
     };
-    let link = Link(
+    let link = TaggedLink(
         source
             .connect(&link_to.to_string(), key(3).public_key())
             .await?,

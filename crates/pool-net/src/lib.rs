@@ -45,7 +45,7 @@ pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerSt
 pub use error::Error;
 pub use handoff::{
     HandoffLink, HandoffOptions, HandoffReport, Importer, LinkFuture, LinkPurpose, StreamPolicy,
-    RESET_HANDOFF, RESET_HANDOFF_DEADLINE,
+    TaggedLink, RESET_HANDOFF, RESET_HANDOFF_DEADLINE, TAG_APP, TAG_FORWARD, TAG_HANDOFF,
 };
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,

@@ -812,22 +812,42 @@ async fn resume_once(shared: &Arc<Shared>, dialer: &dyn Dialer) -> Result<(), Er
 /// simply stays.
 pub(crate) async fn resume_on(
     shared: &Arc<Shared>,
-    mut carrier: BoxedCarrier,
+    carrier: BoxedCarrier,
     addr: &str,
 ) -> Result<(), Error> {
+    resume_with(
+        shared,
+        carrier,
+        addr,
+        Duration::from_secs(5),
+        |core, msg| core.start_resume(&mut rand_core::OsRng, msg).map(|()| true),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// A resume on `carrier` whose first record `start` writes (a RESUME, or a
+/// RESUME_HANDOFF); `start` returning `Ok(false)` calls it off. Returns
+/// whether the session switched to `carrier`.
+pub(crate) async fn resume_with(
+    shared: &Arc<Shared>,
+    mut carrier: BoxedCarrier,
+    addr: &str,
+    wait: Duration,
+    start: impl FnOnce(&mut pool_core::Session, &mut Vec<u8>) -> Result<bool, HandshakeError>,
+) -> Result<bool, Error> {
     let _one = shared.resume_lock.lock().await;
     let mut msg = Vec::new();
-    shared
-        .lock()
-        .core
-        .start_resume(&mut rand_core::OsRng, &mut msg)
-        .map_err(|source| Error::Handshake {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let go = start(&mut shared.lock().core, &mut msg).map_err(|source| Error::Handshake {
+        addr: addr.to_string(),
+        source,
+    })?;
+    if !go {
+        return Ok(false);
+    }
     let answer = async {
         carrier.write_all(&msg).await?;
-        crate::carrier::read_record(&mut carrier, addr, Duration::from_secs(5)).await
+        crate::carrier::read_record(&mut carrier, addr, wait).await
     }
     .await;
     let mut st = shared.lock();
@@ -847,7 +867,7 @@ pub(crate) async fn resume_on(
             process_events(&mut st, shared);
             drop(st);
             attach(shared, carrier);
-            Ok(())
+            Ok(true)
         }
         Err(e) => {
             st.core.cancel_resume();

@@ -11,28 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pool_net::{
-    Endpoint, EndpointConfig, HandoffLink, HandoffOptions, HandoffPolicy, LinkFuture, LinkPurpose,
-    Session, Stream, Trust,
+    Endpoint, EndpointConfig, HandoffOptions, HandoffPolicy, Session, Stream, TaggedLink, Trust,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::key;
-
-/// Worker streams start with a tag: 1 handoff, 2 forward; app streams 0.
-struct Link(Session);
-
-impl HandoffLink for Link {
-    fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
-        Box::pin(async move {
-            let mut s = self.0.open_stream().await?;
-            let tag = match purpose {
-                LinkPurpose::Handoff => 1u8,
-                _ => 2u8,
-            };
-            s.write_all(&[tag]).await?;
-            Ok(s)
-        })
-    }
-}
 
 /// Serves every session of `ep`: worker streams go to the handoff, app
 /// streams are echoed with `mark` prefixed to each reply line.
@@ -41,24 +23,29 @@ fn serve(ep: Endpoint, mark: &'static [u8]) {
         while let Some(session) = ep.accept().await {
             let ep = ep.clone();
             tokio::spawn(async move {
-                while let Some(mut st) = session.accept_stream().await {
+                while let Some(st) = session.accept_stream().await {
                     let ep = ep.clone();
                     let peer = session.peer_key();
                     tokio::spawn(async move {
-                        let mut tag = [0u8; 1];
-                        if st.read_exact(&mut tag).await.is_err() {
-                            return;
-                        }
-                        match tag[0] {
-                            1 => {
-                                let _ = ep.serve_handoff(st, peer).await;
-                            }
-                            2 => {
-                                let _ = ep.serve_forward(st, peer).await;
-                            }
-                            _ => echo(st, mark).await,
+                        if let Ok(Some(st)) = ep.serve_tagged(st, peer).await {
+                            echo(st, mark).await;
                         }
                     });
+                }
+            });
+        }
+    });
+}
+
+/// The source's app: the client's streams (tag 0 first), echoed with "S".
+fn serve_source(s: &Session) {
+    let s = s.clone();
+    tokio::spawn(async move {
+        while let Some(mut st) = s.accept_stream().await {
+            tokio::spawn(async move {
+                let mut tag = [0u8; 1];
+                if st.read_exact(&mut tag).await.is_ok() {
+                    echo(st, b"S").await;
                 }
             });
         }
@@ -130,17 +117,7 @@ async fn handoff_moves_the_session_and_forwards_its_streams() {
     let (source, target, client, c, s) = setup(HandoffPolicy::Any).await;
     serve(target.clone(), b"T");
     // The source serves the client's streams itself (this test's app).
-    let s2 = s.clone();
-    tokio::spawn(async move {
-        while let Some(mut st) = s2.accept_stream().await {
-            tokio::spawn(async move {
-                let mut tag = [0u8; 1];
-                if st.read_exact(&mut tag).await.is_ok() {
-                    echo(st, b"S").await;
-                }
-            });
-        }
-    });
+    serve_source(&s);
     let mut x = c.open_stream().await.unwrap();
     x.write_all(&[0]).await.unwrap();
     exchange(&mut x, 0, 200, b"S").await;
@@ -151,7 +128,7 @@ async fn handoff_moves_the_session_and_forwards_its_streams() {
         .connect(&taddr.to_string(), key(3).public_key())
         .await
         .unwrap();
-    let link = Link(worker);
+    let link = TaggedLink(worker);
     let pumping = tokio::spawn(async move {
         exchange(&mut x, 200, 3000, b"S").await;
         x
@@ -198,22 +175,12 @@ async fn a_refused_or_failed_handoff_leaves_the_session_in_place() {
     util::init_tracing();
     let (source, target, _client, c, s) = setup(HandoffPolicy::Refuse).await;
     serve(target.clone(), b"T");
-    let s2 = s.clone();
-    tokio::spawn(async move {
-        while let Some(mut st) = s2.accept_stream().await {
-            tokio::spawn(async move {
-                let mut tag = [0u8; 1];
-                if st.read_exact(&mut tag).await.is_ok() {
-                    echo(st, b"S").await;
-                }
-            });
-        }
-    });
+    serve_source(&s);
     let mut x = c.open_stream().await.unwrap();
     x.write_all(&[0]).await.unwrap();
     exchange(&mut x, 0, 10, b"S").await;
     let taddr = target.local_addr().unwrap();
-    let link = Link(
+    let link = TaggedLink(
         source
             .connect(&taddr.to_string(), key(3).public_key())
             .await
@@ -306,7 +273,7 @@ async fn replayed_and_forged_handoff_resumes_are_refused_and_harm_nothing() {
     // The client reaches the target through a forwarder that records what
     // it sends: its RESUME_HANDOFF, as an on-path attacker would see it.
     let (faddr, seen) = recording_forwarder(taddr).await;
-    let link = Link(
+    let link = TaggedLink(
         source
             .connect(&taddr.to_string(), key(3).public_key())
             .await

@@ -7,30 +7,9 @@
 //! is served by the target.
 use std::time::{Duration, Instant};
 
-use pool_net::{
-    Endpoint, EndpointConfig, HandoffLink, HandoffOptions, LinkFuture, LinkPurpose, SecretKey,
-    Session, Stream, Trust,
-};
+use pool_net::{Endpoint, EndpointConfig, HandoffOptions, SecretKey, Stream, TaggedLink, Trust};
 use pool_relay::{RelayConfig, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Worker streams start with a tag byte: 1 handoff, 2 forward, 0 app.
-struct Link(Session);
-
-impl HandoffLink for Link {
-    fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
-        Box::pin(async move {
-            let mut s = self.0.open_stream().await?;
-            let tag = if purpose == LinkPurpose::Handoff {
-                1
-            } else {
-                2
-            };
-            s.write_all(&[tag]).await?;
-            Ok(s)
-        })
-    }
-}
 
 /// Echoes 64-byte records with `mark` in front of each answer.
 async fn echo(mut st: Stream, mark: u8) {
@@ -47,21 +26,12 @@ fn serve(ep: Endpoint, mark: u8) {
         while let Some(session) = ep.accept().await {
             let ep = ep.clone();
             tokio::spawn(async move {
-                while let Some(mut st) = session.accept_stream().await {
+                while let Some(st) = session.accept_stream().await {
                     let (ep, peer) = (ep.clone(), session.peer_key());
                     tokio::spawn(async move {
-                        let mut tag = [0u8; 1];
-                        if st.read_exact(&mut tag).await.is_err() {
-                            return;
+                        if let Ok(Some(st)) = ep.serve_tagged(st, peer).await {
+                            echo(st, mark).await;
                         }
-                        let _ = match tag[0] {
-                            1 => ep.serve_handoff(st, peer).await,
-                            2 => ep.serve_forward(st, peer).await,
-                            _ => {
-                                echo(st, mark).await;
-                                Ok(())
-                            }
-                        };
                     });
                 }
             });
@@ -142,7 +112,7 @@ async fn a_relayed_client_follows_a_handoff_through_the_relay() {
     exchange(&mut x, 0, 10, b'S').await;
     let circuits = relay.stats().circuits_total;
 
-    let link = Link(
+    let link = TaggedLink(
         source
             .connect(&target.local_addr().unwrap().to_string(), kt.public_key())
             .await

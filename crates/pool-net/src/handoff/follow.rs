@@ -5,16 +5,15 @@ use std::time::{Duration, Instant};
 
 use pool_core::wire::DeclineCode;
 use pool_core::{HandoffOffer, HandshakeError, SecretKey};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast;
 use tracing::{info, Instrument};
 
-use crate::carrier::{read_record, Dialer};
+use crate::carrier::Dialer;
 use crate::config::HandoffPolicy;
 use crate::error::Error;
 use crate::listener::EndpointEvent;
 use crate::paths::PathDialer;
-use crate::session::{self, process_events, Shared, State};
+use crate::session::{self, Shared, State};
 
 /// How a dialled session follows its server's handoff offers.
 #[derive(Clone)]
@@ -114,51 +113,24 @@ async fn follow_once(
     hid: u32,
 ) -> Result<bool, Error> {
     let addr = dialer.describe();
-    let mut carrier = tokio::time::timeout(Duration::from_secs(5), dialer.dial())
+    let carrier = tokio::time::timeout(Duration::from_secs(5), dialer.dial())
         .await
         .map_err(|_| Error::Timeout {
             addr: addr.clone(),
             secs: 5,
         })??;
-    let _one = shared.resume_lock.lock().await;
-    let mut msg = Vec::new();
-    {
-        let mut st = shared.lock();
-        if st.core.handoff_followed().is_none_or(|o| o.id != hid) {
-            return Ok(false);
-        }
-        st.core
-            .start_handoff_resume(key, &mut rand_core::OsRng, &mut msg)
-            .map_err(|source| Error::Handshake {
-                addr: addr.clone(),
-                source,
-            })?;
-    }
-    let answer = async {
-        carrier.write_all(&msg).await?;
-        read_record(&mut carrier, &addr, Duration::from_secs(8)).await
-    }
-    .await;
-    let mut st = shared.lock();
-    let res = answer.and_then(|record| {
-        st.core
-            .finish_resume(Instant::now(), &record)
-            .map_err(|source| Error::Handshake {
-                addr: addr.clone(),
-                source,
-            })
-    });
-    match res {
-        Ok(()) => {
-            session::invalidate_carrier(&mut st, shared);
-            process_events(&mut st, shared);
-            drop(st);
-            session::attach(shared, carrier);
-            Ok(true)
-        }
-        Err(e) => {
-            st.core.cancel_resume();
-            Err(e)
-        }
-    }
+    session::resume_with(
+        shared,
+        carrier,
+        &addr,
+        Duration::from_secs(8),
+        |core, msg| {
+            if core.handoff_followed().is_none_or(|o| o.id != hid) {
+                return Ok(false);
+            }
+            core.start_handoff_resume(key, &mut rand_core::OsRng, msg)
+                .map(|()| true)
+        },
+    )
+    .await
 }

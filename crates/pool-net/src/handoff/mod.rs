@@ -228,3 +228,51 @@ pub(super) fn label(code: &str) -> &'static str {
         _ => "target_refused",
     }
 }
+
+/// A [`HandoffLink`] for endpoints that have no service router of their
+/// own: each worker stream starts with one tag byte ([`TAG_HANDOFF`] or
+/// [`TAG_FORWARD`]), which [`Endpoint::serve_tagged`](crate::Endpoint::serve_tagged)
+/// reads at the target. (`pool-node` names its services in a preamble
+/// instead.)
+pub struct TaggedLink(pub Session);
+
+/// [`TaggedLink`]: a stream of the application.
+pub const TAG_APP: u8 = 0;
+/// [`TaggedLink`]: a handoff's messages.
+pub const TAG_HANDOFF: u8 = 1;
+/// [`TaggedLink`]: a stream the source forwards.
+pub const TAG_FORWARD: u8 = 2;
+
+impl HandoffLink for TaggedLink {
+    fn open(&self, purpose: LinkPurpose) -> LinkFuture<'_> {
+        Box::pin(async move {
+            let mut s = self.0.open_stream().await?;
+            let tag = match purpose {
+                LinkPurpose::Handoff => TAG_HANDOFF,
+                LinkPurpose::Forward => TAG_FORWARD,
+            };
+            s.write_all(&[tag]).await?;
+            Ok(s)
+        })
+    }
+}
+
+impl crate::Endpoint {
+    /// The target's side of [`TaggedLink`]: reads a stream's tag byte and
+    /// serves a handoff or a forwarded stream from `peer` (which the caller
+    /// trusts for handoffs); a stream tagged [`TAG_APP`] is handed back,
+    /// its tag read, for the application.
+    pub async fn serve_tagged(
+        &self,
+        mut stream: Stream,
+        peer: PublicKey,
+    ) -> Result<Option<Stream>, Error> {
+        let mut tag = [0u8; 1];
+        stream.read_exact(&mut tag).await?;
+        match tag[0] {
+            TAG_HANDOFF => self.serve_handoff(stream, peer).await.map(|()| None),
+            TAG_FORWARD => self.serve_forward(stream, peer).await.map(|()| None),
+            _ => Ok(Some(stream)),
+        }
+    }
+}
