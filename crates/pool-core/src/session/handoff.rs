@@ -195,7 +195,9 @@ impl Session {
         if self.frozen {
             return Err(HandoffError::Pending);
         }
-        if self.attach_pending.is_some() {
+        // A FIN held from an earlier freeze that still waits for room in
+        // the replay buffer is in no snapshot yet: it would be lost.
+        if self.attach_pending.is_some() || !self.held_fins.is_empty() {
             return Err(HandoffError::Busy);
         }
         self.frozen = true;

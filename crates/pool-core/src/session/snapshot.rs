@@ -183,6 +183,11 @@ impl Session {
             }
             None => w.0.push(0),
         }
+        // FINs that wait for room in the replay buffer.
+        w.u32(self.held_fins.len() as u32);
+        for id in &self.held_fins {
+            w.u64(*id);
+        }
         Zeroizing::new(w.0)
     }
 
@@ -295,6 +300,17 @@ impl Session {
             }
             if r.u8()? == 1 {
                 s.origin = Some(PublicKey(r.array()?));
+            }
+            let n = r.u32()? as usize;
+            if n > s.streams.len() {
+                return Err(SnapshotError::Invalid("more held FINs than streams"));
+            }
+            for _ in 0..n {
+                let id = r.u64()?;
+                if !s.streams.contains_key(&id) {
+                    return Err(SnapshotError::Invalid("held FIN of an unknown stream"));
+                }
+                s.held_fins.push(id);
             }
         }
         if !r.is_empty() {
