@@ -236,8 +236,20 @@ pub(crate) fn handoff(session: String, to: String, to_key: String, target: &Targ
 }
 
 /// `pool ctl drain --to HOST:PORT --to-key KEY`.
-pub(crate) fn drain(to: String, to_key: String, target: &Target) -> Result<()> {
-    let v = request(target, &Request::Drain { to, to_key })?;
+pub(crate) fn drain(
+    to: String,
+    to_key: String,
+    deadline: Option<Duration>,
+    target: &Target,
+) -> Result<()> {
+    let v = request(
+        target,
+        &Request::Drain {
+            to,
+            to_key,
+            deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+        },
+    )?;
     println!(
         "drained: {} of {} session(s) handed over in {:.2} s (longest freeze {:.2} ms)",
         v["handed"].as_u64().unwrap_or(0),

@@ -310,6 +310,10 @@ forwarded through the target until they end (or [handoff] forward_deadline); new
         /// The target worker's public key.
         #[arg(long = "to-key", value_name = "KEY", allow_hyphen_values = true)]
         dest_key: String,
+        /// How long streams left on this worker are forwarded before they
+        /// are reset (code 7) [default: `[handoff] forward_deadline`].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        deadline: Option<std::time::Duration>,
         #[command(flatten)]
         to: ctl::Target,
     },
@@ -572,7 +576,12 @@ fn main() -> ExitCode {
             dest_key,
             to,
         }) => ctl::handoff(session, dest, dest_key, &to),
-        Command::Ctl(CtlCmd::Drain { dest, dest_key, to }) => ctl::drain(dest, dest_key, &to),
+        Command::Ctl(CtlCmd::Drain {
+            dest,
+            dest_key,
+            deadline,
+            to,
+        }) => ctl::drain(dest, dest_key, deadline, &to),
         Command::Config(ConfigCmd::Check { file, to }) => ctl::check(&file, &to),
         Command::Config(ConfigCmd::Apply {
             file,

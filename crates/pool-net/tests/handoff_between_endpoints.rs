@@ -312,3 +312,50 @@ async fn replayed_and_forged_handoff_resumes_are_refused_and_harm_nothing() {
     exchange(&mut y, 0, 20, b"T").await;
     assert_eq!(c.peer_key(), key(3).public_key());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_services_that_opt_out_are_reset_with_code_6() {
+    util::init_tracing();
+    let (source, target, _client, c, s) = setup(HandoffPolicy::Any).await;
+    serve(target.clone(), b"T");
+    serve_source(&s);
+    let mut kept = c.open_stream().await.unwrap();
+    kept.write_all(&[0]).await.unwrap();
+    exchange(&mut kept, 0, 5, b"S").await;
+    let mut dropped = c.open_stream().await.unwrap();
+    dropped.write_all(&[0]).await.unwrap();
+    exchange(&mut dropped, 0, 5, b"S").await;
+    let taddr = target.local_addr().unwrap();
+    let link = TaggedLink(
+        source
+            .connect(&taddr.to_string(), key(3).public_key())
+            .await
+            .unwrap(),
+    );
+    let policies = [(
+        dropped.id(),
+        (pool_net::StreamPolicy::Reset, "measure".to_string()),
+    )]
+    .into_iter()
+    .collect();
+    let report = s
+        .handoff_to(
+            &link,
+            key(3).public_key(),
+            vec![taddr],
+            HandoffOptions::default().policies(policies),
+        )
+        .await
+        .expect("handoff");
+    assert_eq!((report.forwarded, report.reset), (1, 1));
+    // The opted-out stream reads a reset with the documented code...
+    let mut buf = [0u8; 16];
+    let err = dropped.read(&mut buf).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("code {}", pool_net::RESET_HANDOFF)),
+        "{err}"
+    );
+    // ...and the forwarded one goes on.
+    exchange(&mut kept, 5, 5, b"S").await;
+}

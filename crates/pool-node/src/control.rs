@@ -77,6 +77,10 @@ pub enum Request {
         to: String,
         /// The target worker's key (it must be in `[handoff] peers`).
         to_key: String,
+        /// How long streams left here are forwarded (default: `[handoff]
+        /// forward_deadline`).
+        #[serde(default)]
+        deadline_secs: Option<u64>,
     },
 }
 
@@ -238,6 +242,11 @@ impl ControlService {
 }
 
 impl Service for ControlService {
+    /// A command runs against this node: it does not move with a handoff.
+    fn handoff_policy(&self) -> pool_net::StreamPolicy {
+        pool_net::StreamPolicy::Reset
+    }
+
     fn serve(self: Arc<Self>, s: Incoming) -> ServeFuture {
         Box::pin(async move {
             let mut ws = s.send;
@@ -318,7 +327,14 @@ impl Daemon {
                 to,
                 to_key,
             } => self.ctl_handoff(&session, &to, &to_key).await,
-            Request::Drain { to, to_key } => self.ctl_drain(&to, &to_key).await,
+            Request::Drain {
+                to,
+                to_key,
+                deadline_secs,
+            } => {
+                self.ctl_drain(&to, &to_key, deadline_secs.map(Duration::from_secs))
+                    .await
+            }
         }
     }
 }

@@ -163,6 +163,7 @@ impl Daemon {
         session: &Session,
         to: &str,
         to_key: PublicKey,
+        deadline: Option<Duration>,
     ) -> Result<HandoffReport, pool_net::Error> {
         let cfg = self.running_config().0.handoff;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(to)
@@ -184,7 +185,7 @@ impl Daemon {
         );
         let opts = HandoffOptions::default()
             .token_lifetime(cfg.token_lifetime)
-            .forward_deadline(cfg.forward_deadline)
+            .forward_deadline(deadline.unwrap_or(cfg.forward_deadline))
             .policies(self.router.policies(&id));
         let res = match self.link(to, to_key).await {
             Ok(link) => session.handoff_to(&Link(link), to_key, addrs, opts).await,
@@ -250,7 +251,7 @@ impl Daemon {
                 return json!({"error": format!("`{which}` matches {} sessions: {}", many.len(), ids.join(", "))});
             }
         };
-        match self.hand_off(session, to, to_key).await {
+        match self.hand_off(session, to, to_key, None).await {
             Ok(r) => json!({
                 "ok": true, "session": r.session.to_string(), "to": r.to.to_string(),
                 "frozen_ms": r.frozen.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
@@ -263,7 +264,14 @@ impl Daemon {
 
     /// `pool ctl drain --to HOST:PORT --to-key KEY`: hands every accepted
     /// session over (32 at a time), then reports.
-    pub(crate) async fn ctl_drain(self: &Arc<Self>, to: &str, to_key: &str) -> serde_json::Value {
+    /// `deadline` overrides `[handoff] forward_deadline` for the streams
+    /// left here: at it they are reset (code 7).
+    pub(crate) async fn ctl_drain(
+        self: &Arc<Self>,
+        to: &str,
+        to_key: &str,
+        deadline: Option<Duration>,
+    ) -> serde_json::Value {
         let started = Instant::now();
         let key: PublicKey = match to_key.parse() {
             Ok(k) => k,
@@ -287,7 +295,7 @@ impl Daemon {
             let (d, to, permits) = (self.clone(), to.to_string(), permits.clone());
             tasks.push(tokio::spawn(async move {
                 let _p = permits.acquire_owned().await;
-                d.hand_off(&s, &to, key).await.map(|r| r.frozen)
+                d.hand_off(&s, &to, key, deadline).await.map(|r| r.frozen)
             }));
         }
         let mut handed = 0u64;

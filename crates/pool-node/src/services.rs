@@ -24,6 +24,11 @@ pub const DISCARD_SERVICE: &str = "pool.discard";
 pub struct Discard;
 
 impl Service for Discard {
+    /// A measurement against this node: it does not move with a handoff.
+    fn handoff_policy(&self) -> pool_net::StreamPolicy {
+        pool_net::StreamPolicy::Reset
+    }
+
     fn serve(self: Arc<Self>, s: Incoming) -> ServeFuture {
         Box::pin(async move {
             let (mut rs, mut ws) = (s.recv, s.send);
