@@ -232,6 +232,16 @@ impl Session {
                 }
                 HeldOp::Stop(id) => {
                     let _ = self.stream_stop(id);
+                    // The stop's FIN, held while frozen, must not be lost
+                    // to a full replay buffer now.
+                    if self
+                        .streams
+                        .get(&id)
+                        .is_some_and(|st| !st.fin_queued && st.reset.is_none())
+                        && !self.held_fins.contains(&id)
+                    {
+                        self.held_fins.push(id);
+                    }
                 }
                 HeldOp::Close(code, reason) => self.close(now, code, &reason),
             }

@@ -244,15 +244,8 @@ impl Session {
         let fin_queued = st.fin_queued || st.reset.is_some();
         self.maybe_grant_session();
         self.maybe_grant_stream(id);
-        if !fin_queued
-            && !self.is_closed()
-            && matches!(self.stream_finish(id), Err(StreamError::Blocked))
-        {
-            // No room for the FIN now: it goes out as room frees up (a
-            // dropped handle cannot try again).
-            if !self.held_fins.contains(&id) {
-                self.held_fins.push(id);
-            }
+        if !fin_queued && !self.is_closed() {
+            let _ = self.stream_finish(id);
         }
         if self
             .streams

@@ -242,11 +242,10 @@ impl World {
         }
         let s = self.session_mut(side);
         let _ = s.stream_stop(id);
-        // stream_stop also finishes our sending side: at once, or (no room
-        // in the replay buffer) as soon as room frees up. Ask again
-        // (idempotent) to learn whether the stream was still writable.
+        // stream_stop also finishes our sending side if it can: ask again
+        // (idempotent) to learn whether it did.
         let fin = match s.stream_finish(id) {
-            Ok(()) | Err(StreamError::Blocked) => true,
+            Ok(()) => true,
             Err(StreamError::Unknown(_)) => !self.book.streams[&id].reset,
             Err(_) => false,
         };
