@@ -168,6 +168,7 @@ pub struct DebugSizes {
     pub pending_resets: usize,
     pub events: usize,
     pub peer_stream_limit: u64,
+    pub held_fins: usize,
 }
 
 /// Counters and estimates; a snapshot, cheap to take.
@@ -640,6 +641,7 @@ impl Session {
             pending_resets: self.pending_resets.len(),
             events: self.events.len(),
             peer_stream_limit: self.local_max_streams,
+            held_fins: self.held_fins.len(),
         }
     }
 

@@ -88,7 +88,10 @@ impl World {
             // at unfreeze, or by the owner at the fence): its table, and the
             // owner's until the fence, lag the book.
             let held_ops = self.frozen(n) || self.fence_pending();
-            if !held_ops && active > self.lim.max_streams + own {
+            // A stream stopped while frozen keeps its FIN, and its slot,
+            // until the replay buffer has room for it (finding 13).
+            let fins = s.debug_sizes().held_fins as u64;
+            if !held_ops && active > self.lim.max_streams + own + fins {
                 return Err(Violation::new(
                     Kind::Bound,
                     format!(
