@@ -334,6 +334,25 @@ pub enum Frame<'a> {
 /// Most direct-path candidates one PATHS frame carries.
 pub const MAX_PATHS: usize = 16;
 
+/// Encodes up to [`MAX_PATHS`] addresses, 18 bytes each, as PATHS and
+/// HANDOFF frames carry them.
+pub(crate) fn encode_addrs(addrs: &[std::net::SocketAddr]) -> Vec<u8> {
+    let mut enc = Vec::with_capacity(addrs.len().min(MAX_PATHS) * 18);
+    for a in addrs.iter().take(MAX_PATHS) {
+        crate::relay::put_addr(&mut enc, a);
+    }
+    enc
+}
+
+/// Decodes addresses written by [`encode_addrs`] (a trailing partial one
+/// is ignored).
+pub(crate) fn decode_addrs(enc: &[u8]) -> Vec<std::net::SocketAddr> {
+    enc.chunks_exact(18)
+        .filter_map(|c| c.try_into().ok())
+        .map(crate::relay::get_addr)
+        .collect()
+}
+
 /// Length of a migration token in a HANDOFF frame.
 pub const HANDOFF_TOKEN_LEN: usize = 48;
 

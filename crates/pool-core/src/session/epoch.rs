@@ -465,10 +465,7 @@ impl Session {
     /// to the peer in a PATHS frame now and after every resume (at most
     /// [`wire::MAX_PATHS`]).
     pub fn set_local_paths(&mut self, addrs: &[std::net::SocketAddr]) {
-        let mut enc = Vec::with_capacity(addrs.len().min(wire::MAX_PATHS) * 18);
-        for a in addrs.iter().take(wire::MAX_PATHS) {
-            crate::relay::put_addr(&mut enc, a);
-        }
+        let enc = wire::encode_addrs(addrs);
         if enc != self.local_paths {
             self.local_paths = enc;
             self.paths_queued = !self.local_paths.is_empty();

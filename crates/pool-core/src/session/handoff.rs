@@ -147,10 +147,7 @@ impl Session {
                 "the target is this node or the client",
             ));
         }
-        let mut enc = Vec::with_capacity(addrs.len().min(wire::MAX_PATHS) * 18);
-        for a in addrs.iter().take(wire::MAX_PATHS) {
-            crate::relay::put_addr(&mut enc, a);
-        }
+        let enc = wire::encode_addrs(addrs);
         self.offer = Some(SourceOffer {
             id,
             target: target.0,
@@ -341,11 +338,7 @@ impl Session {
         let Ok(token) = <[u8; HANDOFF_TOKEN_LEN]>::try_from(token) else {
             return;
         };
-        let addrs = addrs
-            .chunks_exact(18)
-            .filter_map(|c| c.try_into().ok())
-            .map(crate::relay::get_addr)
-            .collect();
+        let addrs = wire::decode_addrs(addrs);
         let offer = HandoffOffer {
             id,
             target,

@@ -198,12 +198,8 @@ impl Session {
                 self.rtt_sample(now, stamp);
             }
             Frame::Paths { addrs } => {
-                let list = addrs
-                    .chunks_exact(18)
-                    .filter_map(|c| c.try_into().ok())
-                    .map(crate::relay::get_addr)
-                    .collect();
-                self.events.push_back(Event::PeerPaths(list));
+                self.events
+                    .push_back(Event::PeerPaths(wire::decode_addrs(addrs)));
             }
             Frame::Handoff {
                 id,
