@@ -183,10 +183,19 @@ impl Session {
             }
             None => w.0.push(0),
         }
-        // FINs that wait for room in the replay buffer.
-        w.u32(self.held_fins.len() as u32);
-        for id in &self.held_fins {
-            w.u64(*id);
+        // FINs that wait for room in the replay buffer (of streams that
+        // are still there: one reset meanwhile needs no FIN).
+        let mut held: Vec<u64> = self
+            .held_fins
+            .iter()
+            .copied()
+            .filter(|id| self.streams.contains_key(id))
+            .collect();
+        held.sort_unstable();
+        held.dedup();
+        w.u32(held.len() as u32);
+        for id in held {
+            w.u64(id);
         }
         Zeroizing::new(w.0)
     }
