@@ -10,4 +10,5 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod registry;
 pub mod store;
