@@ -89,7 +89,7 @@ impl FileStore {
     /// # Errors
     ///
     /// The file could not be written.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    pub fn write_out(&self) -> Result<(), StoreError> {
         match &self.path {
             Some(p) => write_now(p, &self.state),
             None => Ok(()),
@@ -242,6 +242,10 @@ impl Store for FileStore {
         Box::pin(std::future::pending())
     }
 
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        ready(self.write_out())
+    }
+
     fn describe(&self) -> String {
         match &self.path {
             Some(p) => format!("embedded (state file {})", p.display()),
@@ -316,7 +320,7 @@ mod tests {
             s.claim("s9", None, a.key).await.unwrap();
             a.state = WorkerState::Draining;
             s.put_worker(&a, Duration::from_secs(3)).await.unwrap();
-            s.flush().unwrap();
+            s.write_out().unwrap();
         }
         let s = FileStore::open(Some(&path)).unwrap();
         let f = s.load().await.unwrap();

@@ -160,6 +160,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// What to call the store in logs and `pool director workers`.
     fn describe(&self) -> String;
+
+    /// Writes out what is not written yet (at shutdown). Stores that
+    /// write as they go need not do anything.
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A [`PublicKey`] in JSON as its text form (`pool key show`'s).

@@ -139,6 +139,26 @@ pub enum PlacementReply {
     },
 }
 
+/// A client's question on its own stream to the director: does my worker
+/// still live? (Asked only when the client's session has lost its
+/// carrier; see [`crate::client::watch`].)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerQuery {
+    /// The worker the client is placed on.
+    #[serde(with = "key_text")]
+    pub worker: PublicKey,
+}
+
+/// The director's answer to a [`WorkerQuery`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerAnswer {
+    /// The worker's standing (`None`: the director does not know it).
+    pub state: Option<WorkerState>,
+    /// Where to go instead, when the worker is not alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementReply>,
+}
+
 /// Writes one message as a line.
 ///
 /// # Errors

@@ -90,6 +90,22 @@ pub enum Event {
     CircuitOpened,
     /// A relay circuit ended (`circuit_closed`).
     CircuitClosed,
+    /// A director started serving (after winning the lead, with a shared store). (`director_started`).
+    DirectorStarted,
+    /// A worker registered with the director. (`worker_registered`).
+    WorkerRegistered,
+    /// A worker's lease expired: the director declared it lost. (`worker_lost`).
+    WorkerLost,
+    /// A worker is being drained (by `pool director drain` or its own SIGTERM). (`worker_draining`).
+    WorkerDraining,
+    /// A draining worker is empty. (`worker_drained`).
+    WorkerDrained,
+    /// The director placed a client on a worker. (`client_placed`).
+    ClientPlaced,
+    /// The director ordered sessions moved between workers to even the load. (`sessions_rebalanced`).
+    SessionsRebalanced,
+    /// The director refused a worker's claim to a session (fencing or conflict). (`claim_refused`).
+    ClaimRefused,
     /// Entries were dropped before they reached the file (`journal_entries_lost`).
     /// Written by the journal itself.
     JournalEntriesLost,
@@ -99,7 +115,7 @@ pub enum Event {
 
 impl Event {
     /// Every event, in the order `docs/journal.md` lists them.
-    pub const ALL: [Event; 37] = [
+    pub const ALL: [Event; 45] = [
         Event::NodeStarted,
         Event::NodeStopped,
         Event::ConfigApplied,
@@ -135,6 +151,14 @@ impl Event {
         Event::NodeUnregistered,
         Event::CircuitOpened,
         Event::CircuitClosed,
+        Event::DirectorStarted,
+        Event::WorkerRegistered,
+        Event::WorkerLost,
+        Event::WorkerDraining,
+        Event::WorkerDrained,
+        Event::ClientPlaced,
+        Event::SessionsRebalanced,
+        Event::ClaimRefused,
         Event::JournalEntriesLost,
         Event::JournalCheckpoint,
     ];
@@ -178,6 +202,14 @@ impl Event {
             Event::NodeUnregistered => "node_unregistered",
             Event::CircuitOpened => "circuit_opened",
             Event::CircuitClosed => "circuit_closed",
+            Event::DirectorStarted => "director_started",
+            Event::WorkerRegistered => "worker_registered",
+            Event::WorkerLost => "worker_lost",
+            Event::WorkerDraining => "worker_draining",
+            Event::WorkerDrained => "worker_drained",
+            Event::ClientPlaced => "client_placed",
+            Event::SessionsRebalanced => "sessions_rebalanced",
+            Event::ClaimRefused => "claim_refused",
             Event::JournalEntriesLost => "journal_entries_lost",
             Event::JournalCheckpoint => "journal_checkpoint",
         }

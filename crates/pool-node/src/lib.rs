@@ -16,6 +16,7 @@ pub mod config;
 pub mod config_check;
 pub mod control;
 pub mod daemon;
+pub mod director;
 pub mod handoff;
 pub mod handoff_test;
 pub mod keys;
