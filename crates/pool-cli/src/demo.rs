@@ -207,6 +207,7 @@ pub(crate) async fn demo(megabytes: u64, keep: bool) -> Result<(), CliError> {
             max_connections: 64,
             connect_timeout_secs: 5,
             idle_timeout_secs: 60,
+            director: false,
         }],
         pool2tcp: Vec::new(),
         ..Config::default()

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 mod cmd;
 mod ctl;
 mod demo;
+mod director;
 mod migrate;
 mod node;
 mod relay;
@@ -128,6 +129,12 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
 (it sees keys, addresses, sizes and timing). SIGTERM or SIGINT stops it. See docs/relay.md."
     )]
     Relay(relay::RelayArgs),
+    /// Run a director (a pool of workers behind one address), or ask one: workers, drain, owners, status.
+    #[command(
+        after_help = "EXAMPLES:\n  pool director --listen [::]:9260 --key director.key --worker WORKER_KEY --allow CLIENT_KEY\n  \
+pool director workers\n  pool director drain WORKER_KEY\n\nSee docs/director.md."
+    )]
+    Director(director::DirectorArgs),
     /// Carry TCP connections over POOL without changing the programs at either end.
     #[command(subcommand)]
     Bridge(BridgeCmd),
@@ -182,6 +189,9 @@ enum BridgeCmd {
         /// Service at the peer (a `[[pool2tcp]] service` of its daemon config).
         #[arg(long, default_value = "")]
         service: String,
+        /// --peer and --peer-key name a `pool director`: ask it for a worker, and go back to it when that worker is lost.
+        #[arg(long)]
+        director: bool,
         #[command(flatten)]
         common: BridgeCommon,
     },
@@ -476,6 +486,7 @@ async fn bridge(b: BridgeCmd) -> Result<(), cmd::CliError> {
             peer,
             peer_key,
             service,
+            director,
             common,
         } => {
             let ex = extras(&common);
@@ -484,6 +495,7 @@ async fn bridge(b: BridgeCmd) -> Result<(), cmd::CliError> {
                 peer,
                 peer_key,
                 service,
+                director,
                 common.key,
                 &common.trust,
                 common.max_connections,
@@ -565,6 +577,7 @@ fn main() -> ExitCode {
         Command::Daemon { config } => {
             cmd::runtime().and_then(|rt| rt.block_on(node::daemon_cmd(config)))
         }
+        Command::Director(a) => director::main(a),
         Command::Relay(a) => relay::runtime().and_then(|rt| rt.block_on(relay::relay(a))),
         Command::Bridge(b) => cmd::runtime().and_then(|rt| rt.block_on(bridge(b))),
         Command::Ctl(CtlCmd::Sessions { json, to }) => node::ctl_sessions(&to, json),

@@ -103,6 +103,7 @@ pub(crate) async fn tcp2pool(
     peer: String,
     peer_key: String,
     service: String,
+    director: bool,
     key: PathBuf,
     trust: &TrustArgs,
     max_connections: usize,
@@ -128,6 +129,7 @@ pub(crate) async fn tcp2pool(
             max_connections,
             connect_timeout_secs: 10,
             idle_timeout_secs: 3600,
+            director,
         }],
         pool2tcp: Vec::new(),
         ..Config::default()

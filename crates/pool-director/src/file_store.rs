@@ -194,12 +194,7 @@ impl Store for FileStore {
         ready(Ok(()))
     }
 
-    fn claim(
-        &self,
-        session: &str,
-        from: Option<PublicKey>,
-        to: PublicKey,
-    ) -> StoreFuture<'_, u64> {
+    fn claim(&self, session: &str, from: Option<PublicKey>, to: PublicKey) -> StoreFuture<'_, u64> {
         let mut st = self.lock();
         let now = st.owners.get(session).map(|(o, _)| *o);
         let r = if !st.lease_live(&to) {

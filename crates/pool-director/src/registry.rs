@@ -398,8 +398,12 @@ impl Registry {
         let total: u32 = active.iter().map(|w| w.load.sessions).sum();
         let mean = f64::from(total) / active.len() as f64;
         let (Some(hi), Some(lo)) = (
-            active.iter().max_by_key(|w| (w.load.sessions, w.record.key)),
-            active.iter().min_by_key(|w| (w.load.sessions, w.record.key)),
+            active
+                .iter()
+                .max_by_key(|w| (w.load.sessions, w.record.key)),
+            active
+                .iter()
+                .min_by_key(|w| (w.load.sessions, w.record.key)),
         ) else {
             return Vec::new();
         };
@@ -419,7 +423,10 @@ impl Registry {
             return Vec::new();
         }
         let target = mean.ceil() as u32;
-        let want = h.saturating_sub(target).min(target.saturating_sub(l)).max(1);
+        let want = h
+            .saturating_sub(target)
+            .min(target.saturating_sub(l))
+            .max(1);
         let count = want.min(self.budget.floor() as u32);
         if count == 0 {
             return Vec::new();

@@ -137,12 +137,7 @@ pub trait Store: Send + Sync + 'static {
     /// if no one does), and only while `to`'s lease lives. Returns the
     /// new revision. [`StoreError::Conflict`] or [`StoreError::Lapsed`]
     /// otherwise.
-    fn claim(
-        &self,
-        session: &str,
-        from: Option<PublicKey>,
-        to: PublicKey,
-    ) -> StoreFuture<'_, u64>;
+    fn claim(&self, session: &str, from: Option<PublicKey>, to: PublicKey) -> StoreFuture<'_, u64>;
 
     /// The session ended at `owner`: forget it, if `owner` still owns it.
     fn release(&self, session: &str, owner: PublicKey) -> StoreFuture<'_, ()>;

@@ -65,6 +65,15 @@ pub enum FromWorker {
         #[serde(with = "key_text")]
         from: PublicKey,
     },
+    /// A handoff whose claim held did not commit: `session` stays with
+    /// `source`, so the ownership goes back to it.
+    Unclaim {
+        /// The session id.
+        session: String,
+        /// The source worker, which keeps the session.
+        #[serde(with = "key_text")]
+        source: PublicKey,
+    },
     /// Drain me (the worker got SIGTERM): hand my sessions to others.
     Leave,
 }
@@ -246,7 +255,10 @@ mod tests {
             r.next::<ToWorker>().await.unwrap(),
             Some(ToWorker::Move { id: 3, to_key, .. }) if to_key == k
         ));
-        assert_eq!(r.next::<FromWorker>().await.unwrap(), Some(FromWorker::Leave));
+        assert_eq!(
+            r.next::<FromWorker>().await.unwrap(),
+            Some(FromWorker::Leave)
+        );
         let e = r.next::<FromWorker>().await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
         assert!(r.next::<FromWorker>().await.unwrap().is_none());

@@ -44,8 +44,9 @@ pub use config::HandoffPolicy;
 pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats, RelayStatus};
 pub use error::Error;
 pub use handoff::{
-    HandoffLink, HandoffOptions, HandoffReport, Importer, LinkFuture, LinkPurpose, StreamPolicy,
-    TaggedLink, RESET_HANDOFF, RESET_HANDOFF_DEADLINE, TAG_APP, TAG_FORWARD, TAG_HANDOFF,
+    ClaimFuture, HandoffLink, HandoffOptions, HandoffReport, Importer, LinkFuture, LinkPurpose,
+    StreamPolicy, TaggedLink, RESET_HANDOFF, RESET_HANDOFF_DEADLINE, TAG_APP, TAG_FORWARD,
+    TAG_HANDOFF,
 };
 pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,

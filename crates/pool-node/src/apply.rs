@@ -301,6 +301,7 @@ impl Daemon {
                     peer_key: section.peer_key,
                     service: section.service.clone(),
                     limits: section.limits(),
+                    director: section.director,
                 },
                 self.endpoint.clone(),
             );

@@ -312,11 +312,14 @@ pub struct Tcp2PoolConfig {
     pub service: String,
     /// Limits.
     pub limits: Limits,
+    /// `peer` is a director: ask it for a worker (docs/director.md).
+    pub director: bool,
 }
 
 /// A running `tcp2pool` bridge: one shared session to the peer, opened on
 /// the first connection and again whenever it has closed.
 pub struct Tcp2Pool {
+    me: std::sync::Weak<Tcp2Pool>,
     cfg: Tcp2PoolConfig,
     endpoint: Endpoint,
     session: Mutex<Option<Session>>,
@@ -340,7 +343,8 @@ impl Tcp2Pool {
 
     /// A bridge dialling through `endpoint`.
     pub fn new(cfg: Tcp2PoolConfig, endpoint: Endpoint) -> Arc<Self> {
-        Arc::new(Tcp2Pool {
+        Arc::new_cyclic(|me| Tcp2Pool {
+            me: me.clone(),
             permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
             endpoint,
@@ -364,6 +368,9 @@ impl Tcp2Pool {
             }
         }
         let connect = async {
+            if self.cfg.director {
+                return self.placed().await;
+            }
             if self.cfg.peer.is_empty() {
                 self.endpoint.connect_key(self.cfg.peer_key).await
             } else {
@@ -385,6 +392,50 @@ impl Tcp2Pool {
             *c = Some(s.clone());
         }
         Ok(s)
+    }
+
+    /// A session with the worker the director places us on, watched: when
+    /// the director declares that worker lost, the bridge moves to the
+    /// worker it names next and closes the old session (its streams are
+    /// reset; they lived only on the dead worker).
+    async fn placed(&self) -> Result<Session, pool_net::Error> {
+        let (session, _) =
+            pool_director::client::connect(&self.endpoint, &self.cfg.peer, self.cfg.peer_key)
+                .await
+                .map_err(|e| match e {
+                    pool_director::client::PlaceError::Net(e) => e,
+                    other => pool_net::Error::Io(std::io::Error::other(other.to_string())),
+                })?;
+        let me = self.me.clone();
+        let first = session.clone();
+        tokio::spawn(async move {
+            let mut current = first;
+            loop {
+                let Some(b) = me.upgrade() else { return };
+                let (ep, peer, key) = (b.endpoint.clone(), b.cfg.peer.clone(), b.cfg.peer_key);
+                drop(b);
+                let Some((next, p)) = pool_director::client::watch(&ep, &peer, key, &current).await
+                else {
+                    return;
+                };
+                let Some(b) = me.upgrade() else { return };
+                warn!(lost = %current.peer_key().short(), to = %p.worker.short(),
+                      "the director declared our worker lost; moved to another (streams in flight there are reset)");
+                {
+                    let mut guard = b.session.lock().await;
+                    *guard = Some(next.clone());
+                }
+                if let Ok(mut c) = b.current.lock() {
+                    *c = Some(next.clone());
+                }
+                b.dialled.fetch_add(1, Ordering::Relaxed);
+                let old = std::mem::replace(&mut current, next);
+                tokio::spawn(async move {
+                    old.close("worker lost").await;
+                });
+            }
+        });
+        Ok(session)
     }
 
     /// Binds the TCP listener (dual-stack for `[::]`).

@@ -107,6 +107,55 @@ pub struct Config {
     /// them from, and which handoffs its own dialled sessions follow.
     #[serde(default)]
     pub handoff: HandoffSection,
+    /// The director this worker registers with (docs/director.md).
+    #[serde(default)]
+    pub director: Option<DirectorSection>,
+}
+
+/// `[director]`: this node is a worker of the director named here.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DirectorSection {
+    /// The director's POOL address, `HOST:PORT`.
+    pub address: String,
+    /// The director's public key.
+    #[serde(deserialize_with = "de_key")]
+    pub key: PublicKey,
+    /// Where clients reach this worker, best first. Default: `[node]
+    /// listen`, which must then name a specific address (not `[::]`).
+    #[serde(default)]
+    pub advertise: Vec<String>,
+    /// At SIGTERM, how long to wait for the director to empty this worker
+    /// before stopping anyway ("30s").
+    #[serde(
+        default = "default_leave_deadline",
+        deserialize_with = "crate::types::de_duration"
+    )]
+    pub leave_deadline: std::time::Duration,
+}
+
+fn default_leave_deadline() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl DirectorSection {
+    /// The addresses to advertise, given the node's listener.
+    ///
+    /// # Errors
+    ///
+    /// None are set and the listener's address is unspecified.
+    pub fn addrs(&self, listen: &str) -> Result<Vec<String>, String> {
+        if !self.advertise.is_empty() {
+            return Ok(self.advertise.clone());
+        }
+        match listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => Err(format!(
+                "[director] advertise is not set and [node] listen = \"{listen}\" names no address clients could dial; set advertise = [\"HOST:PORT\"]"
+            )),
+            _ if listen.is_empty() => Err("[director] needs [node] listen: a worker takes sessions".into()),
+            _ => Ok(vec![listen.to_string()]),
+        }
+    }
 }
 
 /// `[handoff]` (docs/handoff.md).
@@ -432,6 +481,11 @@ pub struct Tcp2PoolSection {
     /// Seconds without traffic before a connection is reset (0: never).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// `peer` and `peer_key` name a director (docs/director.md): the
+    /// bridge asks it for a worker, dials that one, and goes back to it
+    /// when the worker is lost.
+    #[serde(default)]
+    pub director: bool,
 }
 
 /// `[[pool2tcp]]`

@@ -94,6 +94,8 @@ pub struct Daemon {
     refusals: Mutex<crate::refusals::RefusalLog>,
     /// Worker links and handoff counters.
     pub(crate) handoffs: crate::handoff::Handoffs,
+    /// The link to this worker's director (`[director]`).
+    pub(crate) director: Option<Arc<crate::worker::DirectorLink>>,
 }
 
 pub(crate) struct RunningShim {
@@ -461,6 +463,13 @@ pub async fn start(
         .relays(cfg.node.relays.clone())
         .direct_retry(Duration::from_secs(cfg.node.direct_retry_secs))
         .handoff(cfg.handoff.policy().map_err(DaemonError::Key)?);
+    let director = match &cfg.director {
+        Some(dir) => Some(crate::worker::DirectorLink::new(
+            dir.clone(),
+            dir.addrs(&cfg.node.listen).map_err(DaemonError::Key)?,
+        )),
+        None => None,
+    };
     let endpoint = if listening {
         Endpoint::bind(&cfg.node.listen, epcfg).await?
     } else {
@@ -527,6 +536,7 @@ pub async fn start(
         control_path: cfg.node.control.clone(),
         shim,
         handoffs: crate::handoff::Handoffs::default(),
+        director,
         refusals: Mutex::new(crate::refusals::RefusalLog::new(Duration::from_secs(
             cfg.node.refusal_window_secs.max(1),
         ))),
@@ -619,6 +629,9 @@ pub async fn start(
             }
         });
     }
+    if let Some(link) = &daemon.director {
+        crate::worker::start(&daemon, link.clone());
+    }
     if let Some(addr) = cfg.node.metrics.as_ref().filter(|a| !a.is_empty()) {
         let (bound, _task) = crate::metrics::serve(addr, daemon.clone() as Arc<dyn MetricsSource>)
             .await
@@ -640,6 +653,37 @@ pub async fn start(
         })?;
     }
     Ok(daemon)
+}
+
+/// A worker of a director at SIGTERM: asks to be drained, and waits until
+/// its sessions are on other workers and the streams it still forwards
+/// have ended, or `[director] leave_deadline` passes.
+async fn leave(daemon: &Arc<Daemon>, link: &crate::worker::DirectorLink) {
+    let deadline = Instant::now() + link.leave_deadline();
+    let sessions = daemon.client_sessions().len();
+    info!(
+        sessions,
+        deadline_secs = link.leave_deadline().as_secs(),
+        "asking the director to drain this worker"
+    );
+    link.leave();
+    loop {
+        let left = daemon.client_sessions().len();
+        let forwarding = daemon.active_connections();
+        if left == 0 && forwarding == 0 {
+            info!("empty: every session is on another worker");
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                sessions = left,
+                connections = forwarding,
+                "leave deadline passed; stopping anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs until SIGTERM or SIGINT (then drains for up to `drain`), reloading
@@ -667,6 +711,9 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+    if let Some(link) = daemon.director.clone() {
+        leave(&daemon, &link).await;
     }
     info!(
         deadline_secs = drain.as_secs(),

@@ -81,6 +81,22 @@ impl pool_net::Importer for NodeImporter {
         let router = d.router.clone();
         tokio::spawn(async move { router.import(stream, session, service, read, written).await });
     }
+
+    /// With a director, the target asks it first (fencing).
+    fn claim(&self, session: pool_net::SessionId, source: PublicKey) -> pool_net::ClaimFuture<'_> {
+        Box::pin(async move {
+            match crate::worker::claim_link(&self.0) {
+                Some(link) => link.claim(session, source).await.map(|_| ()),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn unclaim(&self, session: pool_net::SessionId, source: PublicKey) {
+        if let Some(link) = crate::worker::claim_link(&self.0) {
+            link.unclaim(session, source);
+        }
+    }
 }
 
 /// The worker links and counters.
@@ -153,12 +169,12 @@ impl Daemon {
     }
 
     /// Whether `key` is one of this node's handoff peers.
-    fn fleet_peer(&self, key: &PublicKey) -> bool {
+    pub(crate) fn fleet_peer(&self, key: &PublicKey) -> bool {
         self.running_config().0.handoff.peers.contains(key)
     }
 
     /// Hands one accepted session to the worker `to_key` at `to`.
-    async fn hand_off(
+    pub(crate) async fn hand_off(
         &self,
         session: &Session,
         to: &str,

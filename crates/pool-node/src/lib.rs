@@ -29,3 +29,4 @@ pub mod router;
 pub mod services;
 pub mod shim;
 pub mod types;
+pub mod worker;

@@ -101,7 +101,28 @@ pub trait Importer: Send + Sync {
     /// `stream` of `session` was served by `service` at the source, which
     /// had read `read` bytes and written `written` bytes of it.
     fn moved(&self, session: Session, stream: Stream, service: String, read: u64, written: u64);
+
+    /// The client has arrived: may this node take `session` from
+    /// `source`? Asked before the state is pulled (the source is not
+    /// frozen yet); an `Err` aborts the handoff (code `fenced`) and the
+    /// client goes back to the source. A director's fleet answers it from
+    /// its store, whose revision fences workers whose lease lapsed. The
+    /// default allows.
+    fn claim(&self, session: SessionId, source: PublicKey) -> ClaimFuture<'_> {
+        let _ = (session, source);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// A handoff whose [`Importer::claim`] held did not commit: give the
+    /// session back to `source`.
+    fn unclaim(&self, session: SessionId, source: PublicKey) {
+        let _ = (session, source);
+    }
 }
+
+/// What [`Importer::claim`] returns: `Err` says why not.
+pub type ClaimFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// How a handoff is run.
 #[derive(Clone, Debug)]
@@ -225,6 +246,7 @@ pub(super) fn label(code: &str) -> &'static str {
         "client_unreachable" => "client_unreachable",
         "target_lost" => "target_lost",
         "pending" => "pending",
+        "fenced" => "fenced",
         _ => "target_refused",
     }
 }

@@ -175,11 +175,26 @@ impl Endpoint {
             cleanup();
             return Err(fail("offer", "token_expired", "the client did not arrive"));
         };
+        if let Some(i) = importer {
+            if let Err(why) = i.claim(id, source).await {
+                let _ = arrival.state.send(Err(format!("fenced: {why}")));
+                cleanup();
+                let _ = write_msg(&mut link, ABORT, &abort_body("fenced", &why)).await;
+                info!(session = %id, from = %source.short(), "handoff refused by the claim: {why}");
+                return Err(fail("claim", "fenced", why));
+            }
+        }
+        let unclaim = || {
+            if let Some(i) = importer {
+                i.unclaim(id, source);
+            }
+        };
         let result = pull_state(&mut link, arrival.epoch, &ctx, &me, &client, &source).await;
         let ok = result.is_ok();
         let _ = arrival.state.send(result.map_err(|e| e.to_string()));
         if !ok {
             cleanup();
+            unclaim();
             let _ = write_msg(
                 &mut link,
                 ABORT,
@@ -223,6 +238,7 @@ impl Endpoint {
         };
         ctx.imported.imports().spend(&id);
         let Some(session) = session else {
+            unclaim();
             let _ = write_msg(
                 &mut link,
                 ABORT,

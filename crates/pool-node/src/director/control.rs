@@ -81,7 +81,9 @@ async fn handle(d: Arc<Director>, s: UnixStream) {
     let reply = match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
         Ok(Ok(_)) => match serde_json::from_slice::<DirectorRequest>(&line) {
             Ok(req) => execute(&d, req).await,
-            Err(e) => json!({"error": format!("not a director request ({e}); commands: workers, drain, owners, status")}),
+            Err(e) => {
+                json!({"error": format!("not a director request ({e}); commands: workers, drain, owners, status")})
+            }
         },
         _ => json!({"error": "no request within 10 s"}),
     };
@@ -106,11 +108,17 @@ async fn execute(d: &Director, req: DirectorRequest) -> Value {
                 .collect();
             let key = match keys.as_slice() {
                 [k] => *k,
-                [] => return json!({"error": format!("no worker matches `{worker}` (see `pool director workers`)")}),
-                _ => return json!({"error": format!("`{worker}` matches {} workers; give more of the key", keys.len())}),
+                [] => {
+                    return json!({"error": format!("no worker matches `{worker}` (see `pool director workers`)")})
+                }
+                _ => {
+                    return json!({"error": format!("`{worker}` matches {} workers; give more of the key", keys.len())})
+                }
             };
             match d.drain(&key, "operator").await {
-                Ok(sessions) => json!({"ok": true, "worker": key.to_string(), "sessions": sessions}),
+                Ok(sessions) => {
+                    json!({"ok": true, "worker": key.to_string(), "sessions": sessions})
+                }
                 Err(e) => json!({"error": e}),
             }
         }
@@ -147,16 +155,56 @@ impl Collector for DirectorCollector {
         let c = &self.0.counters;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         for (name, help, v) in [
-            ("pool_director_registrations", "Worker registrations (and re-registrations).", g(&c.registrations)),
-            ("pool_director_leases_lost", "Workers declared lost when their lease expired.", g(&c.leases_lost)),
-            ("pool_director_placements", "Clients placed on a worker.", g(&c.placements)),
-            ("pool_director_placements_failed", "Clients that found no active worker.", g(&c.placements_failed)),
-            ("pool_director_drains", "Drains started (by command or a worker's SIGTERM).", g(&c.drains)),
-            ("pool_director_rebalance_orders", "Move orders given to even the load.", g(&c.rebalance_orders)),
-            ("pool_director_sessions_moved", "Sessions workers reported handed over on the director's orders.", g(&c.sessions_moved)),
-            ("pool_director_moves_failed", "Handoffs ordered by the director that failed (the session stayed).", g(&c.moves_failed)),
-            ("pool_director_claims", "Session claims by handoff targets.", g(&c.claims)),
-            ("pool_director_claims_refused", "Claims refused (lapsed lease or another owner).", g(&c.claims_refused)),
+            (
+                "pool_director_registrations",
+                "Worker registrations (and re-registrations).",
+                g(&c.registrations),
+            ),
+            (
+                "pool_director_leases_lost",
+                "Workers declared lost when their lease expired.",
+                g(&c.leases_lost),
+            ),
+            (
+                "pool_director_placements",
+                "Clients placed on a worker.",
+                g(&c.placements),
+            ),
+            (
+                "pool_director_placements_failed",
+                "Clients that found no active worker.",
+                g(&c.placements_failed),
+            ),
+            (
+                "pool_director_drains",
+                "Drains started (by command or a worker's SIGTERM).",
+                g(&c.drains),
+            ),
+            (
+                "pool_director_rebalance_orders",
+                "Move orders given to even the load.",
+                g(&c.rebalance_orders),
+            ),
+            (
+                "pool_director_sessions_moved",
+                "Sessions workers reported handed over on the director's orders.",
+                g(&c.sessions_moved),
+            ),
+            (
+                "pool_director_moves_failed",
+                "Handoffs ordered by the director that failed (the session stayed).",
+                g(&c.moves_failed),
+            ),
+            (
+                "pool_director_claims",
+                "Session claims by handoff targets.",
+                g(&c.claims),
+            ),
+            (
+                "pool_director_claims_refused",
+                "Claims refused (lapsed lease or another owner).",
+                g(&c.claims_refused),
+            ),
         ] {
             counter(&mut e, name, help, v)?;
         }
@@ -175,7 +223,8 @@ impl Collector for DirectorCollector {
         ] {
             let n = records.iter().filter(|r| r.state == state).count();
             let label = state.to_string();
-            ConstGauge::new(n as i64).encode(family.encode_family(&[("state", label.as_str())])?)?;
+            ConstGauge::new(n as i64)
+                .encode(family.encode_family(&[("state", label.as_str())])?)?;
         }
         Ok(())
     }

@@ -71,10 +71,13 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
     sync_owners(&d, key, sessions, Vec::new());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let generation = d.next_id.fetch_add(1, Ordering::Relaxed);
-    d.links
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, LinkTx { tx: tx.clone(), generation });
+    d.links.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        key,
+        LinkTx {
+            tx: tx.clone(),
+            generation,
+        },
+    );
     d.counters.registrations.fetch_add(1, Ordering::Relaxed);
     d.journal(
         Event::WorkerRegistered,
@@ -167,6 +170,14 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
                 tokio::spawn(async move {
                     let reply = claim(&d, &session, from, key).await;
                     let _ = tx.send(reply.with_id(id));
+                });
+            }
+            FromWorker::Unclaim { session, source } => {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = d.store.claim(&session, Some(key), source).await {
+                        debug!(session = %session, "ownership not given back: {e}");
+                    }
                 });
             }
             FromWorker::Leave => {
