@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod shim;
 pub mod workers;
+pub mod fleet;
 
 /// The binary under test.
 pub const POOL: &str = env!("CARGO_BIN_EXE_pool");
