@@ -798,3 +798,34 @@ async fn keep_leader_lease(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_take_etcd_http_or_no_scheme_comma_separated() {
+        assert_eq!(
+            parse_endpoints("etcd://127.0.0.1:2379").unwrap(),
+            vec!["http://127.0.0.1:2379"]
+        );
+        assert_eq!(
+            parse_endpoints("etcd://a:1, b:2,http://c:3/").unwrap(),
+            vec!["http://a:1", "http://b:2", "http://c:3"]
+        );
+        for bad in ["", " , ", "https://a:1", "etcd://", "etcd://a:1/x"] {
+            assert!(
+                matches!(parse_endpoints(bad), Err(StoreError::Unavailable(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ttls_round_up_to_whole_seconds() {
+        assert_eq!(ttl_secs(Duration::ZERO), 1);
+        assert_eq!(ttl_secs(Duration::from_millis(300)), 1);
+        assert_eq!(ttl_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(2001)), 3);
+    }
+}

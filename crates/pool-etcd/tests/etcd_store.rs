@@ -475,6 +475,79 @@ async fn a_director_whose_lease_is_revoked_is_deposed() {
     again.abort();
 }
 
+/// The leader's process dies without a word (its runtime stops, nothing
+/// revokes its lease): the lead passes when the lease expires.
+#[test]
+fn the_lead_passes_when_the_leaders_lease_expires() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(Etcd::start());
+    let ttl = Duration::from_secs(2);
+    let dying = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = dying.block_on(async {
+        let first = etcd.store(ttl).await;
+        first.campaign("d1").await.unwrap();
+        // Past a few keep-alives.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        first
+    });
+    rt.block_on(async {
+        let second = Arc::new(etcd.store(ttl).await);
+        let waiting = tokio::spawn({
+            let second = second.clone();
+            async move { second.campaign("d2").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the second led while the first did");
+        let died = Instant::now();
+        dying.shutdown_background();
+        // Its store is never dropped: nothing revokes its lease.
+        std::mem::forget(first);
+        within(Duration::from_secs(8), "the second's lead", waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            died.elapsed() >= Duration::from_millis(900),
+            "the lead passed before the lease could expire: {:?}",
+            died.elapsed()
+        );
+        let mut c = etcd.client().await;
+        let leader = c.leader("/pool/leader").await.unwrap();
+        assert_eq!(leader.kv().unwrap().value(), b"d2");
+    });
+}
+
+/// etcd goes away: the leader cannot keep its lease and knows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_etcd_is_deposed() {
+    let mut etcd = Etcd::start().await;
+    let ttl = Duration::from_secs(3);
+    let store = Arc::new(etcd.store(ttl).await);
+    store.campaign("d1").await.unwrap();
+    let deposed = tokio::spawn({
+        let store = store.clone();
+        async move { store.deposed().await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!deposed.is_finished());
+    etcd.child.kill().unwrap();
+    let killed = Instant::now();
+    within(Duration::from_secs(6), "the deposition", deposed)
+        .await
+        .unwrap()
+        .unwrap();
+    // Before the lease (renewed at most a second before the kill) could lapse.
+    assert!(killed.elapsed() < ttl, "{:?}", killed.elapsed());
+    match store.owners().await {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains(&etcd.url), "{m}"),
+        r => panic!("owners with etcd gone: {r:?}"),
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_etcd_is_unavailable_naming_it() {
     let port = free_port();
