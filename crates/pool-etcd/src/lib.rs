@@ -51,8 +51,23 @@
 //! lapse. [`Store::deposed`] returns when that lease is gone: revoked or
 //! expired (etcd answers a keep-alive with TTL 0), or not renewed for two
 //! thirds of its TTL (etcd unreachable: the lease may lapse any time
-//! now). Dropping the store revokes the lease, which hands the lead over
-//! at once.
+//! now). Dropping the store revokes the lease (from the keeper task, so
+//! while the tokio runtime runs), which hands the lead over at once; a
+//! director that dies without that holds the lead until its lease
+//! expires. Before any campaign, [`Store::deposed`] never returns.
+//!
+//! ## What etcd keeps, and what it does not
+//!
+//! A worker whose lease lapsed is gone from etcd, key and sessions: the
+//! store never reports a [`pool_director::store::WorkerState::Lost`]
+//! worker (the director sees it missing from [`Store::load`] instead). A
+//! worker that registers again while its lease lives keeps that lease and
+//! its granted TTL, even if [`Store::put_worker`] names another `ttl`.
+//! [`Store::renew`] keeps alive the lease the store knows for the worker
+//! (one keep-alive on a stream of its own, one round trip); it reads the
+//! worker's key only when it knows none, or that one is gone, so a worker
+//! key deleted by hand while its lease lives still renews (its claims are
+//! [`StoreError::Lapsed`] until it registers again).
 //!
 //! ## Errors and time
 //!
