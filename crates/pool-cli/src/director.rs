@@ -310,8 +310,14 @@ async fn open_store(
     }
 }
 
-async fn etcd_store(url: &str, _lease: Duration) -> Result<Arc<dyn Store>> {
-    Err(CliError::msg(format!(
-        "--store {url}: this build has no etcd store"
-    )))
+async fn etcd_store(url: &str, lease: Duration) -> Result<Arc<dyn Store>> {
+    if !(url.starts_with("etcd://") || url.starts_with("http://")) {
+        return Err(CliError::msg(format!(
+            "--store {url}: use etcd://HOST:2379 (several: etcd://A:2379,B:2379), or leave it out for the embedded store"
+        )));
+    }
+    let s = pool_etcd::EtcdStore::connect(url, "", lease)
+        .await
+        .map_err(|e| CliError::msg(e.to_string()))?;
+    Ok(Arc::new(s))
 }

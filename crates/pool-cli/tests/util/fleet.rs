@@ -214,7 +214,9 @@ impl FleetWorker {
 
 /// The fleet's workers, named `w0`, `w1`, ...
 pub fn workers(dir: &TempDir, n: usize) -> Vec<FleetWorker> {
-    (0..n).map(|i| FleetWorker::new(dir, &format!("w{i}"))).collect()
+    (0..n)
+        .map(|i| FleetWorker::new(dir, &format!("w{i}")))
+        .collect()
 }
 
 /// Every worker's key but `me`'s.
@@ -227,7 +229,12 @@ pub fn peers_of(all: &[FleetWorker], me: usize) -> Vec<String> {
 }
 
 /// A client bridge placed by the director; returns it and its TCP address.
-pub fn placed_client(dir: &TempDir, name: &str, key: &Path, director: &DirectorNode) -> (Proc, String) {
+pub fn placed_client(
+    dir: &TempDir,
+    name: &str,
+    key: &Path,
+    director: &DirectorNode,
+) -> (Proc, String) {
     start_tcp2pool(
         dir,
         name,
@@ -243,10 +250,17 @@ pub fn redis(dir: &TempDir) -> (Proc, String) {
     require_program("redis-server", "redis-server");
     let port = free_port();
     let mut cmd = std::process::Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(["--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir.path());
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ])
+    .args(["--appendonly", "no", "--daemonize", "no"])
+    .arg("--dir")
+    .arg(dir.path());
     let p = Proc::spawn("redis-server", cmd, dir);
     let target = format!("127.0.0.1:{port}");
     wait_port(&target, Duration::from_secs(10));

@@ -13,9 +13,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod fleet;
 pub mod shim;
 pub mod workers;
-pub mod fleet;
 
 /// The binary under test.
 pub const POOL: &str = env!("CARGO_BIN_EXE_pool");
