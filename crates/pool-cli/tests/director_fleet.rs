@@ -125,10 +125,11 @@ fn a_worker_drained_by_sigterm_under_redis_benchmark_loses_nothing_and_exits_0()
     let started = Instant::now();
     w[0].signal("TERM");
     // The director drains it: its sessions move to the other two.
-    s.director.wait("w0 drained", Duration::from_secs(30), |rows| {
-        rows.iter()
-            .any(|r| r["key"] == s.workers[0].public.as_str() && r["state"] == "drained")
-    });
+    s.director
+        .wait("w0 drained", Duration::from_secs(30), |rows| {
+            rows.iter()
+                .any(|r| r["key"] == s.workers[0].public.as_str() && r["state"] == "drained")
+        });
     let drained_in = started.elapsed();
     assert_eq!(s.sessions_of(0), 0, "w0 still holds sessions");
     assert_eq!(s.sessions_of(1) + s.sessions_of(2), 6);
@@ -150,10 +151,177 @@ fn a_worker_drained_by_sigterm_under_redis_benchmark_loses_nothing_and_exits_0()
         assert!(redis_ping(addr));
     }
     let j = journal_entries(&s.director.journal);
-    assert!(j.iter().any(|e| e["event"] == "worker_draining" && e["by"] == "worker"));
+    assert!(j
+        .iter()
+        .any(|e| e["event"] == "worker_draining" && e["by"] == "worker"));
     assert!(j.iter().any(|e| e["event"] == "worker_drained"));
     eprintln!("drained 2 sessions in {drained_in:?}");
     for p in w.iter_mut().skip(1) {
         p.assert_running();
     }
+}
+
+/// The client whose session is on worker `w`.
+fn client_on(s: &Setup, w: usize) -> usize {
+    let rows = s.workers[w].sessions(&s.worker_keys());
+    let peer = rows.first().expect("a session on the worker")["peer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.clients.iter().position(|c| c.1 == peer).unwrap()
+}
+
+#[test]
+fn a_killed_worker_is_lost_within_its_lease_and_its_clients_come_back_elsewhere() {
+    require_program("redis-benchmark", "redis-tools");
+    require_program("redis-cli", "redis-tools");
+    let s = setup("director-kill", 3, 3);
+    let _d = s.start_director(&["--no-rebalance", "--lease", "3s"]);
+    let mut w: Vec<Proc> = (0..3).map(|i| s.start_worker(i)).collect();
+    s.wait_active(3);
+    let clients = s.start_clients();
+    for (_, addr) in &clients {
+        assert!(redis_ping(addr));
+    }
+    let victim = 1;
+    let c = client_on(&s, victim);
+    let addr = clients[c].1.clone();
+    // A request in flight when the worker dies: BLPOP waits for ever.
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut blpop = Command::new("redis-cli");
+    blpop.args(["-h", host, "-p", port, "BLPOP", "never", "0"]);
+    let blocked = std::thread::spawn(move || {
+        let t = Instant::now();
+        let out = run(blpop, Duration::from_secs(30));
+        (t.elapsed(), out)
+    });
+    // Load through the others.
+    let others: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != c)
+        .map(|(_, (_, a))| bench(a, 30_000))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    w[victim].kill9();
+    let rows = s.director.wait("the victim lost", Duration::from_secs(6), |rows| {
+        rows.iter()
+            .any(|r| r["key"] == s.workers[victim].public.as_str() && r["state"] == "lost")
+    });
+    let lost_after = killed.elapsed();
+    assert!(
+        lost_after < Duration::from_millis(3000 + 600),
+        "declared lost after {lost_after:?} (lease 3 s): {rows:#?}"
+    );
+    // The client works again, through another worker.
+    let back = loop {
+        if redis_ping(&addr) {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(15), "the client never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        back < Duration::from_millis(3000 + 2000),
+        "a working session elsewhere only {back:?} after the kill (lease 3 s)"
+    );
+    // The request in flight was reset, not left hanging.
+    let (waited, out) = blocked.join().unwrap();
+    assert!(
+        waited < Duration::from_secs(10),
+        "BLPOP hung for {waited:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.to_lowercase().contains("reset"), "BLPOP: {said}");
+    let now_on = s.workers.iter().enumerate().find(|(i, fw)| {
+        *i != victim && fw.sessions(&s.worker_keys()).iter().any(|r| r["peer"] == s.clients[c].1.as_str())
+    });
+    assert!(now_on.is_some(), "the client's new session is on no live worker");
+    for r in others {
+        let out = r.join().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let j = journal_entries(&s.director.journal);
+    assert!(j.iter().any(|e| e["event"] == "worker_lost"));
+    eprintln!("lost after {lost_after:?}; client back after {back:?}; BLPOP after {waited:?}: {said:?}");
+    for (i, p) in w.iter_mut().enumerate() {
+        if i != victim {
+            p.assert_running();
+        }
+    }
+}
+
+#[test]
+fn a_joining_worker_takes_sessions_until_balanced_then_nothing_moves() {
+    let s = setup("director-join", 3, 8);
+    let d = s.start_director(&["--moves-per-sec", "20"]);
+    let mut w: Vec<Proc> = (0..2).map(|i| s.start_worker(i)).collect();
+    s.wait_active(2);
+    let clients = s.start_clients();
+    for (_, addr) in &clients {
+        assert!(redis_ping(addr));
+    }
+    assert_eq!((s.sessions_of(0), s.sessions_of(1)), (4, 4));
+    w.push(s.start_worker(2));
+    let rows = s.director.wait("rebalanced", Duration::from_secs(20), |_| {
+        let mut n = [s.sessions_of(0), s.sessions_of(1), s.sessions_of(2)];
+        n.sort();
+        n == [2, 3, 3]
+    });
+    // Then nothing moves: stable for three seconds, well past the
+    // heartbeats that would start another round.
+    let moved = |d: &DirectorNode| d.ask(&["status"])["sessions_moved"].as_u64().unwrap();
+    let before = moved(&s.director);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(moved(&s.director), before, "sessions still moving: {rows:#?}");
+    let mut n = [s.sessions_of(0), s.sessions_of(1), s.sessions_of(2)];
+    n.sort();
+    assert_eq!(n, [2, 3, 3]);
+    // Every client still works.
+    for (_, addr) in &clients {
+        assert!(redis_ping(addr));
+    }
+    let j = journal_entries(&s.director.journal);
+    assert!(j.iter().any(|e| e["event"] == "sessions_rebalanced"));
+    drop(d);
+}
+
+#[test]
+fn a_restarted_director_has_its_registry_back_from_its_state_file() {
+    let s = setup("director-restart", 2, 1);
+    let mut d = s.start_director(&[]);
+    let _w: Vec<Proc> = (0..2).map(|i| s.start_worker(i)).collect();
+    s.wait_active(2);
+    let v = s.director.ask(&["drain", &s.workers[0].public[..10]]);
+    assert_eq!(v["worker"], s.workers[0].public.as_str());
+    s.director.wait("w0 drained", Duration::from_secs(10), |rows| {
+        rows.iter().any(|r| r["key"] == s.workers[0].public.as_str() && r["state"] == "drained")
+    });
+    // The state file is written within half a second of a change.
+    std::thread::sleep(Duration::from_millis(800));
+    d.kill9();
+    let _d2 = s.start_director(&[]);
+    // Straight from the file, before any worker is back.
+    let j = journal_entries(&s.director.journal);
+    let started: Vec<_> = j.iter().filter(|e| e["event"] == "director_started").collect();
+    assert_eq!(started.len(), 2);
+    assert_eq!(started[1]["workers_restored"], 2);
+    // The workers come back on their own; w0 stays drained.
+    let rows = s.director.wait("both back", Duration::from_secs(10), |rows| {
+        rows.len() == 2 && rows.iter().all(|r| r["connected"] == true)
+    });
+    let w0 = rows.iter().find(|r| r["key"] == s.workers[0].public.as_str()).unwrap();
+    assert_eq!(w0["state"], "drained", "{rows:#?}");
+    let w1 = rows.iter().find(|r| r["key"] == s.workers[1].public.as_str()).unwrap();
+    assert_eq!(w1["state"], "active");
+    // A new client goes to the active one.
+    let (_c, addr) = placed_client(&s.dir, "client0", &s.clients[0].0, &s.director);
+    assert!(redis_ping(&addr));
+    assert_eq!((s.sessions_of(0), s.sessions_of(1)), (0, 1));
 }

@@ -199,9 +199,11 @@ impl Registry {
         }
     }
 
-    /// A worker (re)registered with its addresses and the sessions it
-    /// holds. A worker drained or lost before comes back active; one that
-    /// was draining stays draining. Returns its record.
+    /// A worker (re)registered with its addresses, the sessions it holds
+    /// and the standing it was last given (`was`, from its own memory: a
+    /// worker that reconnects mid-drain stays draining, a drained one
+    /// stays drained; a new process run starts active). Returns its record.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         now: Instant,
@@ -209,10 +211,11 @@ impl Registry {
         addrs: Vec<String>,
         sessions: BTreeSet<String>,
         load: Load,
+        was: Option<WorkerState>,
         unix_ms: u64,
     ) -> WorkerRecord {
-        let state = match self.workers.get(&key).map(|w| w.record.state) {
-            Some(WorkerState::Draining) => WorkerState::Draining,
+        let state = match was {
+            Some(s @ (WorkerState::Draining | WorkerState::Drained)) => s,
             _ => WorkerState::Active,
         };
         let w = Worker {

@@ -33,6 +33,10 @@ pub enum FromWorker {
         sessions: Vec<String>,
         /// Its load now.
         load: Load,
+        /// The standing the director gave it last (`None`: a new run of
+        /// its process, or never registered).
+        #[serde(default)]
+        was: Option<WorkerState>,
     },
     /// A heartbeat: renews the lease.
     Beat {

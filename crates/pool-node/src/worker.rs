@@ -282,6 +282,7 @@ async fn run_link(d: &Arc<Daemon>, link: &Arc<DirectorLink>) -> Result<(), Strin
         addrs: link.addrs.clone(),
         sessions: snap.sessions.iter().cloned().collect(),
         load: snap.load,
+        was: link.state(),
     };
     write_line(&mut w, &hello)
         .await

@@ -23,6 +23,7 @@ fn reg(workers: &[(u8, u32)]) -> (Registry, Instant) {
             vec![format!("127.0.0.1:{}", 9000 + u16::from(*n))],
             BTreeSet::new(),
             load(*s),
+            None,
             0,
         );
     }
@@ -85,6 +86,7 @@ fn a_lease_expires_after_its_length_and_only_once() {
         vec!["x:1".into()],
         BTreeSet::new(),
         load(0),
+        None,
         0,
     );
     assert_eq!(rec.state, WorkerState::Active);
@@ -105,9 +107,28 @@ fn restored_workers_get_one_lease_to_come_back() {
     );
     assert!(r.place(now, &key(9)).is_none(), "not connected yet");
     assert!(r.expire(now + Duration::from_secs(2)).is_empty());
-    // Draining survives a director restart.
-    let rec = r.register(now, key(1), vec!["a:1".into()], BTreeSet::new(), load(0), 0);
+    // Draining survives a director restart: the worker remembers it.
+    let rec = r.register(
+        now,
+        key(1),
+        vec!["a:1".into()],
+        BTreeSet::new(),
+        load(0),
+        Some(WorkerState::Draining),
+        0,
+    );
     assert_eq!(rec.state, WorkerState::Draining);
+    // A new run of the worker's process starts active.
+    let rec = r.register(
+        now,
+        key(1),
+        vec!["a:1".into()],
+        BTreeSet::new(),
+        load(0),
+        None,
+        0,
+    );
+    assert_eq!(rec.state, WorkerState::Active);
 }
 
 #[test]

@@ -45,14 +45,15 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
             addrs,
             sessions,
             load,
-        }))) => (addrs, sessions, load),
+            was,
+        }))) => (addrs, sessions, load, was),
         other => {
             info!(worker = %key.short(), "not a hello: {other:?}");
             s.close("no hello").await;
             return;
         }
     };
-    let (addrs, sessions, load) = hello;
+    let (addrs, sessions, load, was) = hello;
     let lease = d.lease();
     let beat = lease / 3;
     let rec = d.lock().register(
@@ -61,6 +62,7 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
         addrs.clone(),
         sessions.iter().cloned().collect::<BTreeSet<_>>(),
         load,
+        was,
         unix_ms(),
     );
     if let Err(e) = d.store.put_worker(&rec, lease).await {
