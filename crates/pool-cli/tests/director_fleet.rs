@@ -205,10 +205,12 @@ fn a_killed_worker_is_lost_within_its_lease_and_its_clients_come_back_elsewhere(
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     w[victim].kill9();
-    let rows = s.director.wait("the victim lost", Duration::from_secs(6), |rows| {
-        rows.iter()
-            .any(|r| r["key"] == s.workers[victim].public.as_str() && r["state"] == "lost")
-    });
+    let rows = s
+        .director
+        .wait("the victim lost", Duration::from_secs(6), |rows| {
+            rows.iter()
+                .any(|r| r["key"] == s.workers[victim].public.as_str() && r["state"] == "lost")
+        });
     let lost_after = killed.elapsed();
     assert!(
         lost_after < Duration::from_millis(3000 + 600),
@@ -219,7 +221,10 @@ fn a_killed_worker_is_lost_within_its_lease_and_its_clients_come_back_elsewhere(
         if redis_ping(&addr) {
             break killed.elapsed();
         }
-        assert!(killed.elapsed() < Duration::from_secs(15), "the client never came back");
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the client never came back"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(
@@ -240,16 +245,29 @@ fn a_killed_worker_is_lost_within_its_lease_and_its_clients_come_back_elsewhere(
     );
     assert!(said.to_lowercase().contains("reset"), "BLPOP: {said}");
     let now_on = s.workers.iter().enumerate().find(|(i, fw)| {
-        *i != victim && fw.sessions(&s.worker_keys()).iter().any(|r| r["peer"] == s.clients[c].1.as_str())
+        *i != victim
+            && fw
+                .sessions(&s.worker_keys())
+                .iter()
+                .any(|r| r["peer"] == s.clients[c].1.as_str())
     });
-    assert!(now_on.is_some(), "the client's new session is on no live worker");
+    assert!(
+        now_on.is_some(),
+        "the client's new session is on no live worker"
+    );
     for r in others {
         let out = r.join().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     let j = journal_entries(&s.director.journal);
     assert!(j.iter().any(|e| e["event"] == "worker_lost"));
-    eprintln!("lost after {lost_after:?}; client back after {back:?}; BLPOP after {waited:?}: {said:?}");
+    eprintln!(
+        "lost after {lost_after:?}; client back after {back:?}; BLPOP after {waited:?}: {said:?}"
+    );
     for (i, p) in w.iter_mut().enumerate() {
         if i != victim {
             p.assert_running();
@@ -279,7 +297,11 @@ fn a_joining_worker_takes_sessions_until_balanced_then_nothing_moves() {
     let moved = |d: &DirectorNode| d.ask(&["status"])["sessions_moved"].as_u64().unwrap();
     let before = moved(&s.director);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(moved(&s.director), before, "sessions still moving: {rows:#?}");
+    assert_eq!(
+        moved(&s.director),
+        before,
+        "sessions still moving: {rows:#?}"
+    );
     let mut n = [s.sessions_of(0), s.sessions_of(1), s.sessions_of(2)];
     n.sort();
     assert_eq!(n, [2, 3, 3]);
@@ -300,25 +322,38 @@ fn a_restarted_director_has_its_registry_back_from_its_state_file() {
     s.wait_active(2);
     let v = s.director.ask(&["drain", &s.workers[0].public[..10]]);
     assert_eq!(v["worker"], s.workers[0].public.as_str());
-    s.director.wait("w0 drained", Duration::from_secs(10), |rows| {
-        rows.iter().any(|r| r["key"] == s.workers[0].public.as_str() && r["state"] == "drained")
-    });
+    s.director
+        .wait("w0 drained", Duration::from_secs(10), |rows| {
+            rows.iter()
+                .any(|r| r["key"] == s.workers[0].public.as_str() && r["state"] == "drained")
+        });
     // The state file is written within half a second of a change.
     std::thread::sleep(Duration::from_millis(800));
     d.kill9();
     let _d2 = s.start_director(&[]);
     // Straight from the file, before any worker is back.
     let j = journal_entries(&s.director.journal);
-    let started: Vec<_> = j.iter().filter(|e| e["event"] == "director_started").collect();
+    let started: Vec<_> = j
+        .iter()
+        .filter(|e| e["event"] == "director_started")
+        .collect();
     assert_eq!(started.len(), 2);
     assert_eq!(started[1]["workers_restored"], 2);
     // The workers come back on their own; w0 stays drained.
-    let rows = s.director.wait("both back", Duration::from_secs(10), |rows| {
-        rows.len() == 2 && rows.iter().all(|r| r["connected"] == true)
-    });
-    let w0 = rows.iter().find(|r| r["key"] == s.workers[0].public.as_str()).unwrap();
+    let rows = s
+        .director
+        .wait("both back", Duration::from_secs(10), |rows| {
+            rows.len() == 2 && rows.iter().all(|r| r["connected"] == true)
+        });
+    let w0 = rows
+        .iter()
+        .find(|r| r["key"] == s.workers[0].public.as_str())
+        .unwrap();
     assert_eq!(w0["state"], "drained", "{rows:#?}");
-    let w1 = rows.iter().find(|r| r["key"] == s.workers[1].public.as_str()).unwrap();
+    let w1 = rows
+        .iter()
+        .find(|r| r["key"] == s.workers[1].public.as_str())
+        .unwrap();
     assert_eq!(w1["state"], "active");
     // A new client goes to the active one.
     let (_c, addr) = placed_client(&s.dir, "client0", &s.clients[0].0, &s.director);

@@ -89,7 +89,7 @@ async fn ask(
     director_key: PublicKey,
     worker: Option<PublicKey>,
 ) -> Result<(PlacementReply, Option<WorkerAnswer>), PlaceError> {
-    let session = endpoint.connect(director, director_key).await?;
+    let session = connect_any(endpoint, director, director_key).await?;
     let protocol = |reason: String| PlaceError::Protocol {
         director: director.to_string(),
         reason,
@@ -127,6 +127,31 @@ async fn ask(
         session.close("placed").await;
     });
     reply?
+}
+
+/// Dials the director at `addrs`: one `HOST:PORT`, or several separated by
+/// commas (directors sharing a store and a key: the one that leads
+/// answers, the others do not listen), each in turn.
+///
+/// # Errors
+///
+/// The last address's error.
+pub async fn connect_any(
+    endpoint: &Endpoint,
+    addrs: &str,
+    key: PublicKey,
+) -> Result<Session, pool_net::Error> {
+    let mut last = None;
+    for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match endpoint.connect(a, key).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| pool_net::Error::Resolve {
+        addr: addrs.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"),
+    }))
 }
 
 /// Dials the worker `p` names, each address in turn.

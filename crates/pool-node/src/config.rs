@@ -116,7 +116,8 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DirectorSection {
-    /// The director's POOL address, `HOST:PORT`.
+    /// The director's POOL address, `HOST:PORT`; several directors sharing
+    /// one store (and key): `"A:9260,B:9260"`, tried in turn.
     pub address: String,
     /// The director's public key.
     #[serde(deserialize_with = "de_key")]

@@ -295,6 +295,11 @@ impl Daemon {
             })),
             "counters": serde_json::to_value(self.counters()).unwrap_or_default(),
             "draining": self.endpoint.is_draining(),
+            "director": self.director.as_ref().map(|l| json!({
+                "key": l.director_key().to_string(),
+                "linked": l.linked(),
+                "state": l.state(),
+            })),
         })
     }
 

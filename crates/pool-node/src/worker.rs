@@ -62,6 +62,11 @@ impl DirectorLink {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the link to the director is up now.
+    pub fn linked(&self) -> bool {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// The director's key.
     pub fn director_key(&self) -> PublicKey {
         self.cfg.key
@@ -269,7 +274,7 @@ async fn run_link(d: &Arc<Daemon>, link: &Arc<DirectorLink>) -> Result<(), Strin
     let cfg = &link.cfg;
     let session = tokio::time::timeout(
         Duration::from_secs(5),
-        d.endpoint.connect(&cfg.address, cfg.key),
+        pool_director::client::connect_any(&d.endpoint, &cfg.address, cfg.key),
     )
     .await
     .map_err(|_| "no answer within 5 s".to_string())?
@@ -309,12 +314,24 @@ async fn run_link(d: &Arc<Daemon>, link: &Arc<DirectorLink>) -> Result<(), Strin
         }
     });
     let mut reported = snap.sessions;
+    // A session to a dead director resumes for its whole deadline; give
+    // it up after two heartbeats without a carrier and dial again (the
+    // next director of the list may lead now).
+    let mut no_carrier: Option<Instant> = None;
     let mut last = (Instant::now(), snap.bytes, cpu_ticks());
     let mut every = tokio::time::interval(beat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = every.tick() => {
+                if session.stats().carrier == "none" {
+                    let since = *no_carrier.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= beat * 2 {
+                        break Err("no carrier to the director for two heartbeats; dialling again".to_string());
+                    }
+                    continue;
+                }
+                no_carrier = None;
                 let mut snap = d.snapshot();
                 let now = (Instant::now(), snap.bytes, cpu_ticks());
                 let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-3);
@@ -357,6 +374,10 @@ async fn run_link(d: &Arc<Daemon>, link: &Arc<DirectorLink>) -> Result<(), Strin
         }
     };
     writer.abort();
+    let s = session.clone();
+    tokio::spawn(async move {
+        s.close("director link ended").await;
+    });
     result
 }
 

@@ -29,8 +29,48 @@ impl DirectorNode {
         }
     }
 
-    /// Starts it, trusting `workers` as workers and `clients`.
+    /// Another director with this one's key (directors sharing a store
+    /// share a key).
+    pub fn sharing(&self, dir: &TempDir, name: &str) -> DirectorNode {
+        DirectorNode {
+            key: self.key.clone(),
+            public: self.public.clone(),
+            listen: format!("127.0.0.1:{}", free_port()),
+            control: dir.join(&format!("{name}.sock")),
+            state: dir.join(&format!("{name}-state.json")),
+            journal: dir.join(&format!("{name}.journal")),
+        }
+    }
+
+    /// Starts it, trusting `workers` as workers and `clients`, and waits
+    /// until it serves.
     pub fn start(
+        &self,
+        dir: &TempDir,
+        name: &str,
+        workers: &[String],
+        clients: &[String],
+        extra: &[&str],
+    ) -> Proc {
+        let mut p = self.spawn(dir, name, workers, clients, extra);
+        self.wait_serving(&mut p);
+        p
+    }
+
+    /// Waits until it listens and answers on its control socket.
+    pub fn wait_serving(&self, p: &mut Proc) {
+        wait_port(&self.listen, Duration::from_secs(15));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.control).is_err() {
+            assert!(Instant::now() < deadline, "no control socket:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.assert_running();
+    }
+
+    /// Starts it without waiting (a director that waits for the lead does
+    /// not listen yet).
+    pub fn spawn(
         &self,
         dir: &TempDir,
         name: &str,
@@ -63,15 +103,7 @@ impl DirectorNode {
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let _ = std::fs::remove_file(&self.control);
-        let mut p = Proc::pool(name, &refs, dir);
-        wait_port(&self.listen, Duration::from_secs(10));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&self.control).is_err() {
-            assert!(Instant::now() < deadline, "no control socket:\n{}", p.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p.assert_running();
-        p
+        Proc::pool(name, &refs, dir)
     }
 
     /// `pool director ARGS --control ... --json`, which must succeed.
@@ -155,6 +187,27 @@ impl FleetWorker {
         peers: &[String],
         target: &str,
     ) -> Proc {
+        self.start_via(
+            dir,
+            &director.listen,
+            &director.public,
+            clients,
+            peers,
+            target,
+        )
+    }
+
+    /// Like `start`, with the director at `address` (one or more, or a
+    /// forwarder's) with key `key`.
+    pub fn start_via(
+        &self,
+        dir: &TempDir,
+        address: &str,
+        key: &str,
+        clients: &[String],
+        peers: &[String],
+        target: &str,
+    ) -> Proc {
         let q = |v: &[String]| {
             v.iter()
                 .map(|k| format!("\"{k}\""))
@@ -175,8 +228,8 @@ impl FleetWorker {
             self.journal.display(),
             q(&trusted),
             q(peers),
-            director.listen,
-            director.public,
+            address,
+            key,
         );
         let path = dir.join(&format!("{}.toml", self.name));
         std::fs::write(&path, text).expect("write config");
@@ -189,6 +242,30 @@ impl FleetWorker {
         wait_port(&self.listen, Duration::from_secs(10));
         p.assert_running();
         p
+    }
+
+    /// Waits until its link to the director is up (`pool ctl status`).
+    pub fn wait_linked(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = pool_cmd(&[
+                "ctl",
+                "status",
+                "--json",
+                "--control",
+                self.control.to_str().unwrap(),
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if v["director"]["linked"] == true {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never linked to its director: {v}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The client sessions it holds now (`peers`: the other workers' keys,
@@ -274,4 +351,58 @@ pub fn redis_ping(addr: &str) -> bool {
     cmd.args(["-h", host, "-p", port, "PING"]);
     let out = run(cmd, Duration::from_secs(5));
     String::from_utf8_lossy(&out.stdout).trim() == "PONG"
+}
+
+/// A TCP forwarder that can be cut: every connection through it is closed
+/// and new ones are refused (accepted and dropped) until `restore`.
+pub struct Cuttable {
+    pub addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cuttable {
+    pub fn new(target: &str) -> Cuttable {
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
+        let addr = l.local_addr().unwrap().to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
+            std::sync::Arc::default();
+        let (c2, k2, target) = (cut.clone(), conns.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                if c2.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                k2.lock().unwrap().push(s.try_clone().unwrap());
+                k2.lock().unwrap().push(up.try_clone().unwrap());
+                let (mut a, mut b) = (s.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                });
+                let (mut a, mut b) = (up, s);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Cuttable { addr, cut, conns }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

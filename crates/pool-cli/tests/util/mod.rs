@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod etcd;
 pub mod fleet;
 pub mod shim;
 pub mod workers;

@@ -78,6 +78,7 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
         LinkTx {
             tx: tx.clone(),
             generation,
+            session: s.clone(),
         },
     );
     d.counters.registrations.fetch_add(1, Ordering::Relaxed);

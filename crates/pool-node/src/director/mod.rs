@@ -66,6 +66,9 @@ pub(crate) struct Counters {
 pub(crate) struct LinkTx {
     pub(crate) tx: mpsc::UnboundedSender<ToWorker>,
     pub(crate) generation: u64,
+    /// The worker's session, closed when its lease expires (it registers
+    /// afresh when it comes back).
+    pub(crate) session: Session,
 }
 
 /// A running director.
@@ -186,6 +189,16 @@ impl Director {
                 Event::WorkerLost,
                 json!({"worker": k.to_string(), "lease_ms": self.lease().as_millis() as u64}),
             );
+            let link = self
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&k);
+            if let Some(l) = link {
+                tokio::spawn(async move {
+                    l.session.close("lease expired").await;
+                });
+            }
             if let Err(e) = self.store.remove_worker(&k).await {
                 warn!("store: {e}");
             }
