@@ -47,7 +47,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 
 /// A TCP forwarder on 127.0.0.1 that delays every byte by `one_way` in
 /// each direction (order kept): a link between hosts `2 × one_way` apart.
-async fn delaying_forwarder(to: SocketAddr, one_way: Duration) -> Result<SocketAddr> {
+pub(crate) async fn delaying_forwarder(to: SocketAddr, one_way: Duration) -> Result<SocketAddr> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {

@@ -16,6 +16,7 @@
 //! per-source handshake rate limit off (all clients come from 127.0.0.1).
 
 mod common;
+mod director;
 mod drain;
 mod flood;
 mod forward;
@@ -27,7 +28,7 @@ mod resume;
 mod throughput;
 
 const USAGE: &str =
-    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|drain|forward> [options]
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|drain|director|forward> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -51,6 +52,10 @@ const USAGE: &str =
   drain       [--idle 1000] [--busy 100] [--parallel 32]
                  hand every session of a worker to another: time until
                  the source holds none (busy streams checked by index)
+  director    [--sessions 1000] [--busy 100] [--crash-clients 20] [--rtt-ms 20] [--rounds 20] [--lease 3000]
+                 with real `pool director` and `pool daemon` processes: a
+                 drain's time and largest stall, a crash's recovery time, a
+                 placement's extra time to the first byte
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
                  in a row are the floor that bench-bridge measures";
@@ -72,6 +77,7 @@ fn main() {
         "reload" => reload::run(rest),
         "handoff" => handoff::run(rest),
         "drain" => drain::run(rest),
+        "director" => director::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;

@@ -23,6 +23,19 @@ pub struct EndpointConfig {
     pub(crate) direct_retry: Duration,
     pub(crate) relay_only: bool,
     pub(crate) handoff: HandoffPolicy,
+    pub(crate) greeting: Option<Greeting>,
+}
+
+/// What a listener says first to each new session ([`EndpointConfig::greeting`]):
+/// given the initiator's key, the bytes to send on a stream the listener
+/// opens, or `None` for none.
+#[derive(Clone)]
+pub struct Greeting(pub std::sync::Arc<dyn Fn(&PublicKey) -> Option<Vec<u8>> + Send + Sync>);
+
+impl std::fmt::Debug for Greeting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Greeting")
+    }
 }
 
 /// Which handoffs a dialled session follows when its server offers to move
@@ -54,7 +67,21 @@ impl EndpointConfig {
             direct_retry: Duration::from_secs(60),
             relay_only: false,
             handoff: HandoffPolicy::Any,
+            greeting: None,
         }
+    }
+
+    /// Sends a greeting to each new session: the bytes `g` returns for
+    /// the initiator's key go on a stream this listener opens (finished
+    /// at once), in the same flight as its handshake answer, so they
+    /// arrive one round trip after the initiator's HELLO (0.5-RTT data,
+    /// as a TLS 1.3 server's). They are encrypted to the new session's
+    /// keys, so only the initiator can read them; the session is still
+    /// only accepted once the initiator's first record confirms its keys.
+    /// The director places clients this way.
+    pub fn greeting(mut self, g: Greeting) -> Self {
+        self.greeting = Some(g);
+        self
     }
     /// Which handoffs dialled sessions follow (default: any the server
     /// names).

@@ -338,6 +338,30 @@ async fn accept_hello(
     }
 }
 
+/// The greeting's stream, written and finished in `core`, its records
+/// appended to `out` (after the WELCOME already there).
+fn greet(core: &mut pool_core::Session, g: &crate::config::Greeting, out: &mut Vec<u8>) {
+    let Some(bytes) = (g.0)(&core.peer_key()) else {
+        return;
+    };
+    let Ok(id) = core.open_stream() else {
+        return;
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        match core.stream_write(id, &bytes[at..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => at += n,
+        }
+    }
+    let _ = core.stream_finish(id);
+    let mut buf = vec![0u8; pool_core::MAX_RECORD_LEN];
+    let now = Instant::now();
+    while let Some(n) = core.poll_transmit(now, &mut buf) {
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 async fn handle_carrier(
     ctx: &Arc<ListenCtx>,
     mut sock: BoxedCarrier,
@@ -345,9 +369,9 @@ async fn handle_carrier(
     relayed: Option<PublicKey>,
 ) -> Result<(), Error> {
     let addr = from.to_string();
-    let (handshake_timeout, trust) = {
+    let (handshake_timeout, trust, greeting) = {
         let c = ctx.config.read().unwrap_or_else(|e| e.into_inner());
-        (c.handshake_timeout, c.trust.clone())
+        (c.handshake_timeout, c.trust.clone(), c.greeting.clone())
     };
     let record = match read_record(&mut sock, &addr, handshake_timeout).await {
         Ok(r) => r,
@@ -380,6 +404,9 @@ async fn handle_carrier(
             out = reply;
             let res = match res {
                 Ok(mut core) => {
+                    if let Some(g) = &greeting {
+                        greet(&mut core, g, &mut out);
+                    }
                     sock.write_all(&out).await?;
                     // Key confirmation: nothing is created, registered or
                     // reported until the initiator's first record

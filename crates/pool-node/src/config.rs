@@ -133,6 +133,16 @@ pub struct DirectorSection {
         deserialize_with = "crate::types::de_duration"
     )]
     pub leave_deadline: std::time::Duration,
+    /// How many idle sessions one of the director's move orders hands
+    /// over at a time (sessions with open streams go first, two at a
+    /// time). Lower: a drain takes longer and busy streams stall less on
+    /// a loaded machine (docs/director.md#drain).
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+}
+
+fn default_parallel() -> usize {
+    16
 }
 
 fn default_leave_deadline() -> std::time::Duration {

@@ -23,8 +23,8 @@ use crate::daemon::Daemon;
 const CLAIM_WAIT: Duration = Duration::from_secs(2);
 /// Sessions handed in less than this long ago are moved last.
 const SETTLE: Duration = Duration::from_secs(30);
-/// Handoffs of one move order run this many at a time.
-const PARALLEL: usize = 32;
+/// Sessions with open streams are handed this many at a time.
+const PARALLEL_BUSY: usize = 2;
 
 /// The link to the director.
 pub struct DirectorLink {
@@ -36,6 +36,9 @@ pub struct DirectorLink {
     state: Mutex<Option<WorkerState>>,
     /// Sessions handed in here, and when.
     arrived: Mutex<HashMap<SessionId, Instant>>,
+    /// Sessions a move order has picked and not finished with: two orders
+    /// at once (a drain to two workers) never pick the same session.
+    picked: Mutex<std::collections::HashSet<SessionId>>,
     /// Set at SIGTERM: ask the director to drain us (again after a reconnect).
     leaving: std::sync::atomic::AtomicBool,
     changed: Notify,
@@ -52,6 +55,7 @@ impl DirectorLink {
             next: AtomicU64::new(1),
             state: Mutex::new(None),
             arrived: Mutex::new(HashMap::new()),
+            picked: Mutex::new(std::collections::HashSet::new()),
             leaving: std::sync::atomic::AtomicBool::new(false),
             changed: Notify::new(),
         })
@@ -200,31 +204,53 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut pick: Vec<(bool, Session)> = self
-            .client_sessions()
+        let pick: Vec<(bool, Session)> = {
+            let mut picked = link.picked.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pick: Vec<(bool, Session)> = self
+                .client_sessions()
+                .into_iter()
+                .filter(|s| !s.stats().handing_off && !picked.contains(&s.id()))
+                .map(|s| {
+                    let fresh = arrived.get(&s.id()).is_some_and(|t| t.elapsed() < SETTLE);
+                    (fresh, s)
+                })
+                .collect();
+            pick.sort_by_key(|(fresh, s)| (*fresh, s.id().to_string()));
+            pick.truncate(count as usize);
+            picked.extend(pick.iter().map(|(_, s)| s.id()));
+            pick
+        };
+        let ids: Vec<SessionId> = pick.iter().map(|(_, s)| s.id()).collect();
+        // Sessions with open streams go first, a few at a time, so that the
+        // data they carry stalls only for their own handoff and not for a
+        // crowd's CPU; idle sessions then go many at a time.
+        let (busy, idle): (Vec<Session>, Vec<Session>) = pick
             .into_iter()
-            .filter(|s| !s.stats().handing_off)
-            .map(|s| {
-                let fresh = arrived.get(&s.id()).is_some_and(|t| t.elapsed() < SETTLE);
-                (fresh, s)
-            })
-            .collect();
-        pick.sort_by_key(|(fresh, s)| (*fresh, s.id().to_string()));
-        pick.truncate(count as usize);
-        let permits = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
-        let mut tasks = Vec::new();
-        for (_, s) in pick {
-            let (d, to, permits) = (self.clone(), to.to_string(), permits.clone());
-            tasks.push(tokio::spawn(async move {
-                let _p = permits.acquire_owned().await;
-                d.hand_off(&s, &to, to_key, None).await.is_ok()
-            }));
-        }
+            .map(|(_, s)| s)
+            .partition(|s| s.stats().core.streams_active > 0);
         let (mut handed, mut failed) = (0, 0);
-        for t in tasks {
-            match t.await {
-                Ok(true) => handed += 1,
-                _ => failed += 1,
+        let parallel = link.cfg.parallel.max(1);
+        for (group, parallel) in [(busy, PARALLEL_BUSY), (idle, parallel)] {
+            let permits = Arc::new(tokio::sync::Semaphore::new(parallel));
+            let mut tasks = Vec::new();
+            for s in group {
+                let (d, to, permits) = (self.clone(), to.to_string(), permits.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = permits.acquire_owned().await;
+                    d.hand_off(&s, &to, to_key, None).await.is_ok()
+                }));
+            }
+            for t in tasks {
+                match t.await {
+                    Ok(true) => handed += 1,
+                    _ => failed += 1,
+                }
+            }
+        }
+        {
+            let mut picked = link.picked.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &ids {
+                picked.remove(id);
             }
         }
         // Fewer sessions than ordered: the rest count as failed.

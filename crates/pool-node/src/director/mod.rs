@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use pool_director::registry::{Move, Registry, Rules};
 use pool_director::store::{Store, WorkerState};
-use pool_director::wire::{write_line, Placement, PlacementReply, ToWorker};
+use pool_director::wire::{Placement, PlacementReply, ToWorker};
 use pool_journal::{Event, Journal};
 use pool_net::{Endpoint, EndpointConfig, PublicKey, SecretKey, Session, Trust};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -242,20 +241,10 @@ impl Director {
         }
     }
 
-    /// A client's session: push its placement, then answer its questions
-    /// about its worker for a while.
+    /// A client's session (its placement went with the handshake's
+    /// answer, as the endpoint's greeting): answer its questions about its
+    /// worker for a while.
     async fn serve_client(self: Arc<Self>, s: Session) {
-        let reply = self.place(&s.peer_key());
-        match s.open_stream().await {
-            Ok(mut st) => {
-                let _ = write_line(&mut st, &reply).await;
-                let _ = st.shutdown().await;
-            }
-            Err(e) => {
-                info!(client = %s.peer_key().short(), "placement not sent: {e}");
-                return;
-            }
-        }
         let until = tokio::time::sleep(Duration::from_secs(10));
         tokio::pin!(until);
         loop {
@@ -328,7 +317,27 @@ pub async fn run(
     for k in &opts.workers {
         trust = trust.allow(*k);
     }
-    let endpoint = Endpoint::bind(&opts.listen, EndpointConfig::new(opts.key).trust(trust)).await?;
+    // The placement goes in the same flight as the handshake's answer: a
+    // client knows its worker one round trip after its HELLO.
+    let me: Arc<std::sync::OnceLock<std::sync::Weak<Director>>> = Arc::default();
+    let greeter = me.clone();
+    let worker_keys: HashSet<PublicKey> = opts.workers.iter().copied().collect();
+    let greeting = pool_net::Greeting(Arc::new(move |peer: &PublicKey| {
+        if worker_keys.contains(peer) {
+            return None;
+        }
+        let d = greeter.get()?.upgrade()?;
+        let mut line = serde_json::to_vec(&d.place(peer)).ok()?;
+        line.push(b'\n');
+        Some(line)
+    }));
+    let endpoint = Endpoint::bind(
+        &opts.listen,
+        EndpointConfig::new(opts.key)
+            .trust(trust)
+            .greeting(greeting),
+    )
+    .await?;
     let mut registry = Registry::new(opts.rules);
     let restored = fleet.workers.len();
     registry.restore(Instant::now(), fleet.workers);
@@ -345,6 +354,7 @@ pub async fn run(
         workers: opts.workers.into_iter().collect(),
         started: Instant::now(),
     });
+    let _ = me.set(Arc::downgrade(&d));
     let addr = d.endpoint.local_addr().map(|a| a.to_string());
     info!(listen = ?addr, restored, store = %d.store.describe(), "director up");
     d.journal(
