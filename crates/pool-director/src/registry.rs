@@ -1,7 +1,7 @@
 //! The director's view of its workers, sans IO: registrations, leases,
 //! load, placement, drains and rebalancing. Every rule takes `now` from
 //! the caller, so each is tested on a virtual clock; the runtime
-//! ([`crate::server`]) only feeds it messages and timer ticks.
+//! (`pool_node::director`) only feeds it messages and timer ticks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! Where the director keeps the fleet's state: the [`Store`] trait, and
-//! the embedded [`FileStore`] (memory and a state file).
+//! the embedded [`FileStore`](crate::file_store::FileStore) (memory and a state file).
 //!
 //! The store holds what must outlive a director: the workers (with their
 //! state: active, draining, drained) and each session's owner. It also

@@ -30,7 +30,10 @@ pub struct EndpointConfig {
 /// given the initiator's key, the bytes to send on a stream the listener
 /// opens, or `None` for none.
 #[derive(Clone)]
-pub struct Greeting(pub std::sync::Arc<dyn Fn(&PublicKey) -> Option<Vec<u8>> + Send + Sync>);
+pub struct Greeting(pub std::sync::Arc<GreetFn>);
+
+/// The function behind a [`Greeting`].
+pub type GreetFn = dyn Fn(&PublicKey) -> Option<Vec<u8>> + Send + Sync;
 
 impl std::fmt::Debug for Greeting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

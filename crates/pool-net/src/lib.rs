@@ -40,7 +40,7 @@ mod stream;
 mod trust;
 
 pub use carrier::{BoxedCarrier, Carrier, DialFuture, Dialer, TcpDialer};
-pub use config::{Greeting, HandoffPolicy};
+pub use config::{GreetFn, Greeting, HandoffPolicy};
 pub use endpoint::{bind_tcp, Endpoint, EndpointConfig, EndpointEvent, ListenerStats, RelayStatus};
 pub use error::Error;
 pub use handoff::{
