@@ -45,12 +45,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     )?;
     let p = Params {
         sessions: o.num("--sessions", 1000)?,
-        busy: o.num("--busy", 100)?,
+        busy: o.num("--busy", 20)?,
         crash_clients: o.num("--crash-clients", 20)?,
         rtt: Duration::from_millis(o.num("--rtt-ms", 20)?),
         rounds: o.num("--rounds", 20)?,
         lease: Duration::from_millis(o.num("--lease", 3000)?),
-        parallel: o.num("--parallel", 16)?,
+        parallel: o.num("--parallel", 4)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

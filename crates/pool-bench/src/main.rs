@@ -52,7 +52,7 @@ const USAGE: &str =
   drain       [--idle 1000] [--busy 100] [--parallel 32]
                  hand every session of a worker to another: time until
                  the source holds none (busy streams checked by index)
-  director    [--sessions 1000] [--busy 100] [--crash-clients 20] [--rtt-ms 20] [--rounds 20] [--lease 3000]
+  director    [--sessions 1000] [--busy 20] [--crash-clients 20] [--rtt-ms 20] [--rounds 20] [--lease 3000]
                  with real `pool director` and `pool daemon` processes: a
                  drain's time and largest stall, a crash's recovery time, a
                  placement's extra time to the first byte

@@ -142,7 +142,7 @@ pub struct DirectorSection {
 }
 
 fn default_parallel() -> usize {
-    16
+    4
 }
 
 fn default_leave_deadline() -> std::time::Duration {
