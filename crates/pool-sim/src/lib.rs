@@ -122,6 +122,9 @@ pub struct RunStats {
     pub handoffs_offered: u64,
     /// Handoffs committed at their target.
     pub handoffs_committed: u64,
+    /// Handoffs whose target's claim was refused (fencing), before any
+    /// state moved.
+    pub handoffs_fenced: u64,
     /// Handoffs that ended without a commit, the session going on at the
     /// source.
     pub handoffs_aborted: u64,

@@ -146,8 +146,8 @@ fn main() -> ExitCode {
     let failures: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let verbose_out: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     // Handoffs offered, committed, aborted; sessions lost by design;
-    // fenced bytes skipped (for stderr).
-    let ho: [AtomicU64; 6] = Default::default();
+    // fenced bytes skipped; clients stranded; claims refused (for stderr).
+    let ho: [AtomicU64; 7] = Default::default();
     let total = args.schedules as usize;
     std::thread::scope(|s| {
         for _ in 0..args.threads {
@@ -165,6 +165,7 @@ fn main() -> ExitCode {
                     u64::from(o.stats.handoff_lost),
                     o.stats.fenced_reads,
                     u64::from(o.stats.stranded),
+                    o.stats.handoffs_fenced,
                 ]) {
                     c.fetch_add(v, Ordering::Relaxed);
                 }
@@ -229,9 +230,10 @@ fn main() -> ExitCode {
         done as f64 / elapsed.as_secs_f64().max(1e-9),
         args.threads
     );
-    let [offered, committed, aborted, lost, fenced, stranded] = ho.map(AtomicU64::into_inner);
+    let [offered, committed, aborted, lost, fenced, stranded, claims_refused] =
+        ho.map(AtomicU64::into_inner);
     eprintln!(
-        "pool-sim: handoffs: {offered} offered, {committed} committed, {aborted} aborted; {lost} sessions lost by design; lenient: {fenced} fenced bytes skipped, {stranded} clients stranded"
+        "pool-sim: handoffs: {offered} offered, {committed} committed, {aborted} aborted ({claims_refused} by a refused claim); {lost} sessions lost by design; lenient: {fenced} fenced bytes skipped, {stranded} clients stranded"
     );
     if failures.is_empty() {
         ExitCode::SUCCESS

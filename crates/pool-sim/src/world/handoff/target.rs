@@ -223,6 +223,23 @@ impl World {
             self.carriers[cid].excused = Some("the import is pulled already");
             return self.refuse(cid, &HandshakeError::HandoffPending, cause);
         }
+        if honest && self.ho.as_ref().is_some_and(|h| h.id % 8 == 5) {
+            // The director refuses the target's claim (fencing: its lease
+            // lapsed, or another worker owns the session), one handoff in
+            // eight: the target refuses the client before any state moves
+            // and gives the handoff up; the client goes back to the source.
+            self.log(format!(
+                "{name}'s claim of the session is refused by its director: fenced"
+            ));
+            self.stats.handoffs_fenced += 1;
+            self.carriers[cid].excused = Some("fenced: the target's claim was refused");
+            self.refuse(
+                cid,
+                &HandshakeError::HandoffToken("fenced: the claim was refused".into()),
+                cause,
+            )?;
+            return self.target_gives_up("fenced");
+        }
         let from = self.ho.as_ref().map_or(self.srv, |h| h.from);
         if let Some(h) = self.ho.as_mut() {
             h.stage = Stage::Pulling;
