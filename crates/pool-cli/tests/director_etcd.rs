@@ -204,17 +204,20 @@ fn a_worker_cut_off_past_its_lease_cannot_take_a_session() {
     let before = owner(&d);
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].0, ws[0].public);
-    let out = pool_cmd(&[
-        "ctl",
-        "handoff",
-        &cpub[..8],
-        "--to",
-        &ws[1].listen,
-        "--to-key",
-        &ws[1].public,
-        "--control",
-        ws[0].control.to_str().unwrap(),
-    ]);
+    let handoff = || {
+        pool_cmd(&[
+            "ctl",
+            "handoff",
+            &cpub[..8],
+            "--to",
+            &ws[1].listen,
+            "--to-key",
+            &ws[1].public,
+            "--control",
+            ws[0].control.to_str().unwrap(),
+        ])
+    };
+    let out = handoff();
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -236,17 +239,7 @@ fn a_worker_cut_off_past_its_lease_cannot_take_a_session() {
         })
     });
     ws[1].wait_linked(Duration::from_secs(5));
-    let out = pool_cmd(&[
-        "ctl",
-        "handoff",
-        &cpub[..8],
-        "--to",
-        &ws[1].listen,
-        "--to-key",
-        &ws[1].public,
-        "--control",
-        ws[0].control.to_str().unwrap(),
-    ]);
+    let out = handoff();
     assert!(
         out.status.success(),
         "{}",

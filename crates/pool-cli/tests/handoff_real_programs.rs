@@ -115,22 +115,7 @@ fn redis_benchmark_runs_through_ten_handoffs() {
     require_program("redis-server", "redis-server");
     require_program("redis-benchmark", "redis-tools");
     let dir = TempDir::new("handoff-redis");
-    let port = free_port();
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ])
-    .args(["--appendonly", "no", "--daemonize", "no"])
-    .arg("--dir")
-    .arg(dir.path());
-    let mut redis = Proc::spawn("redis-server", cmd, &dir);
-    let target = format!("127.0.0.1:{port}");
-    wait_port(&target, Duration::from_secs(10));
+    let (mut redis, target) = util::fleet::redis(&dir);
 
     let (ckey, cpub) = keygen(&dir, "client");
     let a = Worker::new(&dir, "a");
