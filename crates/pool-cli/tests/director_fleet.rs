@@ -278,7 +278,8 @@ fn a_killed_worker_is_lost_within_its_lease_and_its_clients_come_back_elsewhere(
 #[test]
 fn a_joining_worker_takes_sessions_until_balanced_then_nothing_moves() {
     let s = setup("director-join", 3, 8);
-    let d = s.start_director(&["--moves-per-sec", "20"]);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let d = s.start_director(&["--moves-per-sec", "20", "--metrics", &metrics]);
     let mut w: Vec<Proc> = (0..2).map(|i| s.start_worker(i)).collect();
     s.wait_active(2);
     let clients = s.start_clients();
@@ -311,6 +312,20 @@ fn a_joining_worker_takes_sessions_until_balanced_then_nothing_moves() {
     }
     let j = journal_entries(&s.director.journal);
     assert!(j.iter().any(|e| e["event"] == "sessions_rebalanced"));
+    // The same on /metrics.
+    let (code, text) = http_get(&metrics, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(value("pool_director_rebalance_orders_total") >= 1.0);
+    assert!(value("pool_director_sessions_moved_total") >= 2.0);
+    assert_eq!(value("pool_director_placements_total"), 8.0);
+    assert_eq!(value("pool_director_workers{state=\"active\"}"), 3.0);
     drop(d);
 }
 
