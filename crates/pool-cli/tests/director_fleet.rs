@@ -375,3 +375,75 @@ fn a_restarted_director_has_its_registry_back_from_its_state_file() {
     assert!(redis_ping(&addr));
     assert_eq!((s.sessions_of(0), s.sessions_of(1)), (0, 1));
 }
+
+#[test]
+fn a_worker_cannot_claim_a_session_that_was_not_handed_to_it() {
+    use pool_director::wire::{write_line, FromWorker, LineReader, ToWorker};
+    let s = setup("director-claim", 2, 1);
+    let _d = s.start_director(&["--no-rebalance"]);
+    let _w0 = s.start_worker(0);
+    s.wait_active(1);
+    let (_c, addr) = placed_client(&s.dir, "client0", &s.clients[0].0, &s.director);
+    assert!(redis_ping(&addr));
+    let id = s.workers[0].sessions(&s.worker_keys())[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Recorded as w0's from its next heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.director.ask(&["owners"])["owners"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the session was never recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // w1's key, but not its daemon: it registers and claims w0's session.
+    let text = std::fs::read_to_string(&s.workers[1].key).unwrap();
+    let key = pool_net::SecretKey::from_file_text(&text).unwrap();
+    let w0: pool_net::PublicKey = s.workers[0].public.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let ep = pool_net::Endpoint::client(pool_net::EndpointConfig::new(key));
+        let dk: pool_net::PublicKey = s.director.public.parse().unwrap();
+        let session = ep.connect(&s.director.listen, dk).await.unwrap();
+        let (r, mut w) = session.open_stream().await.unwrap().into_split();
+        let mut r = LineReader::new(r);
+        let hello = FromWorker::Hello {
+            addrs: vec!["127.0.0.1:1".into()],
+            sessions: Vec::new(),
+            load: Default::default(),
+            was: None,
+        };
+        write_line(&mut w, &hello).await.unwrap();
+        assert!(matches!(
+            r.next::<ToWorker>().await.unwrap(),
+            Some(ToWorker::Welcome { .. })
+        ));
+        let claim = FromWorker::Claim {
+            id: 1,
+            session: id.clone(),
+            from: w0,
+        };
+        write_line(&mut w, &claim).await.unwrap();
+        loop {
+            match r.next::<ToWorker>().await.unwrap() {
+                Some(ToWorker::Claimed { ok, error, .. }) => break (ok, error),
+                Some(_) => continue,
+                None => panic!("the director closed the link"),
+            }
+        }
+    });
+    assert!(
+        !answer.0,
+        "the director let a worker take a session no one handed it"
+    );
+    assert!(answer.1.unwrap_or_default().contains("did not announce"));
+    let owners = s.director.ask(&["owners"]);
+    let o = &owners["owners"].as_array().unwrap()[0];
+    assert_eq!(o["owner"], s.workers[0].public.as_str());
+    let j = journal_entries(&s.director.journal);
+    assert!(j.iter().any(|e| e["event"] == "claim_refused"));
+    assert!(redis_ping(&addr), "the session broke");
+}

@@ -58,6 +58,15 @@ pub enum FromWorker {
         /// Handoffs that failed (the sessions stayed).
         failed: u32,
     },
+    /// This worker (the source) is about to hand `session` to the worker
+    /// `to`: the director lets `to` claim it only after this.
+    Handing {
+        /// The session id.
+        session: String,
+        /// The target worker.
+        #[serde(with = "key_text")]
+        to: PublicKey,
+    },
     /// May this worker take `session` from the worker `from`? (Asked by a
     /// handoff's target before it takes the state: fencing.)
     Claim {

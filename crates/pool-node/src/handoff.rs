@@ -199,6 +199,23 @@ impl Daemon {
             Event::HandoffStarted,
             json!({"session": id, "peer": peer.to_string(), "to": to_key.to_string(), "to_addr": to}),
         );
+        if let Some(link) = &self.director {
+            // A director's fleet: the target may claim the session only
+            // once its owner (this node) has announced the handoff.
+            if !link.announce(session.id(), to_key) {
+                let e = pool_net::Error::Handoff {
+                    stage: "prepare",
+                    reason: "this worker has no link to its director, so the target could not claim the session".into(),
+                    code: "fenced",
+                };
+                self.handoffs.count_aborted("fenced");
+                self.journal_event(
+                    Event::HandoffAborted,
+                    json!({"session": id, "to": to_key.to_string(), "reason": "fenced", "detail": e.to_string()}),
+                );
+                return Err(e);
+            }
+        }
         let opts = HandoffOptions::default()
             .token_lifetime(cfg.token_lifetime)
             .forward_deadline(deadline.unwrap_or(cfg.forward_deadline))

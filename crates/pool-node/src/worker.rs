@@ -119,6 +119,16 @@ impl DirectorLink {
         r
     }
 
+    /// This worker is about to hand `session` to `to`: tell the director
+    /// (the target's claim needs it). `false` without a live link: the
+    /// handoff cannot be claimed then, so it is not started.
+    pub fn announce(&self, session: SessionId, to: PublicKey) -> bool {
+        self.send(FromWorker::Handing {
+            session: session.to_string(),
+            to,
+        })
+    }
+
     /// A handoff whose claim held did not commit: the session stays with
     /// `source`.
     pub fn unclaim(&self, session: SessionId, source: PublicKey) {

@@ -168,6 +168,11 @@ pub(crate) async fn serve_worker(d: Arc<Director>, s: Session) {
                 }
                 debug!(worker = %key.short(), id, handed, failed, "move answered");
             }
+            FromWorker::Handing { session, to } => {
+                let mut h = d.handing.lock().unwrap_or_else(|e| e.into_inner());
+                h.retain(|_, (_, _, at)| at.elapsed() < ANNOUNCED_FOR);
+                h.insert(session, (key, to, Instant::now()));
+            }
             FromWorker::Claim { id, session, from } => {
                 let (d, tx) = (d.clone(), tx.clone());
                 tokio::spawn(async move {
@@ -235,6 +240,12 @@ async fn claim(d: &Director, session: &str, from: PublicKey, to: PublicKey) -> C
             "worker {} is not active here: it takes no sessions",
             to.short()
         ))
+    } else if !announced(d, session, from, to).await {
+        Err(format!(
+            "worker {} did not announce a handoff of this session to {}",
+            from.short(),
+            to.short()
+        ))
     } else {
         match d.store.claim(session, Some(from), to).await {
             Ok(rev) => Ok(rev),
@@ -248,6 +259,12 @@ async fn claim(d: &Director, session: &str, from: PublicKey, to: PublicKey) -> C
             Err(e) => Err(e.to_string()),
         }
     };
+    if r.is_ok() {
+        d.handing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(session);
+    }
     if let Err(e) = &r {
         d.counters.claims_refused.fetch_add(1, Ordering::Relaxed);
         d.journal(
@@ -257,6 +274,28 @@ async fn claim(d: &Director, session: &str, from: PublicKey, to: PublicKey) -> C
         info!(session, to = %to.short(), "claim refused: {e}");
     }
     Claimed(r)
+}
+
+/// How long a source's announcement of a handoff stands (the token's
+/// life, at most).
+const ANNOUNCED_FOR: Duration = Duration::from_secs(120);
+
+/// Whether `from` announced handing `session` to `to` (waiting a little:
+/// the announcement and the claim come over different links).
+async fn announced(d: &Director, session: &str, from: PublicKey, to: PublicKey) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let found = d
+            .handing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .is_some_and(|(f, t, at)| *f == from && *t == to && at.elapsed() < ANNOUNCED_FOR);
+        if found || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Records the sessions a worker reported: new ones become its own (if no

@@ -79,6 +79,9 @@ pub struct Director {
     pub(crate) orders: Mutex<HashMap<u64, Move>>,
     /// Sources whose last move failed somewhere: no new drain order until.
     pub(crate) backoff: Mutex<HashMap<PublicKey, Instant>>,
+    /// Handoffs a source announced: session → (source, target, when). A
+    /// target may claim only a session its owner announced to it.
+    pub(crate) handing: Mutex<HashMap<String, (PublicKey, PublicKey, Instant)>>,
     pub(crate) next_id: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) journal: Option<Journal>,
@@ -348,6 +351,7 @@ pub async fn run(
         links: Mutex::new(HashMap::new()),
         orders: Mutex::new(HashMap::new()),
         backoff: Mutex::new(HashMap::new()),
+        handing: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         counters: Counters::default(),
         journal: opts.journal,
