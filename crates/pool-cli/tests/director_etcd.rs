@@ -226,7 +226,13 @@ fn a_worker_cut_off_past_its_lease_cannot_take_a_session() {
     );
     // The source hears of it from the client or the target, whichever is
     // first; the target counts why it refused.
-    let status = pool_cmd(&["ctl", "status", "--json", "--control", ws[1].control.to_str().unwrap()]);
+    let status = pool_cmd(&[
+        "ctl",
+        "status",
+        "--json",
+        "--control",
+        ws[1].control.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(
         v["counters"]["handoffs_aborted"]["fenced"].as_u64() >= Some(1),
