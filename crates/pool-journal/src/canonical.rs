@@ -86,7 +86,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// Lowercase hex digits (an even number) to bytes.
 pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {

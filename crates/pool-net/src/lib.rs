@@ -34,6 +34,7 @@ mod error;
 mod handoff;
 mod listener;
 mod paths;
+mod preamble;
 mod relay;
 mod session;
 mod stream;
@@ -52,6 +53,7 @@ pub use pool_core::{
     CipherSuite, CloseCode, CloseReason, Config, FleetSecret, HandshakeError, KeyError, PublicKey,
     SecretKey, SessionId, Stats,
 };
+pub use preamble::Preamble;
 pub use relay::{RelayCarrier, RelayDialer};
 pub use session::{Session, SessionStats};
 pub use stream::{RecvStream, SendStream, Stream};
