@@ -125,7 +125,10 @@ fn python_grpcio_calls_kv_over_pool_through_tcp2pool() {
 
     // Python, through the bridge, over POOL.
     assert_eq!(py_client(&py, &bridge_addr, &["health"]), "SERVING");
-    assert_eq!(py_client(&py, &bridge_addr, &["put", "colour", "teal"]), "1");
+    assert_eq!(
+        py_client(&py, &bridge_addr, &["put", "colour", "teal"]),
+        "1"
+    );
     assert_eq!(py_client(&py, &bridge_addr, &["get", "colour"]), "teal");
     // Python on plain TCP sees the same store, and the same health.
     assert_eq!(py_client(&py, &tcp, &["health"]), "SERVING");
@@ -150,6 +153,17 @@ fn python_grpcio_calls_kv_over_pool_through_tcp2pool() {
     assert_eq!(kv(&["get", "--tcp", &tcp, "shape"]), "round");
     assert_eq!(kv(&["health", "--tcp", &tcp]), "SERVING");
     assert_eq!(with("scan", &[]), "colour=teal\nshape=round");
+    // Server reflection on both transports.
+    let want = "grpc.health.v1.Health\ngrpc.reflection.v1.ServerReflection\npool.kv.v1.Kv";
+    let mut listed: Vec<String> = with("services", &[]).lines().map(String::from).collect();
+    listed.sort();
+    assert_eq!(listed.join("\n"), want);
+    let mut listed: Vec<String> = kv(&["services", "--tcp", &tcp])
+        .lines()
+        .map(String::from)
+        .collect();
+    listed.sort();
+    assert_eq!(listed.join("\n"), want);
     // An unknown name is NOT_FOUND, over either.
     let out = run(
         {
@@ -181,8 +195,13 @@ fn the_tonic_client_calls_python_grpcio_over_pool_through_pool2tcp() {
     let target = format!("127.0.0.1:{port}");
     let (node_key, node_pub) = keygen(&dir, "node");
     let (client_key, client_pub) = keygen(&dir, "kv-client");
-    let (_node, pool_addr) =
-        start_pool2tcp(&dir, "pool2tcp", &node_key, &target, &["--allow", &client_pub]);
+    let (_node, pool_addr) = start_pool2tcp(
+        &dir,
+        "pool2tcp",
+        &node_key,
+        &target,
+        &["--allow", &client_pub],
+    );
     let flags = |cmd: &'static str| {
         vec![
             cmd.to_string(),

@@ -39,10 +39,7 @@ impl Echo for Bench {
     async fn say(&self, r: Request<Message>) -> Result<Response<Message>, Status> {
         Ok(Response::new(r.into_inner()))
     }
-    async fn sum(
-        &self,
-        _: Request<tonic::Streaming<Message>>,
-    ) -> Result<Response<Total>, Status> {
+    async fn sum(&self, _: Request<tonic::Streaming<Message>>) -> Result<Response<Total>, Status> {
         Err(Status::unimplemented("bench"))
     }
     type CountStream = Msgs;
@@ -50,10 +47,7 @@ impl Echo for Bench {
         Err(Status::unimplemented("bench"))
     }
     type ChatStream = Msgs;
-    async fn chat(
-        &self,
-        _: Request<tonic::Streaming<Message>>,
-    ) -> Result<Response<Msgs>, Status> {
+    async fn chat(&self, _: Request<tonic::Streaming<Message>>) -> Result<Response<Msgs>, Status> {
         Err(Status::unimplemented("bench"))
     }
 }
@@ -68,11 +62,16 @@ fn client_key() -> SecretKey {
 /// The child: serves on TCP and POOL, prints both addresses, runs until
 /// its stdin closes.
 async fn serve() {
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("tcp");
-    let trust = Trust::new().allow(client_key().public_key());
-    let ep = Endpoint::bind("127.0.0.1:0", EndpointConfig::new(server_key()).trust(trust))
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("pool");
+        .expect("tcp");
+    let trust = Trust::new().allow(client_key().public_key());
+    let ep = Endpoint::bind(
+        "127.0.0.1:0",
+        EndpointConfig::new(server_key()).trust(trust),
+    )
+    .await
+    .expect("pool");
     println!(
         "{} {}",
         tcp.local_addr().expect("addr"),

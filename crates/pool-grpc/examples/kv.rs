@@ -30,7 +30,10 @@ use pb::kv_client::KvClient;
 use pb::kv_server::{Kv, KvServer};
 
 #[derive(Parser)]
-#[command(name = "kv", about = "A key-value store over gRPC, on TCP and POOL at once")]
+#[command(
+    name = "kv",
+    about = "A key-value store over gRPC, on TCP and POOL at once"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,6 +92,11 @@ enum Cmd {
     },
     /// Prints the server's gRPC health status (SERVING, ...).
     Health {
+        #[command(flatten)]
+        to: Target,
+    },
+    /// Lists the services the server offers, by server reflection.
+    Services {
         #[command(flatten)]
         to: Target,
     },
@@ -230,7 +238,10 @@ async fn serve(
         None => None,
     };
     if let Some(l) = &tcp {
-        eprintln!("kv: serving on tcp {}", l.local_addr().map_err(|e| e.to_string())?);
+        eprintln!(
+            "kv: serving on tcp {}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
     }
     if let Some(ep) = &pool {
         eprintln!(
@@ -335,6 +346,38 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             .unwrap_or_else(|_| "UNKNOWN".into());
             println!("{s}");
             Ok(())
+        }
+        Cmd::Services { to } => {
+            use tonic_reflection::pb::v1 as refl;
+            let mut c =
+                refl::server_reflection_client::ServerReflectionClient::new(channel(&to).await?);
+            let ask = refl::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+                ),
+            };
+            let mut answers = c
+                .server_reflection_info(tokio_stream::iter([ask]))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let answer = answers
+                .message()
+                .await
+                .map_err(status)?
+                .ok_or("no reflection answer")?;
+            match answer.message_response {
+                Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(
+                    l,
+                )) => {
+                    for s in l.service {
+                        println!("{}", s.name);
+                    }
+                    Ok(())
+                }
+                other => Err(format!("unexpected reflection answer: {other:?}")),
+            }
         }
     }
 }

@@ -137,7 +137,10 @@ impl DualChannel {
         let needs_tcp = config.mode != Mode::Pool;
         let needs_pool = config.mode != Mode::Tcp;
         if needs_tcp && tcp.is_none() {
-            return Err(format!("transport mode {:?} needs a TCP address", config.mode));
+            return Err(format!(
+                "transport mode {:?} needs a TCP address",
+                config.mode
+            ));
         }
         if needs_pool && pool.is_none() {
             return Err(format!(
@@ -310,7 +313,10 @@ mod tests {
         assert_eq!(c.preferred("grpc.health.v1.Health"), Transport::Pool);
         assert_eq!(c.preferred("pool.kv.v1.Kv"), Transport::Pool);
         assert_eq!(c.preferred("other.Kv"), Transport::Tcp);
-        assert_eq!(c.preferred("grpc.reflection.v1.ServerReflection"), Transport::Tcp);
+        assert_eq!(
+            c.preferred("grpc.reflection.v1.ServerReflection"),
+            Transport::Tcp
+        );
         assert_eq!(cfg(Mode::Dual, &["*"]).preferred("x.Y"), Transport::Pool);
         assert_eq!(cfg(Mode::Tcp, &["*"]).preferred("x.Y"), Transport::Tcp);
         assert_eq!(cfg(Mode::Pool, &[]).preferred("x.Y"), Transport::Pool);
@@ -329,6 +335,9 @@ mod tests {
     #[test]
     fn paths_name_their_service() {
         assert_eq!(service_of("/pool.kv.v1.Kv/Put"), "pool.kv.v1.Kv");
-        assert_eq!(service_of("/grpc.health.v1.Health/Check"), "grpc.health.v1.Health");
+        assert_eq!(
+            service_of("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health"
+        );
     }
 }

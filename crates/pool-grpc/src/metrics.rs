@@ -87,7 +87,9 @@ impl TransportMetrics {
 
     /// Requests sent over `transport` (`"tcp"` or `"pool"`) for `service`.
     pub fn requests(&self, transport: &str, service: &str) -> u64 {
-        self.requests.get_or_create(&labels(transport, service)).get()
+        self.requests
+            .get_or_create(&labels(transport, service))
+            .get()
     }
 
     /// Failed requests over `transport` for `service`.

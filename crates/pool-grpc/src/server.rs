@@ -222,7 +222,10 @@ pub async fn serve(
     };
     let on_pool = async {
         let Some(ep) = pool else { return Ok(()) };
-        router.clone().serve_with_incoming(PoolIncoming::new(ep)).await
+        router
+            .clone()
+            .serve_with_incoming(PoolIncoming::new(ep))
+            .await
     };
     let (a, b) = tokio::join!(on_tcp, on_pool);
     a.and(b)

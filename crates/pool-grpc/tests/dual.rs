@@ -34,7 +34,10 @@ async fn the_same_service_answers_on_both_at_once() {
     let (a, b) = tokio::join!(tcp.say(slow.clone()), pool.say(slow));
     a.unwrap();
     b.unwrap();
-    assert!(start.elapsed().as_millis() < 550, "the two were not served at once");
+    assert!(
+        start.elapsed().as_millis() < 550,
+        "the two were not served at once"
+    );
     assert_eq!(s.seen.calls.load(Ordering::SeqCst), 2);
 
     // A dual channel sends the preferred service over POOL, and records it.
@@ -77,9 +80,8 @@ async fn prefer_pool_with_no_pool_listener_falls_back_to_tcp() {
     let seen = std::sync::Arc::new(Seen::default());
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp_addr = tcp.local_addr().unwrap();
-    let router = tonic::transport::Server::builder().add_service(
-        pb::echo_server::EchoServer::new(EchoService(seen.clone())),
-    );
+    let router = tonic::transport::Server::builder()
+        .add_service(pb::echo_server::EchoServer::new(EchoService(seen.clone())));
     let task = tokio::spawn(pool_grpc::serve(router, Some(tcp), None));
     // A POOL address where nothing listens.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -13,7 +13,10 @@ use tonic::Code;
 use util::*;
 
 async fn both(s: &Server) -> Vec<(&'static str, Channel)> {
-    vec![("tcp", tcp_channel(s).await), ("pool", pool_channel(s, 2).await)]
+    vec![
+        ("tcp", tcp_channel(s).await),
+        ("pool", pool_channel(s, 2).await),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +131,10 @@ async fn deadlines_and_cancellation_behave_as_over_tcp() {
         // The channel is still good afterwards.
         c.say(Message::default()).await.unwrap();
     }
-    assert_eq!(expired[0], expired[1], "a deadline ends differently over TCP and POOL");
+    assert_eq!(
+        expired[0], expired[1],
+        "a deadline ends differently over TCP and POOL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +189,11 @@ async fn keys_are_checked_before_the_service() {
     let mut tcp = EchoClient::new(tcp_channel(&s).await);
     let e = tcp.say(Message::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    assert_eq!(s.seen.calls.load(Ordering::SeqCst), 1, "a refused RPC reached the service");
+    assert_eq!(
+        s.seen.calls.load(Ordering::SeqCst),
+        1,
+        "a refused RPC reached the service"
+    );
 
     // An untrusted key does not get a session at all.
     let r = tokio::time::timeout(Duration::from_secs(10), connector(&s, 4).channel()).await;

@@ -161,7 +161,11 @@ pub async fn server(clients: &[PublicKey], only: Option<&[PublicKey]>) -> Server
 }
 
 pub fn connector(s: &Server, me: u8) -> PoolConnector {
-    PoolConnector::new(Endpoint::client(EndpointConfig::new(key(me))), &s.pool, s.key)
+    PoolConnector::new(
+        Endpoint::client(EndpointConfig::new(key(me))),
+        &s.pool,
+        s.key,
+    )
 }
 
 pub async fn pool_channel(s: &Server, me: u8) -> Channel {
