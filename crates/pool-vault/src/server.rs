@@ -1,0 +1,508 @@
+//! The serving side: a node's `pool.vault` service, one stream at a time.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use pool_net::{PublicKey, RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info};
+
+use crate::manifest::{Manifest, CHUNK};
+use crate::partial::{is_partial_name, ns_of, Opened, PartialFile};
+use crate::paths::{allowed, resolve, Access, Grant, VaultPath};
+use crate::seal::SealInfo;
+use crate::wire::{self, Entry, FileMeta, Frame, Msg};
+use crate::VaultError;
+
+/// How many times a push may send chunks that do not match before the
+/// server gives up on it.
+const MAX_ROUNDS: usize = 3;
+
+/// What the service tells the node's journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VaultEvent {
+    /// A file was stored (or found already stored).
+    Write {
+        /// Who pushed it.
+        peer: PublicKey,
+        /// Where.
+        path: String,
+        /// Bytes written now.
+        written: u64,
+        /// Bytes already there.
+        skipped: u64,
+        /// Whether it is sealed.
+        sealed: bool,
+    },
+    /// A request was refused or failed.
+    Refused {
+        /// Who asked.
+        peer: PublicKey,
+        /// `ls`, `push` or `pull`.
+        op: &'static str,
+        /// The path asked for.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Sink = Box<dyn Fn(VaultEvent) + Send + Sync>;
+
+/// A vault: a root directory, the grants, and the pushes under way.
+pub struct VaultServer {
+    root: PathBuf,
+    grants: Vec<Grant>,
+    busy: Mutex<HashSet<PathBuf>>,
+    events: Sink,
+}
+
+/// The sidecar that holds a sealed file's [`SealInfo`].
+fn seal_sidecar(file: &Path) -> PathBuf {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    file.with_file_name(format!(".{name}.pool-vault-seal"))
+}
+
+fn is_hidden_name(name: &str) -> bool {
+    is_partial_name(name) || (name.starts_with('.') && name.ends_with(".pool-vault-seal"))
+}
+
+/// Releases a destination when its push ends, however it ends.
+struct BusyGuard<'a>(&'a Mutex<HashSet<PathBuf>>, PathBuf);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, VaultError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VaultError::Protocol(format!("a file task failed: {e}")))
+}
+
+impl VaultServer {
+    /// A vault at `root` (which must exist) with these grants; `events`
+    /// receives every write and refusal.
+    pub fn new(
+        root: PathBuf,
+        grants: Vec<Grant>,
+        events: impl Fn(VaultEvent) + Send + Sync + 'static,
+    ) -> VaultServer {
+        VaultServer {
+            root,
+            grants,
+            busy: Mutex::new(HashSet::new()),
+            events: Box::new(events),
+        }
+    }
+
+    /// A message for the peer: local paths shown as vault paths, a full
+    /// disk said plainly.
+    fn tell(&self, e: &VaultError) -> String {
+        let s = match e {
+            VaultError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+                format!("{e} — the vault's disk is full; what was verified is kept: push again when there is room")
+            }
+            _ => e.to_string(),
+        };
+        let root = self.root.display().to_string();
+        s.replace(&root, "")
+    }
+
+    fn refuse(&self, peer: &PublicKey, op: &'static str, path: &str, reason: String) -> Msg {
+        info!(peer = %peer.short(), op, path, "vault: refused: {reason}");
+        (self.events)(VaultEvent::Refused {
+            peer: *peer,
+            op,
+            path: path.to_string(),
+            reason: reason.clone(),
+        });
+        Msg::Error { message: reason }
+    }
+
+    fn check(
+        &self,
+        peer: &PublicKey,
+        path: &str,
+        need: Access,
+        op: &'static str,
+    ) -> Result<VaultPath, Msg> {
+        let vp = VaultPath::parse(path).map_err(|e| self.refuse(peer, op, path, e.to_string()))?;
+        if !allowed(&self.grants, peer, &vp, need) {
+            let what = if need == Access::Write {
+                "write"
+            } else {
+                "read"
+            };
+            return Err(self.refuse(
+                peer,
+                op,
+                path,
+                format!("key {} has no {what} grant for {vp}", peer.short()),
+            ));
+        }
+        Ok(vp)
+    }
+
+    /// Serves one stream until the client says `bye`, ends it, or breaks
+    /// the protocol.
+    pub async fn serve(
+        self: Arc<Self>,
+        peer: PublicKey,
+        mut recv: RecvStream,
+        mut send: SendStream,
+    ) {
+        let r = self.serve_inner(&peer, &mut recv, &mut send).await;
+        match r {
+            Ok(()) => {
+                let _ = send.shutdown().await;
+            }
+            Err(e) => {
+                debug!(peer = %peer.short(), "vault stream ended: {e}");
+                let _ = wire::send_msg(
+                    &mut send,
+                    &Msg::Error {
+                        message: self.tell(&e),
+                    },
+                )
+                .await;
+                let _ = send.shutdown().await;
+            }
+        }
+    }
+
+    async fn serve_inner(
+        &self,
+        peer: &PublicKey,
+        recv: &mut RecvStream,
+        send: &mut SendStream,
+    ) -> Result<(), VaultError> {
+        loop {
+            let msg = match wire::read_frame(recv).await? {
+                None | Some(Frame::Msg(Msg::Bye)) => return Ok(()),
+                Some(Frame::Msg(m)) => m,
+                Some(_) => return Err(VaultError::Protocol("expected a request".into())),
+            };
+            match msg {
+                Msg::Ls { path } => {
+                    let reply = match self.check(peer, &path, Access::Read, "ls") {
+                        Err(m) => m,
+                        Ok(vp) => match self.list(&vp) {
+                            Ok(entries) => Msg::List { entries },
+                            Err(e) => self.refuse(peer, "ls", &path, self.tell(&e)),
+                        },
+                    };
+                    wire::send_msg(send, &reply).await?;
+                }
+                Msg::Put { path, meta } => {
+                    let hashes = wire::read_hashes(recv).await?;
+                    self.put(peer, &path, meta, hashes, recv, send).await?;
+                }
+                Msg::Get { path } => match self.check(peer, &path, Access::Read, "pull") {
+                    Err(m) => wire::send_msg(send, &m).await?,
+                    Ok(vp) => self.get(peer, &path, &vp, recv, send).await?,
+                },
+                other => {
+                    return Err(VaultError::Protocol(format!("unexpected {other:?}")));
+                }
+            }
+        }
+    }
+
+    fn list(&self, vp: &VaultPath) -> Result<Vec<Entry>, VaultError> {
+        let p = resolve(&self.root, vp, false)?;
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| VaultError::io(&p, e))?;
+        if !meta.is_dir() {
+            let name = vp.file_name().unwrap_or("/").to_string();
+            return Ok(vec![entry(&p, name, &meta)]);
+        }
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&p).map_err(|e| VaultError::io(&p, e))? {
+            let e = e.map_err(|e| VaultError::io(&p, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_hidden_name(&name) {
+                continue;
+            }
+            if let Ok(m) = std::fs::symlink_metadata(e.path()) {
+                out.push(entry(&e.path(), name, &m));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn put(
+        &self,
+        peer: &PublicKey,
+        path: &str,
+        meta: FileMeta,
+        hashes: Vec<crate::manifest::Hash>,
+        recv: &mut RecvStream,
+        send: &mut SendStream,
+    ) -> Result<(), VaultError> {
+        let vp = match self.check(peer, path, Access::Write, "push") {
+            Ok(vp) => vp,
+            Err(m) => return wire::send_msg(send, &m).await,
+        };
+        let manifest = Manifest {
+            size: meta.size,
+            hashes,
+        };
+        manifest.check(&meta.root, CHUNK)?;
+        let local = match resolve(&self.root, &vp, true) {
+            Ok(p) => p,
+            Err(e) => {
+                let m = self.refuse(peer, "push", path, self.tell(&e));
+                return wire::send_msg(send, &m).await;
+            }
+        };
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(local.clone())
+        {
+            let m = self.refuse(
+                peer,
+                "push",
+                path,
+                format!("{vp}: another push to it is under way; try again when it is done"),
+            );
+            return wire::send_msg(send, &m).await;
+        }
+        let _guard = BusyGuard(&self.busy, local.clone());
+        let (l, m, root, mode, mtime) = (
+            local.clone(),
+            manifest,
+            meta.root.clone(),
+            meta.mode,
+            meta.mtime_ns,
+        );
+        let opened = match blocking(move || PartialFile::open(&l, m, &root, mode, mtime)).await? {
+            Ok(o) => o,
+            Err(e) => {
+                let m = self.refuse(peer, "push", path, self.tell(&e));
+                return wire::send_msg(send, &m).await;
+            }
+        };
+        let (written, skipped) = match opened {
+            Opened::Complete { skipped } => (0, skipped),
+            Opened::Partial(mut pf) => {
+                let mut rounds = 0;
+                loop {
+                    let need = pf.need();
+                    if need.is_empty() {
+                        break;
+                    }
+                    rounds += 1;
+                    if rounds > MAX_ROUNDS {
+                        return Err(VaultError::Protocol(
+                            "chunks kept failing their hashes; giving up".into(),
+                        ));
+                    }
+                    wire::send_msg(
+                        send,
+                        &Msg::Need {
+                            ranges: wire::to_ranges(need.iter().copied()),
+                        },
+                    )
+                    .await?;
+                    for _ in 0..need.len() {
+                        let (i, data) = match wire::read_frame(recv).await? {
+                            Some(Frame::Chunk(i, d)) => (i, d),
+                            _ => return Err(VaultError::Protocol("expected a chunk".into())),
+                        };
+                        let (p, r) = blocking(move || {
+                            let r = pf.write(i, &data);
+                            (pf, r)
+                        })
+                        .await?;
+                        pf = p;
+                        match r {
+                            Ok(()) => {}
+                            // Not written; asked for again next round.
+                            Err(VaultError::Protocol(m)) => debug!("vault: {m}"),
+                            Err(e) => {
+                                let m = self.refuse(peer, "push", path, self.tell(&e));
+                                return wire::send_msg(send, &m).await.and(Err(e));
+                            }
+                        }
+                    }
+                }
+                match blocking(move || pf.finish(mode, mtime)).await? {
+                    Ok(ws) => ws,
+                    Err(e) => {
+                        let m = self.refuse(peer, "push", path, self.tell(&e));
+                        return wire::send_msg(send, &m).await;
+                    }
+                }
+            }
+        };
+        let side = seal_sidecar(&local);
+        match &meta.sealed {
+            Some(info) => write_sidecar(&side, info)?,
+            None => {
+                let _ = std::fs::remove_file(&side);
+            }
+        }
+        info!(peer = %peer.short(), path = %vp, written, skipped, "vault: stored");
+        (self.events)(VaultEvent::Write {
+            peer: *peer,
+            path: vp.to_string(),
+            written,
+            skipped,
+            sealed: meta.sealed.is_some(),
+        });
+        wire::send_msg(send, &Msg::Done { written, skipped }).await
+    }
+
+    async fn get(
+        &self,
+        peer: &PublicKey,
+        path: &str,
+        vp: &VaultPath,
+        recv: &mut RecvStream,
+        send: &mut SendStream,
+    ) -> Result<(), VaultError> {
+        let local = match resolve(&self.root, vp, false) {
+            Ok(p) if p.exists() => p,
+            Ok(_) => {
+                let m = self.refuse(peer, "pull", path, format!("{vp} does not exist"));
+                return wire::send_msg(send, &m).await;
+            }
+            Err(e) => {
+                let m = self.refuse(peer, "pull", path, self.tell(&e));
+                return wire::send_msg(send, &m).await;
+            }
+        };
+        let mut files = Vec::new();
+        walk(&local, "", &mut files).map_err(|e| VaultError::io(&local, e))?;
+        for (p, rel) in files {
+            send_file(&p, &rel, recv, send).await?;
+        }
+        wire::send_msg(send, &Msg::End).await
+    }
+}
+
+fn entry(p: &Path, name: String, m: &std::fs::Metadata) -> Entry {
+    use std::os::unix::fs::PermissionsExt;
+    let kind = if m.file_type().is_symlink() {
+        "link"
+    } else if m.is_dir() {
+        "dir"
+    } else {
+        "file"
+    };
+    Entry {
+        name,
+        kind: kind.into(),
+        size: m.len(),
+        mode: m.permissions().mode() & 0o7777,
+        mtime_ns: m.modified().map(ns_of).unwrap_or(0),
+        sealed: seal_sidecar(p).exists(),
+    }
+}
+
+fn write_sidecar(side: &Path, info: &SealInfo) -> Result<(), VaultError> {
+    let tmp = side.with_extension("tmp");
+    let body = serde_json::to_vec(info).map_err(|e| VaultError::Protocol(e.to_string()))?;
+    std::fs::write(&tmp, body).map_err(|e| VaultError::io(&tmp, e))?;
+    std::fs::rename(&tmp, side).map_err(|e| VaultError::io(side, e))
+}
+
+/// Every regular file under `p` (or `p` itself), sorted, with its path
+/// relative to `p`; links and the vault's own files are left out.
+fn walk(p: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) -> std::io::Result<()> {
+    let m = std::fs::symlink_metadata(p)?;
+    if m.is_file() {
+        out.push((p.to_path_buf(), rel.to_string()));
+    } else if m.is_dir() {
+        let mut names: Vec<_> = std::fs::read_dir(p)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !is_hidden_name(n))
+            .collect();
+        names.sort();
+        for n in names {
+            let r = if rel.is_empty() {
+                n.clone()
+            } else {
+                format!("{rel}/{n}")
+            };
+            walk(&p.join(&n), &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends one file of a pull: `file` and its hashes, then the chunks the
+/// client asks for.
+pub(crate) async fn send_file(
+    p: &Path,
+    rel: &str,
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+) -> Result<(), VaultError> {
+    use std::os::unix::fs::PermissionsExt;
+    let pb = p.to_path_buf();
+    let (manifest, md) = blocking(move || {
+        let md = std::fs::metadata(&pb).map_err(|e| VaultError::io(&pb, e))?;
+        Ok::<_, VaultError>((Manifest::of_file(&pb)?, md))
+    })
+    .await??;
+    let sealed = std::fs::read(seal_sidecar(p))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let meta = FileMeta {
+        size: manifest.size,
+        mode: md.permissions().mode() & 0o777,
+        mtime_ns: md.modified().map(ns_of).unwrap_or(0),
+        root: manifest.root_hex(),
+        sealed,
+    };
+    wire::send_msg(
+        send,
+        &Msg::File {
+            rel: rel.to_string(),
+            meta,
+        },
+    )
+    .await?;
+    wire::send_hashes(send, &manifest.hashes).await?;
+    let need = match wire::read_msg(recv).await? {
+        Msg::Need { ranges } => wire::from_ranges(&ranges, manifest.hashes.len() as u64)?,
+        other => {
+            return Err(VaultError::Protocol(format!(
+                "expected need, got {other:?}"
+            )))
+        }
+    };
+    let f = std::fs::File::open(p).map_err(|e| VaultError::io(p, e))?;
+    let f = Arc::new(f);
+    for i in need {
+        let n = manifest.chunk_len(i, CHUNK);
+        let f = f.clone();
+        let pb = p.to_path_buf();
+        let data = blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; n];
+            f.read_exact_at(&mut buf, i * CHUNK)
+                .map(|_| buf)
+                .map_err(|e| VaultError::io(&pb, e))
+        })
+        .await??;
+        wire::send_chunk(send, i, &data).await?;
+    }
+    Ok(())
+}
