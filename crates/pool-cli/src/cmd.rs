@@ -385,7 +385,7 @@ pub(crate) async fn connect(
     Ok(())
 }
 
-async fn tofu_peer(addr: &str, trust: &Trust) -> Result<PublicKey> {
+pub(crate) async fn tofu_peer(addr: &str, trust: &Trust) -> Result<PublicKey> {
     let Some(kp) = trust.known_peers() else {
         return err("--tofu needs a known-peers file");
     };

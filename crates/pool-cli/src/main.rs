@@ -16,6 +16,7 @@ mod migrate;
 mod node;
 mod relay;
 mod trust;
+mod vault;
 
 /// POOL — encrypted, mutually authenticated sessions that survive a lost
 /// connection.
@@ -135,6 +136,9 @@ Nodes prove they hold their key before anything is forwarded; the relay cannot r
 pool director workers\n  pool director drain WORKER_KEY\n\nSee docs/director.md."
     )]
     Director(director::DirectorArgs),
+    /// Verified, resumable file transfer with a node's vault: push, pull, ls.
+    #[command(subcommand)]
+    Vault(vault::VaultCmd),
     /// Carry TCP connections over POOL without changing the programs at either end.
     #[command(subcommand)]
     Bridge(BridgeCmd),
@@ -578,6 +582,7 @@ fn main() -> ExitCode {
             cmd::runtime().and_then(|rt| rt.block_on(node::daemon_cmd(config)))
         }
         Command::Director(a) => director::main(a),
+        Command::Vault(v) => vault::main(v),
         Command::Relay(a) => relay::runtime().and_then(|rt| rt.block_on(relay::relay(a))),
         Command::Bridge(b) => cmd::runtime().and_then(|rt| rt.block_on(bridge(b))),
         Command::Ctl(CtlCmd::Sessions { json, to }) => node::ctl_sessions(&to, json),

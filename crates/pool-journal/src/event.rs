@@ -106,6 +106,10 @@ pub enum Event {
     SessionsRebalanced,
     /// The director refused a worker's claim to a session (fencing or conflict). (`claim_refused`).
     ClaimRefused,
+    /// A file was stored in the vault (or found already stored) (`vault_write`).
+    VaultWrite,
+    /// A vault request was refused or failed (`vault_refused`).
+    VaultRefused,
     /// Entries were dropped before they reached the file (`journal_entries_lost`).
     /// Written by the journal itself.
     JournalEntriesLost,
@@ -115,7 +119,7 @@ pub enum Event {
 
 impl Event {
     /// Every event, in the order `docs/journal.md` lists them.
-    pub const ALL: [Event; 45] = [
+    pub const ALL: [Event; 47] = [
         Event::NodeStarted,
         Event::NodeStopped,
         Event::ConfigApplied,
@@ -159,6 +163,8 @@ impl Event {
         Event::ClientPlaced,
         Event::SessionsRebalanced,
         Event::ClaimRefused,
+        Event::VaultWrite,
+        Event::VaultRefused,
         Event::JournalEntriesLost,
         Event::JournalCheckpoint,
     ];
@@ -210,6 +216,8 @@ impl Event {
             Event::ClientPlaced => "client_placed",
             Event::SessionsRebalanced => "sessions_rebalanced",
             Event::ClaimRefused => "claim_refused",
+            Event::VaultWrite => "vault_write",
+            Event::VaultRefused => "vault_refused",
             Event::JournalEntriesLost => "journal_entries_lost",
             Event::JournalCheckpoint => "journal_checkpoint",
         }

@@ -214,8 +214,12 @@ fn expose_limits(cfg: &Config) -> Limits {
 
 impl Daemon {
     /// The service table a config describes.
-    fn service_table(self: &Arc<Self>, cfg: &Config) -> Table {
+    fn service_table(self: &Arc<Self>, cfg: &Config) -> Result<Table, DaemonError> {
         let mut t = Table::new();
+        if let Some(v) = &cfg.vault {
+            let svc = crate::vault::VaultService::new(v, self.journal.clone()).map_err(DaemonError::State)?;
+            t.add(pool_vault::SERVICE, Access::Trusted, svc);
+        }
         for (i, s) in cfg.pool2tcp.iter().enumerate() {
             let target: Arc<TcpTarget> = TcpTarget::new(
                 s.target.clone(),
@@ -256,7 +260,7 @@ impl Daemon {
                 ControlService::new(Arc::downgrade(self), admins.clone()),
             );
         }
-        t
+        Ok(t)
     }
 
     /// Prepares `cfg`: every step that can fail, nothing changed yet.
@@ -322,7 +326,7 @@ impl Daemon {
             };
             start.push((section.clone(), bridge, listener));
         }
-        let table = self.service_table(&cfg);
+        let table = self.service_table(&cfg)?;
         Ok(Prepared {
             cfg,
             text,

@@ -110,6 +110,43 @@ pub struct Config {
     /// The director this worker registers with (docs/director.md).
     #[serde(default)]
     pub director: Option<DirectorSection>,
+    /// The file vault this node serves (docs/vault.md).
+    #[serde(default)]
+    pub vault: Option<VaultSection>,
+}
+
+/// `[vault]`: serve `pool vault push/pull/ls` from a directory.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSection {
+    /// The directory everything is confined to.
+    pub root: PathBuf,
+    /// `[[vault.grant]]`: who may do what where. No grant, no access.
+    #[serde(default)]
+    pub grant: Vec<VaultGrantSection>,
+}
+
+/// One `[[vault.grant]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultGrantSection {
+    /// A public key, or `"*"` for every key this node trusts.
+    #[serde(deserialize_with = "crate::types::de_grant_key")]
+    pub key: Option<PublicKey>,
+    /// The subtree, relative to the root (`/incoming`).
+    pub path: String,
+    /// `"read"` or `"write"` (write implies read).
+    pub access: VaultAccess,
+}
+
+/// What a grant allows.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultAccess {
+    /// `ls` and `pull`.
+    Read,
+    /// `push` too.
+    Write,
 }
 
 /// `[director]`: this node is a worker of the director named here.

@@ -29,4 +29,5 @@ pub mod router;
 pub mod services;
 pub mod shim;
 pub mod types;
+pub mod vault;
 pub mod worker;

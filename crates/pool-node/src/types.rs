@@ -112,6 +112,15 @@ pub fn de_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Err
         .map_err(serde::de::Error::custom)
 }
 
+/// A `[[vault.grant]] key`: `"*"` (`None`) or a public key.
+pub fn de_grant_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PublicKey>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "*" {
+        return Ok(None);
+    }
+    key_from(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
 /// A local user or group in `[shim] allow_users` / `allow_groups`: a
 /// name (looked up in `/etc/passwd`, `/etc/group`) or a numeric id.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

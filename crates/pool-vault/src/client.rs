@@ -48,6 +48,34 @@ pub trait Progress: Send {
 pub struct Quiet;
 impl Progress for Quiet {}
 
+/// Keeps a transfer under a rate (`--bwlimit`): after each chunk, sleeps
+/// until the bytes so far fit the rate.
+struct Pace {
+    limit: Option<u64>,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(limit: Option<u64>) -> Pace {
+        Pace {
+            limit: limit.filter(|l| *l > 0),
+            start: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    async fn after(&mut self, n: u64) {
+        let Some(l) = self.limit else { return };
+        self.bytes += n;
+        let due = std::time::Duration::from_secs_f64(self.bytes as f64 / l as f64);
+        let now = self.start.elapsed();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+    }
+}
+
 async fn open(session: &Session) -> Result<(RecvStream, SendStream), VaultError> {
     let s = session
         .open_stream()
@@ -234,13 +262,17 @@ impl Prepared {
 /// node. With `seal`, every chunk is sealed to that key first. Into a
 /// directory when there are several sources, a directory among them, or
 /// `dest` ends with `/`.
+///
+/// `bwlimit` caps the rate, in bytes per second.
 pub async fn push(
     session: &Session,
     sources: &[PathBuf],
     dest: &str,
     seal: Option<&SecretKey>,
+    bwlimit: Option<u64>,
     progress: &mut dyn Progress,
 ) -> Result<Report, VaultError> {
+    let mut pace = Pace::new(bwlimit);
     let mut report = Report::default();
     let jobs = jobs(sources, dest, &mut report)?;
     let total = jobs
@@ -279,6 +311,7 @@ pub async fn push(
                         wire::send_chunk(&mut w, i, &data).await?;
                         sent += data.len() as u64;
                         progress.advance(data.len() as u64);
+                        pace.after(data.len() as u64).await;
                     }
                 }
                 Msg::Done { written, skipped } => {

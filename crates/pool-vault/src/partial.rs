@@ -52,7 +52,7 @@ pub fn is_partial_name(name: &str) -> bool {
 }
 
 /// Sets the permission bits (no set-id bits from a peer) and mtime.
-pub fn set_meta(path: &Path, mode: u32, mtime_ns: i128) -> Result<(), VaultError> {
+pub fn set_meta(path: &Path, mode: u32, mtime_ns: i64) -> Result<(), VaultError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
         .map_err(|e| VaultError::io(path, e))?;
     let f = File::options()
@@ -64,19 +64,19 @@ pub fn set_meta(path: &Path, mode: u32, mtime_ns: i128) -> Result<(), VaultError
 }
 
 /// Nanoseconds since the epoch as a `SystemTime`.
-pub fn time_of(ns: i128) -> SystemTime {
+pub fn time_of(ns: i64) -> SystemTime {
     if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns.min(u64::MAX as i128) as u64)
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {
-        UNIX_EPOCH - Duration::from_nanos((-ns).min(u64::MAX as i128) as u64)
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
 }
 
 /// A `SystemTime` as nanoseconds since the epoch.
-pub fn ns_of(t: SystemTime) -> i128 {
+pub fn ns_of(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
     }
 }
 
@@ -88,7 +88,7 @@ impl PartialFile {
         manifest: Manifest,
         root_hex: &str,
         mode: u32,
-        mtime_ns: i128,
+        mtime_ns: i64,
     ) -> Result<Opened, VaultError> {
         let io = |e| VaultError::io(final_path, e);
         match std::fs::symlink_metadata(final_path) {
@@ -199,7 +199,7 @@ impl PartialFile {
 
     /// Once every chunk is there: sync, set mode and mtime, rename into
     /// place, sync the directory. Returns (written, skipped) bytes.
-    pub fn finish(self, mode: u32, mtime_ns: i128) -> Result<(u64, u64), VaultError> {
+    pub fn finish(self, mode: u32, mtime_ns: i64) -> Result<(u64, u64), VaultError> {
         if let Some(i) = self.have.iter().position(|h| !h) {
             return Err(VaultError::Protocol(format!("chunk {i} never arrived")));
         }

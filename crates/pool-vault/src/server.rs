@@ -50,13 +50,17 @@ pub enum VaultEvent {
 
 type Sink = Box<dyn Fn(VaultEvent) + Send + Sync>;
 
-/// A vault: a root directory, the grants, and the pushes under way.
+/// A vault: a root directory and the grants.
 pub struct VaultServer {
     root: PathBuf,
     grants: Vec<Grant>,
-    busy: Mutex<HashSet<PathBuf>>,
     events: Sink,
 }
+
+/// The destinations with a push under way, process-wide (a config reload
+/// makes a new server while pushes on the old one go on).
+static BUSY: std::sync::LazyLock<Mutex<HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashSet::new()));
 
 /// The sidecar that holds a sealed file's [`SealInfo`].
 fn seal_sidecar(file: &Path) -> PathBuf {
@@ -72,14 +76,13 @@ fn is_hidden_name(name: &str) -> bool {
 }
 
 /// Releases a destination when its push ends, however it ends.
-struct BusyGuard<'a>(&'a Mutex<HashSet<PathBuf>>, PathBuf);
+struct BusyGuard(PathBuf);
 
-impl Drop for BusyGuard<'_> {
+impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0
-            .lock()
+        BUSY.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.1);
+            .remove(&self.0);
     }
 }
 
@@ -102,7 +105,6 @@ impl VaultServer {
         VaultServer {
             root,
             grants,
-            busy: Mutex::new(HashSet::new()),
             events: Box::new(events),
         }
     }
@@ -267,8 +269,7 @@ impl VaultServer {
                 return wire::send_msg(send, &m).await;
             }
         };
-        if !self
-            .busy
+        if !BUSY
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(local.clone())
@@ -281,7 +282,7 @@ impl VaultServer {
             );
             return wire::send_msg(send, &m).await;
         }
-        let _guard = BusyGuard(&self.busy, local.clone());
+        let _guard = BusyGuard(local.clone());
         let (l, m, root, mode, mtime) = (
             local.clone(),
             manifest,

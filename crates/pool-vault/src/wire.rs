@@ -41,7 +41,7 @@ pub struct FileMeta {
     /// Unix permission bits.
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
     /// The manifest's root hash (hex).
     pub root: String,
     /// Present when the stored bytes are sealed to a key.
@@ -61,7 +61,7 @@ pub struct Entry {
     /// Unix permission bits.
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
     /// Whether the file is sealed.
     #[serde(default)]
     pub sealed: bool,

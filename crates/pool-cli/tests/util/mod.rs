@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub mod etcd;
 pub mod fleet;
 pub mod shim;
+pub mod vault;
 pub mod workers;
 
 /// The binary under test.
