@@ -16,7 +16,9 @@ use crate::TrustArgs;
 #[derive(Subcommand, Debug)]
 pub(crate) enum VaultCmd {
     /// Send files or directories (recursively) to DEST on the node; only what is missing is sent.
-    #[command(after_help = "EXAMPLE:\n  pool vault push 10.4.4.101 myfile.tar.gz /incoming/myfile.tar.gz --key client.key --peer-key KEY\n  pool vault push node.example:9253 ./photos /incoming/ --seal --key client.key --peer-key KEY")]
+    #[command(
+        after_help = "EXAMPLE:\n  pool vault push 10.4.4.101 myfile.tar.gz /incoming/myfile.tar.gz --key client.key --peer-key KEY\n  pool vault push node.example:9253 ./photos /incoming/ --seal --key client.key --peer-key KEY"
+    )]
     Push {
         /// The node: HOST, HOST:PORT, 1.2.3.4, [::1]:9253 (port 9253 if none).
         #[arg(value_name = "HOST[:PORT]")]
@@ -128,7 +130,11 @@ async fn session(host: &str, c: &Common) -> Result<(Session, pool_net::SecretKey
 /// A progress bar on a terminal, JSON lines with `--json`, else nothing.
 enum Shown {
     Bar(indicatif::ProgressBar),
-    Json { done: u64, total: u64, last: Instant },
+    Json {
+        done: u64,
+        total: u64,
+        last: Instant,
+    },
     Quiet,
 }
 
@@ -157,7 +163,10 @@ impl Shown {
         match self {
             Shown::Bar(b) => b.finish_and_clear(),
             Shown::Json { done, total, .. } => {
-                println!("{}", serde_json::json!({"event": "progress", "bytes": done, "total": total}));
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "progress", "bytes": done, "total": total})
+                );
             }
             Shown::Quiet => {}
         }
@@ -182,7 +191,10 @@ impl Progress for Shown {
                 }
             }
             Shown::Json { .. } => {
-                println!("{}", serde_json::json!({"event": "file", "path": path, "size": size}));
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "file", "path": path, "size": size})
+                );
             }
             Shown::Quiet => {}
         }
@@ -195,7 +207,10 @@ impl Progress for Shown {
                 *done += bytes;
                 if last.elapsed() >= Duration::from_millis(100) {
                     *last = Instant::now();
-                    println!("{}", serde_json::json!({"event": "progress", "bytes": done, "total": total}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"event": "progress", "bytes": done, "total": total})
+                    );
                 }
             }
             Shown::Quiet => {}
@@ -270,12 +285,25 @@ async fn run(cmd: VaultCmd) -> Result<()> {
             let (session, key) = session(&host, &common).await?;
             let mut shown = Shown::new(common.json);
             let start = Instant::now();
-            let r = pool_vault::client::push(&session, &sources, &dest, seal.then_some(&key), bwlimit, &mut shown)
-                .await
-                .map_err(vault_err);
+            let r = pool_vault::client::push(
+                &session,
+                &sources,
+                &dest,
+                seal.then_some(&key),
+                bwlimit,
+                &mut shown,
+            )
+            .await
+            .map_err(vault_err);
             shown.finish();
             let r = r?;
-            say("pushed", &r, session.stats().core.bytes_sent, start.elapsed(), common.json);
+            say(
+                "pushed",
+                &r,
+                session.stats().core.bytes_sent,
+                start.elapsed(),
+                common.json,
+            );
             let _ = session.close("done").await;
             Ok(())
         }
@@ -293,13 +321,21 @@ async fn run(cmd: VaultCmd) -> Result<()> {
                 .map_err(vault_err);
             shown.finish();
             let r = r?;
-            say("pulled", &r, session.stats().core.bytes_received, start.elapsed(), common.json);
+            say(
+                "pulled",
+                &r,
+                session.stats().core.bytes_received,
+                start.elapsed(),
+                common.json,
+            );
             let _ = session.close("done").await;
             Ok(())
         }
         VaultCmd::Ls { host, path, common } => {
             let (session, _) = session(&host, &common).await?;
-            let entries = pool_vault::client::ls(&session, &path).await.map_err(vault_err)?;
+            let entries = pool_vault::client::ls(&session, &path)
+                .await
+                .map_err(vault_err)?;
             if common.json {
                 println!("{}", serde_json::to_string(&entries).unwrap_or_default());
             } else {

@@ -32,9 +32,17 @@ fn escapes_and_missing_grants_are_refused_and_journaled() {
         assert!(e.contains(says), "push to {dest}: {e}");
     }
     // Reads through the link, and by keys without the grant, are refused too.
-    let e = v.run(&v.client.0, "pull", &["/incoming/out", v.dir.join("o").to_str().unwrap()]).unwrap_err();
+    let e = v
+        .run(
+            &v.client.0,
+            "pull",
+            &["/incoming/out", v.dir.join("o").to_str().unwrap()],
+        )
+        .unwrap_err();
     assert!(e.contains("symbolic link out of the vault"), "{e}");
-    let e = v.run(&v.reader.0, "push", &[f, "/incoming/r.txt"]).unwrap_err();
+    let e = v
+        .run(&v.reader.0, "push", &[f, "/incoming/r.txt"])
+        .unwrap_err();
     assert!(e.contains("no write grant"), "{e}");
     let e = v.run(&v.stranger.0, "ls", &["/incoming"]).unwrap_err();
     assert!(e.contains("no read grant"), "{e}");
@@ -44,7 +52,10 @@ fn escapes_and_missing_grants_are_refused_and_journaled() {
     assert!(!v.root.join("etc").exists());
     // A granted push works, and ls shows it.
     v.push(&[f, "/incoming/ok.txt"]);
-    let out = run(v.command(&v.reader.0, "ls", &["/incoming"]), Duration::from_secs(30));
+    let out = run(
+        v.command(&v.reader.0, "ls", &["/incoming"]),
+        Duration::from_secs(30),
+    );
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("\"ok.txt\""), "{listing}");
     // The journal has the write and the refusals.
@@ -54,7 +65,9 @@ fn escapes_and_missing_grants_are_refused_and_journaled() {
     let j = journal_entries(&v.journal);
     let refused: Vec<_> = j.iter().filter(|e| e["event"] == "vault_refused").collect();
     assert!(refused.len() >= 4, "{refused:?}");
-    assert!(refused.iter().any(|e| e["reason"].as_str().unwrap_or("").contains("symbolic link")));
+    assert!(refused
+        .iter()
+        .any(|e| e["reason"].as_str().unwrap_or("").contains("symbolic link")));
 }
 
 fn sh(cmd: &str) -> std::process::Output {
@@ -73,7 +86,10 @@ fn a_full_disk_is_a_clear_error_and_the_push_resumes_once_there_is_room() {
     let mut v = VaultNode::new("vault-full");
     let mnt = v.dir.join("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let out = sh(&format!("mount -t tmpfs -o size=40m pool-vault-test '{}'", mnt.display()));
+    let out = sh(&format!(
+        "mount -t tmpfs -o size=40m pool-vault-test '{}'",
+        mnt.display()
+    ));
     assert!(
         out.status.success(),
         "this test needs root to mount a small tmpfs: {}",
@@ -85,14 +101,24 @@ fn a_full_disk_is_a_clear_error_and_the_push_resumes_once_there_is_room() {
     v.start();
     let src = v.dir.join("f.bin");
     make_file(&src, 64 * MIB, 9);
-    let e = v.run(&v.client.0, "push", &[src.to_str().unwrap(), "/incoming/f.bin"]).unwrap_err();
+    let e = v
+        .run(
+            &v.client.0,
+            "push",
+            &[src.to_str().unwrap(), "/incoming/f.bin"],
+        )
+        .unwrap_err();
     assert!(e.contains("disk is full"), "{e}");
     assert!(!mnt.join("incoming/f.bin").exists());
     let kept: u64 = partials(&mnt).iter().map(|(_, n)| n).sum();
     assert!(kept >= 30 * MIB, "only {kept} bytes kept");
     // Room again: the rerun sends only the rest.
     let out = sh(&format!("mount -o remount,size=200m '{}'", mnt.display()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = v.push(&[src.to_str().unwrap(), "/incoming/f.bin"]);
     assert!(r["bytes_skipped"].as_u64().unwrap() >= 30 * MIB, "{r}");
     assert_eq!(file_sha256(&mnt.join("incoming/f.bin")), file_sha256(&src));
@@ -118,12 +144,21 @@ fn sealed_files_are_ciphertext_at_rest_and_open_only_with_their_key() {
     assert_eq!(r["bytes_sent"], 0, "{r}");
     // The owner pulls the plaintext back.
     let back = v.dir.join("back.txt");
-    v.run(&v.client.0, "pull", &["/incoming/secret.txt", back.to_str().unwrap()]).unwrap();
+    v.run(
+        &v.client.0,
+        "pull",
+        &["/incoming/secret.txt", back.to_str().unwrap()],
+    )
+    .unwrap();
     assert_eq!(std::fs::read_to_string(&back).unwrap(), text);
     // Another key that may read the vault cannot open it.
     let other = v.dir.join("other.txt");
     let e = v
-        .run(&v.reader.0, "pull", &["/incoming/secret.txt", other.to_str().unwrap()])
+        .run(
+            &v.reader.0,
+            "pull",
+            &["/incoming/secret.txt", other.to_str().unwrap()],
+        )
         .unwrap_err();
     assert!(e.contains("sealed to key"), "{e}");
     assert!(!other.exists());

@@ -6,7 +6,7 @@
 mod util;
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use util::vault::*;
 use util::*;
@@ -26,7 +26,11 @@ fn wait_progress(p: &mut Proc, at_least: u64, timeout: Duration) -> u64 {
             "the push ended before {at_least} bytes:\n{}",
             p.log()
         );
-        assert!(Instant::now() < deadline, "no progress to {at_least} bytes:\n{}", p.log());
+        assert!(
+            Instant::now() < deadline,
+            "no progress to {at_least} bytes:\n{}",
+            p.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -40,17 +44,34 @@ fn a_gigabyte_pushed_with_the_client_killed_half_way_then_pulled() {
     make_file(&src, size, 1);
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
     let mtime = UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    std::fs::File::options().write(true).open(&src).unwrap().set_modified(mtime).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let want = file_sha256(&src);
 
     // Push at 200 MiB/s and kill the client at about half.
-    let mut cmd = v.command(&v.client.0, "push", &[src.to_str().unwrap(), "/incoming/big.bin", "--bwlimit", "200M"]);
+    let mut cmd = v.command(
+        &v.client.0,
+        "push",
+        &[
+            src.to_str().unwrap(),
+            "/incoming/big.bin",
+            "--bwlimit",
+            "200M",
+        ],
+    );
     cmd.env_remove("POOL_LOG");
     let mut p = Proc::spawn("push-1", cmd, &v.dir);
     wait_progress(&mut p, size / 2, Duration::from_secs(60));
     p.kill9();
     let stored = v.root.join("incoming/big.bin");
-    assert!(!stored.exists(), "a partial file appeared under the final name");
+    assert!(
+        !stored.exists(),
+        "a partial file appeared under the final name"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let part: u64 = partials(&v.root).iter().map(|(_, n)| n).sum();
     assert!(part >= size / 3, "only {part} bytes stored before the kill");
@@ -60,15 +81,25 @@ fn a_gigabyte_pushed_with_the_client_killed_half_way_then_pulled() {
     let sent = r["bytes_sent"].as_u64().unwrap();
     let skipped = r["bytes_skipped"].as_u64().unwrap();
     assert_eq!(sent + skipped, size, "{r}");
-    assert!(sent <= size - part + CHUNK, "re-sent {sent} bytes with {part} already stored: {r}");
+    assert!(
+        sent <= size - part + CHUNK,
+        "re-sent {sent} bytes with {part} already stored: {r}"
+    );
     let wire = r["wire_bytes"].as_u64().unwrap();
-    assert!(wire <= sent + sent / 50 + 4 * MIB, "{wire} bytes on the wire for {sent} of chunks");
+    assert!(
+        wire <= sent + sent / 50 + 4 * MIB,
+        "{wire} bytes on the wire for {sent} of chunks"
+    );
     assert_eq!(r["verified"], 1);
     assert_eq!(file_sha256(&stored), want);
     let meta = std::fs::metadata(&stored).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o640);
     assert_eq!(meta.modified().unwrap(), mtime);
-    assert!(partials(&v.root).is_empty(), "partials left: {:?}", partials(&v.root));
+    assert!(
+        partials(&v.root).is_empty(),
+        "partials left: {:?}",
+        partials(&v.root)
+    );
 
     // Pushed again unchanged: nothing sent.
     let r = v.push(&[src.to_str().unwrap(), "/incoming/big.bin"]);
@@ -77,7 +108,13 @@ fn a_gigabyte_pushed_with_the_client_killed_half_way_then_pulled() {
 
     // Pulled back by the reader.
     let back = v.dir.join("back.bin");
-    let r = v.run(&v.reader.0, "pull", &["/incoming/big.bin", back.to_str().unwrap()]).unwrap();
+    let r = v
+        .run(
+            &v.reader.0,
+            "pull",
+            &["/incoming/big.bin", back.to_str().unwrap()],
+        )
+        .unwrap();
     assert_eq!(r["bytes_sent"].as_u64().unwrap(), size, "{r}");
     assert_eq!(file_sha256(&back), want);
     let meta = std::fs::metadata(&back).unwrap();
@@ -96,18 +133,33 @@ fn the_server_killed_mid_push_and_restarted_lets_the_rerun_complete() {
     make_file(&src, size, 2);
     let mut p = Proc::spawn(
         "push-1",
-        v.command(&v.client.0, "push", &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"]),
+        v.command(
+            &v.client.0,
+            "push",
+            &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"],
+        ),
         &v.dir,
     );
     wait_progress(&mut p, size / 3, Duration::from_secs(60));
     v.daemon.as_mut().unwrap().kill9();
-    let st = p.wait_exit(Duration::from_secs(60));
-    assert!(!st.success(), "the push claimed success with its server dead");
     assert!(!v.root.join("incoming/f.bin").exists());
+    // Restarted at once: the client's session cannot resume on it (the
+    // state died with the process), so the push fails, and says so.
     v.start();
+    let st = p.wait_exit(Duration::from_secs(60));
+    assert!(
+        !st.success(),
+        "the push claimed success with its server dead"
+    );
     let r = v.push(&[src.to_str().unwrap(), "/incoming/f.bin"]);
-    assert!(r["bytes_skipped"].as_u64().unwrap() > 0, "nothing was kept: {r}");
-    assert_eq!(file_sha256(&v.root.join("incoming/f.bin")), file_sha256(&src));
+    assert!(
+        r["bytes_skipped"].as_u64().unwrap() > 0,
+        "nothing was kept: {r}"
+    );
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/f.bin")),
+        file_sha256(&src)
+    );
 }
 
 #[test]
@@ -119,7 +171,11 @@ fn a_partial_damaged_between_runs_is_caught_and_its_chunk_sent_again() {
     make_file(&src, size, 3);
     let mut p = Proc::spawn(
         "push-1",
-        v.command(&v.client.0, "push", &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"]),
+        v.command(
+            &v.client.0,
+            "push",
+            &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"],
+        ),
         &v.dir,
     );
     wait_progress(&mut p, size / 2, Duration::from_secs(60));
@@ -131,7 +187,11 @@ fn a_partial_damaged_between_runs_is_caught_and_its_chunk_sent_again() {
     assert!(len > 4 * CHUNK);
     // Flip a byte in the second chunk of what is stored.
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::options().read(true).write(true).open(&part).unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&part)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, CHUNK + 12345).unwrap();
     b[0] ^= 0x40;
@@ -140,8 +200,15 @@ fn a_partial_damaged_between_runs_is_caught_and_its_chunk_sent_again() {
     let r = v.push(&[src.to_str().unwrap(), "/incoming/f.bin"]);
     let full_chunks = len / CHUNK;
     let skipped = r["bytes_skipped"].as_u64().unwrap();
-    assert_eq!(skipped, (full_chunks - 1) * CHUNK, "the damaged chunk was kept: {r}");
-    assert_eq!(file_sha256(&v.root.join("incoming/f.bin")), file_sha256(&src));
+    assert_eq!(
+        skipped,
+        (full_chunks - 1) * CHUNK,
+        "the damaged chunk was kept: {r}"
+    );
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/f.bin")),
+        file_sha256(&src)
+    );
 }
 
 #[test]
@@ -185,15 +252,72 @@ fn two_pushes_to_one_destination_are_never_interleaved() {
     make_file(&b, 32 * MIB, 5);
     let mut p = Proc::spawn(
         "push-a",
-        v.command(&v.client.0, "push", &[a.to_str().unwrap(), "/incoming/same.bin", "--bwlimit", "16M"]),
+        v.command(
+            &v.client.0,
+            "push",
+            &[
+                a.to_str().unwrap(),
+                "/incoming/same.bin",
+                "--bwlimit",
+                "16M",
+            ],
+        ),
         &v.dir,
     );
     wait_progress(&mut p, 4 * MIB, Duration::from_secs(30));
-    let e = v.run(&v.client.0, "push", &[b.to_str().unwrap(), "/incoming/same.bin"]).unwrap_err();
+    // Another key with write access is refused while it runs...
+    let e = v
+        .run(
+            &v.writer2.0,
+            "push",
+            &[b.to_str().unwrap(), "/incoming/same.bin"],
+        )
+        .unwrap_err();
     assert!(e.contains("another push to it is under way"), "{e}");
-    assert!(p.wait_exit(Duration::from_secs(60)).success(), "{}", p.log());
-    assert_eq!(file_sha256(&v.root.join("incoming/same.bin")), file_sha256(&a));
-    // Now it goes through.
-    v.push(&[b.to_str().unwrap(), "/incoming/same.bin"]);
-    assert_eq!(file_sha256(&v.root.join("incoming/same.bin")), file_sha256(&b));
+    assert!(
+        p.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        p.log()
+    );
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/same.bin")),
+        file_sha256(&a)
+    );
+    // ...and goes through once it is done.
+    v.run(
+        &v.writer2.0,
+        "push",
+        &[b.to_str().unwrap(), "/incoming/same.bin"],
+    )
+    .unwrap();
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/same.bin")),
+        file_sha256(&b)
+    );
+    // The same key pushing again takes over: the first push stops (its
+    // client may be dead), the second completes, nothing interleaves.
+    let mut p = Proc::spawn(
+        "push-a2",
+        v.command(
+            &v.client.0,
+            "push",
+            &[
+                a.to_str().unwrap(),
+                "/incoming/same.bin",
+                "--bwlimit",
+                "16M",
+            ],
+        ),
+        &v.dir,
+    );
+    wait_progress(&mut p, 4 * MIB, Duration::from_secs(30));
+    v.push(&[a.to_str().unwrap(), "/incoming/same.bin"]);
+    assert!(
+        !p.wait_exit(Duration::from_secs(30)).success(),
+        "the first push was not stopped"
+    );
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/same.bin")),
+        file_sha256(&a)
+    );
 }

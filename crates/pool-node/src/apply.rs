@@ -217,7 +217,8 @@ impl Daemon {
     fn service_table(self: &Arc<Self>, cfg: &Config) -> Result<Table, DaemonError> {
         let mut t = Table::new();
         if let Some(v) = &cfg.vault {
-            let svc = crate::vault::VaultService::new(v, self.journal.clone()).map_err(DaemonError::State)?;
+            let svc = crate::vault::VaultService::new(v, self.journal.clone())
+                .map_err(DaemonError::State)?;
             t.add(pool_vault::SERVICE, Access::Trusted, svc);
         }
         for (i, s) in cfg.pool2tcp.iter().enumerate() {

@@ -18,7 +18,10 @@ pub struct VaultService {
 impl VaultService {
     /// Checks the section (the root must be a directory; grant paths must be
     /// vault paths) and builds the service.
-    pub fn new(section: &VaultSection, journal: Option<Journal>) -> Result<Arc<VaultService>, String> {
+    pub fn new(
+        section: &VaultSection,
+        journal: Option<Journal>,
+    ) -> Result<Arc<VaultService>, String> {
         let root = &section.root;
         if !root.is_dir() {
             return Err(format!(

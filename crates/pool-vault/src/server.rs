@@ -1,11 +1,14 @@
 //! The serving side: a node's `pool.vault` service, one stream at a time.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pool_net::{PublicKey, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::manifest::{Manifest, CHUNK};
@@ -57,10 +60,79 @@ pub struct VaultServer {
     events: Sink,
 }
 
+/// A destination's push under way.
+struct Claim {
+    key: PublicKey,
+    id: u64,
+    /// Tells that push to stop: the same key is pushing the file again.
+    cancel: Arc<Notify>,
+    /// Told when it has stopped.
+    released: Arc<Notify>,
+}
+
 /// The destinations with a push under way, process-wide (a config reload
 /// makes a new server while pushes on the old one go on).
-static BUSY: std::sync::LazyLock<Mutex<HashSet<PathBuf>>> =
-    std::sync::LazyLock::new(|| Mutex::new(HashSet::new()));
+static BUSY: std::sync::LazyLock<Mutex<HashMap<PathBuf, Claim>>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+static NEXT_CLAIM: AtomicU64 = AtomicU64::new(1);
+
+/// How long a push waits for an earlier one of the same file by the same
+/// key to stop.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Claims `local` for a push by `peer`. A push of the same destination by
+/// the same key takes over (the earlier one, typically from a client that
+/// was killed and whose session has not timed out yet, is stopped first);
+/// one by another key is refused. Pushes are never interleaved.
+async fn claim(local: &Path, peer: &PublicKey) -> Result<(BusyGuard, Arc<Notify>), ()> {
+    let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+    loop {
+        let released = {
+            let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+            match busy.get(local) {
+                None => {
+                    let id = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+                    let cancel = Arc::new(Notify::new());
+                    let released = Arc::new(Notify::new());
+                    busy.insert(
+                        local.to_path_buf(),
+                        Claim {
+                            key: *peer,
+                            id,
+                            cancel: cancel.clone(),
+                            released: released.clone(),
+                        },
+                    );
+                    let guard = BusyGuard {
+                        local: local.to_path_buf(),
+                        id,
+                        released,
+                    };
+                    return Ok((guard, cancel));
+                }
+                Some(c) if c.key != *peer => return Err(()),
+                Some(c) => {
+                    c.cancel.notify_one();
+                    c.released.clone()
+                }
+            }
+        };
+        let wait = released.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        // It may have gone between the unlock and `enable`.
+        if !BUSY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(local)
+        {
+            continue;
+        }
+        if tokio::time::timeout_at(deadline, wait).await.is_err() {
+            return Err(());
+        }
+    }
+}
 
 /// The sidecar that holds a sealed file's [`SealInfo`].
 fn seal_sidecar(file: &Path) -> PathBuf {
@@ -76,13 +148,21 @@ fn is_hidden_name(name: &str) -> bool {
 }
 
 /// Releases a destination when its push ends, however it ends.
-struct BusyGuard(PathBuf);
+struct BusyGuard {
+    local: PathBuf,
+    id: u64,
+    released: Arc<Notify>,
+}
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        BUSY.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.0);
+        {
+            let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+            if busy.get(&self.local).is_some_and(|c| c.id == self.id) {
+                busy.remove(&self.local);
+            }
+        }
+        self.released.notify_waiters();
     }
 }
 
@@ -269,11 +349,7 @@ impl VaultServer {
                 return wire::send_msg(send, &m).await;
             }
         };
-        if !BUSY
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(local.clone())
-        {
+        let Ok((_guard, cancel)) = claim(&local, peer).await else {
             let m = self.refuse(
                 peer,
                 "push",
@@ -281,8 +357,7 @@ impl VaultServer {
                 format!("{vp}: another push to it is under way; try again when it is done"),
             );
             return wire::send_msg(send, &m).await;
-        }
-        let _guard = BusyGuard(local.clone());
+        };
         let (l, m, root, mode, mtime) = (
             local.clone(),
             manifest,
@@ -320,7 +395,15 @@ impl VaultServer {
                     )
                     .await?;
                     for _ in 0..need.len() {
-                        let (i, data) = match wire::read_frame(recv).await? {
+                        let frame = tokio::select! {
+                            f = wire::read_frame(recv) => f?,
+                            _ = cancel.notified() => {
+                                return Err(VaultError::Refused(
+                                    "stopped: the same key is pushing this file again".into(),
+                                ))
+                            }
+                        };
+                        let (i, data) = match frame {
                             Some(Frame::Chunk(i, d)) => (i, d),
                             _ => return Err(VaultError::Protocol("expected a chunk".into())),
                         };

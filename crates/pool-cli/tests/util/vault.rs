@@ -16,6 +16,8 @@ pub struct VaultNode {
     pub client: (PathBuf, String),
     pub reader: (PathBuf, String),
     pub stranger: (PathBuf, String),
+    /// A second key with write access to /incoming.
+    pub writer2: (PathBuf, String),
     pub journal: PathBuf,
     pub daemon: Option<Proc>,
 }
@@ -30,6 +32,7 @@ impl VaultNode {
             client: keygen(&dir, "client"),
             reader: keygen(&dir, "reader"),
             stranger: keygen(&dir, "stranger"),
+            writer2: keygen(&dir, "writer2"),
             listen: format!("127.0.0.1:{}", free_port()),
             journal: dir.join("journal.log"),
             root,
@@ -43,23 +46,30 @@ impl VaultNode {
     pub fn start(&mut self) {
         let text = format!(
             "[node]\nkey = \"{}\"\nlisten = \"{}\"\njournal = \"{}\"\n\n\
-             [trust]\nallow = [\"{}\", \"{}\", \"{}\"]\n\n\
+             [trust]\nallow = [\"{}\", \"{}\", \"{}\", \"{}\"]\n\n\
              [vault]\nroot = \"{}\"\n\n\
              [[vault.grant]]\nkey = \"{}\"\npath = \"/incoming\"\naccess = \"write\"\n\n\
-             [[vault.grant]]\nkey = \"{}\"\npath = \"/incoming\"\naccess = \"read\"\n",
+             [[vault.grant]]\nkey = \"{}\"\npath = \"/incoming\"\naccess = \"read\"\n\n\
+             [[vault.grant]]\nkey = \"{}\"\npath = \"/incoming\"\naccess = \"write\"\n",
             self.key.0.display(),
             self.listen,
             self.journal.display(),
             self.client.1,
             self.reader.1,
             self.stranger.1,
+            self.writer2.1,
             self.root.display(),
             self.client.1,
             self.reader.1,
+            self.writer2.1,
         );
         let cfg = self.dir.join("pool.toml");
         std::fs::write(&cfg, text).expect("config");
-        let p = Proc::pool("daemon", &["daemon", "--config", cfg.to_str().unwrap()], &self.dir);
+        let p = Proc::pool(
+            "daemon",
+            &["daemon", "--config", cfg.to_str().unwrap()],
+            &self.dir,
+        );
         wait_port(&self.listen, Duration::from_secs(10));
         self.daemon = Some(p);
     }
@@ -82,7 +92,11 @@ impl VaultNode {
         let out = run(self.command(who, op, args), Duration::from_secs(300));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
-            return Err(format!("{}{}", stdout, String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "{}{}",
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let last = stdout.lines().last().unwrap_or_default().to_string();
         serde_json::from_str(&last).map_err(|e| format!("not a JSON report ({e}): {stdout}"))
@@ -151,7 +165,10 @@ pub fn partials(dir: &Path) -> Vec<(PathBuf, u64)> {
             if p.is_dir() {
                 out.extend(partials(&p));
             } else if e.file_name().to_string_lossy().ends_with(".part") {
-                out.push((p.clone(), std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0)));
+                out.push((
+                    p.clone(),
+                    std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
+                ));
             }
         }
     }
