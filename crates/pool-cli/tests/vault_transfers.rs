@@ -14,6 +14,13 @@ use util::*;
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = MIB;
 
+/// A push of `args` by `who`, running in the background at `rate`.
+fn slow_push(v: &VaultNode, name: &str, who: &std::path::Path, args: &[&str], rate: &str) -> Proc {
+    let mut a = args.to_vec();
+    a.extend(["--bwlimit", rate]);
+    Proc::spawn(name, v.command(who, "push", &a), &v.dir)
+}
+
 fn wait_progress(p: &mut Proc, at_least: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
@@ -53,18 +60,13 @@ fn a_gigabyte_pushed_with_the_client_killed_half_way_then_pulled() {
     let want = file_sha256(&src);
 
     // Push at 200 MiB/s and kill the client at about half.
-    let mut cmd = v.command(
+    let mut p = slow_push(
+        &v,
+        "push-1",
         &v.client.0,
-        "push",
-        &[
-            src.to_str().unwrap(),
-            "/incoming/big.bin",
-            "--bwlimit",
-            "200M",
-        ],
+        &[src.to_str().unwrap(), "/incoming/big.bin"],
+        "200M",
     );
-    cmd.env_remove("POOL_LOG");
-    let mut p = Proc::spawn("push-1", cmd, &v.dir);
     wait_progress(&mut p, size / 2, Duration::from_secs(60));
     p.kill9();
     let stored = v.root.join("incoming/big.bin");
@@ -131,14 +133,12 @@ fn the_server_killed_mid_push_and_restarted_lets_the_rerun_complete() {
     let src = v.dir.join("f.bin");
     let size = 96 * MIB;
     make_file(&src, size, 2);
-    let mut p = Proc::spawn(
+    let mut p = slow_push(
+        &v,
         "push-1",
-        v.command(
-            &v.client.0,
-            "push",
-            &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"],
-        ),
-        &v.dir,
+        &v.client.0,
+        &[src.to_str().unwrap(), "/incoming/f.bin"],
+        "40M",
     );
     wait_progress(&mut p, size / 3, Duration::from_secs(60));
     v.daemon.as_mut().unwrap().kill9();
@@ -169,14 +169,12 @@ fn a_partial_damaged_between_runs_is_caught_and_its_chunk_sent_again() {
     let src = v.dir.join("f.bin");
     let size = 64 * MIB;
     make_file(&src, size, 3);
-    let mut p = Proc::spawn(
+    let mut p = slow_push(
+        &v,
         "push-1",
-        v.command(
-            &v.client.0,
-            "push",
-            &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "40M"],
-        ),
-        &v.dir,
+        &v.client.0,
+        &[src.to_str().unwrap(), "/incoming/f.bin"],
+        "40M",
     );
     wait_progress(&mut p, size / 2, Duration::from_secs(60));
     p.kill9();
@@ -250,19 +248,12 @@ fn two_pushes_to_one_destination_are_never_interleaved() {
     let b = v.dir.join("b.bin");
     make_file(&a, 32 * MIB, 4);
     make_file(&b, 32 * MIB, 5);
-    let mut p = Proc::spawn(
+    let mut p = slow_push(
+        &v,
         "push-a",
-        v.command(
-            &v.client.0,
-            "push",
-            &[
-                a.to_str().unwrap(),
-                "/incoming/same.bin",
-                "--bwlimit",
-                "16M",
-            ],
-        ),
-        &v.dir,
+        &v.client.0,
+        &[a.to_str().unwrap(), "/incoming/same.bin"],
+        "16M",
     );
     wait_progress(&mut p, 4 * MIB, Duration::from_secs(30));
     // Another key with write access is refused while it runs...
@@ -296,19 +287,12 @@ fn two_pushes_to_one_destination_are_never_interleaved() {
     );
     // The same key pushing again takes over: the first push stops (its
     // client may be dead), the second completes, nothing interleaves.
-    let mut p = Proc::spawn(
+    let mut p = slow_push(
+        &v,
         "push-a2",
-        v.command(
-            &v.client.0,
-            "push",
-            &[
-                a.to_str().unwrap(),
-                "/incoming/same.bin",
-                "--bwlimit",
-                "16M",
-            ],
-        ),
-        &v.dir,
+        &v.client.0,
+        &[a.to_str().unwrap(), "/incoming/same.bin"],
+        "16M",
     );
     wait_progress(&mut p, 4 * MIB, Duration::from_secs(30));
     v.push(&[a.to_str().unwrap(), "/incoming/same.bin"]);

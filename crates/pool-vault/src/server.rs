@@ -76,6 +76,10 @@ static BUSY: std::sync::LazyLock<Mutex<HashMap<PathBuf, Claim>>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 static NEXT_CLAIM: AtomicU64 = AtomicU64::new(1);
 
+/// How long a push in progress may go without a frame before the server
+/// gives up on it (longer than a session's resume takes).
+const IDLE: Duration = Duration::from_secs(180);
+
 /// How long a push waits for an earlier one of the same file by the same
 /// key to stop.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
@@ -396,7 +400,8 @@ impl VaultServer {
                     .await?;
                     for _ in 0..need.len() {
                         let frame = tokio::select! {
-                            f = wire::read_frame(recv) => f?,
+                            f = tokio::time::timeout(IDLE, wire::read_frame(recv)) => f
+                                .map_err(|_| VaultError::Protocol("no chunk for 3 minutes".into()))??,
                             _ = cancel.notified() => {
                                 return Err(VaultError::Refused(
                                     "stopped: the same key is pushing this file again".into(),

@@ -26,8 +26,8 @@ const KIND_MSG: u8 = 1;
 const KIND_HASHES: u8 = 2;
 const KIND_CHUNK: u8 = 3;
 
-/// The largest JSON message.
-const MAX_MSG: usize = 1 << 20;
+/// The largest JSON message (an `ls` of a big directory).
+const MAX_MSG: usize = 16 << 20;
 /// The largest hash list: a 256 GiB file in 1 MiB chunks.
 pub const MAX_CHUNKS: usize = 1 << 18;
 /// The largest chunk frame: a sealed chunk (its tag) and its index.
