@@ -25,7 +25,14 @@ pub struct PartialFile {
     have: Vec<bool>,
     written: u64,
     skipped: u64,
+    /// Bytes written since the last background flush was started.
+    unflushed: u64,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Written bytes between background flushes: the disk writes while the
+/// network goes on, and the final sync has only the tail left.
+const FLUSH_EVERY: u64 = 64 << 20;
 
 /// What [`PartialFile::open`] found.
 pub enum Opened {
@@ -160,6 +167,8 @@ impl PartialFile {
             have,
             written: 0,
             skipped,
+            unflushed: 0,
+            flusher: None,
         }))
     }
 
@@ -194,6 +203,15 @@ impl PartialFile {
             .map_err(|e| VaultError::io(&self.part_path, e))?;
         self.have[i as usize] = true;
         self.written += data.len() as u64;
+        self.unflushed += data.len() as u64;
+        if self.unflushed >= FLUSH_EVERY && self.flusher.as_ref().is_none_or(|h| h.is_finished()) {
+            if let Ok(f) = self.file.try_clone() {
+                self.unflushed = 0;
+                self.flusher = Some(std::thread::spawn(move || {
+                    let _ = f.sync_data();
+                }));
+            }
+        }
         Ok(())
     }
 
@@ -202,6 +220,9 @@ impl PartialFile {
     pub fn finish(self, mode: u32, mtime_ns: i64) -> Result<(u64, u64), VaultError> {
         if let Some(i) = self.have.iter().position(|h| !h) {
             return Err(VaultError::Protocol(format!("chunk {i} never arrived")));
+        }
+        if let Some(h) = self.flusher {
+            let _ = h.join();
         }
         let io = |e| VaultError::io(&self.part_path, e);
         self.file.set_len(self.manifest.size).map_err(io)?;

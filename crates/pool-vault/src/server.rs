@@ -398,35 +398,11 @@ impl VaultServer {
                         },
                     )
                     .await?;
-                    for _ in 0..need.len() {
-                        let frame = tokio::select! {
-                            f = tokio::time::timeout(IDLE, wire::read_frame(recv)) => f
-                                .map_err(|_| VaultError::Protocol("no chunk for 3 minutes".into()))??,
-                            _ = cancel.notified() => {
-                                return Err(VaultError::Refused(
-                                    "stopped: the same key is pushing this file again".into(),
-                                ))
-                            }
-                        };
-                        let (i, data) = match frame {
-                            Some(Frame::Chunk(i, d)) => (i, d),
-                            _ => return Err(VaultError::Protocol("expected a chunk".into())),
-                        };
-                        let (p, r) = blocking(move || {
-                            let r = pf.write(i, &data);
-                            (pf, r)
-                        })
-                        .await?;
-                        pf = p;
-                        match r {
-                            Ok(()) => {}
-                            // Not written; asked for again next round.
-                            Err(VaultError::Protocol(m)) => debug!("vault: {m}"),
-                            Err(e) => {
-                                let m = self.refuse(peer, "push", path, self.tell(&e));
-                                return wire::send_msg(send, &m).await.and(Err(e));
-                            }
-                        }
+                    let (p, fatal) = receive_round(pf, need.len(), recv, &cancel).await?;
+                    pf = p;
+                    if let Some(e) = fatal {
+                        let m = self.refuse(peer, "push", path, self.tell(&e));
+                        return wire::send_msg(send, &m).await.and(Err(e));
                     }
                 }
                 match blocking(move || pf.finish(mode, mtime)).await? {
@@ -482,6 +458,76 @@ impl VaultServer {
         }
         wire::send_msg(send, &Msg::End).await
     }
+}
+
+/// Receives `count` chunks into `pf`: the network side reads frames while a
+/// file thread checks and writes them, so neither waits for the other.
+/// Chunks that fail their hash are not written (the caller asks again);
+/// a file error (a full disk) is returned as the second value, and stops
+/// the round. The file thread is always joined before this returns, so no
+/// write of this push can land after it.
+async fn receive_round(
+    mut pf: PartialFile,
+    count: usize,
+    recv: &mut RecvStream,
+    cancel: &Notify,
+) -> Result<(PartialFile, Option<VaultError>), VaultError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(8);
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failed.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut fatal = None;
+        while let Some((i, d)) = rx.blocking_recv() {
+            if fatal.is_some() {
+                continue;
+            }
+            match pf.write(i, &d) {
+                Ok(()) => {}
+                Err(VaultError::Protocol(m)) => debug!("vault: {m}"),
+                Err(e) => {
+                    flag.store(true, Ordering::Relaxed);
+                    fatal = Some(e);
+                }
+            }
+        }
+        (pf, fatal)
+    });
+    let mut net = Ok(());
+    for _ in 0..count {
+        if failed.load(Ordering::Relaxed) {
+            break;
+        }
+        let frame = tokio::select! {
+            f = tokio::time::timeout(IDLE, wire::read_frame(recv)) => match f {
+                Ok(f) => f,
+                Err(_) => Err(VaultError::Protocol("no chunk for 3 minutes".into())),
+            },
+            _ = cancel.notified() => Err(VaultError::Refused(
+                "stopped: the same key is pushing this file again".into(),
+            )),
+        };
+        match frame {
+            Ok(Some(Frame::Chunk(i, d))) => {
+                if tx.send((i, d)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {
+                net = Err(VaultError::Protocol("expected a chunk".into()));
+                break;
+            }
+            Err(e) => {
+                net = Err(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let (pf, fatal) = writer
+        .await
+        .map_err(|e| VaultError::Protocol(format!("the file thread failed: {e}")))?;
+    net?;
+    Ok((pf, fatal))
 }
 
 fn entry(p: &Path, name: String, m: &std::fs::Metadata) -> Entry {
