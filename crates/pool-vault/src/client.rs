@@ -281,8 +281,26 @@ pub async fn push(
         .sum();
     progress.total(total);
     let (mut r, mut w) = open(session).await?;
+    let mut small: Vec<(Job, Prepared)> = Vec::new();
+    let mut small_bytes = 0u64;
     for job in jobs {
         let p = prepare(&job.local, seal)?;
+        if p.meta.size <= CHUNK {
+            small_bytes += p.meta.size;
+            small.push((job, p));
+            if small.len() == wire::MAX_BATCH || small_bytes >= BATCH_BYTES {
+                push_batch(
+                    &mut r,
+                    &mut w,
+                    std::mem::take(&mut small),
+                    &mut report,
+                    progress,
+                )
+                .await?;
+                small_bytes = 0;
+            }
+            continue;
+        }
         progress.file(&job.dest.to_string(), p.meta.size);
         wire::send_msg(
             &mut w,
@@ -334,8 +352,78 @@ pub async fn push(
             }
         }
     }
+    if !small.is_empty() {
+        push_batch(&mut r, &mut w, small, &mut report, progress).await?;
+    }
     bye(w).await?;
     Ok(report)
+}
+
+/// Small files go in batches of at most this many bytes (and
+/// [`wire::MAX_BATCH`] files).
+const BATCH_BYTES: u64 = 16 << 20;
+
+/// Pushes small files (one chunk or none each) as one batch.
+async fn push_batch(
+    r: &mut RecvStream,
+    w: &mut SendStream,
+    batch: Vec<(Job, Prepared)>,
+    report: &mut Report,
+    progress: &mut dyn Progress,
+) -> Result<(), VaultError> {
+    let items = batch
+        .iter()
+        .map(|(j, p)| wire::BatchItem {
+            path: j.dest.to_string(),
+            meta: p.meta.clone(),
+        })
+        .collect();
+    let hashes: Vec<_> = batch
+        .iter()
+        .flat_map(|(_, p)| p.manifest.hashes.iter().copied())
+        .collect();
+    wire::send_msg(w, &Msg::Batch { items }).await?;
+    wire::send_hashes(w, &hashes).await?;
+    let (need, mut errors) = match wire::read_msg(r).await? {
+        Msg::BatchNeed { need, errors } => (need, errors),
+        other => return Err(remote(other)),
+    };
+    let mut sent = 0;
+    for &i in &need {
+        let Some((_, p)) = batch.get(i as usize) else {
+            return Err(VaultError::Protocol(format!(
+                "the server asked for item {i}"
+            )));
+        };
+        let data = p.chunk(0)?;
+        wire::send_chunk(w, u64::from(i), &data).await?;
+        sent += data.len() as u64;
+    }
+    let skipped = match wire::read_msg(r).await? {
+        Msg::BatchDone {
+            skipped, errors: e, ..
+        } => {
+            errors.extend(e);
+            skipped
+        }
+        other => return Err(remote(other)),
+    };
+    if let Some((i, m)) = errors.first() {
+        let path = batch
+            .get(*i as usize)
+            .map(|(j, _)| j.dest.to_string())
+            .unwrap_or_default();
+        return Err(VaultError::Remote(format!("{path}: {m}")));
+    }
+    let n = batch.len() as u64;
+    report.files += n;
+    report.verified += n;
+    report.files_sent += need.len() as u64;
+    report.files_skipped += n - need.len() as u64;
+    report.bytes_sent += sent;
+    report.bytes_skipped += skipped;
+    progress.advance(batch.iter().map(|(_, p)| p.meta.size).sum());
+    Ok(())
 }
 
 /// Pulls `src` from the node into `dest` (a file's new name, or a

@@ -19,6 +19,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod batch;
 pub mod client;
 pub mod manifest;
 pub mod partial;

@@ -217,27 +217,74 @@ impl PartialFile {
 
     /// Once every chunk is there: sync, set mode and mtime, rename into
     /// place, sync the directory. Returns (written, skipped) bytes.
-    pub fn finish(self, mode: u32, mtime_ns: i64) -> Result<(u64, u64), VaultError> {
+    pub fn finish(mut self, mode: u32, mtime_ns: i64) -> Result<(u64, u64), VaultError> {
+        self.sync()?;
+        let dir = self.final_path.parent().map(Path::to_path_buf);
+        let ws = self.commit(mode, mtime_ns)?;
+        if let Some(d) = dir {
+            sync_dir(&d);
+        }
+        Ok(ws)
+    }
+
+    /// Every chunk there: trims and syncs the data (the slow half of
+    /// [`PartialFile::finish`], which a batch does for many files at once).
+    pub fn sync(&mut self) -> Result<(), VaultError> {
         if let Some(i) = self.have.iter().position(|h| !h) {
             return Err(VaultError::Protocol(format!("chunk {i} never arrived")));
         }
-        if let Some(h) = self.flusher {
+        if let Some(h) = self.flusher.take() {
             let _ = h.join();
         }
         let io = |e| VaultError::io(&self.part_path, e);
         self.file.set_len(self.manifest.size).map_err(io)?;
-        self.file.sync_all().map_err(io)?;
+        self.file.sync_all().map_err(io)
+    }
+
+    /// After [`PartialFile::sync`]: mode, mtime, rename into place (the
+    /// directory is the caller's to sync). Returns (written, skipped).
+    pub fn commit(self, mode: u32, mtime_ns: i64) -> Result<(u64, u64), VaultError> {
         drop(self.file);
         set_meta(&self.part_path, mode, mtime_ns)?;
         std::fs::rename(&self.part_path, &self.final_path)
             .map_err(|e| VaultError::io(&self.final_path, e))?;
-        if let Some(dir) = self.final_path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
         Ok((self.written, self.skipped))
     }
+
+    /// Where the file goes.
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+}
+
+/// Syncs a directory (a rename in it), ignoring failure: the data is
+/// already synced, and some file systems refuse to sync directories.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Syncs many finished partial files at once, on a few threads: a file
+/// system commits concurrent syncs together, so a batch of small files
+/// costs about as much as one.
+pub fn sync_many(files: &mut [PartialFile]) -> Vec<Result<(), VaultError>> {
+    let threads = 8usize.min(files.len().max(1));
+    let per = files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks_mut(per)
+            .map(|group| s.spawn(move || group.iter_mut().map(|f| f.sync()).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(VaultError::Protocol("a sync thread failed".into()))]
+                })
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

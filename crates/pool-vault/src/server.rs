@@ -55,7 +55,7 @@ type Sink = Box<dyn Fn(VaultEvent) + Send + Sync>;
 
 /// A vault: a root directory and the grants.
 pub struct VaultServer {
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     grants: Vec<Grant>,
     events: Sink,
 }
@@ -88,7 +88,7 @@ const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
 /// the same key takes over (the earlier one, typically from a client that
 /// was killed and whose session has not timed out yet, is stopped first);
 /// one by another key is refused. Pushes are never interleaved.
-async fn claim(local: &Path, peer: &PublicKey) -> Result<(BusyGuard, Arc<Notify>), ()> {
+pub(crate) async fn claim(local: &Path, peer: &PublicKey) -> Result<(BusyGuard, Arc<Notify>), ()> {
     let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
     loop {
         let released = {
@@ -152,7 +152,7 @@ fn is_hidden_name(name: &str) -> bool {
 }
 
 /// Releases a destination when its push ends, however it ends.
-struct BusyGuard {
+pub(crate) struct BusyGuard {
     local: PathBuf,
     id: u64,
     released: Arc<Notify>,
@@ -170,7 +170,7 @@ impl Drop for BusyGuard {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, VaultError> {
     tokio::task::spawn_blocking(f)
@@ -195,7 +195,7 @@ impl VaultServer {
 
     /// A message for the peer: local paths shown as vault paths, a full
     /// disk said plainly.
-    fn tell(&self, e: &VaultError) -> String {
+    pub(crate) fn tell(&self, e: &VaultError) -> String {
         let s = match e {
             VaultError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 format!("{e} — the vault's disk is full; what was verified is kept: push again when there is room")
@@ -206,7 +206,13 @@ impl VaultServer {
         s.replace(&root, "")
     }
 
-    fn refuse(&self, peer: &PublicKey, op: &'static str, path: &str, reason: String) -> Msg {
+    pub(crate) fn refuse(
+        &self,
+        peer: &PublicKey,
+        op: &'static str,
+        path: &str,
+        reason: String,
+    ) -> Msg {
         info!(peer = %peer.short(), op, path, "vault: refused: {reason}");
         (self.events)(VaultEvent::Refused {
             peer: *peer,
@@ -217,7 +223,7 @@ impl VaultServer {
         Msg::Error { message: reason }
     }
 
-    fn check(
+    pub(crate) fn check(
         &self,
         peer: &PublicKey,
         path: &str,
@@ -295,6 +301,7 @@ impl VaultServer {
                     let hashes = wire::read_hashes(recv).await?;
                     self.put(peer, &path, meta, hashes, recv, send).await?;
                 }
+                Msg::Batch { items } => self.batch(peer, items, recv, send).await?,
                 Msg::Get { path } => match self.check(peer, &path, Access::Read, "pull") {
                     Err(m) => wire::send_msg(send, &m).await?,
                     Ok(vp) => self.get(peer, &path, &vp, recv, send).await?,
@@ -414,14 +421,28 @@ impl VaultServer {
                 }
             }
         };
-        let side = seal_sidecar(&local);
+        self.stored(peer, &vp, &local, &meta, written, skipped)?;
+        wire::send_msg(send, &Msg::Done { written, skipped }).await
+    }
+
+    /// A file is in place: its seal sidecar, the log, the journal.
+    pub(crate) fn stored(
+        &self,
+        peer: &PublicKey,
+        vp: &VaultPath,
+        local: &Path,
+        meta: &FileMeta,
+        written: u64,
+        skipped: u64,
+    ) -> Result<(), VaultError> {
+        let side = seal_sidecar(local);
         match &meta.sealed {
             Some(info) => write_sidecar(&side, info)?,
             None => {
                 let _ = std::fs::remove_file(&side);
             }
         }
-        info!(peer = %peer.short(), path = %vp, written, skipped, "vault: stored");
+        debug!(peer = %peer.short(), path = %vp, written, skipped, "vault: stored");
         (self.events)(VaultEvent::Write {
             peer: *peer,
             path: vp.to_string(),
@@ -429,7 +450,7 @@ impl VaultServer {
             skipped,
             sealed: meta.sealed.is_some(),
         });
-        wire::send_msg(send, &Msg::Done { written, skipped }).await
+        Ok(())
     }
 
     async fn get(

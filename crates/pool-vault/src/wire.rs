@@ -11,7 +11,10 @@
 //! A push (`put`): the client sends `put` and the hashes; the server answers
 //! `need` (the chunk ranges it lacks; none if the file is already there) or
 //! `error`; the client sends those chunks; the server answers `done`. The
-//! client may then send the next `put`, or `bye`. A pull (`get`): the server
+//! client may then send the next `put`, or `bye`. Small files go by
+//! `batch`: up to 256 files of at most one chunk, their hashes in one frame;
+//! the server answers `batch_need`, the client sends those chunks (indexed
+//! by item), the server syncs them together and answers `batch_done`. A pull (`get`): the server
 //! sends `file` and hashes for each file under the path, the client answers
 //! `need`, the server sends the chunks; then the next file; `end` after the
 //! last. `ls` is answered by `list`.
@@ -113,6 +116,29 @@ pub enum Msg {
         /// Bytes already stored and verified.
         skipped: u64,
     },
+    /// Store up to [`MAX_BATCH`] small files (each at most one chunk);
+    /// their hashes follow in one frame, in order.
+    Batch {
+        /// The files.
+        items: Vec<BatchItem>,
+    },
+    /// The answer to `batch`: which items to send (by index; each is one
+    /// chunk frame whose index is the item's), and which were refused.
+    BatchNeed {
+        /// Items to send.
+        need: Vec<u32>,
+        /// Items refused, with why.
+        errors: Vec<(u32, String)>,
+    },
+    /// A batch stored: synced together, then renamed into place.
+    BatchDone {
+        /// Bytes written now.
+        written: u64,
+        /// Bytes already stored.
+        skipped: u64,
+        /// Items that failed, with why.
+        errors: Vec<(u32, String)>,
+    },
     /// The last file of a pull was sent.
     End,
     /// The client is finished.
@@ -122,6 +148,19 @@ pub enum Msg {
         /// What happened and what to do.
         message: String,
     },
+}
+
+/// The most files in one `batch`.
+pub const MAX_BATCH: usize = 256;
+
+/// One file of a `batch`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    /// Its vault path.
+    pub path: String,
+    /// What it is (at most one chunk long).
+    pub meta: FileMeta,
 }
 
 /// One frame.

@@ -211,3 +211,72 @@ async fn lies_about_hashes_and_chunks_write_nothing_wrong() {
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert!(!s.session.is_closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refuses_its_bad_items_and_stores_the_good_ones() {
+    use pool_vault::wire::BatchItem;
+    let s = setup("batch").await;
+    let (m, meta) = meta_of(b"small file");
+    let item = |p: &str| BatchItem {
+        path: p.into(),
+        meta: meta.clone(),
+    };
+    let (mut r, mut w) = stream(&s.session).await;
+    wire::send_msg(
+        &mut w,
+        &Msg::Batch {
+            items: vec![item("/in/a"), item("/in/../../x"), item("/in/b")],
+        },
+    )
+    .await
+    .unwrap();
+    let hashes: Vec<_> = (0..3).flat_map(|_| m.hashes.clone()).collect();
+    wire::send_hashes(&mut w, &hashes).await.unwrap();
+    let Msg::BatchNeed { need, errors } = wire::read_msg(&mut r).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(need, vec![0, 2]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].0, 1);
+    for i in need {
+        wire::send_chunk(&mut w, u64::from(i), b"small file")
+            .await
+            .unwrap();
+    }
+    let Msg::BatchDone {
+        written, errors, ..
+    } = wire::read_msg(&mut r).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((written, errors.len()), (20, 0));
+    assert_eq!(std::fs::read(s.root.join("in/a")).unwrap(), b"small file");
+    assert_eq!(std::fs::read(s.root.join("in/b")).unwrap(), b"small file");
+
+    // Too few hashes, or an item bigger than a chunk: the stream ends with
+    // an error; the session goes on.
+    let big = FileMeta {
+        size: 3 * CHUNK,
+        ..meta.clone()
+    };
+    for (items, hashes) in [
+        (vec![item("/in/c"), item("/in/d")], m.hashes.clone()),
+        (
+            vec![BatchItem {
+                path: "/in/e".into(),
+                meta: big,
+            }],
+            vec![[0u8; 32]; 3],
+        ),
+    ] {
+        let (mut r, mut w) = stream(&s.session).await;
+        wire::send_msg(&mut w, &Msg::Batch { items }).await.unwrap();
+        wire::send_hashes(&mut w, &hashes).await.unwrap();
+        assert!(matches!(
+            wire::read_msg(&mut r).await.unwrap(),
+            Msg::Error { .. }
+        ));
+    }
+    assert!(!s.session.is_closed());
+    assert!(!s.root.join("in/c").exists() && !s.root.join("in/e").exists());
+}
