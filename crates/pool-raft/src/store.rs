@@ -207,22 +207,32 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let mut inner = lock(&self.inner);
-        let data = serde_json::to_vec(&SnapshotBody {
-            kv: inner.kv.clone(),
-        })
-        .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        inner.snapshots_built += 1;
-        let snapshot_id = match inner.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
-            None => format!("none-{}", inner.snapshots_built),
+        // Copy under the lock, serialise off the runtime's threads: the
+        // map can be large, and the nodes' RPCs share those threads.
+        let (body, meta) = {
+            let mut inner = lock(&self.inner);
+            inner.snapshots_built += 1;
+            let snapshot_id = match inner.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
+                None => format!("none-{}", inner.snapshots_built),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: inner.last_applied,
+                last_membership: inner.membership.clone(),
+                snapshot_id,
+            };
+            (
+                SnapshotBody {
+                    kv: inner.kv.clone(),
+                },
+                meta,
+            )
         };
-        let meta = SnapshotMeta {
-            last_log_id: inner.last_applied,
-            last_membership: inner.membership.clone(),
-            snapshot_id,
-        };
-        inner.current = Some(StoredSnapshot {
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&body))
+            .await
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        lock(&self.inner).current = Some(StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
         });
@@ -306,5 +316,55 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload,
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_carries_the_map_to_another_node() {
+        let mut a = StateMachine::new();
+        let members = Membership::new(vec![[0u64, 1, 2].into()], None);
+        let mut entries = vec![entry(1, EntryPayload::Membership(members))];
+        for i in 2..50 {
+            let req = crate::Request::Set {
+                key: format!("k{i}"),
+                value: i.to_string(),
+            };
+            entries.push(entry(i, EntryPayload::Normal(req)));
+        }
+        let out = a.apply(entries).await.unwrap();
+        assert_eq!(out[10].value.as_deref(), Some("11"));
+        let snap = a
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(49));
+
+        let mut b = StateMachine::new();
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        let (va, vb) = (a.view(), b.view());
+        assert_eq!(va.kv, vb.kv);
+        assert_eq!(va.last_applied, vb.last_applied);
+        assert_eq!(vb.kv.len(), 48);
+        assert_eq!(
+            b.applied_state().await.unwrap().1,
+            a.applied_state().await.unwrap().1
+        );
+        let current = b.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
     }
 }

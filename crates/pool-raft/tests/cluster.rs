@@ -11,7 +11,7 @@ use pool_raft::Transport;
 fn options(transport: Transport) -> RunOptions {
     RunOptions {
         transport,
-        duration: Duration::from_secs(15),
+        duration: Duration::from_secs(14),
         cut_every: Some(Duration::from_secs(3)),
         writes_per_sec: 100,
         heartbeat_ms: 50,
@@ -30,8 +30,8 @@ fn assert_correct(r: &Report) {
     assert_eq!(r.acked_missing, 0, "acknowledged writes missing");
     // Ten warm-up writes, the client's writes; every one of them distinct.
     assert_eq!(r.keys, r.writes_acked + 10);
-    // Cuts at 3, 6, 9, 12 s (and maybe 15 s).
-    assert!(r.cuts >= 4, "cut rounds: {}", r.cuts);
+    // Cuts at 3, 6, 9 and 12 s.
+    assert_eq!(r.cuts, 4, "cut rounds");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,11 +46,15 @@ async fn pool_cluster_survives_carrier_cuts() {
     // A resume loses no byte, so no RPC fails under a cut.
     assert_eq!(r.rpc.errors, 0, "RPC errors over POOL");
     assert!(r.append.answered > 1000);
+    // Measured: no election at all in these runs (a resume on loopback
+    // takes about a millisecond, the election timeout is 150-300 ms).
+    // One is allowed for a loaded CI machine stalling a node's thread.
     assert!(
         r.stability.elections <= 1,
         "elections: {}",
         r.stability.elections
     );
+    assert!(r.stability.leader_changes <= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
