@@ -46,6 +46,12 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// Election timeout range, ms (openraft's default: 150..300).
     pub election_ms: (u64, u64),
+    /// How many of the nodes the cluster is initialised with as voters;
+    /// the others wait until [`Cluster::add_learners`] (default: all).
+    pub voters: u64,
+    /// A snapshot every this many entries, and this many entries kept
+    /// behind it (default: openraft's, 5,000 and 1,000).
+    pub snapshots: Option<(u64, u64)>,
 }
 
 impl ClusterConfig {
@@ -55,7 +61,21 @@ impl ClusterConfig {
             transport,
             heartbeat_ms: 50,
             election_ms: (150, 300),
+            voters: NODES,
+            snapshots: None,
         }
+    }
+
+    /// Initialises the cluster with only the first `n` nodes as voters.
+    pub fn voters(mut self, n: u64) -> Self {
+        self.voters = n.clamp(1, NODES);
+        self
+    }
+
+    /// A snapshot every `every` entries, keeping `keep` entries behind it.
+    pub fn snapshots(mut self, every: u64, keep: u64) -> Self {
+        self.snapshots = Some((every, keep));
+        self
     }
 
     /// Sets the heartbeat interval (ms).
@@ -157,16 +177,21 @@ pub struct Cluster {
     pub stats: Arc<RpcStats>,
     /// The configuration it was started with.
     pub config: ClusterConfig,
+    members: BTreeMap<NodeId, BasicNode>,
 }
 
 fn raft_config(c: &ClusterConfig) -> Result<Arc<Config>, Error> {
-    let cfg = Config {
+    let mut cfg = Config {
         cluster_name: "pool-raft".into(),
         heartbeat_interval: c.heartbeat_ms,
         election_timeout_min: c.election_ms.0,
         election_timeout_max: c.election_ms.1,
         ..Default::default()
     };
+    if let Some((every, keep)) = c.snapshots {
+        cfg.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(every);
+        cfg.max_in_snapshot_log_to_keep = keep;
+    }
     Ok(Arc::new(
         cfg.validate().map_err(|e| Error::Raft(e.to_string()))?,
     ))
@@ -258,15 +283,21 @@ impl Cluster {
                 Net::Tcp(t) => t.connect_all().await?,
             }
         }
+        let voters: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .filter(|(&id, _)| id < config.voters)
+            .map(|(&id, n)| (id, n.clone()))
+            .collect();
         nodes[0]
             .raft
-            .initialize(members)
+            .initialize(voters)
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         Ok(Cluster {
             nodes,
             stats,
             config,
+            members,
         })
     }
 
@@ -294,12 +325,13 @@ impl Cluster {
         })
     }
 
-    /// Waits until a node is leader and all three agree on it.
+    /// Waits until a node is leader and all voters agree on it.
     pub async fn wait_leader(&self, within: Duration) -> Result<NodeId, Error> {
         let start = Instant::now();
+        let voters = self.config.voters as usize;
         loop {
             if let Some(l) = self.leader() {
-                if self.views().iter().all(|v| v.leader == Some(l)) {
+                if self.views()[..voters].iter().all(|v| v.leader == Some(l)) {
                     return Ok(l);
                 }
             }
@@ -342,6 +374,26 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(5)).await;
             target = self.leader();
         }
+    }
+
+    /// Adds the nodes that were not voters at the start as learners, and
+    /// waits until each has caught up with the leader's log (by
+    /// replication, or by a snapshot when the entries it needs are
+    /// purged).
+    pub async fn add_learners(&self) -> Result<(), Error> {
+        for (&id, node) in self
+            .members
+            .iter()
+            .filter(|(&id, _)| id >= self.config.voters)
+        {
+            let leader = self.wait_leader(Duration::from_secs(10)).await?;
+            self.nodes[leader as usize]
+                .raft
+                .add_learner(id, node.clone(), true)
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Cuts every carrier (POOL) or connection (TCP) of every node. How
