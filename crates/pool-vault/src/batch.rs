@@ -63,7 +63,7 @@ impl VaultServer {
             let vp = match self.check(peer, &item.path, Access::Write, "push") {
                 Ok(vp) => vp,
                 Err(m) => {
-                    errors.push((n, message(m)));
+                    errors.push((n, message(*m)));
                     continue;
                 }
             };

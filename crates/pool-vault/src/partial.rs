@@ -98,7 +98,7 @@ impl PartialFile {
         mtime_ns: i64,
     ) -> Result<Opened, VaultError> {
         let io = |e| VaultError::io(final_path, e);
-        match std::fs::symlink_metadata(final_path) {
+        let same = match std::fs::symlink_metadata(final_path) {
             Ok(m) if m.is_dir() => {
                 return Err(VaultError::Refused(format!(
                     "{} is a directory (to push into it, end the destination with /)",
@@ -106,14 +106,15 @@ impl PartialFile {
                 )))
             }
             Ok(m) if m.is_file() && m.len() == manifest.size => {
-                if Manifest::of_file(final_path)?.root_hex() == root_hex {
-                    set_meta(final_path, mode, mtime_ns)?;
-                    return Ok(Opened::Complete {
-                        skipped: manifest.size,
-                    });
-                }
+                Manifest::of_file(final_path)?.root_hex() == root_hex
             }
-            _ => {}
+            _ => false,
+        };
+        if same {
+            set_meta(final_path, mode, mtime_ns)?;
+            return Ok(Opened::Complete {
+                skipped: manifest.size,
+            });
         }
         let (prefix, part_path) = part_name(final_path, root_hex)
             .ok_or_else(|| VaultError::Refused("a destination needs a file name".into()))?;

@@ -229,20 +229,21 @@ impl VaultServer {
         path: &str,
         need: Access,
         op: &'static str,
-    ) -> Result<VaultPath, Msg> {
-        let vp = VaultPath::parse(path).map_err(|e| self.refuse(peer, op, path, e.to_string()))?;
+    ) -> Result<VaultPath, Box<Msg>> {
+        let vp = VaultPath::parse(path)
+            .map_err(|e| Box::new(self.refuse(peer, op, path, e.to_string())))?;
         if !allowed(&self.grants, peer, &vp, need) {
             let what = if need == Access::Write {
                 "write"
             } else {
                 "read"
             };
-            return Err(self.refuse(
+            return Err(Box::new(self.refuse(
                 peer,
                 op,
                 path,
                 format!("key {} has no {what} grant for {vp}", peer.short()),
-            ));
+            )));
         }
         Ok(vp)
     }
@@ -289,7 +290,7 @@ impl VaultServer {
             match msg {
                 Msg::Ls { path } => {
                     let reply = match self.check(peer, &path, Access::Read, "ls") {
-                        Err(m) => m,
+                        Err(m) => *m,
                         Ok(vp) => match self.list(&vp) {
                             Ok(entries) => Msg::List { entries },
                             Err(e) => self.refuse(peer, "ls", &path, self.tell(&e)),

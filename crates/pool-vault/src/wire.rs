@@ -243,7 +243,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
                 .map_err(|e| VaultError::Protocol(format!("bad message: {e}")))?,
         ),
         KIND_HASHES => {
-            if len % 32 != 0 {
+            if !len.is_multiple_of(32) {
                 return Err(VaultError::Protocol(
                     "hash list not a multiple of 32".into(),
                 ));

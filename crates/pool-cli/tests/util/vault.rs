@@ -149,10 +149,10 @@ pub fn file_sha256(path: &Path) -> String {
 pub fn progress_bytes(p: &Proc) -> u64 {
     p.log()
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["event"] == "progress")
-        .filter_map(|v| v["bytes"].as_u64())
-        .last()
+        .find_map(|v| v["bytes"].as_u64())
         .unwrap_or(0)
 }
 
