@@ -118,12 +118,9 @@ fn key_error(msg: impl Into<String>) -> Fail {
 }
 
 fn parse_key(text: &str, what: &str) -> Res<PublicKey> {
-    text.trim().parse::<PublicKey>().map_err(|e| {
-        key_error(format!(
-            "{what} `{text}` is not a POOL public key ({e}): pass the 43-character \
-             string `pool keygen` or pool_endpoint_public_key printed"
-        ))
-    })
+    text.trim()
+        .parse::<PublicKey>()
+        .map_err(|e| key_error(format!("{what}: {e}")))
 }
 
 /// Loads a private key file, refusing one that others may read (as ssh does).
@@ -327,7 +324,13 @@ pub unsafe extern "C" fn pool_trust_allow_file(t: *mut pool_trust, path: *const 
         // SAFETY: the caller's promise, passed on.
         let path = unsafe { cstr(path, "path") }?;
         let mut g = t.trust.lock().unwrap_or_else(|p| p.into_inner());
-        let next = g.clone().allow_file(Path::new(path))?;
+        let next = g.clone().allow_file(Path::new(path)).map_err(|e| {
+            let f = Fail::from(e);
+            Fail::new(
+                f.code,
+                format!("cannot use authorized keys file {path}: {}", f.msg),
+            )
+        })?;
         *g = next;
         Ok(0)
     })
