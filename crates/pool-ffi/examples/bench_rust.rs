@@ -10,7 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    assert_eq!(a.len(), 6, "usage: bench_rust send|rtt KEYFILE ADDR SERVERKEY N");
+    assert_eq!(
+        a.len(),
+        6,
+        "usage: bench_rust send|rtt KEYFILE ADDR SERVERKEY N"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -18,7 +18,12 @@ fn install_and_pkg_config() {
         .status()
         .unwrap();
     assert!(st.success());
-    for f in ["lib/libpool.so", "lib/libpool.a", "include/pool.h", "lib/pkgconfig/pool.pc"] {
+    for f in [
+        "lib/libpool.so",
+        "lib/libpool.a",
+        "include/pool.h",
+        "lib/pkgconfig/pool.pc",
+    ] {
         assert!(prefix.join(f).exists(), "{f} not installed");
     }
     let pc = Command::new("pkg-config")
@@ -26,7 +31,11 @@ fn install_and_pkg_config() {
         .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
         .output()
         .expect("pkg-config not found");
-    assert!(pc.status.success(), "{}", String::from_utf8_lossy(&pc.stderr));
+    assert!(
+        pc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pc.stderr)
+    );
     let flags = String::from_utf8(pc.stdout).unwrap();
     let src = dir.join("v.c");
     std::fs::write(
@@ -37,10 +46,16 @@ fn install_and_pkg_config() {
     .unwrap();
     let exe = dir.join("v");
     let mut cc = Command::new("cc");
-    cc.arg(&src).arg("-o").arg(&exe).args(flags.split_whitespace());
+    cc.arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .args(flags.split_whitespace());
     cc.arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()));
     assert!(cc.status().unwrap().success(), "{cc:?}");
     let out = Command::new(&exe).output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        env!("CARGO_PKG_VERSION")
+    );
 }

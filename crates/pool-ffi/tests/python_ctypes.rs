@@ -29,7 +29,10 @@ fn python_ctypes_sends_a_message() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("echoed: hello from python over POOL"), "{stdout}");
+    assert!(
+        stdout.contains("echoed: hello from python over POOL"),
+        "{stdout}"
+    );
     assert!(stdout.contains("wrong key: peer_key"), "{stdout}");
     assert!(stdout.ends_with("OK\n"), "{stdout}");
 }
