@@ -8,9 +8,13 @@ mod util;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use util::*;
+
+/// One instrumented transfer at a time: together (valgrind takes a core)
+/// they starve the session's timers on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs a server and a client (each through `wrap`, e.g. valgrind) with a
 /// carrier cut in the middle; returns their outputs.
@@ -29,7 +33,11 @@ fn transfer(server_cmd: Command, mut client_cmd: Command, ckey: &Path, streams: 
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "client: {stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "client (after {} carriers through the forwarder): {stdout}\n{stderr}",
+        fwd.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
     assert!(stdout.contains("OK"), "{stdout}");
     let rest = server.rest();
     assert!(server.child.wait().unwrap().success(), "server: {rest}");
@@ -37,6 +45,7 @@ fn transfer(server_cmd: Command, mut client_cmd: Command, ckey: &Path, streams: 
 
 #[test]
 fn c_programs_under_address_sanitizer() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = scratch("asan");
     let peer = build_peer(
         &dir,
@@ -100,6 +109,7 @@ fn valgrind() -> Option<Command> {
 #[test]
 fn c_programs_under_valgrind() {
     let Some(mut vc) = valgrind() else { return };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = scratch("valgrind");
     let peer = build_peer(&dir, Link::Shared);
     let (skey, _) = keygen(&peer, &dir, "server.key");
