@@ -237,7 +237,9 @@ pool_status pool_last_error_code(void);
 int64_t pool_selftest(void);
 
 /**
- * Frees every object still alive and stops the library's threads; handles
+ * Frees every object still alive (waiting, as `pool_session_free` does,
+ * for the peer to acknowledge what sessions carry) and stops the
+ * library's threads; handles
  * become invalid (using one is a `POOL_EBADHANDLE` error). For programs
  * that check for leaks at exit; calling anything afterwards starts afresh.
  * Do not call it while another thread is inside a libpool call.
@@ -370,8 +372,11 @@ int pool_session_stats(pool_session *s, pool_stats *out);
 int pool_session_fd(pool_session *s);
 
 /**
- * Closes the session's handle. Streams still open keep the session
- * alive; the session ends when the last of them is freed. NULL is
+ * Closes the session's handle. First it waits, up to 10 s, until the
+ * peer has acknowledged everything written on the session (through a
+ * resume if the carrier is down), as the kernel lingers on a closed TCP
+ * socket: a program may exit right after. Streams still open keep the
+ * session alive; the session ends when the last of them is freed. NULL is
  * ignored; a freed or unknown handle is an error (-1).
  */
 int pool_session_free(pool_session *s);

@@ -201,14 +201,22 @@ pub extern "C" fn pool_selftest() -> i64 {
     })
 }
 
-/// Frees every object still alive and stops the library's threads; handles
+/// Frees every object still alive (waiting, as `pool_session_free` does,
+/// for the peer to acknowledge what sessions carry) and stops the
+/// library's threads; handles
 /// become invalid (using one is a `POOL_EBADHANDLE` error). For programs
 /// that check for leaks at exit; calling anything afterwards starts afresh.
 /// Do not call it while another thread is inside a libpool call.
 #[no_mangle]
 pub extern "C" fn pool_shutdown() {
     guard((), || {
-        drop(handle::drain());
+        let all = handle::drain();
+        for o in &all {
+            if let handle::Obj::Session(s) = o {
+                s.linger();
+            }
+        }
+        drop(all);
         objects::shutdown_runtime();
         Ok(())
     })
@@ -532,15 +540,22 @@ pub extern "C" fn pool_session_fd(s: *mut pool_session) -> c_int {
     guard(-1, || handle::session(s)?.nonblocking())
 }
 
-/// Closes the session's handle. Streams still open keep the session
-/// alive; the session ends when the last of them is freed. NULL is
+/// Closes the session's handle. First it waits, up to 10 s, until the
+/// peer has acknowledged everything written on the session (through a
+/// resume if the carrier is down), as the kernel lingers on a closed TCP
+/// socket: a program may exit right after. Streams still open keep the
+/// session alive; the session ends when the last of them is freed. NULL is
 /// ignored; a freed or unknown handle is an error (-1).
 #[no_mangle]
 pub extern "C" fn pool_session_free(s: *mut pool_session) -> c_int {
     if s.is_null() {
         return 0;
     }
-    guard(-1, || handle::take_session(s).map(|_| 0))
+    guard(-1, || {
+        let s = handle::take_session(s)?;
+        s.linger();
+        Ok(0)
+    })
 }
 
 // ---------------------------------------------------------------------------

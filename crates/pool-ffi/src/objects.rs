@@ -371,6 +371,10 @@ async fn write_pump(nb: Arc<Nb>, mut send: SendStream) {
 // ---------------------------------------------------------------------------
 // Sessions
 
+/// How long freeing a session waits for the peer to acknowledge what was
+/// written (through a carrier loss and resume, if need be).
+pub(crate) const LINGER: Duration = Duration::from_secs(10);
+
 pub(crate) struct SessionObj {
     pub(crate) session: Session,
     nb: OnceLock<Arc<SessNb>>,
@@ -419,6 +423,22 @@ impl SessionObj {
         let rt = rt()?;
         rt.block_on(self.session.accept_stream())
             .ok_or_else(|| self.closed_error())
+    }
+
+    /// Waits (up to `LINGER`) until the peer has acknowledged everything
+    /// written on the session, or it closed: like the kernel's linger on a
+    /// closed TCP socket, so that a program may exit right after freeing.
+    pub(crate) fn linger(&self) {
+        let s = &self.session;
+        if s.is_closed() || s.unacknowledged() == 0 {
+            return;
+        }
+        let Ok(rt) = rt() else { return };
+        let _ = rt.block_on(tokio::time::timeout(LINGER, async {
+            while !s.is_closed() && s.unacknowledged() > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
     }
 
     pub(crate) fn closed_error(&self) -> Fail {
