@@ -434,11 +434,15 @@ impl SessionObj {
             return;
         }
         let Ok(rt) = rt() else { return };
-        let _ = rt.block_on(tokio::time::timeout(LINGER, async {
-            while !s.is_closed() && s.unacknowledged() > 0 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
+        // The timer is made inside the runtime (it needs its clock).
+        rt.block_on(async {
+            let acked = async {
+                while !s.is_closed() && s.unacknowledged() > 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, acked).await;
+        });
     }
 
     pub(crate) fn closed_error(&self) -> Fail {

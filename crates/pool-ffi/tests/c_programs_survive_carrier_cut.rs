@@ -46,6 +46,12 @@ fn c_programs_survive_carrier_cut() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("OK"), "{stdout}");
+    // A panic caught at the boundary is still a bug.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rest = server.rest();
     assert!(server.child.wait().unwrap().success(), "server: {rest}");
     assert!(rest.contains("OK"), "{rest}");

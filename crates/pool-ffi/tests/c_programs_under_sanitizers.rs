@@ -39,6 +39,12 @@ fn transfer(server_cmd: Command, mut client_cmd: Command, ckey: &Path, streams: 
         fwd.accepted.load(std::sync::atomic::Ordering::SeqCst)
     );
     assert!(stdout.contains("OK"), "{stdout}");
+    // A panic caught at the boundary is still a bug.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rest = server.rest();
     assert!(server.child.wait().unwrap().success(), "server: {rest}");
 }

@@ -9,12 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The directory holding libpool.so / libpool.a of this build
-/// (target/<profile>, next to the test's deps/ directory).
+/// The directory holding libpool.so / libpool.a of this build: the test's
+/// own deps/ directory (`cargo test` rebuilds them there; the copies in
+/// target/<profile> are refreshed only by `cargo build`).
 pub fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    for dir in [deps.parent().unwrap(), deps] {
+    for dir in [deps, deps.parent().unwrap()] {
         if dir.join("libpool.so").exists() && dir.join("libpool.a").exists() {
             return dir.to_path_buf();
         }
