@@ -67,6 +67,8 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Run the crypto known-answer tests (also run before any command that opens sessions).
+    Selftest,
     /// Print the public key of a private key file.
     Pubkey {
         /// The private key file.
@@ -548,6 +550,47 @@ fn man_pages(dir: &std::path::Path) -> Result<(), cmd::CliError> {
     Ok(())
 }
 
+/// Whether a command may open sessions (and so first runs the crypto
+/// self-test): all but those that only read or write files.
+fn needs_selftest(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::Selftest
+            | Command::Keygen { .. }
+            | Command::Pubkey { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::Shim(_)
+            | Command::Trust(_)
+            | Command::Journal(_)
+    )
+}
+
+/// A failed known-answer test refuses the start, naming the test.
+fn selftest_gate(
+    r: Result<pool_core::selftest::Report, pool_core::selftest::SelfTestFailure>,
+) -> cmd::Result<()> {
+    match r {
+        Ok(report) => {
+            tracing::debug!(
+                micros = report.total.as_micros() as u64,
+                "crypto self-test passed"
+            );
+            Ok(())
+        }
+        Err(e) => Err(cmd::CliError(e.to_string())),
+    }
+}
+
+fn selftest_cmd() -> cmd::Result<()> {
+    let report = pool_core::selftest::run().map_err(|e| cmd::CliError(e.to_string()))?;
+    for t in &report.tests {
+        println!("{:<20} pass {:>6} µs", t.name, t.elapsed.as_micros());
+    }
+    println!("{:<20} pass {:>6} µs", "total", report.total.as_micros());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -564,7 +607,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if needs_selftest(&cli.command) {
+        if let Err(e) = selftest_gate(pool_core::selftest::run()) {
+            eprintln!("pool: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
+        Command::Selftest => selftest_cmd(),
         Command::Demo { megabytes, keep } => {
             cmd::runtime().and_then(|rt| rt.block_on(demo::demo(megabytes, keep)))
         }
@@ -671,5 +721,26 @@ fn main() -> ExitCode {
             eprintln!("pool: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broken primitive stops every session-opening command before it
+    /// starts, and the message names the primitive.
+    #[test]
+    fn a_failed_selftest_refuses_to_start() {
+        for name in pool_core::selftest::TESTS {
+            let err = selftest_gate(pool_core::selftest::run_corrupted(name)).unwrap_err();
+            assert!(err.0.contains(name), "{err}");
+            assert!(err.0.contains("refusing to start"), "{err}");
+        }
+        pool_core::selftest::run().unwrap();
+        let daemon = Cli::parse_from(["pool", "daemon"]);
+        assert!(needs_selftest(&daemon.command));
+        let keygen = Cli::parse_from(["pool", "keygen", "--out", "k"]);
+        assert!(!needs_selftest(&keygen.command));
     }
 }

@@ -38,6 +38,7 @@ mod keys;
 pub mod listener;
 pub mod relay;
 mod rng;
+pub mod selftest;
 mod session;
 pub mod wire;
 

@@ -596,6 +596,11 @@ impl Session {
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed(_))
     }
+    /// Sequenced frames the peer has not acknowledged yet (sent or still
+    /// queued): 0 once the peer holds everything this side wrote.
+    pub fn unacknowledged_frames(&self) -> usize {
+        self.send.lens.len()
+    }
     /// Why the session ended, once it has.
     pub fn close_reason(&self) -> Option<&CloseReason> {
         match &self.state {

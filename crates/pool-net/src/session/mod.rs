@@ -299,6 +299,13 @@ impl Session {
         self.shared.lock().core.peer_key()
     }
 
+    /// Frames written on this session that the peer has not acknowledged
+    /// yet: 0 once it holds everything (what a program waits for before it
+    /// exits, as the kernel lingers on a closed TCP socket).
+    pub fn unacknowledged(&self) -> usize {
+        self.shared.lock().core.unacknowledged_frames()
+    }
+
     /// Counters, RTT and carrier state.
     pub fn stats(&self) -> SessionStats {
         let st = self.shared.lock();
