@@ -127,6 +127,41 @@ fn a_gigabyte_pushed_with_the_client_killed_half_way_then_pulled() {
 }
 
 #[test]
+fn a_carrier_cut_mid_push_costs_nothing() {
+    let mut v = VaultNode::new("vault-cut");
+    v.start();
+    let fwd = util::fleet::Cuttable::new(&v.listen);
+    let src = v.dir.join("f.bin");
+    let size = 64 * MIB;
+    make_file(&src, size, 6);
+    let cmd = v.command_via(
+        &fwd.addr,
+        &v.client.0,
+        "push",
+        &[src.to_str().unwrap(), "/incoming/f.bin", "--bwlimit", "32M"],
+    );
+    let mut p = Proc::spawn("push", cmd, &v.dir);
+    wait_progress(&mut p, size / 3, Duration::from_secs(30));
+    // Every connection through the forwarder dies; the session resumes on
+    // a new one and the push goes on, sending nothing twice.
+    fwd.cut();
+    std::thread::sleep(Duration::from_millis(100));
+    fwd.restore();
+    assert!(
+        p.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        p.log()
+    );
+    let report: serde_json::Value = serde_json::from_str(p.log().lines().last().unwrap()).unwrap();
+    assert_eq!(report["bytes_sent"].as_u64().unwrap(), size, "{report}");
+    assert_eq!(report["bytes_skipped"], 0, "{report}");
+    assert_eq!(
+        file_sha256(&v.root.join("incoming/f.bin")),
+        file_sha256(&src)
+    );
+}
+
+#[test]
 fn the_server_killed_mid_push_and_restarted_lets_the_rerun_complete() {
     let mut v = VaultNode::new("vault-server-kill");
     v.start();

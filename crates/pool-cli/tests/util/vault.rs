@@ -76,8 +76,13 @@ impl VaultNode {
 
     /// `pool vault OP HOST ARGS --key KEY --peer-key NODE --json`.
     pub fn command(&self, who: &Path, op: &str, args: &[&str]) -> Command {
+        self.command_via(&self.listen, who, op, args)
+    }
+
+    /// The same, dialling `addr` (a forwarder in front of the node).
+    pub fn command_via(&self, addr: &str, who: &Path, op: &str, args: &[&str]) -> Command {
         let mut c = Command::new(POOL);
-        c.args(["vault", op, &self.listen]).args(args).args([
+        c.args(["vault", op, addr]).args(args).args([
             "--key",
             who.to_str().unwrap(),
             "--peer-key",
