@@ -17,7 +17,7 @@
 //!   `prefer_pool`, fallback to TCP), and records [`TransportMetrics`].
 //!
 //! ```no_run
-//! # async fn demo(router: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(router: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
 //! use pool_net::{Endpoint, EndpointConfig, SecretKey, Trust};
 //! // Server: the same routes on TCP and on POOL.
 //! let key = SecretKey::from_bytes([7; 32]);
