@@ -235,38 +235,40 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
             "frame of {len} bytes (at most {max})"
         )));
     }
+    if head[0] == KIND_CHUNK {
+        // The index, then the bytes straight into their own buffer (no
+        // copy of a megabyte to drop the index in front of it).
+        if len < 8 {
+            return Err(VaultError::Protocol("short chunk frame".into()));
+        }
+        let mut i = [0u8; 8];
+        r.read_exact(&mut i).await?;
+        let mut data = vec![0u8; len - 8];
+        r.read_exact(&mut data).await?;
+        return Ok(Some(Frame::Chunk(u64::from_be_bytes(i), data)));
+    }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    Ok(Some(match head[0] {
-        KIND_MSG => Frame::Msg(
+    Ok(Some(if head[0] == KIND_MSG {
+        Frame::Msg(
             serde_json::from_slice(&body)
                 .map_err(|e| VaultError::Protocol(format!("bad message: {e}")))?,
-        ),
-        KIND_HASHES => {
-            if !len.is_multiple_of(32) {
-                return Err(VaultError::Protocol(
-                    "hash list not a multiple of 32".into(),
-                ));
-            }
-            Frame::Hashes(
-                body.chunks_exact(32)
-                    .map(|c| {
-                        let mut h = [0u8; 32];
-                        h.copy_from_slice(c);
-                        h
-                    })
-                    .collect(),
-            )
+        )
+    } else {
+        if !len.is_multiple_of(32) {
+            return Err(VaultError::Protocol(
+                "hash list not a multiple of 32".into(),
+            ));
         }
-        _ => {
-            if len < 8 {
-                return Err(VaultError::Protocol("short chunk frame".into()));
-            }
-            let mut i = [0u8; 8];
-            i.copy_from_slice(&body[..8]);
-            body.drain(..8);
-            Frame::Chunk(u64::from_be_bytes(i), body)
-        }
+        Frame::Hashes(
+            body.chunks_exact(32)
+                .map(|c| {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(c);
+                    h
+                })
+                .collect(),
+        )
     }))
 }
 
