@@ -323,6 +323,12 @@ impl Collector for PoolCollector {
             "Change journal entries that could not be written.",
             c.journal_failed,
         )?;
+        counter(
+            e,
+            "pool_journal_rotations",
+            "Times the change journal was sealed and a new file started.",
+            c.journal_rotations,
+        )?;
 
         counter(
             e,
