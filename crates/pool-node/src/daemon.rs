@@ -215,6 +215,9 @@ impl Daemon {
             c.journal_failed = s.failed + s.dropped;
             c.journal_rotations = s.rotations;
         }
+        if let Ok(p) = self.pending.lock() {
+            c.config_pending = p.is_some();
+        }
         c
     }
 

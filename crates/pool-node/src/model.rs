@@ -85,6 +85,9 @@ pub struct NodeCounters {
     /// Times the journal was sealed and a new file started.
     #[serde(default)]
     pub journal_rotations: u64,
+    /// A `pool config apply --confirm-within` awaits `pool config confirm`.
+    #[serde(default)]
+    pub config_pending: bool,
     /// Connections from programs under the shim (source node).
     #[serde(default)]
     pub shim_connections: u64,
