@@ -410,11 +410,12 @@ async fn metrics_match_the_source() {
         Some(0.0)
     );
     assert_eq!(x.value("pool_session_path_changes", None), Some(0.0));
-    // 1 + 3 (by path) + 1 (path changes) + 16 aggregate samples, 1
-    // handoff abort reason, 9 + 6 per-peer samples, nothing else.
+    // 1 + 3 (by path) + 1 (path changes) + 1 (config pending) + 17
+    // aggregate samples, 1 handoff abort reason, 9 + 6 per-peer samples,
+    // nothing else.
     assert_eq!(
         x.samples.len(),
-        1 + 3 + 1 + 16 + 1 + 9 + 6,
+        1 + 3 + 1 + 1 + 17 + 1 + 9 + 6,
         "{:?}",
         x.samples.keys()
     );
