@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pool_core::PublicKey;
+use pool_core::{PublicKey, SecretKey};
 use pool_journal::JournalError;
 
 /// How the relay is run. `Default` is the production setting on
@@ -43,6 +43,71 @@ pub struct RelayConfig {
     pub journal: Option<PathBuf>,
     /// Serve `/metrics` and `/health` here, e.g. `127.0.0.1:9257`.
     pub metrics: Option<String>,
+    /// Also publish per-node-key series on `/metrics` (off by default:
+    /// they tell whoever scrapes who uses the relay).
+    pub metrics_per_node: bool,
+    /// The relay's own key: needed to peer with other relays (they enrol
+    /// it by its public key).
+    pub key: Option<SecretKey>,
+    /// Peer relays enrolled at start (`[[relay.peer]]`).
+    pub peers: Vec<PeerConfig>,
+    /// Serve `pool relay enroll / unenroll / status` on this Unix socket.
+    pub control: Option<PathBuf>,
+    /// Circuits open at once through one peer relay, unless its
+    /// [`PeerConfig::max_circuits`] says otherwise.
+    pub max_circuits_per_peer: usize,
+    /// Bytes per second one peer relay may send us through its circuits,
+    /// unless its [`PeerConfig::max_rate`] says otherwise; 0: no cap.
+    pub max_rate_per_peer: u64,
+    /// Bytes per second all peer relays together may send us: each peer
+    /// with open circuits gets an equal share (its own cap still applies);
+    /// 0: no total.
+    pub peer_fair_share: u64,
+    /// Node keys one peer relay may advertise (more are ignored, journaled
+    /// once).
+    pub max_keys_per_peer: usize,
+    /// Longest wait between attempts to (re)connect a peering link.
+    pub peer_retry_max: Duration,
+}
+
+/// A peer relay, as `[[relay.peer]]` or `pool relay enroll` gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Where it listens (`HOST:PORT`).
+    pub addr: String,
+    /// Its relay key.
+    pub key: PublicKey,
+    /// Circuits open at once through it (`None`: the relay's default).
+    pub max_circuits: Option<usize>,
+    /// Bytes per second it may send us (`None`: the relay's default; 0: no cap).
+    pub max_rate: Option<u64>,
+}
+
+impl PeerConfig {
+    /// A peer at `addr` with key `key`, the relay's default caps.
+    #[must_use]
+    pub fn new(addr: impl Into<String>, key: PublicKey) -> Self {
+        PeerConfig {
+            addr: addr.into(),
+            key,
+            max_circuits: None,
+            max_rate: None,
+        }
+    }
+
+    /// Sets [`PeerConfig::max_circuits`].
+    #[must_use]
+    pub fn max_circuits(mut self, n: usize) -> Self {
+        self.max_circuits = Some(n);
+        self
+    }
+
+    /// Sets [`PeerConfig::max_rate`].
+    #[must_use]
+    pub fn max_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.max_rate = Some(bytes_per_sec);
+        self
+    }
 }
 
 impl Default for RelayConfig {
@@ -60,6 +125,15 @@ impl Default for RelayConfig {
             allow: HashSet::new(),
             journal: None,
             metrics: None,
+            metrics_per_node: false,
+            key: None,
+            peers: Vec::new(),
+            control: None,
+            max_circuits_per_peer: 1024,
+            max_rate_per_peer: 0,
+            peer_fair_share: 0,
+            max_keys_per_peer: 1_000_000,
+            peer_retry_max: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +215,69 @@ impl RelayConfig {
     #[must_use]
     pub fn journal(mut self, path: impl Into<PathBuf>) -> Self {
         self.journal = Some(path.into());
+        self
+    }
+
+    /// Sets [`RelayConfig::key`].
+    #[must_use]
+    pub fn key(mut self, key: SecretKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Enrols this peer relay at start.
+    #[must_use]
+    pub fn peer(mut self, peer: PeerConfig) -> Self {
+        self.peers.push(peer);
+        self
+    }
+
+    /// Sets [`RelayConfig::control`].
+    #[must_use]
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(path.into());
+        self
+    }
+
+    /// Sets [`RelayConfig::max_circuits_per_peer`].
+    #[must_use]
+    pub fn max_circuits_per_peer(mut self, n: usize) -> Self {
+        self.max_circuits_per_peer = n;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_rate_per_peer`] (bytes per second, 0: none).
+    #[must_use]
+    pub fn max_rate_per_peer(mut self, bytes_per_sec: u64) -> Self {
+        self.max_rate_per_peer = bytes_per_sec;
+        self
+    }
+
+    /// Sets [`RelayConfig::peer_fair_share`] (bytes per second, 0: none).
+    #[must_use]
+    pub fn peer_fair_share(mut self, bytes_per_sec: u64) -> Self {
+        self.peer_fair_share = bytes_per_sec;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_keys_per_peer`].
+    #[must_use]
+    pub fn max_keys_per_peer(mut self, n: usize) -> Self {
+        self.max_keys_per_peer = n;
+        self
+    }
+
+    /// Sets [`RelayConfig::peer_retry_max`].
+    #[must_use]
+    pub fn peer_retry_max(mut self, t: Duration) -> Self {
+        self.peer_retry_max = t;
+        self
+    }
+
+    /// Sets [`RelayConfig::metrics_per_node`].
+    #[must_use]
+    pub fn metrics_per_node(mut self, on: bool) -> Self {
+        self.metrics_per_node = on;
         self
     }
 
