@@ -339,6 +339,91 @@ pub fn load_authorized(path: &Path) -> Result<HashSet<PublicKey>, RelayServerErr
     Ok(keys)
 }
 
+/// A relay's config file (`pool relay --config FILE`): a `[relay]` table
+/// with optional `listen`, `key` (a key file), `control` (a socket path),
+/// and one `[[relay.peer]]` per peer relay (`addr`, `key`, optional
+/// `max_circuits`, `max_rate`). Flags given on the command line win.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayFile {
+    /// `listen`.
+    pub listen: Option<String>,
+    /// `key`: the relay's key file.
+    pub key: Option<PathBuf>,
+    /// `control`: the control socket.
+    pub control: Option<PathBuf>,
+    /// The `[[relay.peer]]` sections.
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTop {
+    #[serde(default)]
+    relay: FileRelay,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    listen: Option<String>,
+    key: Option<PathBuf>,
+    control: Option<PathBuf>,
+    #[serde(default)]
+    peer: Vec<FilePeer>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    addr: String,
+    key: String,
+    max_circuits: Option<usize>,
+    max_rate: Option<u64>,
+}
+
+impl RelayFile {
+    /// Parses a config file's text; `path` is for messages.
+    ///
+    /// # Errors
+    ///
+    /// [`RelayServerError::Config`] naming the file and what is wrong.
+    pub fn parse(text: &str, path: &Path) -> Result<RelayFile, RelayServerError> {
+        let bad = |e: String| RelayServerError::Config(format!("{}: {e}", path.display()));
+        let top: FileTop = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut peers = Vec::new();
+        for (i, p) in top.relay.peer.into_iter().enumerate() {
+            let key = PublicKey::from_token(&p.key)
+                .map_err(|e| bad(format!("[[relay.peer]] #{} key: {e}", i + 1)))?;
+            if peers.iter().any(|q: &PeerConfig| q.key == key) {
+                return Err(bad(format!("[[relay.peer]] #{}: key {key} is listed twice", i + 1)));
+            }
+            peers.push(PeerConfig {
+                addr: p.addr,
+                key,
+                max_circuits: p.max_circuits,
+                max_rate: p.max_rate,
+            });
+        }
+        Ok(RelayFile {
+            listen: top.relay.listen,
+            key: top.relay.key,
+            control: top.relay.control,
+            peers,
+        })
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be read or parsed; the message names the file.
+    pub fn load(path: &Path) -> Result<RelayFile, RelayServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RelayServerError::Config(format!("{}: {e}", path.display())))?;
+        RelayFile::parse(&text, path)
+    }
+}
+
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -376,4 +461,26 @@ pub enum RelayServerError {
     /// A setting that cannot work.
     #[error("relay: {0}")]
     Config(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_file_peers() {
+        let k = PublicKey([9; 32]).to_string();
+        let text = format!(
+            "[relay]\nkey = \"r2.key\"\ncontrol = \"/run/pool/relay.sock\"\n\n\
+             [[relay.peer]]\naddr = \"r1.example:9255\"\nkey = \"{k}\"\nmax_circuits = 10\nmax_rate = 1000\n"
+        );
+        let f = RelayFile::parse(&text, Path::new("relay.toml")).unwrap();
+        assert_eq!(f.key.as_deref(), Some(Path::new("r2.key")));
+        assert_eq!(f.peers, vec![PeerConfig::new("r1.example:9255", PublicKey([9; 32])).max_circuits(10).max_rate(1000)]);
+        let twice = format!("{text}\n[[relay.peer]]\naddr = \"x:1\"\nkey = \"{k}\"\n");
+        assert!(RelayFile::parse(&twice, Path::new("f")).unwrap_err().to_string().contains("twice"));
+        assert!(RelayFile::parse("[relay]\nbogus = 1\n", Path::new("f")).is_err());
+        assert!(RelayFile::parse("[[relay.peer]]\naddr = \"x:1\"\nkey = \"nope\"\n", Path::new("f")).is_err());
+        assert_eq!(RelayFile::parse("", Path::new("f")).unwrap(), RelayFile::default());
+    }
 }

@@ -49,7 +49,7 @@ mod server;
 mod state;
 
 pub use admin::RelayRequest;
-pub use config::{load_authorized, PeerConfig, RelayConfig, RelayServerError};
+pub use config::{load_authorized, PeerConfig, RelayConfig, RelayFile, RelayServerError};
 pub use peering::{NodeAccount, PeerStats};
 pub use server::{RelayHandle, RelayServer};
 pub use state::{NodeStats, RelayStats};
