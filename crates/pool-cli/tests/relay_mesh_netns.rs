@@ -374,8 +374,15 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
     assert!(out.status.success(), "flood failed: {}", String::from_utf8_lossy(&out.stderr));
     let rate = (mb << 20) as f64 / flood_secs;
     eprintln!("flood: {mb} MiB through R3 -> R1 in {flood_secs:.2} s ({:.1} MB/s)", rate / 1e6);
-    // R1 held R3 to its cap (8 MB/s, one second of burst), and said so.
-    assert!(rate < 8e6 * 1.25, "the flood was not capped: {:.1} MB/s", rate / 1e6);
+    // R1 held R3 to its cap (8 MB/s after one second of burst), and
+    // said so: uncapped, 48 MiB take well under a second here.
+    let least = ((mb << 20) as f64 - 8e6) / 8e6;
+    assert!(
+        flood_secs > least * 0.8,
+        "the flood was not capped: {:.1} MB/s, {flood_secs:.2} s < {:.2} s",
+        rate / 1e6,
+        least * 0.8
+    );
     wait_journal(&m.r1_journal, Duration::from_secs(5), "relay_peer_cap", |e| {
         e["event"] == "relay_peer_cap" && e["peer"] == r3_pub.as_str() && e["cap"] == "rate"
     });

@@ -460,7 +460,7 @@ impl Direction {
             .unwrap_or(Duration::ZERO);
         if let Some(p) = &self.from_peer {
             let w = self.shared.peer_wait(p, n);
-            if w >= Duration::from_millis(50) {
+            if !w.is_zero() {
                 self.shared.cap_hit(
                     p,
                     "rate",
