@@ -223,7 +223,7 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
     let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
         .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
     println!(
-        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}  {}",
+        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}  RELAYS",
         "PEER",
         "ROLE",
         "ADDRESS",
@@ -238,7 +238,6 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
         "LOSS",
         "RESUMES",
         "SHIM",
-        "RELAYS"
     );
     for r in &rows {
         let peer: String = r.peer.chars().take(12).collect();

@@ -217,7 +217,10 @@ fn command(cmd: RelayCmd) -> Result<(), CliError> {
             max_circuits,
             max_rate,
         } => {
-            let addr = if addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            let addr = if addr
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 addr
             } else {
                 format!("{addr}:{}", pool_core::relay::DEFAULT_PORT)
@@ -233,12 +236,21 @@ fn command(cmd: RelayCmd) -> Result<(), CliError> {
                     max_rate,
                 },
             )?;
-            let again = if v["new"] == false { " (already enrolled: address and caps updated)" } else { "" };
+            let again = if v["new"] == false {
+                " (already enrolled: address and caps updated)"
+            } else {
+                ""
+            };
             println!("enrolled relay {relay_key} at {addr}{again}; the link comes up once it enrols this relay too (pool relay status)");
             Ok(())
         }
         RelayCmd::Unenroll { relay_key, control } => {
-            ask(&control, &RelayRequest::Unenroll { key: relay_key.clone() })?;
+            ask(
+                &control,
+                &RelayRequest::Unenroll {
+                    key: relay_key.clone(),
+                },
+            )?;
             println!("ended the enrolment of relay {relay_key}");
             Ok(())
         }
@@ -256,7 +268,10 @@ fn command(cmd: RelayCmd) -> Result<(), CliError> {
 
 fn print_status(v: &serde_json::Value) {
     let s = &v["stats"];
-    println!("key        {}", v["key"].as_str().unwrap_or("- (no --key: does not peer)"));
+    println!(
+        "key        {}",
+        v["key"].as_str().unwrap_or("- (no --key: does not peer)")
+    );
     println!(
         "nodes      {} registered, {} circuits open, {} since start, {} bytes forwarded",
         s["nodes"], s["circuits"], s["circuits_total"], s["bytes"]
@@ -286,7 +301,10 @@ fn print_status(v: &serde_json::Value) {
     let accounts = v["accounts"].as_array().cloned().unwrap_or_default();
     println!("\nnode keys ({})", accounts.len());
     if !accounts.is_empty() {
-        println!("  {:<46} {:>8} {:>14} {:>14}", "KEY", "CIRCUITS", "SENT", "RECEIVED");
+        println!(
+            "  {:<46} {:>8} {:>14} {:>14}",
+            "KEY", "CIRCUITS", "SENT", "RECEIVED"
+        );
     }
     for a in &accounts {
         println!(

@@ -14,7 +14,7 @@
 //! Namespaces are removed when a test ends, pass or fail.
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -50,7 +50,10 @@ impl Topo {
         ];
         for (x, dx, ax, y, dy, ay) in links {
             let (nx, ny) = (t.ns[x].as_str(), t.ns[y].as_str());
-            ip(&["-n", nx, "link", "add", "name", dx, "type", "veth", "peer", "name", dy, "netns", ny]);
+            ip(&[
+                "-n", nx, "link", "add", "name", dx, "type", "veth", "peer", "name", dy, "netns",
+                ny,
+            ]);
             ip(&["-n", nx, "addr", "add", ax, "dev", dx]);
             ip(&["-n", ny, "addr", "add", ay, "dev", dy]);
             if dx != "a2b" {
@@ -60,7 +63,14 @@ impl Topo {
         }
         for ns in &t.ns[1..3] {
             let st = Command::new("ip")
-                .args(["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=0",
+                ])
                 .status()
                 .expect("sysctl");
             assert!(st.success());
@@ -87,8 +97,18 @@ const R2: usize = 2;
 const B: usize = 3;
 
 fn relay_status(control: &Path) -> serde_json::Value {
-    let out = pool_cmd(&["relay", "status", "--json", "--control", control.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pool_cmd(&[
+        "relay",
+        "status",
+        "--json",
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
@@ -96,19 +116,22 @@ fn wait_peer_up(control: &Path, peer: &str, timeout: Duration) -> serde_json::Va
     let deadline = Instant::now() + timeout;
     loop {
         let s = relay_status(control);
-        if let Some(p) = s["peers"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["key"] == peer && p["up"] == true && p["nodes"].as_u64() > Some(0)))
-        {
+        if let Some(p) = s["peers"].as_array().and_then(|a| {
+            a.iter()
+                .find(|p| p["key"] == peer && p["up"] == true && p["nodes"].as_u64() > Some(0))
+        }) {
             return p.clone();
         }
-        assert!(Instant::now() < deadline, "peer {peer} never came up with nodes: {s:#}");
+        assert!(
+            Instant::now() < deadline,
+            "peer {peer} never came up with nodes: {s:#}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 struct Mesh {
-    r1: Proc,
+    _r1: Proc,
     r2: Proc,
     _b: Proc,
     _a: Proc,
@@ -169,10 +192,19 @@ impl Mesh {
         let mut r2 = Proc::spawn("r2", topo.exec(R2, POOL, &argv), &dir);
         r2.wait_log("relay listening on", Duration::from_secs(10));
         let out = pool_cmd(&[
-            "relay", "enroll", "10.78.2.2:9255", "--relay-key", &r2_pub, "--control",
+            "relay",
+            "enroll",
+            "10.78.2.2:9255",
+            "--relay-key",
+            &r2_pub,
+            "--control",
             r1_ctl.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
 
         let (a_ctl, b_ctl) = (dir.join("a.sock"), dir.join("b.sock"));
         let b_cfg = format!(
@@ -193,17 +225,44 @@ impl Mesh {
         let stop = dir.join("stop");
         let mut source = Proc::spawn(
             "source",
-            topo.exec(B, "python3", &[&paced_py(), "serve", "127.0.0.1", "7100", "4", stop.to_str().unwrap()]),
+            topo.exec(
+                B,
+                "python3",
+                &[
+                    &paced_py(),
+                    "serve",
+                    "127.0.0.1",
+                    "7100",
+                    "4",
+                    stop.to_str().unwrap(),
+                ],
+            ),
             &dir,
         );
         source.wait_log("listening", Duration::from_secs(10));
         let b_toml = dir.join("b.toml");
-        let mut b = Proc::spawn("b", topo.exec(B, POOL, &["-v", "daemon", "--config", b_toml.to_str().unwrap()]), &dir);
+        let mut b = Proc::spawn(
+            "b",
+            topo.exec(
+                B,
+                POOL,
+                &["-v", "daemon", "--config", b_toml.to_str().unwrap()],
+            ),
+            &dir,
+        );
         b.wait_log("registered at relay", Duration::from_secs(15));
         // R1 hears of B through the peering before A dials.
         wait_peer_up(&r1_ctl, &r2_pub, Duration::from_secs(15));
         let a_toml = dir.join("a.toml");
-        let mut a = Proc::spawn("a", topo.exec(A, POOL, &["-v", "daemon", "--config", a_toml.to_str().unwrap()]), &dir);
+        let mut a = Proc::spawn(
+            "a",
+            topo.exec(
+                A,
+                POOL,
+                &["-v", "daemon", "--config", a_toml.to_str().unwrap()],
+            ),
+            &dir,
+        );
         a.wait_log("tcp2pool bridge up", Duration::from_secs(15));
         let fetch = Proc::spawn(
             "fetch",
@@ -211,7 +270,7 @@ impl Mesh {
             &dir,
         );
         Mesh {
-            r1,
+            _r1: r1,
             r2,
             _b: b,
             _a: a,
@@ -271,10 +330,16 @@ fn a_session_through_two_relays_moves_to_direct_falls_back_and_survives_a_relay_
     let deadline = Instant::now() + Duration::from_secs(60);
     let resumed = loop {
         let rows = sessions(&m.a_ctl);
-        if let Some(r) = rows.iter().find(|r| r.path == "relay" && r.resumes > back.resumes) {
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.path == "relay" && r.resumes > back.resumes)
+        {
             break r.clone();
         }
-        assert!(Instant::now() < deadline, "never resumed after R2 restarted: {rows:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never resumed after R2 restarted: {rows:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(resumed.id, first.id, "same session");
@@ -290,16 +355,33 @@ fn a_session_through_two_relays_moves_to_direct_falls_back_and_survives_a_relay_
     let s = relay_status(&m.r1_ctl);
     let accounts = s["accounts"].as_array().unwrap();
     for k in [&m.a_pub, &m.b_pub] {
-        assert!(accounts.iter().any(|a| a["key"] == **k && a["circuits"].as_u64() >= Some(2)), "{s:#}");
+        assert!(
+            accounts
+                .iter()
+                .any(|a| a["key"] == **k && a["circuits"].as_u64() >= Some(2)),
+            "{s:#}"
+        );
     }
     let human = pool_cmd(&["relay", "status", "--control", m.r1_ctl.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains(&m.r2_pub) && text.contains("up"), "{text}");
     let j = &m.r1_journal;
-    wait_journal(j, Duration::from_secs(1), "relay_peer_enrolled", |e| e["event"] == "relay_peer_enrolled" && e["peer"] == m.r2_pub.as_str());
-    wait_journal(j, Duration::from_secs(1), "relay_peer_down", |e| e["event"] == "relay_peer_down");
-    assert!(journal_entries(j).iter().filter(|e| e["event"] == "relay_peer_up").count() >= 2);
-    assert!(journal_entries(j).iter().any(|e| e["event"] == "circuit_opened" && e["via"] == m.r2_pub.as_str()));
+    wait_journal(j, Duration::from_secs(1), "relay_peer_enrolled", |e| {
+        e["event"] == "relay_peer_enrolled" && e["peer"] == m.r2_pub.as_str()
+    });
+    wait_journal(j, Duration::from_secs(1), "relay_peer_down", |e| {
+        e["event"] == "relay_peer_down"
+    });
+    assert!(
+        journal_entries(j)
+            .iter()
+            .filter(|e| e["event"] == "relay_peer_up")
+            .count()
+            >= 2
+    );
+    assert!(journal_entries(j)
+        .iter()
+        .any(|e| e["event"] == "circuit_opened" && e["via"] == m.r2_pub.as_str()));
     let _ = &m.r2_ctl;
 }
 
@@ -315,15 +397,42 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
     let r3_ctl = m.dir.join("r3.sock");
     let mut r3 = Proc::spawn(
         "r3",
-        m.topo.exec(R2, POOL, &["relay", "--listen", "0.0.0.0:9256", "--key", r3_key.to_str().unwrap(), "--control", r3_ctl.to_str().unwrap()]),
+        m.topo.exec(
+            R2,
+            POOL,
+            &[
+                "relay",
+                "--listen",
+                "0.0.0.0:9256",
+                "--key",
+                r3_key.to_str().unwrap(),
+                "--control",
+                r3_ctl.to_str().unwrap(),
+            ],
+        ),
         &m.dir,
     );
     r3.wait_log("relay listening on", Duration::from_secs(10));
-    let out = pool_cmd(&["relay", "enroll", "10.78.2.1:9255", "--relay-key", &m.r1_pub, "--control", r3_ctl.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_journal(&m.r1_journal, Duration::from_secs(15), "relay_peer_refused", |e| {
-        e["event"] == "relay_peer_refused" && e["key"] == r3_pub.as_str()
-    });
+    let out = pool_cmd(&[
+        "relay",
+        "enroll",
+        "10.78.2.1:9255",
+        "--relay-key",
+        &m.r1_pub,
+        "--control",
+        r3_ctl.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_journal(
+        &m.r1_journal,
+        Duration::from_secs(15),
+        "relay_peer_refused",
+        |e| e["event"] == "relay_peer_refused" && e["key"] == r3_pub.as_str(),
+    );
     let s3 = relay_status(&r3_ctl);
     assert_eq!(s3["peers"][0]["up"], false, "{s3:#}");
     // A node key cannot pose as a relay: A's key, run as a relay, is
@@ -331,21 +440,54 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
     let a_key = m.dir.join("a.key");
     let mut fake = Proc::spawn(
         "fake-relay",
-        m.topo.exec(A, POOL, &["relay", "--listen", "127.0.0.1:9299", "--key", a_key.to_str().unwrap(), "--control", m.dir.join("fake.sock").to_str().unwrap()]),
+        m.topo.exec(
+            A,
+            POOL,
+            &[
+                "relay",
+                "--listen",
+                "127.0.0.1:9299",
+                "--key",
+                a_key.to_str().unwrap(),
+                "--control",
+                m.dir.join("fake.sock").to_str().unwrap(),
+            ],
+        ),
         &m.dir,
     );
     fake.wait_log("relay listening on", Duration::from_secs(10));
-    let out = pool_cmd(&["relay", "enroll", "10.78.1.2:9255", "--relay-key", &m.r1_pub, "--control", m.dir.join("fake.sock").to_str().unwrap()]);
+    let out = pool_cmd(&[
+        "relay",
+        "enroll",
+        "10.78.1.2:9255",
+        "--relay-key",
+        &m.r1_pub,
+        "--control",
+        m.dir.join("fake.sock").to_str().unwrap(),
+    ]);
     assert!(out.status.success());
-    wait_journal(&m.r1_journal, Duration::from_secs(15), "relay_peer_refused of a node key", |e| {
-        e["event"] == "relay_peer_refused" && e["key"] == m.a_pub.as_str()
-    });
+    wait_journal(
+        &m.r1_journal,
+        Duration::from_secs(15),
+        "relay_peer_refused of a node key",
+        |e| e["event"] == "relay_peer_refused" && e["key"] == m.a_pub.as_str(),
+    );
     drop(fake);
 
     // Now R1 enrols R3, capped at 8 MB/s (R2, uncapped, carries the
     // paced pair at ~16 MB/s): C (at R1) and D (at R3) start a flood
     // D -> C while the paced B -> A pair runs through R2.
-    let out = pool_cmd(&["relay", "enroll", "10.78.2.2:9256", "--relay-key", &r3_pub, "--max-rate", "8000000", "--control", m.r1_ctl.to_str().unwrap()]);
+    let out = pool_cmd(&[
+        "relay",
+        "enroll",
+        "10.78.2.2:9256",
+        "--relay-key",
+        &r3_pub,
+        "--max-rate",
+        "8000000",
+        "--control",
+        m.r1_ctl.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let (c_key, c_pub) = keygen(&m.dir, "c");
     let (d_key, d_pub) = keygen(&m.dir, "d");
@@ -358,7 +500,11 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
     sink.assert_running();
     // R3 learns of C through R1.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !relay_status(&r3_ctl)["peers"][0]["nodes"].as_u64().is_some_and(|n| n >= 1) {
+    while relay_status(&r3_ctl)["peers"][0]["nodes"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
         assert!(Instant::now() < deadline, "R3 never learnt R1's nodes");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -369,11 +515,21 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
         d_key.display()
     );
     let t = Instant::now();
-    let out = run(m.topo.exec(B, "sh", &["-c", &flood]), Duration::from_secs(120));
+    let out = run(
+        m.topo.exec(B, "sh", &["-c", &flood]),
+        Duration::from_secs(120),
+    );
     let flood_secs = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "flood failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "flood failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rate = (mb << 20) as f64 / flood_secs;
-    eprintln!("flood: {mb} MiB through R3 -> R1 in {flood_secs:.2} s ({:.1} MB/s)", rate / 1e6);
+    eprintln!(
+        "flood: {mb} MiB through R3 -> R1 in {flood_secs:.2} s ({:.1} MB/s)",
+        rate / 1e6
+    );
     // R1 held R3 to its cap (8 MB/s after one second of burst), and
     // said so: uncapped, 48 MiB take well under a second here.
     let least = ((mb << 20) as f64 - 8e6) / 8e6;
@@ -383,11 +539,20 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
         rate / 1e6,
         least * 0.8
     );
-    wait_journal(&m.r1_journal, Duration::from_secs(5), "relay_peer_cap", |e| {
-        e["event"] == "relay_peer_cap" && e["peer"] == r3_pub.as_str() && e["cap"] == "rate"
-    });
+    wait_journal(
+        &m.r1_journal,
+        Duration::from_secs(5),
+        "relay_peer_cap",
+        |e| e["event"] == "relay_peer_cap" && e["peer"] == r3_pub.as_str() && e["cap"] == "rate",
+    );
     let s = relay_status(&m.r1_ctl);
-    let p3 = s["peers"].as_array().unwrap().iter().find(|p| p["key"] == r3_pub.as_str()).cloned().unwrap();
+    let p3 = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"] == r3_pub.as_str())
+        .cloned()
+        .unwrap();
     assert!(p3["bytes_in"].as_u64().unwrap_or(0) >= mb << 20, "{p3}");
     assert!(p3["caps_hit"].as_u64().unwrap_or(0) >= 1, "{p3}");
 
@@ -400,6 +565,9 @@ fn an_untrusted_relay_is_refused_and_a_peer_relays_flood_leaves_another_pair_alo
     let mut m = m;
     let got = finish_paced(&m.dir, &mut m.fetch, &m.source);
     let stall = got["stall_ms"].as_f64().unwrap_or(f64::MAX);
-    assert!(stall < 100.0, "a paced chunk stood still {stall} ms during the flood: {got}");
+    assert!(
+        stall < 100.0,
+        "a paced chunk stood still {stall} ms during the flood: {got}"
+    );
     drop(r3);
 }

@@ -85,7 +85,11 @@ impl Carrier for RelayCarrier {
     }
     fn relays(&self) -> Vec<String> {
         let mut v = vec![self.relay.to_string()];
-        v.extend(self.beyond.iter().map(|h| format!("{} ({})", h.addr, h.key.short())));
+        v.extend(
+            self.beyond
+                .iter()
+                .map(|h| format!("{} ({})", h.addr, h.key.short())),
+        );
         v
     }
 }

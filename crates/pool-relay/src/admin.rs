@@ -105,12 +105,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
             let (rd, mut wr) = sock.into_split();
             let mut line = Vec::new();
             let mut r = BufReader::new(rd).take(MAX_REQUEST + 1);
-            let read = tokio::time::timeout(Duration::from_secs(10), r.read_until(b'\n', &mut line)).await;
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), r.read_until(b'\n', &mut line)).await;
             let reply = match read {
                 Ok(Ok(_)) if (line.len() as u64) <= MAX_REQUEST => {
                     match serde_json::from_slice::<RelayRequest>(&line) {
                         Ok(req) => execute(&shared, req),
-                        Err(e) => json!({"error": format!("not a relay control request ({e}); commands: enroll, unenroll, status")}),
+                        Err(e) => {
+                            json!({"error": format!("not a relay control request ({e}); commands: enroll, unenroll, status")})
+                        }
                     }
                 }
                 Ok(Ok(_)) => json!({"error": "request too long"}),

@@ -266,7 +266,10 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
     nb.state.account.circuits.fetch_add(1, Ordering::Relaxed);
     let peer_a = pa.as_ref().map(|g| g.peer.clone());
     let peer_b = pb.as_ref().map(|g| g.peer.clone());
-    let via = peer_a.as_ref().or(peer_b.as_ref()).map(|p| p.key.to_string());
+    let via = peer_a
+        .as_ref()
+        .or(peer_b.as_ref())
+        .map(|p| p.key.to_string());
     info!(circuit = %id, from = %ka, to = %kb, via, "relay: circuit opened");
     let mut opened = json!({
         "circuit": id,

@@ -395,7 +395,10 @@ impl RelayFile {
             let key = PublicKey::from_token(&p.key)
                 .map_err(|e| bad(format!("[[relay.peer]] #{} key: {e}", i + 1)))?;
             if peers.iter().any(|q: &PeerConfig| q.key == key) {
-                return Err(bad(format!("[[relay.peer]] #{}: key {key} is listed twice", i + 1)));
+                return Err(bad(format!(
+                    "[[relay.peer]] #{}: key {key} is listed twice",
+                    i + 1
+                )));
             }
             peers.push(PeerConfig {
                 addr: p.addr,
@@ -476,11 +479,26 @@ mod tests {
         );
         let f = RelayFile::parse(&text, Path::new("relay.toml")).unwrap();
         assert_eq!(f.key.as_deref(), Some(Path::new("r2.key")));
-        assert_eq!(f.peers, vec![PeerConfig::new("r1.example:9255", PublicKey([9; 32])).max_circuits(10).max_rate(1000)]);
+        assert_eq!(
+            f.peers,
+            vec![PeerConfig::new("r1.example:9255", PublicKey([9; 32]))
+                .max_circuits(10)
+                .max_rate(1000)]
+        );
         let twice = format!("{text}\n[[relay.peer]]\naddr = \"x:1\"\nkey = \"{k}\"\n");
-        assert!(RelayFile::parse(&twice, Path::new("f")).unwrap_err().to_string().contains("twice"));
+        assert!(RelayFile::parse(&twice, Path::new("f"))
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         assert!(RelayFile::parse("[relay]\nbogus = 1\n", Path::new("f")).is_err());
-        assert!(RelayFile::parse("[[relay.peer]]\naddr = \"x:1\"\nkey = \"nope\"\n", Path::new("f")).is_err());
-        assert_eq!(RelayFile::parse("", Path::new("f")).unwrap(), RelayFile::default());
+        assert!(RelayFile::parse(
+            "[[relay.peer]]\naddr = \"x:1\"\nkey = \"nope\"\n",
+            Path::new("f")
+        )
+        .is_err());
+        assert_eq!(
+            RelayFile::parse("", Path::new("f")).unwrap(),
+            RelayFile::default()
+        );
     }
 }

@@ -21,7 +21,9 @@ pub(crate) const CONTROL_QUEUE: usize = 64;
 
 /// A registered node's control connection: INCOMING out, PING / PONG.
 pub(crate) async fn control(shared: Arc<Shared>, a: Authed) {
-    let Authed { conn, key, node, .. } = a;
+    let Authed {
+        conn, key, node, ..
+    } = a;
     let addr = conn.addr;
     let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);

@@ -47,7 +47,9 @@ impl fmt::Display for DialError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DialError::Io(e) => write!(f, "cannot reach it: {e}"),
-            DialError::Refused { code, message } => write!(f, "it refused (code {code}): {message}"),
+            DialError::Refused { code, message } => {
+                write!(f, "it refused (code {code}): {message}")
+            }
             DialError::Impostor(e) => write!(f, "it is not the enrolled relay: {e}"),
             DialError::Protocol(e) => write!(f, "protocol error: {e}"),
         }
@@ -111,7 +113,11 @@ pub(crate) async fn dial_relay(
         let (ephemeral, nonce) = match read_msg(&mut conn).await.map_err(hs)? {
             Msg::Challenge { ephemeral, nonce } => (ephemeral, nonce),
             Msg::Error { code, message } => return Err(DialError::Refused { code, message }),
-            other => return Err(DialError::Protocol(format!("{other:?} instead of CHALLENGE"))),
+            other => {
+                return Err(DialError::Protocol(format!(
+                    "{other:?} instead of CHALLENGE"
+                )))
+            }
         };
         let mine = Challenge::new(&mut OsRng);
         let auth = authenticate(&me, &ephemeral, &nonce, make(mine.peer_challenge()))
@@ -182,7 +188,12 @@ pub(crate) async fn from_relay(
     };
     let Some(proof) = peer_proof(&me, &challenge, &key) else {
         shared.refused(Refusal::Protocol);
-        send_error(&mut conn.stream, ERR_PROTOCOL, "your challenge's ephemeral key is invalid").await;
+        send_error(
+            &mut conn.stream,
+            ERR_PROTOCOL,
+            "your challenge's ephemeral key is invalid",
+        )
+        .await;
         return;
     };
     if write_msg(&mut conn.stream, &proof).await.is_err() {
@@ -190,7 +201,9 @@ pub(crate) async fn from_relay(
     }
     match intent {
         Intent::Peer(_) => crate::link::accepted(shared, conn, peer).await,
-        Intent::PeerCircuit { from, to, .. } => circuit_from_peer(shared, conn, peer, from, to).await,
+        Intent::PeerCircuit { from, to, .. } => {
+            circuit_from_peer(shared, conn, peer, from, to).await
+        }
         _ => {}
     }
 }
@@ -243,7 +256,12 @@ async fn circuit_from_peer(
 }
 
 /// A CONNECT here to `to`, a node registered at the peer relay `via`.
-pub(crate) async fn connect_via(shared: Arc<Shared>, mut a: Authed, to: PublicKey, via: Arc<PeerState>) {
+pub(crate) async fn connect_via(
+    shared: Arc<Shared>,
+    mut a: Authed,
+    to: PublicKey,
+    via: Arc<PeerState>,
+) {
     let from = a.key;
     let refused = |why: Refusal, detail: String| {
         shared.refused(why);
@@ -281,7 +299,11 @@ pub(crate) async fn connect_via(shared: Arc<Shared>, mut a: Authed, to: PublicKe
         Err(e) => {
             debug!(node = %from, %to, via = %via.key, error = %e, "relay: forwarding to a peer relay failed");
             refused(Refusal::NoAnswer, e.to_string());
-            let message = format!("peer {to} is at peer relay {} ({}), which {e}", via.key, via.addr());
+            let message = format!(
+                "peer {to} is at peer relay {} ({}), which {e}",
+                via.key,
+                via.addr()
+            );
             send_error(&mut a.conn.stream, ERR_NO_ANSWER, &message).await;
             return;
         }

@@ -115,9 +115,14 @@ async fn dialler(shared: Arc<Shared>, peer: Arc<PeerState>) {
 /// A peer relay dialled us for a link (its key is proven and enrolled,
 /// our proof sent).
 pub(crate) async fn accepted(shared: Arc<Shared>, mut conn: Conn, peer: Arc<PeerState>) {
-    if write_msg(&mut conn.stream, &Msg::Welcome { observed: conn.addr })
-        .await
-        .is_err()
+    if write_msg(
+        &mut conn.stream,
+        &Msg::Welcome {
+            observed: conn.addr,
+        },
+    )
+    .await
+    .is_err()
     {
         return;
     }
@@ -145,14 +150,7 @@ async fn run_link(shared: Arc<Shared>, conn: Conn, peer: Arc<PeerState>, initiat
             if let Some(old) = links.get(&peer.key) {
                 let _ = old.tx.try_send(LinkCmd::Close("replaced by a newer link"));
             }
-            links.insert(
-                peer.key,
-                Link {
-                    id,
-                    initiator,
-                    tx,
-                },
-            );
+            links.insert(peer.key, Link { id, initiator, tx });
             Some(nodes.keys().copied().collect())
         }
     };
@@ -226,7 +224,11 @@ fn on_msg(shared: &Shared, peer: &PeerState, id: u64, m: Msg) -> Step {
                     }
                 }
                 if over > 0 {
-                    shared.cap_hit(peer, "keys", json!({ "max_keys_per_peer": cap, "ignored": over }));
+                    shared.cap_hit(
+                        peer,
+                        "keys",
+                        json!({ "max_keys_per_peer": cap, "ignored": over }),
+                    );
                 }
             }
             Step::Go
@@ -246,7 +248,9 @@ fn on_msg(shared: &Shared, peer: &PeerState, id: u64, m: Msg) -> Step {
             shared.end_enrolment(&peer.key, "peer", &message);
             Step::Stop(format!("the peer ended the enrolment: {message}"))
         }
-        Msg::Error { code, message } => Step::Stop(format!("the peer sent ERROR {code}: {message}")),
+        Msg::Error { code, message } => {
+            Step::Stop(format!("the peer sent ERROR {code}: {message}"))
+        }
         other => Step::Bad(format!("{other:?} is not allowed on a peering link")),
     }
 }
@@ -297,14 +301,28 @@ async fn link_loop(
                         }
                         Step::Stop(why) => return why,
                         Step::Bad(why) => {
-                            let _ = write_msg(&mut wr, &Msg::Error { code: ERR_PROTOCOL, message: why.clone() }).await;
+                            let _ = write_msg(
+                                &mut wr,
+                                &Msg::Error {
+                                    code: ERR_PROTOCOL,
+                                    message: why.clone(),
+                                },
+                            )
+                            .await;
                             return format!("protocol error: {why}");
                         }
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = write_msg(&mut wr, &Msg::Error { code: ERR_PROTOCOL, message: e.to_string() }).await;
+                    let _ = write_msg(
+                        &mut wr,
+                        &Msg::Error {
+                            code: ERR_PROTOCOL,
+                            message: e.to_string(),
+                        },
+                    )
+                    .await;
                     return format!("protocol error: {e}");
                 }
             }

@@ -20,10 +20,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info};
 
 use crate::circuit::AbortOnDrop;
+use crate::config::PeerConfig;
 use crate::config::{RelayConfig, RelayServerError};
 use crate::conn::{handle, send_error};
 use crate::metrics::RelayCollector;
-use crate::config::PeerConfig;
 use crate::peering::{NodeAccount, PeerStats};
 use crate::state::{Counters, NodeStats, Refusal, RelayStats, Shared};
 use pool_core::PublicKey;
@@ -338,8 +338,12 @@ impl RelayHandle {
     pub fn enroll(&self, peer: PeerConfig) -> Result<bool, RelayServerError> {
         let own = self.shared.cfg.key.as_ref().map(|k| k.public_key());
         match own {
-            None => Err(RelayServerError::Config("the relay has no key: it cannot peer".into())),
-            Some(k) if k == peer.key => Err(RelayServerError::Config("that is the relay's own key".into())),
+            None => Err(RelayServerError::Config(
+                "the relay has no key: it cannot peer".into(),
+            )),
+            Some(k) if k == peer.key => Err(RelayServerError::Config(
+                "that is the relay's own key".into(),
+            )),
             Some(_) => Ok(crate::link::start_peer(&self.shared, &peer, "operator")),
         }
     }

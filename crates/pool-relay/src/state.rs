@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pool_core::relay::{
-    CircuitId, RouteHop, ERR_CAPACITY, ERR_NOT_ALLOWED, ERR_NO_ANSWER, ERR_PROTOCOL, ERR_UNKNOWN_PEER,
+    CircuitId, RouteHop, ERR_CAPACITY, ERR_NOT_ALLOWED, ERR_NO_ANSWER, ERR_PROTOCOL,
+    ERR_UNKNOWN_PEER,
 };
 use pool_core::PublicKey;
 use pool_journal::{Event, Journal};

@@ -20,16 +20,28 @@ fn journal_has(path: &PathBuf, event: &str, needle: &str) -> bool {
 async fn keyed(n: u8, tag: &str) -> (RelayHandle, SecretKey, PathBuf) {
     let k = key(n);
     let j = temp(&format!("{tag}-{n}"));
-    let r = relay(local().key(k.clone()).journal(&j).peer_retry_max(Duration::from_millis(300))).await;
+    let r = relay(
+        local()
+            .key(k.clone())
+            .journal(&j)
+            .peer_retry_max(Duration::from_millis(300)),
+    )
+    .await;
     (r, k, j)
 }
 
 fn enroll_both(r1: &RelayHandle, k1: &SecretKey, r2: &RelayHandle, k2: &SecretKey) {
     assert!(r1
-        .enroll(PeerConfig::new(r2.local_addr().to_string(), k2.public_key()))
+        .enroll(PeerConfig::new(
+            r2.local_addr().to_string(),
+            k2.public_key()
+        ))
         .unwrap());
     assert!(r2
-        .enroll(PeerConfig::new(r1.local_addr().to_string(), k1.public_key()))
+        .enroll(PeerConfig::new(
+            r1.local_addr().to_string(),
+            k1.public_key()
+        ))
         .unwrap());
 }
 
@@ -104,10 +116,15 @@ async fn a_node_at_one_relay_reaches_a_node_at_a_peer_relay_by_key() {
     let p2 = &r2.peers()[0];
     assert!(p2.bytes_in >= 4 << 20 && p2.bytes_out >= 1 << 20, "{p2:?}");
     let acct = r1.accounts();
-    let a_acct = acct.iter().find(|x| x.key == a.public_key()).expect("A accounted");
+    let a_acct = acct
+        .iter()
+        .find(|x| x.key == a.public_key())
+        .expect("A accounted");
     assert!(a_acct.sent >= 4 << 20 && a_acct.circuits >= 1, "{a_acct:?}");
     let b_at_r2 = r2.accounts();
-    assert!(b_at_r2.iter().any(|x| x.key == a.public_key() && x.received >= 1 << 20));
+    assert!(b_at_r2
+        .iter()
+        .any(|x| x.key == a.public_key() && x.received >= 1 << 20));
     let s = r1.status();
     assert_eq!(s["peers"][0]["key"], k2.public_key().to_string());
     for j in [&j1, &j2] {
@@ -189,8 +206,11 @@ async fn untrusted_relay_keys_are_refused_and_journaled_and_nodes_cannot_pose_as
     let (r2, k2, j2) = keyed(122, "untrusted").await;
     let (r3, _k3, _) = keyed(123, "untrusted").await;
     // r1 enrols r2, but r2's operator never enrolled r1.
-    r1.enroll(PeerConfig::new(r2.local_addr().to_string(), k2.public_key()))
-        .unwrap();
+    r1.enroll(PeerConfig::new(
+        r2.local_addr().to_string(),
+        k2.public_key(),
+    ))
+    .unwrap();
     wait_until("refusal journaled at both ends", || {
         journal_has(&j1, "relay_peer_refused", "\"direction\":\"out\"")
             && journal_has(&j2, "relay_peer_refused", "not an enrolled peer relay")
@@ -206,7 +226,10 @@ async fn untrusted_relay_keys_are_refused_and_journaled_and_nodes_cannot_pose_as
     let mut b_ctl = register(r2.local_addr(), &b).await;
     let (mut c, _) = peer_link(r2.local_addr(), &mallory).await;
     let m = c.expect_error(ERR_NOT_ALLOWED).await;
-    assert!(m.contains("not enrolled") && m.contains("node key cannot pose"), "{m}");
+    assert!(
+        m.contains("not enrolled") && m.contains("node key cannot pose"),
+        "{m}"
+    );
     let ch = Challenge::new(&mut OsRng);
     let mut c = auth(
         r2.local_addr(),
@@ -251,8 +274,11 @@ async fn untrusted_relay_keys_are_refused_and_journaled_and_nodes_cannot_pose_as
     // A relay enrolled under r2's key but dialled at r3's address: r3
     // proves its own key, which is not the one enrolled.
     let (r4, _, j4) = keyed(124, "untrusted").await;
-    r4.enroll(PeerConfig::new(r3.local_addr().to_string(), k2.public_key()))
-        .unwrap();
+    r4.enroll(PeerConfig::new(
+        r3.local_addr().to_string(),
+        k2.public_key(),
+    ))
+    .unwrap();
     wait_until("impostor journaled", || {
         journal_has(&j4, "relay_peer_refused", "")
     })
@@ -276,7 +302,10 @@ async fn either_side_ends_the_enrolment() {
     wait_until("r1 dropped the enrolment", || r1.peers().is_empty()).await;
     assert!(r2.peers().is_empty());
     assert!(journal_has(&j2, "relay_peer_ended", "\"by\":\"operator\""));
-    wait_until("journaled", || journal_has(&j1, "relay_peer_ended", "\"by\":\"peer\"")).await;
+    wait_until("journaled", || {
+        journal_has(&j1, "relay_peer_ended", "\"by\":\"peer\"")
+    })
+    .await;
     let mut c = auth(r1.local_addr(), &a, Intent::Connect(b.public_key())).await;
     c.expect_error(ERR_UNKNOWN_PEER).await;
     assert!(!r1.unenroll(&k2.public_key()));
@@ -297,8 +326,11 @@ async fn a_peer_relay_is_held_to_its_caps_and_bad_frames_close_its_link() {
             .peer(PeerConfig::new(r1.local_addr().to_string(), k1.public_key()).max_circuits(1)),
     )
     .await;
-    r1.enroll(PeerConfig::new(r2.local_addr().to_string(), k2.public_key()))
-        .unwrap();
+    r1.enroll(PeerConfig::new(
+        r2.local_addr().to_string(),
+        k2.public_key(),
+    ))
+    .unwrap();
     let (a1, a2, b) = (key(41), key(42), key(43));
     let mut b_ctl = register(r2.local_addr(), &b).await;
     wait_knows(&r1, &k2.public_key(), 1).await;
@@ -307,14 +339,18 @@ async fn a_peer_relay_is_held_to_its_caps_and_bad_frames_close_its_link() {
     let mut c = auth(r1.local_addr(), &a2, Intent::Connect(b.public_key())).await;
     let m = c.expect_error(ERR_CAPACITY).await;
     assert!(m.contains("cap"), "{m}");
-    wait_until("cap journaled", || journal_has(&j2, "relay_peer_cap", "circuits")).await;
+    wait_until("cap journaled", || {
+        journal_has(&j2, "relay_peer_cap", "circuits")
+    })
+    .await;
     assert!(r2.peers()[0].caps_hit >= 1);
 
     // An enrolled relay that misbehaves on its link: too many keys are
     // ignored (and journaled); a malformed frame closes the link with a
     // clear ERROR, and the relay goes on serving.
     let k3 = key(144);
-    r2.enroll(PeerConfig::new("127.0.0.1:9", k3.public_key())).unwrap();
+    r2.enroll(PeerConfig::new("127.0.0.1:9", k3.public_key()))
+        .unwrap();
     let (mut l, ch) = peer_link(r2.local_addr(), &k3).await;
     let Some(Msg::PeerProof { key: pk, proof }) = l.next().await else {
         panic!("no PEER_PROOF")
@@ -331,11 +367,16 @@ async fn a_peer_relay_is_held_to_its_caps_and_bad_frames_close_its_link() {
             .any(|p| p.key == k3.public_key() && p.nodes == 3 && p.caps_hit >= 1)
     })
     .await;
-    assert!(journal_has(&j2, "relay_peer_cap", "keys") || {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        journal_has(&j2, "relay_peer_cap", "keys")
-    });
-    l.stream.write_all(&[11, 0, 5, 1, 2, 3, 4, 5]).await.unwrap();
+    assert!(
+        journal_has(&j2, "relay_peer_cap", "keys") || {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            journal_has(&j2, "relay_peer_cap", "keys")
+        }
+    );
+    l.stream
+        .write_all(&[11, 0, 5, 1, 2, 3, 4, 5])
+        .await
+        .unwrap();
     let m = l.expect_error(ERR_PROTOCOL).await;
     assert!(m.contains("HAVE"), "{m}");
     l.expect_closed(T).await;

@@ -58,7 +58,11 @@ pub fn sessions(control: &Path) -> Vec<Row> {
                     resumes: r["resumes"].as_u64().unwrap_or(0),
                     relays: r["relays"]
                         .as_array()
-                        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 })
                 .collect()
@@ -82,7 +86,6 @@ pub fn wait_path(control: &Path, path: &str, timeout: Duration) -> Row {
     }
 }
 
-
 /// Stops the paced source and checks the transfer: same hash at both
 /// ends, no chunk lost, duplicated or corrupt. Returns the fetch report.
 pub fn finish_paced(dir: &TempDir, fetch: &mut Proc, source: &Proc) -> serde_json::Value {
@@ -90,8 +93,7 @@ pub fn finish_paced(dir: &TempDir, fetch: &mut Proc, source: &Proc) -> serde_jso
     let st = fetch.wait_exit(Duration::from_secs(60));
     assert!(st.success(), "fetch failed:\n{}", fetch.log());
     let got: serde_json::Value =
-        serde_json::from_str(fetch.log().lines().last().unwrap_or("{}"))
-            .expect("fetch report");
+        serde_json::from_str(fetch.log().lines().last().unwrap_or("{}")).expect("fetch report");
     let deadline = Instant::now() + Duration::from_secs(10);
     let sent = loop {
         let log = source.log();

@@ -138,7 +138,6 @@ impl Challenge {
     }
 }
 
-
 fn peer_proof_for(
     shared: &[u8; 32],
     ch: &PeerChallenge,
@@ -165,7 +164,11 @@ fn peer_proof_for(
 /// `initiator` (whose AUTH checked out). `None` for a low-order ephemeral
 /// key.
 #[must_use]
-pub fn peer_proof(key: &SecretKey, challenge: &PeerChallenge, initiator: &PublicKey) -> Option<Msg> {
+pub fn peer_proof(
+    key: &SecretKey,
+    challenge: &PeerChallenge,
+    initiator: &PublicKey,
+) -> Option<Msg> {
     let mut shared = dh(key.as_bytes(), &challenge.ephemeral)?;
     let public = key.public_key();
     let proof = peer_proof_for(&shared, challenge, &public, initiator);

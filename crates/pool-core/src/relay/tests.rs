@@ -171,7 +171,9 @@ fn peering_messages_round_trip() {
             addr: format!("10.0.0.{i}:9255").parse().unwrap(),
         })
         .collect();
-    let keys: Vec<PublicKey> = (0..MAX_KEYS_PER_MSG as u8).map(|i| PublicKey([i; 32])).collect();
+    let keys: Vec<PublicKey> = (0..MAX_KEYS_PER_MSG as u8)
+        .map(|i| PublicKey([i; 32]))
+        .collect();
     round_trip(&[
         auth(Intent::Peer(ch)),
         auth(Intent::PeerCircuit {
@@ -181,7 +183,10 @@ fn peering_messages_round_trip() {
         }),
         auth(Intent::ConnectRouted(b)),
         auth(Intent::AcceptRouted([4; 16])),
-        Msg::PeerProof { key: b, proof: [5; 32] },
+        Msg::PeerProof {
+            key: b,
+            proof: [5; 32],
+        },
         Msg::Route(Vec::new()),
         Msg::Route(hops[..1].to_vec()),
         Msg::Route(hops.clone()),
@@ -261,7 +266,15 @@ fn hostile_peering_frames_are_clear_errors() {
     malformed(raw(9, &[0; 63]));
     malformed(raw(9, &[0; 65]));
     // AUTH intents with the wrong body for peering.
-    for (code, n) in [(3u8, 63usize), (3, 65), (4, 127), (4, 129), (5, 31), (6, 17), (7, 0)] {
+    for (code, n) in [
+        (3u8, 63usize),
+        (3, 65),
+        (4, 127),
+        (4, 129),
+        (5, 31),
+        (6, 17),
+        (7, 0),
+    ] {
         let mut body = vec![0u8; 65];
         body[64] = code;
         body.extend(std::iter::repeat_n(0u8, n));
@@ -289,7 +302,10 @@ fn hostile_peering_frames_are_clear_errors() {
         let frame = raw(ty, &body);
         if let Ok(Some((m, used))) = Msg::decode(&frame) {
             assert_eq!(used, frame.len());
-            if !matches!(m, Msg::Error { .. } | Msg::End { .. } | Msg::Hello { .. } | Msg::Welcome { .. }) {
+            if !matches!(
+                m,
+                Msg::Error { .. } | Msg::End { .. } | Msg::Hello { .. } | Msg::Welcome { .. }
+            ) {
                 let mut again = Vec::new();
                 m.encode(&mut again);
                 assert_eq!(again, frame, "{m:?}");
@@ -314,7 +330,8 @@ fn peer_proof_binds_the_dialled_relay_key_the_dialler_and_the_challenge() {
     // Another relay's key with this proof fails (a node or relay posing
     // as r2 does not hold its secret).
     assert!(!ch.verify_peer(&node.public_key(), &r1.public_key(), &proof));
-    let Some(Msg::PeerProof { proof: forged, .. }) = peer_proof(&node, &pc, &r1.public_key()) else {
+    let Some(Msg::PeerProof { proof: forged, .. }) = peer_proof(&node, &pc, &r1.public_key())
+    else {
         panic!("no proof")
     };
     assert!(!ch.verify_peer(&r2.public_key(), &r1.public_key(), &forged));
