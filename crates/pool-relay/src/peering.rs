@@ -351,9 +351,14 @@ impl Shared {
         };
         let mut b = lock(&peer.bucket);
         if b.rate != rate {
+            let first = b.rate == 0.0;
             b.rate = rate;
             b.burst = rate.max(SPLICE_BUF as f64);
-            b.tokens = b.tokens.min(b.burst);
+            // A peer starts with a full second of burst, like a node.
+            b.tokens = if first { b.burst } else { b.tokens.min(b.burst) };
+            if first {
+                b.last = Instant::now();
+            }
         }
         b.take(Instant::now(), n)
     }
