@@ -339,15 +339,12 @@ impl Shared {
     /// How long a read of `n` bytes from `peer` must wait under its rate
     /// cap and its fair share.
     pub(crate) fn peer_wait(&self, peer: &PeerState, n: usize) -> Duration {
-        let own = peer.max_rate.load(Ordering::Relaxed) as f64;
-        let total = self.cfg.peer_fair_share as f64;
-        let active = self.peering.active.load(Ordering::Relaxed).max(1) as f64;
-        let share = total / active;
-        let rate = match (own > 0.0, total > 0.0) {
-            (false, false) => return Duration::ZERO,
-            (true, false) => own,
-            (false, true) => share,
-            (true, true) => own.min(share),
+        let Some(rate) = effective_rate(
+            peer.max_rate.load(Ordering::Relaxed),
+            self.cfg.peer_fair_share,
+            self.peering.active.load(Ordering::Relaxed),
+        ) else {
+            return Duration::ZERO;
         };
         let mut b = lock(&peer.bucket);
         if b.rate != rate {
@@ -355,12 +352,29 @@ impl Shared {
             b.rate = rate;
             b.burst = rate.max(SPLICE_BUF as f64);
             // A peer starts with a full second of burst, like a node.
-            b.tokens = if first { b.burst } else { b.tokens.min(b.burst) };
+            b.tokens = if first {
+                b.burst
+            } else {
+                b.tokens.min(b.burst)
+            };
             if first {
                 b.last = Instant::now();
             }
         }
         b.take(Instant::now(), n)
+    }
+}
+
+/// The rate (bytes per second) a peer may send us: its own cap (`own`, 0:
+/// none) and its equal share of `total` (0: none) among the `active` peers
+/// with circuits open, whichever is lower; `None`: no limit.
+fn effective_rate(own: u64, total: u64, active: usize) -> Option<f64> {
+    let share = total as f64 / active.max(1) as f64;
+    match (own > 0, total > 0) {
+        (false, false) => None,
+        (true, false) => Some(own as f64),
+        (false, true) => Some(share),
+        (true, true) => Some((own as f64).min(share)),
     }
 }
 
@@ -381,4 +395,22 @@ impl Drop for PeerGuard {
 /// The address a peer relay is known by in ROUTE messages.
 pub(crate) fn route_addr(peer: &PeerState, seen: SocketAddr) -> SocketAddr {
     peer.addr().parse().unwrap_or(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::effective_rate;
+
+    #[test]
+    fn a_peer_gets_its_cap_or_its_equal_share_whichever_is_lower() {
+        assert_eq!(effective_rate(0, 0, 3), None);
+        assert_eq!(effective_rate(1000, 0, 3), Some(1000.0));
+        // Three peers with circuits open share 900 equally.
+        assert_eq!(effective_rate(0, 900, 3), Some(300.0));
+        assert_eq!(effective_rate(200, 900, 3), Some(200.0));
+        // Alone, a peer may take the whole total (up to its own cap).
+        assert_eq!(effective_rate(0, 900, 1), Some(900.0));
+        assert_eq!(effective_rate(0, 900, 0), Some(900.0));
+        assert_eq!(effective_rate(500, 900, 1), Some(500.0));
+    }
 }
