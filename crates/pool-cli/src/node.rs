@@ -223,7 +223,7 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
     let rows: Vec<pool_node::model::SessionRow> = serde_json::from_value(v)
         .map_err(|e| CliError::msg(format!("bad answer from the daemon: {e}")))?;
     println!(
-        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}  RELAYS",
+        "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}",
         "PEER",
         "ROLE",
         "ADDRESS",
@@ -248,7 +248,7 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
             r.frames_resent
         );
         println!(
-            "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}  {}",
+            "{:<12} {:<10} {:<22} {:<7} {:>5} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>11} {:>7} {:>6}",
             peer,
             r.role,
             r.address.clone().unwrap_or_else(|| "-".into()),
@@ -262,14 +262,21 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
             format!("{:.2}ms", r.jitter_ms),
             loss,
             r.resumes,
-            r.shim_streams,
-            relays_text(&r.relays)
+            r.shim_streams
         );
+    }
+    let relayed: Vec<_> = rows.iter().filter(|r| !r.relays.is_empty()).collect();
+    if !relayed.is_empty() {
+        println!("\nRELAYS on the way (ours first, then peer relays):");
+        for r in relayed {
+            let peer: String = r.peer.chars().take(12).collect();
+            println!("{peer:<12} {}", relays_text(&r.relays));
+        }
     }
     if rows.is_empty() {
         println!("(no sessions)");
     } else {
-        println!("\nPATH = direct or relay (ADDRESS is then the relay's); MOVES = path changes; RELAYS = the relays on the way (ours first, then peer relays). LOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.\nSHIM = streams that carried connections of programs under libpool_shim.so.");
+        println!("\nPATH = direct or relay (ADDRESS is then the relay's); MOVES = path changes. LOSS = TCP retransmissions on the carrier / frames resent after resumes. RTT and jitter come from session pings.\nSHIM = streams that carried connections of programs under libpool_shim.so.");
     }
     Ok(())
 }

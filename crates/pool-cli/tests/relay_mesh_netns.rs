@@ -300,6 +300,9 @@ fn a_session_through_two_relays_moves_to_direct_falls_back_and_survives_a_relay_
     assert_eq!(first.relays.len(), 2, "{first:?}");
     assert!(first.relays[0].starts_with("10.78.1.2:9255"), "{first:?}");
     assert!(first.relays[1].starts_with("10.78.2.2:9255"), "{first:?}");
+    let table = pool_cmd(&["ctl", "sessions", "--control", m.a_ctl.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("10.78.1.2:9255 > 10.78.2.2:9255"), "{text}");
     let status = pool_cmd(&["migrate", "status", "--control", m.a_ctl.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("10.78.1.2:9255 > 10.78.2.2:9255"), "{text}");
