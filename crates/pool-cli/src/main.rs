@@ -141,7 +141,10 @@ See docs/pool.example.toml for every setting."
     },
     /// Run a relay: splice sealed sessions between nodes that cannot reach each other.
     #[command(
-        after_help = "EXAMPLE:\n  pool relay --listen [::]:9255 --metrics 127.0.0.1:9257 --journal /var/lib/pool-relay/relay.journal\n\n\
+        after_help = "EXAMPLES:\n  pool relay --listen [::]:9255 --metrics 127.0.0.1:9257 --journal /var/lib/pool-relay/relay.journal\n  \
+pool relay --listen [::]:9255 --key r1.key --control /run/pool/relay.sock\n  \
+pool relay enroll HOST:9255 --relay-key R2_KEY --control /run/pool/relay.sock   (peer relays forward circuits)\n  \
+pool relay status --control /run/pool/relay.sock\n\n\
 Nodes prove they hold their key before anything is forwarded; the relay cannot read what it forwards\n\
 (it sees keys, addresses, sizes and timing). SIGTERM or SIGINT stops it. See docs/relay.md."
     )]

@@ -19,7 +19,7 @@ pub(crate) fn status(control: &Path, json: bool) -> Result<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "peer": r.peer, "role": r.role, "path": r.path, "address": r.address,
+                    "peer": r.peer, "role": r.role, "path": r.path, "address": r.address, "relays": r.relays,
                     "rtt_ms": r.rtt_ms, "path_changes": r.path_changes,
                     "last_change_secs_ago": r.last_path_change_secs, "resumes": r.resumes,
                 })
@@ -29,12 +29,12 @@ pub(crate) fn status(control: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<45} {:<10} {:<7} {:<24} {:>9} {:>7} {:>12}",
+        "{:<45} {:<10} {:<7} {:<24} {:>9} {:>7} {:>12}  RELAYS",
         "PEER", "ROLE", "PATH", "VIA", "RTT", "CHANGES", "LAST CHANGE"
     );
     for r in &rows {
         println!(
-            "{:<45} {:<10} {:<7} {:<24} {:>9} {:>7} {:>12}",
+            "{:<45} {:<10} {:<7} {:<24} {:>9} {:>7} {:>12}  {}",
             r.peer,
             r.role,
             r.path,
@@ -43,6 +43,7 @@ pub(crate) fn status(control: &Path, json: bool) -> Result<()> {
             r.path_changes,
             r.last_path_change_secs
                 .map_or("never".into(), |s| format!("{s:.0}s ago")),
+            crate::node::relays_text(&r.relays),
         );
     }
     if rows.is_empty() {

@@ -207,6 +207,15 @@ fn human_age(secs: f64) -> String {
     }
 }
 
+/// The relays a session goes through, for tables: `-` on a direct path.
+pub(crate) fn relays_text(relays: &[String]) -> String {
+    if relays.is_empty() {
+        "-".into()
+    } else {
+        relays.join(" > ")
+    }
+}
+
 pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
     let v = crate::ctl::request(to, &Request::Sessions)?;
     if json {
@@ -230,7 +239,7 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
         "JITTER",
         "LOSS",
         "RESUMES",
-        "SHIM"
+        "SHIM",
     );
     for r in &rows {
         let peer: String = r.peer.chars().take(12).collect();
@@ -257,6 +266,14 @@ pub(crate) fn ctl_sessions(to: &crate::ctl::Target, json: bool) -> Result<()> {
             r.resumes,
             r.shim_streams
         );
+    }
+    let relayed: Vec<_> = rows.iter().filter(|r| !r.relays.is_empty()).collect();
+    if !relayed.is_empty() {
+        println!("\nRELAYS on the way (ours first, then peer relays):");
+        for r in relayed {
+            let peer: String = r.peer.chars().take(12).collect();
+            println!("{peer:<12} {}", relays_text(&r.relays));
+        }
     }
     if rows.is_empty() {
         println!("(no sessions)");

@@ -14,21 +14,12 @@
 //! Namespaces are removed when a test ends, pass or fail.
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use util::netns::*;
 use util::*;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Three namespaces, deleted on drop.
 struct Topo {
@@ -100,64 +91,6 @@ impl Topo {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns, program]).args(args);
         c
-    }
-}
-
-fn paced_py() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/paced.py");
-    p.to_string_lossy().into_owned()
-}
-
-/// One session's row from `pool ctl sessions --json`.
-#[derive(Debug, Clone)]
-struct Row {
-    id: String,
-    path: String,
-    address: String,
-    path_changes: u64,
-    resumes: u64,
-}
-
-fn sessions(control: &Path) -> Vec<Row> {
-    let out = pool_cmd(&[
-        "ctl",
-        "sessions",
-        "--json",
-        "--control",
-        control.to_str().unwrap(),
-    ]);
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| Row {
-                    id: r["id"].as_str().unwrap_or("").into(),
-                    path: r["path"].as_str().unwrap_or("").into(),
-                    address: r["address"].as_str().unwrap_or("-").into(),
-                    path_changes: r["path_changes"].as_u64().unwrap_or(0),
-                    resumes: r["resumes"].as_u64().unwrap_or(0),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Waits until node A's one session is on `path`; returns its row.
-fn wait_path(control: &Path, path: &str, timeout: Duration) -> Row {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let rows = sessions(control);
-        if let Some(r) = rows.iter().find(|r| r.path == path) {
-            return r.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "session did not reach path `{path}` within {timeout:?}: {rows:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -278,29 +211,7 @@ impl Nodes {
     /// Stops the source and checks the transfer: same hash at both ends,
     /// no chunk lost, duplicated or corrupt. Returns the fetch report.
     fn finish(mut self) -> serde_json::Value {
-        std::fs::write(self.dir.join("stop"), b"").unwrap();
-        let st = self.fetch.wait_exit(Duration::from_secs(60));
-        assert!(st.success(), "fetch failed:\n{}", self.fetch.log());
-        let got: serde_json::Value =
-            serde_json::from_str(self.fetch.log().lines().last().unwrap_or("{}"))
-                .expect("fetch report");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let sent = loop {
-            let log = self._source.log();
-            if let Some(l) = log.lines().find(|l| l.contains("sha256")) {
-                break serde_json::from_str::<serde_json::Value>(l).expect("source report");
-            }
-            assert!(Instant::now() < deadline, "source never finished: {log}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        eprintln!("sent {sent}\nreceived {got}");
-        assert_eq!(got["lost"], 0, "{got}");
-        assert_eq!(got["duplicated"], 0, "{got}");
-        assert_eq!(got["corrupt"], 0, "{got}");
-        assert_eq!(got["chunks"], sent["chunks"], "{got} vs {sent}");
-        assert_eq!(got["sha256"], sent["sha256"], "{got} vs {sent}");
-        assert!(got["chunks"].as_u64().unwrap_or(0) > 100, "{got}");
-        got
+        finish_paced(&self.dir, &mut self.fetch, &self._source)
     }
 }
 

@@ -90,6 +90,18 @@ pub enum Event {
     CircuitOpened,
     /// A relay circuit ended (`circuit_closed`).
     CircuitClosed,
+    /// A relay enrolled a peer relay (`relay_peer_enrolled`).
+    RelayPeerEnrolled,
+    /// A peering link to an enrolled relay came up (`relay_peer_up`).
+    RelayPeerUp,
+    /// A peering link went down; the enrolment stays (`relay_peer_down`).
+    RelayPeerDown,
+    /// An enrolment ended, by this relay or the peer (`relay_peer_ended`).
+    RelayPeerEnded,
+    /// A relay-to-relay connection was refused, or refused us (`relay_peer_refused`).
+    RelayPeerRefused,
+    /// A peer relay reached one of its caps (`relay_peer_cap`).
+    RelayPeerCap,
     /// A director started serving (after winning the lead, with a shared store). (`director_started`).
     DirectorStarted,
     /// A worker registered with the director. (`worker_registered`).
@@ -123,7 +135,7 @@ pub enum Event {
 
 impl Event {
     /// Every event, in the order `docs/journal.md` lists them.
-    pub const ALL: [Event; 48] = [
+    pub const ALL: [Event; 54] = [
         Event::NodeStarted,
         Event::NodeStopped,
         Event::ConfigApplied,
@@ -159,6 +171,12 @@ impl Event {
         Event::NodeUnregistered,
         Event::CircuitOpened,
         Event::CircuitClosed,
+        Event::RelayPeerEnrolled,
+        Event::RelayPeerUp,
+        Event::RelayPeerDown,
+        Event::RelayPeerEnded,
+        Event::RelayPeerRefused,
+        Event::RelayPeerCap,
         Event::DirectorStarted,
         Event::WorkerRegistered,
         Event::WorkerLost,
@@ -213,6 +231,12 @@ impl Event {
             Event::NodeUnregistered => "node_unregistered",
             Event::CircuitOpened => "circuit_opened",
             Event::CircuitClosed => "circuit_closed",
+            Event::RelayPeerEnrolled => "relay_peer_enrolled",
+            Event::RelayPeerUp => "relay_peer_up",
+            Event::RelayPeerDown => "relay_peer_down",
+            Event::RelayPeerEnded => "relay_peer_ended",
+            Event::RelayPeerRefused => "relay_peer_refused",
+            Event::RelayPeerCap => "relay_peer_cap",
             Event::DirectorStarted => "director_started",
             Event::WorkerRegistered => "worker_registered",
             Event::WorkerLost => "worker_lost",

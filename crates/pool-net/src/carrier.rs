@@ -25,6 +25,10 @@ pub trait Carrier: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn tcp_socket(&self) -> Option<std::os::fd::OwnedFd> {
         None
     }
+    /// The relays the carrier goes through, ours first (empty: direct).
+    fn relays(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Carrier for TcpStream {

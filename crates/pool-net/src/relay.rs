@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pool_core::relay::{self, Intent, Msg};
+use pool_core::relay::{self, Intent, Msg, RouteHop};
 use pool_core::{PublicKey, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -26,6 +26,8 @@ pub(crate) const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RelayCarrier {
     sock: TcpStream,
     relay: SocketAddr,
+    /// The relays past ours (peer relays), as the relay said in ROUTE.
+    beyond: Vec<RouteHop>,
 }
 
 impl RelayCarrier {
@@ -81,6 +83,15 @@ impl Carrier for RelayCarrier {
     fn tcp_socket(&self) -> Option<std::os::fd::OwnedFd> {
         self.sock.tcp_socket()
     }
+    fn relays(&self) -> Vec<String> {
+        let mut v = vec![self.relay.to_string()];
+        v.extend(
+            self.beyond
+                .iter()
+                .map(|h| format!("{} ({})", h.addr, h.key.short())),
+        );
+        v
+    }
 }
 
 /// Reads one relay message, exactly (nothing past it: for CONNECT and
@@ -122,6 +133,36 @@ pub(crate) async fn write_msg<W: AsyncWrite + Unpin>(sock: &mut W, m: &Msg) -> s
     sock.write_all(&out).await
 }
 
+/// A relay's answer to a `*_ROUTED` intent from a relay that does not know
+/// them (an older relay): the caller asks again with the plain intent.
+fn is_old_relay(e: &Error) -> bool {
+    matches!(e, Error::Relay { code, message, .. }
+        if *code == relay::ERR_PROTOCOL && message.contains("bad AUTH intent"))
+}
+
+/// As [`handshake`] with the routed form of CONNECT or ACCEPT: the relays
+/// past ours come back too. Falls back to the plain intent (and no route)
+/// for a relay that does not know the routed one.
+pub(crate) async fn handshake_routed(
+    relay: &str,
+    key: &SecretKey,
+    intent: Intent,
+) -> Result<(TcpStream, SocketAddr, Vec<RouteHop>), Error> {
+    let routed = match intent {
+        Intent::Connect(k) => Intent::ConnectRouted(k),
+        Intent::Accept(c) => Intent::AcceptRouted(c),
+        other => other,
+    };
+    match handshake_with(relay, key, routed).await {
+        Ok((s, a, _, route)) => Ok((s, a, route)),
+        Err(e) if is_old_relay(&e) && routed != intent => {
+            let (s, a, _, route) = handshake_with(relay, key, intent).await?;
+            Ok((s, a, route))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Connects to a relay, proves `key`, states `intent`, and waits for
 /// WELCOME. Returns the socket (raw and spliced for CONNECT and ACCEPT),
 /// the relay's address and our address as the relay saw it.
@@ -130,6 +171,15 @@ pub(crate) async fn handshake(
     key: &SecretKey,
     intent: Intent,
 ) -> Result<(TcpStream, SocketAddr, SocketAddr), Error> {
+    let (s, a, o, _) = handshake_with(relay, key, intent).await?;
+    Ok((s, a, o))
+}
+
+async fn handshake_with(
+    relay: &str,
+    key: &SecretKey,
+    intent: Intent,
+) -> Result<(TcpStream, SocketAddr, SocketAddr, Vec<RouteHop>), Error> {
     let fut = async {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(relay)
             .await
@@ -187,8 +237,16 @@ pub(crate) async fn handshake(
                 message: "the relay's ephemeral key is invalid".into(),
             })?;
         write_msg(&mut sock, &auth).await?;
-        match read_msg(&mut sock, relay).await? {
-            Msg::Welcome { observed } => Ok((sock, relay_addr, observed)),
+        let mut route = Vec::new();
+        let mut m = read_msg(&mut sock, relay).await?;
+        if intent.wants_route() {
+            if let Msg::Route(r) = m {
+                route = r;
+                m = read_msg(&mut sock, relay).await?;
+            }
+        }
+        match m {
+            Msg::Welcome { observed } => Ok((sock, relay_addr, observed, route)),
             Msg::Error { code, message } => Err(Error::Relay {
                 addr: relay.to_string(),
                 code,
@@ -235,9 +293,13 @@ impl RelayDialer {
 impl Dialer for RelayDialer {
     fn dial(&self) -> DialFuture<'_> {
         Box::pin(async move {
-            let (sock, relay, _) =
-                handshake(&self.relay, &self.key, Intent::Connect(self.peer)).await?;
-            Ok(Box::new(RelayCarrier { sock, relay }) as BoxedCarrier)
+            let (sock, relay, beyond) =
+                handshake_routed(&self.relay, &self.key, Intent::Connect(self.peer)).await?;
+            Ok(Box::new(RelayCarrier {
+                sock,
+                relay,
+                beyond,
+            }) as BoxedCarrier)
         })
     }
     fn describe(&self) -> String {
@@ -252,6 +314,10 @@ pub(crate) async fn accept_circuit(
     key: &SecretKey,
     circuit: relay::CircuitId,
 ) -> Result<RelayCarrier, Error> {
-    let (sock, relay, _) = handshake(relay, key, Intent::Accept(circuit)).await?;
-    Ok(RelayCarrier { sock, relay })
+    let (sock, relay, beyond) = handshake_routed(relay, key, Intent::Accept(circuit)).await?;
+    Ok(RelayCarrier {
+        sock,
+        relay,
+        beyond,
+    })
 }

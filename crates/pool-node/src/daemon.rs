@@ -113,6 +113,7 @@ fn row(s: &Session) -> SessionRow {
         address: st.remote.map(|a| a.to_string()),
         carrier: st.carrier.to_string(),
         path: st.path.to_string(),
+        relays: st.relays.clone(),
         path_changes: st.path_changes,
         last_path_change_secs: st.last_path_change.map(|d| d.as_secs_f64()),
         role: String::new(),

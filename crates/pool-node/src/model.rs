@@ -16,6 +16,10 @@ pub struct SessionRow {
     /// Path: "direct", "relay", or "none" while resuming.
     #[serde(default)]
     pub path: String,
+    /// The relays the session goes through, ours first, then peer relays
+    /// (empty on a direct path).
+    #[serde(default)]
+    pub relays: Vec<String>,
     /// Moves between paths (relay to direct, back, new addresses).
     #[serde(default)]
     pub path_changes: u64,

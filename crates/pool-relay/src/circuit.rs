@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pool_core::relay::{CircuitId, Msg, ERR_AUTH, ERR_NO_ANSWER, ERR_PROTOCOL, ERR_UNKNOWN_PEER};
+use pool_core::relay::{
+    CircuitId, Msg, RouteHop, ERR_AUTH, ERR_NO_ANSWER, ERR_PROTOCOL, ERR_UNKNOWN_PEER,
+};
 use pool_core::PublicKey;
 use pool_journal::Event;
 use rand_core::{OsRng, RngCore};
@@ -17,15 +19,33 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::conn::{send_error, write_msg, Authed};
+use crate::conn::{send_error, write_msg, Authed, Greeting};
+use crate::peering::PeerState;
 use crate::state::{lock, Ctl, NodeState, Pending, Refusal, Shared};
 
 /// Bytes each circuit direction reads and writes at a time.
 pub(crate) const SPLICE_BUF: usize = 128 * 1024;
 
-/// A CONNECT: find the peer, offer it the circuit, wait for its ACCEPT,
-/// splice.
-pub(crate) async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey) {
+/// A CONNECT: find the peer (here, or at a peer relay), offer it the
+/// circuit, wait for its ACCEPT, splice.
+pub(crate) async fn connect(shared: Arc<Shared>, a: Authed, peer: PublicKey) {
+    let here = lock(&shared.nodes).contains_key(&peer);
+    if !here {
+        if let Some(via) = shared.peering.lookup(&peer) {
+            return crate::forward::connect_via(shared, a, peer, via).await;
+        }
+    }
+    connect_local(shared, a, peer, Vec::new()).await;
+}
+
+/// A CONNECT to a node registered here; `route`: the relays before this
+/// one, for an acceptor that asks.
+pub(crate) async fn connect_local(
+    shared: Arc<Shared>,
+    mut a: Authed,
+    peer: PublicKey,
+    route: Vec<RouteHop>,
+) {
     let addr = a.conn.addr;
     let key = a.key;
     let peer_tx = lock(&shared.nodes).get(&peer).map(|r| r.tx.clone());
@@ -41,14 +61,25 @@ pub(crate) async fn connect(shared: Arc<Shared>, mut a: Authed, peer: PublicKey)
                 "peer": peer.to_string(),
             }),
         );
-        let message = format!("peer {peer} is not registered at this relay (it is not running, not connected to this relay, or uses another one)");
+        let message = if a.peer.is_some() {
+            format!("peer {peer} is not registered at this relay (it may have moved; the asking relay's directory is out of date)")
+        } else {
+            format!("peer {peer} is not registered at this relay nor at a peer relay it knows (it is not running, not connected, or uses a relay this one does not peer with)")
+        };
         send_error(&mut a.conn.stream, ERR_UNKNOWN_PEER, &message).await;
         return;
     };
     let mut circuit = [0u8; 16];
     OsRng.fill_bytes(&mut circuit);
     let (tx, rx) = oneshot::channel();
-    lock(&shared.pending).insert(circuit, Pending { acceptor: peer, tx });
+    lock(&shared.pending).insert(
+        circuit,
+        Pending {
+            acceptor: peer,
+            tx,
+            route,
+        },
+    );
     let offered = peer_tx
         .try_send(Ctl::Incoming { circuit, from: key })
         .is_ok();
@@ -123,7 +154,10 @@ pub(crate) async fn accept(shared: Arc<Shared>, mut b: Authed, circuit: CircuitI
         }
     };
     let (code, message, reason) = match found {
-        Found::Ok(p) => match p.tx.send(b) {
+        Found::Ok(p) => match p.tx.send({
+            b.route = p.route;
+            b
+        }) {
             Ok(()) => return,
             Err(back) => {
                 b = back;
@@ -204,19 +238,21 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
         conn: mut ca,
         key: ka,
         node: na,
+        greeting: ga,
+        route: route_a,
+        peer: pa,
     } = a;
     let Authed {
         conn: mut cb,
         key: kb,
         node: nb,
+        greeting: gb,
+        route: route_b,
+        peer: pb,
     } = b;
-    let (welcome_a, welcome_b) = (
-        Msg::Welcome { observed: ca.addr },
-        Msg::Welcome { observed: cb.addr },
-    );
     let (wa, wb) = tokio::join!(
-        write_msg(&mut ca.stream, &welcome_a),
-        write_msg(&mut cb.stream, &welcome_b),
+        greet(&mut ca.stream, ga, route_a, ca.addr),
+        greet(&mut cb.stream, gb, route_b, cb.addr),
     );
     if wa.is_err() || wb.is_err() {
         debug!(from = %ka, to = %kb, "relay: circuit ended before WELCOME was sent");
@@ -226,17 +262,26 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
     let c = &shared.counters;
     c.circuits.fetch_add(1, Ordering::Relaxed);
     c.circuits_total.fetch_add(1, Ordering::Relaxed);
-    info!(circuit = %id, from = %ka, to = %kb, "relay: circuit opened");
-    shared.journal(
-        Event::CircuitOpened,
-        json!({
-            "circuit": id,
-            "from": ka.to_string(),
-            "from_addr": ca.addr.to_string(),
-            "to": kb.to_string(),
-            "to_addr": cb.addr.to_string(),
-        }),
-    );
+    na.state.account.circuits.fetch_add(1, Ordering::Relaxed);
+    nb.state.account.circuits.fetch_add(1, Ordering::Relaxed);
+    let peer_a = pa.as_ref().map(|g| g.peer.clone());
+    let peer_b = pb.as_ref().map(|g| g.peer.clone());
+    let via = peer_a
+        .as_ref()
+        .or(peer_b.as_ref())
+        .map(|p| p.key.to_string());
+    info!(circuit = %id, from = %ka, to = %kb, via, "relay: circuit opened");
+    let mut opened = json!({
+        "circuit": id,
+        "from": ka.to_string(),
+        "from_addr": ca.addr.to_string(),
+        "to": kb.to_string(),
+        "to_addr": cb.addr.to_string(),
+    });
+    if let Some(v) = &via {
+        opened["via"] = json!(v);
+    }
+    shared.journal(Event::CircuitOpened, opened);
     let started = Instant::now();
     let a_to_b = Arc::new(AtomicU64::new(0));
     let b_to_a = Arc::new(AtomicU64::new(0));
@@ -256,6 +301,8 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
             shared: shared.clone(),
             from: na.state.clone(),
             to: nb.state.clone(),
+            from_peer: peer_a.clone(),
+            to_peer: peer_b.clone(),
             count: a_to_b.clone(),
             stop: stop_1.clone(),
             stop_other: stop_2.clone(),
@@ -271,6 +318,8 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
             shared: shared.clone(),
             from: nb.state.clone(),
             to: na.state.clone(),
+            from_peer: peer_b,
+            to_peer: peer_a,
             count: b_to_a.clone(),
             stop: stop_2,
             stop_other: stop_1,
@@ -335,19 +384,37 @@ pub(crate) async fn splice(shared: Arc<Shared>, a: Authed, b: Authed, circuit: C
     );
     let secs = started.elapsed().as_secs_f64();
     info!(circuit = %id, from = %ka, to = %kb, bytes_from_to = ab, bytes_to_from = ba, secs, %reason, "relay: circuit closed");
-    shared.journal(
-        Event::CircuitClosed,
-        json!({
-            "circuit": id,
-            "from": ka.to_string(),
-            "to": kb.to_string(),
-            "bytes_from_to": ab,
-            "bytes_to_from": ba,
-            "duration_ms": (secs * 1000.0) as u64,
-            "reason": reason,
-        }),
-    );
-    drop((na, nb, ca._slot, cb._slot));
+    let mut closed = json!({
+        "circuit": id,
+        "from": ka.to_string(),
+        "to": kb.to_string(),
+        "bytes_from_to": ab,
+        "bytes_to_from": ba,
+        "duration_ms": (secs * 1000.0) as u64,
+        "reason": reason,
+    });
+    if let Some(v) = via {
+        closed["via"] = json!(v);
+    }
+    shared.journal(Event::CircuitClosed, closed);
+    drop((na, nb, ca._slot, cb._slot, pa, pb));
+}
+
+/// WELCOME (after ROUTE when asked) to one end of a new circuit.
+async fn greet(
+    s: &mut TcpStream,
+    g: Greeting,
+    route: Vec<RouteHop>,
+    observed: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    match g {
+        Greeting::Nothing => Ok(()),
+        Greeting::Welcome => write_msg(s, &Msg::Welcome { observed }).await,
+        Greeting::Routed => {
+            write_msg(s, &Msg::Route(route)).await?;
+            write_msg(s, &Msg::Welcome { observed }).await
+        }
+    }
 }
 
 /// What one circuit direction counts into and how it is stopped.
@@ -355,6 +422,11 @@ pub(crate) struct Direction {
     pub(crate) shared: Arc<Shared>,
     pub(crate) from: Arc<NodeState>,
     pub(crate) to: Arc<NodeState>,
+    /// The peer relay this direction reads from, if it does (its caps
+    /// apply, its bytes in count).
+    pub(crate) from_peer: Option<Arc<PeerState>>,
+    /// The peer relay this direction writes to, if it does.
+    pub(crate) to_peer: Option<Arc<PeerState>>,
     pub(crate) count: Arc<AtomicU64>,
     /// Notified when the other direction failed.
     pub(crate) stop: Arc<Notify>,
@@ -372,15 +444,37 @@ impl Direction {
         self.shared.counters.bytes.fetch_add(n, Ordering::Relaxed);
         self.from.sent.fetch_add(n, Ordering::Relaxed);
         self.to.received.fetch_add(n, Ordering::Relaxed);
+        self.from.account.sent.fetch_add(n, Ordering::Relaxed);
+        self.to.account.received.fetch_add(n, Ordering::Relaxed);
+        if let Some(p) = &self.from_peer {
+            p.bytes_in.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(p) = &self.to_peer {
+            p.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     pub(crate) async fn limit(&self, n: usize) {
-        let wait = self
+        let mut wait = self
             .from
             .bucket
             .as_ref()
             .map(|b| lock(b).take(Instant::now(), n))
             .unwrap_or(Duration::ZERO);
+        if let Some(p) = &self.from_peer {
+            let w = self.shared.peer_wait(p, n);
+            if !w.is_zero() {
+                self.shared.cap_hit(
+                    p,
+                    "rate",
+                    json!({
+                        "max_rate": p.max_rate.load(Ordering::Relaxed),
+                        "fair_share": self.shared.cfg.peer_fair_share,
+                    }),
+                );
+            }
+            wait = wait.max(w);
+        }
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pool_core::PublicKey;
+use pool_core::{PublicKey, SecretKey};
 use pool_journal::JournalError;
 
 /// How the relay is run. `Default` is the production setting on
@@ -46,6 +46,71 @@ pub struct RelayConfig {
     pub journal_rotate_bytes: u64,
     /// Serve `/metrics` and `/health` here, e.g. `127.0.0.1:9257`.
     pub metrics: Option<String>,
+    /// Also publish per-node-key series on `/metrics` (off by default:
+    /// they tell whoever scrapes who uses the relay).
+    pub metrics_per_node: bool,
+    /// The relay's own key: needed to peer with other relays (they enrol
+    /// it by its public key).
+    pub key: Option<SecretKey>,
+    /// Peer relays enrolled at start (`[[relay.peer]]`).
+    pub peers: Vec<PeerConfig>,
+    /// Serve `pool relay enroll / unenroll / status` on this Unix socket.
+    pub control: Option<PathBuf>,
+    /// Circuits open at once through one peer relay, unless its
+    /// [`PeerConfig::max_circuits`] says otherwise.
+    pub max_circuits_per_peer: usize,
+    /// Bytes per second one peer relay may send us through its circuits,
+    /// unless its [`PeerConfig::max_rate`] says otherwise; 0: no cap.
+    pub max_rate_per_peer: u64,
+    /// Bytes per second all peer relays together may send us: each peer
+    /// with open circuits gets an equal share (its own cap still applies);
+    /// 0: no total.
+    pub peer_fair_share: u64,
+    /// Node keys one peer relay may advertise (more are ignored, journaled
+    /// once).
+    pub max_keys_per_peer: usize,
+    /// Longest wait between attempts to (re)connect a peering link.
+    pub peer_retry_max: Duration,
+}
+
+/// A peer relay, as `[[relay.peer]]` or `pool relay enroll` gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Where it listens (`HOST:PORT`).
+    pub addr: String,
+    /// Its relay key.
+    pub key: PublicKey,
+    /// Circuits open at once through it (`None`: the relay's default).
+    pub max_circuits: Option<usize>,
+    /// Bytes per second it may send us (`None`: the relay's default; 0: no cap).
+    pub max_rate: Option<u64>,
+}
+
+impl PeerConfig {
+    /// A peer at `addr` with key `key`, the relay's default caps.
+    #[must_use]
+    pub fn new(addr: impl Into<String>, key: PublicKey) -> Self {
+        PeerConfig {
+            addr: addr.into(),
+            key,
+            max_circuits: None,
+            max_rate: None,
+        }
+    }
+
+    /// Sets [`PeerConfig::max_circuits`].
+    #[must_use]
+    pub fn max_circuits(mut self, n: usize) -> Self {
+        self.max_circuits = Some(n);
+        self
+    }
+
+    /// Sets [`PeerConfig::max_rate`].
+    #[must_use]
+    pub fn max_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.max_rate = Some(bytes_per_sec);
+        self
+    }
 }
 
 impl Default for RelayConfig {
@@ -64,6 +129,15 @@ impl Default for RelayConfig {
             journal: None,
             journal_rotate_bytes: 0,
             metrics: None,
+            metrics_per_node: false,
+            key: None,
+            peers: Vec::new(),
+            control: None,
+            max_circuits_per_peer: 1024,
+            max_rate_per_peer: 0,
+            peer_fair_share: 0,
+            max_keys_per_peer: 1_000_000,
+            peer_retry_max: Duration::from_secs(10),
         }
     }
 }
@@ -155,6 +229,69 @@ impl RelayConfig {
         self
     }
 
+    /// Sets [`RelayConfig::key`].
+    #[must_use]
+    pub fn key(mut self, key: SecretKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Enrols this peer relay at start.
+    #[must_use]
+    pub fn peer(mut self, peer: PeerConfig) -> Self {
+        self.peers.push(peer);
+        self
+    }
+
+    /// Sets [`RelayConfig::control`].
+    #[must_use]
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(path.into());
+        self
+    }
+
+    /// Sets [`RelayConfig::max_circuits_per_peer`].
+    #[must_use]
+    pub fn max_circuits_per_peer(mut self, n: usize) -> Self {
+        self.max_circuits_per_peer = n;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_rate_per_peer`] (bytes per second, 0: none).
+    #[must_use]
+    pub fn max_rate_per_peer(mut self, bytes_per_sec: u64) -> Self {
+        self.max_rate_per_peer = bytes_per_sec;
+        self
+    }
+
+    /// Sets [`RelayConfig::peer_fair_share`] (bytes per second, 0: none).
+    #[must_use]
+    pub fn peer_fair_share(mut self, bytes_per_sec: u64) -> Self {
+        self.peer_fair_share = bytes_per_sec;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_keys_per_peer`].
+    #[must_use]
+    pub fn max_keys_per_peer(mut self, n: usize) -> Self {
+        self.max_keys_per_peer = n;
+        self
+    }
+
+    /// Sets [`RelayConfig::peer_retry_max`].
+    #[must_use]
+    pub fn peer_retry_max(mut self, t: Duration) -> Self {
+        self.peer_retry_max = t;
+        self
+    }
+
+    /// Sets [`RelayConfig::metrics_per_node`].
+    #[must_use]
+    pub fn metrics_per_node(mut self, on: bool) -> Self {
+        self.metrics_per_node = on;
+        self
+    }
+
     /// Sets [`RelayConfig::metrics`].
     #[must_use]
     pub fn metrics(mut self, addr: impl Into<String>) -> Self {
@@ -213,6 +350,94 @@ pub fn load_authorized(path: &Path) -> Result<HashSet<PublicKey>, RelayServerErr
     Ok(keys)
 }
 
+/// A relay's config file (`pool relay --config FILE`): a `[relay]` table
+/// with optional `listen`, `key` (a key file), `control` (a socket path),
+/// and one `[[relay.peer]]` per peer relay (`addr`, `key`, optional
+/// `max_circuits`, `max_rate`). Flags given on the command line win.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayFile {
+    /// `listen`.
+    pub listen: Option<String>,
+    /// `key`: the relay's key file.
+    pub key: Option<PathBuf>,
+    /// `control`: the control socket.
+    pub control: Option<PathBuf>,
+    /// The `[[relay.peer]]` sections.
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTop {
+    #[serde(default)]
+    relay: FileRelay,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    listen: Option<String>,
+    key: Option<PathBuf>,
+    control: Option<PathBuf>,
+    #[serde(default)]
+    peer: Vec<FilePeer>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    addr: String,
+    key: String,
+    max_circuits: Option<usize>,
+    max_rate: Option<u64>,
+}
+
+impl RelayFile {
+    /// Parses a config file's text; `path` is for messages.
+    ///
+    /// # Errors
+    ///
+    /// [`RelayServerError::Config`] naming the file and what is wrong.
+    pub fn parse(text: &str, path: &Path) -> Result<RelayFile, RelayServerError> {
+        let bad = |e: String| RelayServerError::Config(format!("{}: {e}", path.display()));
+        let top: FileTop = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut peers = Vec::new();
+        for (i, p) in top.relay.peer.into_iter().enumerate() {
+            let key = PublicKey::from_token(&p.key)
+                .map_err(|e| bad(format!("[[relay.peer]] #{} key: {e}", i + 1)))?;
+            if peers.iter().any(|q: &PeerConfig| q.key == key) {
+                return Err(bad(format!(
+                    "[[relay.peer]] #{}: key {key} is listed twice",
+                    i + 1
+                )));
+            }
+            peers.push(PeerConfig {
+                addr: p.addr,
+                key,
+                max_circuits: p.max_circuits,
+                max_rate: p.max_rate,
+            });
+        }
+        Ok(RelayFile {
+            listen: top.relay.listen,
+            key: top.relay.key,
+            control: top.relay.control,
+            peers,
+        })
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be read or parsed; the message names the file.
+    pub fn load(path: &Path) -> Result<RelayFile, RelayServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RelayServerError::Config(format!("{}: {e}", path.display())))?;
+        RelayFile::parse(&text, path)
+    }
+}
+
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -250,4 +475,41 @@ pub enum RelayServerError {
     /// A setting that cannot work.
     #[error("relay: {0}")]
     Config(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_file_peers() {
+        let k = PublicKey([9; 32]).to_string();
+        let text = format!(
+            "[relay]\nkey = \"r2.key\"\ncontrol = \"/run/pool/relay.sock\"\n\n\
+             [[relay.peer]]\naddr = \"r1.example:9255\"\nkey = \"{k}\"\nmax_circuits = 10\nmax_rate = 1000\n"
+        );
+        let f = RelayFile::parse(&text, Path::new("relay.toml")).unwrap();
+        assert_eq!(f.key.as_deref(), Some(Path::new("r2.key")));
+        assert_eq!(
+            f.peers,
+            vec![PeerConfig::new("r1.example:9255", PublicKey([9; 32]))
+                .max_circuits(10)
+                .max_rate(1000)]
+        );
+        let twice = format!("{text}\n[[relay.peer]]\naddr = \"x:1\"\nkey = \"{k}\"\n");
+        assert!(RelayFile::parse(&twice, Path::new("f"))
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        assert!(RelayFile::parse("[relay]\nbogus = 1\n", Path::new("f")).is_err());
+        assert!(RelayFile::parse(
+            "[[relay.peer]]\naddr = \"x:1\"\nkey = \"nope\"\n",
+            Path::new("f")
+        )
+        .is_err());
+        assert_eq!(
+            RelayFile::parse("", Path::new("f")).unwrap(),
+            RelayFile::default()
+        );
+    }
 }

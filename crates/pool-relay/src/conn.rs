@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pool_core::relay::{Challenge, Intent, Msg, ERR_AUTH, ERR_CAPACITY, ERR_PROTOCOL, VERSION};
+use pool_core::relay::{
+    Challenge, Intent, Msg, RouteHop, ERR_AUTH, ERR_CAPACITY, ERR_PROTOCOL, VERSION,
+};
 use pool_core::PublicKey;
 use pool_journal::Event;
 use rand_core::OsRng;
@@ -18,6 +20,7 @@ use tracing::{debug, warn};
 
 use crate::circuit::{accept, connect};
 use crate::control::control;
+use crate::peering::PeerGuard;
 use crate::server::tune;
 use crate::state::{NodeGuard, Refusal, Shared, UnauthGuard};
 
@@ -36,11 +39,47 @@ pub(crate) struct Conn {
     pub(crate) _slot: OwnedSemaphorePermit,
 }
 
+/// What the relay says to one end of a circuit once it is spliced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Greeting {
+    /// WELCOME (CONNECT, ACCEPT, PEER_CIRCUIT).
+    Welcome,
+    /// ROUTE, then WELCOME (the `*_ROUTED` intents).
+    Routed,
+    /// Nothing: our own connection to a peer relay (it greeted us).
+    Nothing,
+}
+
 /// A connection whose key is proven.
 pub(crate) struct Authed {
     pub(crate) conn: Conn,
+    /// The node at this end (for a circuit from a peer relay: the peer's
+    /// node).
     pub(crate) key: PublicKey,
     pub(crate) node: NodeGuard,
+    pub(crate) greeting: Greeting,
+    /// For [`Greeting::Routed`]: the relays past this one.
+    pub(crate) route: Vec<RouteHop>,
+    /// This end is a peer relay: its circuit counts against its caps.
+    pub(crate) peer: Option<PeerGuard>,
+}
+
+impl Authed {
+    /// A node's own connection.
+    pub(crate) fn node(conn: Conn, key: PublicKey, node: NodeGuard, intent: &Intent) -> Authed {
+        Authed {
+            conn,
+            key,
+            node,
+            greeting: if intent.wants_route() {
+                Greeting::Routed
+            } else {
+                Greeting::Welcome
+            },
+            route: Vec::new(),
+            peer: None,
+        }
+    }
 }
 
 /// Writes ERROR, closes the write side, and drains input for a moment so
@@ -162,7 +201,8 @@ pub(crate) async fn handshake(
             "the proof for key {key} is wrong: this node does not hold that key's secret (check the key file it uses)"
         )));
     }
-    if !shared.cfg.allow.is_empty() && !shared.cfg.allow.contains(&key) {
+    // Relay keys are checked against the enrolments instead (crate::forward).
+    if !intent.is_relay() && !shared.cfg.allow.is_empty() && !shared.cfg.allow.contains(&key) {
         shared.journal_bulk(
             Event::RelayRefused,
             json!({
@@ -226,6 +266,9 @@ pub(crate) async fn handle(
     // Authenticated: no longer counted against its address (a refusal
     // above keeps it counted while the ERROR lingers).
     drop(unauth);
+    if intent.is_relay() {
+        return crate::forward::from_relay(shared, conn, key, intent).await;
+    }
     let Some(node) = shared.enter_node(key) else {
         shared.refused(Refusal::Capacity);
         shared.journal_bulk(
@@ -244,10 +287,13 @@ pub(crate) async fn handle(
         send_error(&mut conn.stream, ERR_CAPACITY, &message).await;
         return;
     };
-    let authed = Authed { conn, key, node };
+    let authed = Authed::node(conn, key, node, &intent);
     match intent {
         Intent::Register => control(shared, authed).await,
-        Intent::Connect(peer) => connect(shared, authed, peer).await,
-        Intent::Accept(circuit) => accept(shared, authed, circuit).await,
+        Intent::Connect(peer) | Intent::ConnectRouted(peer) => connect(shared, authed, peer).await,
+        Intent::Accept(circuit) | Intent::AcceptRouted(circuit) => {
+            accept(shared, authed, circuit).await
+        }
+        Intent::Peer(_) | Intent::PeerCircuit { .. } => {}
     }
 }

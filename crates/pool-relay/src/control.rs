@@ -21,11 +21,18 @@ pub(crate) const CONTROL_QUEUE: usize = 64;
 
 /// A registered node's control connection: INCOMING out, PING / PONG.
 pub(crate) async fn control(shared: Arc<Shared>, a: Authed) {
-    let Authed { conn, key, node } = a;
+    let Authed {
+        conn, key, node, ..
+    } = a;
     let addr = conn.addr;
     let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let old = lock(&shared.nodes).insert(key, Registration { id, tx });
+    let old = {
+        let mut nodes = lock(&shared.nodes);
+        let old = nodes.insert(key, Registration { id, tx });
+        shared.peering.announce(key, false);
+        old
+    };
     if let Some(old) = old {
         // Dropping its sender ends it too, should its queue be full.
         let _ = old.tx.try_send(Ctl::Replaced);
@@ -42,6 +49,7 @@ pub(crate) async fn control(shared: Arc<Shared>, a: Authed) {
         let mut nodes = lock(&shared.nodes);
         if nodes.get(&key).is_some_and(|r| r.id == id) {
             nodes.remove(&key);
+            shared.peering.announce(key, true);
         }
     }
     info!(node = %key, %addr, reason, "relay: node unregistered");

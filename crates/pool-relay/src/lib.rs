@@ -23,19 +23,33 @@
 //! collector). It shares the node's socket helpers and `/metrics`
 //! endpoint (`pool_node::net`, `pool_node::metrics`) and writes the
 //! `pool-journal` change journal.
+//!
+//! Peering (relays that enrol each other's keys forward circuits between
+//! them): `peering` (enrolments, links, per-peer and per-node accounting
+//! and caps), `directory` (which peer has which node), `link` (the
+//! peering link: gossip of registrations), `forward` (relay-to-relay
+//! handshakes and forwarded circuits) and `admin` (the `--control`
+//! socket: enroll, unenroll, status). See `docs/relay.md#peering`.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod admin;
 mod circuit;
 mod config;
 mod conn;
 mod control;
+mod directory;
+mod forward;
+mod link;
 mod metrics;
+mod peering;
 mod server;
 mod state;
 
-pub use config::{load_authorized, RelayConfig, RelayServerError};
+pub use admin::RelayRequest;
+pub use config::{load_authorized, PeerConfig, RelayConfig, RelayFile, RelayServerError};
+pub use peering::{NodeAccount, PeerStats};
 pub use server::{RelayHandle, RelayServer};
 pub use state::{NodeStats, RelayStats};

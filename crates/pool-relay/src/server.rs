@@ -20,10 +20,13 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info};
 
 use crate::circuit::AbortOnDrop;
+use crate::config::PeerConfig;
 use crate::config::{RelayConfig, RelayServerError};
 use crate::conn::{handle, send_error};
 use crate::metrics::RelayCollector;
+use crate::peering::{NodeAccount, PeerStats};
 use crate::state::{Counters, NodeStats, Refusal, RelayStats, Shared};
+use pool_core::PublicKey;
 
 /// Socket send and receive buffers.
 pub(crate) const SOCKET_BUF: usize = 4 << 20;
@@ -36,6 +39,7 @@ pub struct RelayServer {
     listener: TcpListener,
     local: SocketAddr,
     shared: Arc<Shared>,
+    control: Option<tokio::net::UnixListener>,
     /// Aborted (the endpoint stops) when the server is dropped or stops.
     metrics: Option<(SocketAddr, AbortOnDrop<()>)>,
 }
@@ -63,6 +67,18 @@ impl RelayServer {
             return Err(RelayServerError::Config(
                 "the connection caps must be at least 1".into(),
             ));
+        }
+        if !cfg.peers.is_empty() && cfg.key.is_none() {
+            return Err(RelayServerError::Config(
+                "peer relays are configured but the relay has no key: give it one (--key FILE, or key in [relay])".into(),
+            ));
+        }
+        let own = cfg.key.as_ref().map(|k| k.public_key());
+        if let Some(p) = cfg.peers.iter().find(|p| Some(p.key) == own) {
+            return Err(RelayServerError::Config(format!(
+                "peer relay {} has this relay's own key",
+                p.addr
+            )));
         }
         let listener = pool_node::net::bind_tcp(&cfg.listen)
             .await
@@ -97,6 +113,8 @@ impl RelayServer {
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             journal,
             next_id: AtomicU64::new(1),
+            peering: crate::peering::Peering::default(),
+            stopping: watch::Sender::new(false),
             cfg,
         });
         let metrics = match &shared.cfg.metrics {
@@ -115,6 +133,12 @@ impl RelayServer {
             }
             None => None,
         };
+        let control = match &shared.cfg.control {
+            Some(p) => Some(crate::admin::bind(p).map_err(|e| {
+                RelayServerError::Config(format!("cannot serve the control socket: {e}"))
+            })?),
+            None => None,
+        };
         shared.journal(
             Event::RelayStarted,
             json!({
@@ -125,12 +149,15 @@ impl RelayServer {
                 "max_unauthenticated_per_address": shared.cfg.max_unauthenticated_per_address,
                 "circuit_idle_timeout_secs": shared.cfg.circuit_idle_timeout.map(|d| d.as_secs_f64()),
                 "allow_list": shared.cfg.allow.len(),
+                "key": own.map(|k| k.to_string()),
+                "peers": shared.cfg.peers.len(),
             }),
         );
         Ok(RelayServer {
             listener,
             local,
             shared,
+            control,
             metrics,
         })
     }
@@ -186,9 +213,16 @@ impl RelayServer {
             listener,
             local,
             shared,
+            control,
             metrics,
         } = self;
         info!(%local, "relay listening");
+        if let Some(c) = control {
+            tokio::spawn(crate::admin::serve(shared.clone(), c));
+        }
+        for p in shared.cfg.peers.clone() {
+            crate::link::start_peer(&shared, &p, "config");
+        }
         let mut conns = JoinSet::new();
         while let Some((stream, addr)) =
             pool_node::net::accept_next(&listener, &mut stop, "relay").await
@@ -232,6 +266,7 @@ impl RelayServer {
             }
         }
         drop(listener);
+        shared.stopping.send_replace(true);
         conns.abort_all();
         while conns.join_next().await.is_some() {}
         drop(metrics);
@@ -289,6 +324,50 @@ impl RelayHandle {
         self.shared.nodes()
     }
 
+    /// The enrolled peer relays with their accounting, sorted by key.
+    #[must_use]
+    pub fn peers(&self) -> Vec<PeerStats> {
+        self.shared.peers()
+    }
+
+    /// Per-node-key accounting since start, sorted by key.
+    #[must_use]
+    pub fn accounts(&self) -> Vec<NodeAccount> {
+        self.shared.peering.accounts()
+    }
+
+    /// What `pool relay status` shows, as JSON.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        self.shared.status()
+    }
+
+    /// Enrols a peer relay at runtime (as `pool relay enroll`); `false`
+    /// when it was enrolled already (its address and caps are updated).
+    ///
+    /// # Errors
+    ///
+    /// When the relay has no key, or `peer` has the relay's own key.
+    pub fn enroll(&self, peer: PeerConfig) -> Result<bool, RelayServerError> {
+        let own = self.shared.cfg.key.as_ref().map(|k| k.public_key());
+        match own {
+            None => Err(RelayServerError::Config(
+                "the relay has no key: it cannot peer".into(),
+            )),
+            Some(k) if k == peer.key => Err(RelayServerError::Config(
+                "that is the relay's own key".into(),
+            )),
+            Some(_) => Ok(crate::link::start_peer(&self.shared, &peer, "operator")),
+        }
+    }
+
+    /// Ends the enrolment of a peer relay (as `pool relay unenroll`): the
+    /// peer is told and stops too. `false` when it was not enrolled.
+    pub fn unenroll(&self, key: &PublicKey) -> bool {
+        self.shared
+            .end_enrolment(key, "operator", "the operator ended the enrolment")
+    }
+
     /// Stops the relay: closes the listener and every connection, flushes
     /// the journal; returns when all that is done.
     pub async fn shutdown(self) {
@@ -333,4 +412,28 @@ pub(crate) async fn refuse_at_cap(
     };
     send_error(&mut stream, ERR_CAPACITY, &msg).await;
     debug!(%addr, "relay: refused at the connection cap");
+}
+
+impl Shared {
+    /// What `pool relay status` shows.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let s = self.stats();
+        let local: Vec<String> = crate::state::lock(&self.nodes)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        json!({
+            "key": self.cfg.key.as_ref().map(|k| k.public_key().to_string()),
+            "stats": s,
+            "registered": local,
+            "peers": self.peers(),
+            "accounts": self.peering.accounts(),
+            "caps": {
+                "max_circuits_per_peer": self.cfg.max_circuits_per_peer,
+                "max_rate_per_peer": self.cfg.max_rate_per_peer,
+                "peer_fair_share": self.cfg.peer_fair_share,
+                "max_keys_per_peer": self.cfg.max_keys_per_peer,
+            },
+        })
+    }
 }

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pool_core::relay::{
-    CircuitId, ERR_CAPACITY, ERR_NOT_ALLOWED, ERR_NO_ANSWER, ERR_PROTOCOL, ERR_UNKNOWN_PEER,
+    CircuitId, RouteHop, ERR_CAPACITY, ERR_NOT_ALLOWED, ERR_NO_ANSWER, ERR_PROTOCOL,
+    ERR_UNKNOWN_PEER,
 };
 use pool_core::PublicKey;
 use pool_journal::{Event, Journal};
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::circuit::SPLICE_BUF;
 use crate::config::RelayConfig;
 use crate::conn::Authed;
+use crate::peering::{Account, Peering};
 
 /// A snapshot of a relay's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -147,6 +149,8 @@ pub(crate) struct Registration {
 pub(crate) struct Pending {
     pub(crate) acceptor: PublicKey,
     pub(crate) tx: oneshot::Sender<Authed>,
+    /// The relays past this one, for an acceptor that asked for ROUTE.
+    pub(crate) route: Vec<RouteHop>,
 }
 
 /// Per-key state while the key has connections open.
@@ -157,6 +161,8 @@ pub(crate) struct NodeState {
     /// Bytes circuits delivered to this node.
     pub(crate) received: AtomicU64,
     pub(crate) bucket: Option<Mutex<Bucket>>,
+    /// Its accounting since the relay started.
+    pub(crate) account: Arc<Account>,
 }
 
 pub(crate) struct NodeSlot {
@@ -201,6 +207,9 @@ pub(crate) struct Shared {
     pub(crate) refusing: Arc<Semaphore>,
     pub(crate) journal: Option<Journal>,
     pub(crate) next_id: AtomicU64,
+    pub(crate) peering: Peering,
+    /// Becomes `true` when the relay stops (background tasks end).
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,6 +300,7 @@ impl Shared {
     /// Counts a connection against `key`'s cap; `None` when the cap is
     /// reached.
     pub(crate) fn enter_node(self: &Arc<Self>, key: PublicKey) -> Option<NodeGuard> {
+        let account = self.peering.account(key);
         let mut map = lock(&self.per_node);
         let slot = map.entry(key).or_insert_with(|| NodeSlot {
             connections: 0,
@@ -308,6 +318,7 @@ impl Shared {
                         last: Instant::now(),
                     })
                 }),
+                account,
             }),
         });
         if slot.connections >= self.cfg.max_connections_per_node {

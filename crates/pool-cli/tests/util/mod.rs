@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod etcd;
 pub mod fleet;
+pub mod netns;
 pub mod shim;
 pub mod vault;
 pub mod workers;

@@ -33,6 +33,8 @@ pub(crate) struct State {
     new_writer: Option<(u64, WriteHalf<BoxedCarrier>)>,
     remote: Option<SocketAddr>,
     pub(crate) carrier_kind: &'static str,
+    /// The relays the carrier goes through (empty: direct).
+    carrier_relays: Vec<String>,
     reconnecting: bool,
     /// The peer's direct-path candidates (from its PATHS frames).
     pub(crate) peer_paths: Vec<SocketAddr>,
@@ -229,6 +231,9 @@ pub struct SessionStats {
     pub carrier: &'static str,
     /// The path: "direct", "relay", or "none" while resuming.
     pub path: &'static str,
+    /// The relays the carrier goes through, ours first, then peer relays
+    /// (`ADDR (key)`); empty on a direct path.
+    pub relays: Vec<String>,
     /// How many times the session moved to another carrier kind or
     /// address (relay to direct, direct to relay, a new address).
     pub path_changes: u64,
@@ -322,6 +327,11 @@ impl Session {
                 "none" => "none",
                 "relay" => "relay",
                 _ => "direct",
+            },
+            relays: if carrier == "none" {
+                Vec::new()
+            } else {
+                st.carrier_relays.clone()
             },
             path_changes: st.path_changes,
             last_path_change: st.last_path_change.map(|t| t.elapsed()),
@@ -444,6 +454,7 @@ pub(crate) fn spawn(
     let peer = core.peer_key();
     let remote = carrier.as_ref().and_then(|c| c.peer_addr());
     let kind = carrier.as_ref().map_or("none", |c| c.kind());
+    let relays = carrier.as_ref().map(|c| c.relays()).unwrap_or_default();
     let mut core = core;
     core.provide_entropy(&mut rand_core::OsRng);
     let shared = Arc::new_cyclic(|me| Shared {
@@ -457,6 +468,7 @@ pub(crate) fn spawn(
             new_writer: None,
             remote,
             carrier_kind: kind,
+            carrier_relays: relays,
             reconnecting: false,
             peer_paths: Vec::new(),
             path_changes: 0,
@@ -512,6 +524,7 @@ pub(crate) fn invalidate_carrier(st: &mut State, shared: &Shared) {
 pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
     let remote = carrier.peer_addr();
     let kind = carrier.kind();
+    let relays = carrier.relays();
     let fd = carrier.tcp_socket();
     let (rd, wr) = tokio::io::split(carrier);
     let gen = {
@@ -527,6 +540,7 @@ pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
         st.new_writer = Some((gen, wr));
         st.remote = remote;
         st.carrier_kind = kind;
+        st.carrier_relays = relays;
         gen
     };
     let sh = shared.clone();

@@ -29,15 +29,30 @@
 //!
 //! Control connections also carry `INCOMING circuit [16] | from key [32]`
 //! (relay to node) and `PING token u64` / `PONG token u64` (either way).
+//!
+//! Peering (relays that trust each other's keys forward circuits between
+//! them). A relay dials a peer relay and proves its relay key like a node,
+//! with an intent that carries its own [`PeerChallenge`]; the dialled relay
+//! answers `PEER_PROOF key [32] | proof [32]` ([`peer_proof`]) before
+//! anything else, so both keys are proven:
+//!
+//! - `PEER` (3) `challenge [64]`: the enrolment link. After WELCOME both
+//!   sides send `HAVE keys [32]*` / `GONE keys [32]*` (1 to 32 keys each)
+//!   for the nodes registered at them, PING / PONG, and `END message` to
+//!   end the enrolment.
+//! - `PEER_CIRCUIT` (4) `challenge [64] | from [32] | to [32]`: one
+//!   circuit for the dialler's node `from` to `to`, registered at the
+//!   dialled relay; WELCOME once `to` accepted, then raw bytes.
+//! - `CONNECT_ROUTED` (5) / `ACCEPT_ROUTED` (6): as CONNECT and ACCEPT, and
+//!   the relay sends `ROUTE (key [32] | address [18])*` (the relays past
+//!   it) right before WELCOME. Plain CONNECT and ACCEPT never see ROUTE.
+//!
+//! Relays forward sealed records only: peering adds nothing a relay can
+//! read.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use curve25519_dalek::montgomery::MontgomeryPoint;
-use rand_core::RngCore;
-use zeroize::Zeroize;
-
-use crate::crypto::{ct_eq, hkdf};
-use crate::keys::{PublicKey, SecretKey};
+use crate::keys::PublicKey;
 
 /// The first bytes a node sends to a relay.
 pub const MAGIC: &[u8; 10] = b"POOL-RELAY";
@@ -64,6 +79,27 @@ pub const ERR_NOT_ALLOWED: u8 = 6;
 /// A circuit id: pairs a CONNECT with the peer's ACCEPT.
 pub type CircuitId = [u8; 16];
 
+/// A dialling relay's challenge to the relay it dials (in the `PEER` and
+/// `PEER_CIRCUIT` intents): the dialled relay answers with
+/// [`Msg::PeerProof`], so both ends of a relay-to-relay connection prove
+/// their keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerChallenge {
+    /// The dialler's ephemeral X25519 public key for this connection.
+    pub ephemeral: [u8; 32],
+    /// A random nonce.
+    pub nonce: [u8; 32],
+}
+
+/// One relay on a circuit's way, as [`Msg::Route`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteHop {
+    /// The relay's key.
+    pub key: PublicKey,
+    /// Its address as the relay before it knows it.
+    pub addr: SocketAddr,
+}
+
 /// What a connection to the relay is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intent {
@@ -73,6 +109,24 @@ pub enum Intent {
     Connect(PublicKey),
     /// Accepting this circuit.
     Accept(CircuitId),
+    /// A relay's link to a peer relay it is enrolled with: registrations
+    /// are gossiped over it (HAVE / GONE), and either side may END it.
+    Peer(PeerChallenge),
+    /// A circuit that a peer relay forwards for its node `from` (whose key
+    /// it checked) to `to`, a node registered here.
+    PeerCircuit {
+        /// The dialler's challenge to this relay.
+        challenge: PeerChallenge,
+        /// The node that asked, at the dialling relay.
+        from: PublicKey,
+        /// The node wanted, registered here.
+        to: PublicKey,
+    },
+    /// As [`Intent::Connect`], and the relay sends ROUTE (the relays on the
+    /// way past it) before WELCOME.
+    ConnectRouted(PublicKey),
+    /// As [`Intent::Accept`], and the relay sends ROUTE before WELCOME.
+    AcceptRouted(CircuitId),
 }
 
 impl Intent {
@@ -87,7 +141,67 @@ impl Intent {
                 out.push(2);
                 out.extend_from_slice(c);
             }
+            Intent::Peer(ch) => {
+                out.push(3);
+                out.extend_from_slice(&ch.ephemeral);
+                out.extend_from_slice(&ch.nonce);
+            }
+            Intent::PeerCircuit {
+                challenge,
+                from,
+                to,
+            } => {
+                out.push(4);
+                out.extend_from_slice(&challenge.ephemeral);
+                out.extend_from_slice(&challenge.nonce);
+                out.extend_from_slice(&from.0);
+                out.extend_from_slice(&to.0);
+            }
+            Intent::ConnectRouted(k) => {
+                out.push(5);
+                out.extend_from_slice(&k.0);
+            }
+            Intent::AcceptRouted(c) => {
+                out.push(6);
+                out.extend_from_slice(c);
+            }
         }
+    }
+
+    fn decode(code: u8, rest: &[u8]) -> Result<Intent, RelayError> {
+        let challenge = |b: &[u8]| -> Result<PeerChallenge, RelayError> {
+            Ok(PeerChallenge {
+                ephemeral: arr(b)?,
+                nonce: arr(&b[32..])?,
+            })
+        };
+        Ok(match (code, rest.len()) {
+            (0, 0) => Intent::Register,
+            (1, 32) => Intent::Connect(PublicKey(arr(rest)?)),
+            (2, 16) => Intent::Accept(arr(rest)?),
+            (3, 64) => Intent::Peer(challenge(rest)?),
+            (4, 128) => Intent::PeerCircuit {
+                challenge: challenge(rest)?,
+                from: PublicKey(arr(&rest[64..])?),
+                to: PublicKey(arr(&rest[96..])?),
+            },
+            (5, 32) => Intent::ConnectRouted(PublicKey(arr(rest)?)),
+            (6, 16) => Intent::AcceptRouted(arr(rest)?),
+            _ => return Err(RelayError::Malformed("bad AUTH intent")),
+        })
+    }
+
+    /// Whether the connection comes from a relay (a peer link or a
+    /// forwarded circuit), not from a node.
+    #[must_use]
+    pub fn is_relay(&self) -> bool {
+        matches!(self, Intent::Peer(_) | Intent::PeerCircuit { .. })
+    }
+
+    /// Whether the node asked for ROUTE before WELCOME.
+    #[must_use]
+    pub fn wants_route(&self) -> bool {
+        matches!(self, Intent::ConnectRouted(_) | Intent::AcceptRouted(_))
     }
 }
 
@@ -138,6 +252,46 @@ pub enum Msg {
     Ping(u64),
     /// Answer to a PING.
     Pong(u64),
+    /// A dialled relay proves its key over the dialler's
+    /// [`PeerChallenge`] (see [`peer_proof`]); sent right after a relay's
+    /// AUTH checks out.
+    PeerProof {
+        /// The dialled relay's key.
+        key: PublicKey,
+        /// Its proof.
+        proof: [u8; 32],
+    },
+    /// The relays on a circuit's way past the one the node talks to (at
+    /// most [`MAX_ROUTE`]); sent before WELCOME to `*_ROUTED` intents.
+    Route(Vec<RouteHop>),
+    /// Peer link: these keys are registered here now (1 to
+    /// [`MAX_KEYS_PER_MSG`]).
+    Have(Vec<PublicKey>),
+    /// Peer link: these keys are no longer registered here.
+    Gone(Vec<PublicKey>),
+    /// Peer link: the enrolment ends (the sender no longer peers with the
+    /// receiver), with a message for people.
+    End {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Most keys in one HAVE or GONE.
+pub const MAX_KEYS_PER_MSG: usize = MAX_BODY / 32;
+/// Most relays in one ROUTE.
+pub const MAX_ROUTE: usize = 8;
+
+/// `keys` cut into HAVE (or GONE, `gone`) messages of at most
+/// [`MAX_KEYS_PER_MSG`] keys.
+pub fn key_batches(keys: &[PublicKey], gone: bool) -> impl Iterator<Item = Msg> + '_ {
+    keys.chunks(MAX_KEYS_PER_MSG).map(move |c| {
+        if gone {
+            Msg::Gone(c.to_vec())
+        } else {
+            Msg::Have(c.to_vec())
+        }
+    })
 }
 
 /// A relay message could not be decoded.
@@ -179,6 +333,16 @@ pub fn get_addr(b: &[u8; 18]) -> SocketAddr {
     }
 }
 
+/// Writes at most `max` bytes of `text`, cut on a character boundary so
+/// that it decodes to a prefix of itself.
+fn put_text(out: &mut Vec<u8>, text: &str, max: usize) {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&text.as_bytes()[..end]);
+}
+
 fn arr<const N: usize>(b: &[u8]) -> Result<[u8; N], RelayError> {
     b.get(..N)
         .and_then(|s| s.try_into().ok())
@@ -196,10 +360,17 @@ impl Msg {
             Msg::Incoming { .. } => 6,
             Msg::Ping(_) => 7,
             Msg::Pong(_) => 8,
+            Msg::PeerProof { .. } => 9,
+            Msg::Route(_) => 10,
+            Msg::Have(_) => 11,
+            Msg::Gone(_) => 12,
+            Msg::End { .. } => 13,
         }
     }
 
-    /// Appends the encoded message to `out`.
+    /// Appends the encoded message to `out`. A HAVE or GONE of more than
+    /// [`MAX_KEYS_PER_MSG`] keys, or a ROUTE of more than [`MAX_ROUTE`]
+    /// relays, is cut to that many (use [`key_batches`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.push(self.kind());
@@ -221,19 +392,29 @@ impl Msg {
             Msg::Welcome { observed } => put_addr(out, observed),
             Msg::Error { code, message } => {
                 out.push(*code);
-                // Cut a long message on a character boundary, so that it
-                // decodes to a prefix of itself.
-                let mut end = message.len().min(MAX_BODY - 1);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                out.extend_from_slice(&message.as_bytes()[..end]);
+                put_text(out, message, MAX_BODY - 1);
             }
+            Msg::End { message } => put_text(out, message, MAX_BODY),
             Msg::Incoming { circuit, from } => {
                 out.extend_from_slice(circuit);
                 out.extend_from_slice(&from.0);
             }
             Msg::Ping(t) | Msg::Pong(t) => out.extend_from_slice(&t.to_be_bytes()),
+            Msg::PeerProof { key, proof } => {
+                out.extend_from_slice(&key.0);
+                out.extend_from_slice(proof);
+            }
+            Msg::Route(hops) => {
+                for h in hops.iter().take(MAX_ROUTE) {
+                    out.extend_from_slice(&h.key.0);
+                    put_addr(out, &h.addr);
+                }
+            }
+            Msg::Have(keys) | Msg::Gone(keys) => {
+                for k in keys.iter().take(MAX_KEYS_PER_MSG) {
+                    out.extend_from_slice(&k.0);
+                }
+            }
         }
         let len = (out.len() - start - 3) as u16;
         out[start + 1..start + 3].copy_from_slice(&len.to_be_bytes());
@@ -246,7 +427,7 @@ impl Msg {
             return Ok(None);
         }
         let ty = buf[0];
-        if !(1..=8).contains(&ty) {
+        if !(1..=13).contains(&ty) {
             return Err(RelayError::UnknownType(ty));
         }
         let len = usize::from(u16::from_be_bytes([buf[1], buf[2]]));
@@ -285,13 +466,7 @@ impl Msg {
                 }
                 let key = PublicKey(arr(b)?);
                 let proof = arr(&b[32..])?;
-                let rest = &b[65..];
-                let intent = match b[64] {
-                    0 if rest.is_empty() => Intent::Register,
-                    1 if rest.len() == 32 => Intent::Connect(PublicKey(arr(rest)?)),
-                    2 if rest.len() == 16 => Intent::Accept(arr(rest)?),
-                    _ => return Err(RelayError::Malformed("bad AUTH intent")),
-                };
+                let intent = Intent::decode(b[64], &b[65..])?;
                 Msg::Auth { key, proof, intent }
             }
             4 => {
@@ -325,245 +500,51 @@ impl Msg {
                     Msg::Pong(t)
                 }
             }
+            9 => {
+                exact(64)?;
+                Msg::PeerProof {
+                    key: PublicKey(arr(b)?),
+                    proof: arr(&b[32..])?,
+                }
+            }
+            10 => {
+                if len % 50 != 0 || len / 50 > MAX_ROUTE {
+                    return Err(RelayError::Malformed("bad ROUTE length"));
+                }
+                let mut hops = Vec::with_capacity(len / 50);
+                for h in b.chunks_exact(50) {
+                    hops.push(RouteHop {
+                        key: PublicKey(arr(h)?),
+                        addr: get_addr(&arr(&h[32..])?),
+                    });
+                }
+                Msg::Route(hops)
+            }
+            11 | 12 => {
+                if len == 0 || len % 32 != 0 {
+                    return Err(RelayError::Malformed("HAVE / GONE must hold 1 to 32 keys"));
+                }
+                let mut keys = Vec::with_capacity(len / 32);
+                for k in b.chunks_exact(32) {
+                    keys.push(PublicKey(arr(k)?));
+                }
+                if ty == 11 {
+                    Msg::Have(keys)
+                } else {
+                    Msg::Gone(keys)
+                }
+            }
+            13 => Msg::End {
+                message: String::from_utf8_lossy(b).into_owned(),
+            },
             _ => return Err(RelayError::UnknownType(ty)),
         };
         Ok(Some((msg, 3 + len)))
     }
 }
 
-fn proof_for(
-    shared: &[u8; 32],
-    ephemeral: &[u8; 32],
-    nonce: &[u8; 32],
-    key: &PublicKey,
-    intent: &Intent,
-) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    hkdf(b"POOL-RELAY/1 auth", &[shared], b"proof key", &mut k);
-    let hk = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k);
-    k.zeroize();
-    let mut ctx = ring::hmac::Context::with_key(&hk);
-    ctx.update(MAGIC);
-    ctx.update(ephemeral);
-    ctx.update(nonce);
-    ctx.update(&key.0);
-    let mut i = Vec::with_capacity(33);
-    intent.encode(&mut i);
-    ctx.update(&i);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.sign().as_ref());
-    out
-}
-
-/// X25519; `None` for a non-contributory (low-order) peer point.
-fn dh(secret: &[u8; 32], public: &[u8; 32]) -> Option<[u8; 32]> {
-    let shared = MontgomeryPoint(*public).mul_clamped(*secret).to_bytes();
-    if shared.iter().all(|b| *b == 0) {
-        None
-    } else {
-        Some(shared)
-    }
-}
-
-/// Node side: the AUTH message answering a CHALLENGE.
-pub fn authenticate(
-    key: &SecretKey,
-    ephemeral: &[u8; 32],
-    nonce: &[u8; 32],
-    intent: Intent,
-) -> Option<Msg> {
-    let mut shared = dh(key.as_bytes(), ephemeral)?;
-    let public = key.public_key();
-    let proof = proof_for(&shared, ephemeral, nonce, &public, &intent);
-    shared.zeroize();
-    Some(Msg::Auth {
-        key: public,
-        proof,
-        intent,
-    })
-}
-
-/// Relay side: one connection's challenge (a fresh ephemeral key and
-/// nonce), able to check the node's answer.
-pub struct Challenge {
-    secret: [u8; 32],
-    ephemeral: [u8; 32],
-    nonce: [u8; 32],
-}
-
-impl Drop for Challenge {
-    fn drop(&mut self) {
-        self.secret.zeroize();
-    }
-}
-
-impl Challenge {
-    /// A new challenge.
-    pub fn new(rng: &mut dyn RngCore) -> Challenge {
-        let mut secret = [0u8; 32];
-        rng.fill_bytes(&mut secret);
-        let ephemeral = MontgomeryPoint::mul_base_clamped(secret).to_bytes();
-        let mut nonce = [0u8; 32];
-        rng.fill_bytes(&mut nonce);
-        Challenge {
-            secret,
-            ephemeral,
-            nonce,
-        }
-    }
-
-    /// The CHALLENGE message to send.
-    pub fn msg(&self) -> Msg {
-        Msg::Challenge {
-            ephemeral: self.ephemeral,
-            nonce: self.nonce,
-        }
-    }
-
-    /// Whether `proof` shows that the sender holds `key`'s secret.
-    pub fn verify(&self, key: &PublicKey, proof: &[u8; 32], intent: &Intent) -> bool {
-        let Some(mut shared) = dh(&self.secret, &key.0) else {
-            return false;
-        };
-        let want = proof_for(&shared, &self.ephemeral, &self.nonce, key, intent);
-        shared.zeroize();
-        ct_eq(&want, proof)
-    }
-}
-
+mod auth;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::SeededRng;
+mod tests;
 
-    #[test]
-    fn messages_round_trip() {
-        let k = PublicKey([7; 32]);
-        let msgs = [
-            Msg::Hello { version: VERSION },
-            Msg::Challenge {
-                ephemeral: [1; 32],
-                nonce: [2; 32],
-            },
-            Msg::Auth {
-                key: k,
-                proof: [3; 32],
-                intent: Intent::Register,
-            },
-            Msg::Auth {
-                key: k,
-                proof: [3; 32],
-                intent: Intent::Connect(PublicKey([9; 32])),
-            },
-            Msg::Auth {
-                key: k,
-                proof: [3; 32],
-                intent: Intent::Accept([4; 16]),
-            },
-            Msg::Welcome {
-                observed: "[fd00::1]:443".parse().unwrap(),
-            },
-            Msg::Welcome {
-                observed: "10.1.2.3:9".parse().unwrap(),
-            },
-            Msg::Error {
-                code: ERR_UNKNOWN_PEER,
-                message: "no such peer".into(),
-            },
-            Msg::Incoming {
-                circuit: [5; 16],
-                from: k,
-            },
-            Msg::Ping(42),
-            Msg::Pong(43),
-        ];
-        let mut buf = Vec::new();
-        for m in &msgs {
-            m.encode(&mut buf);
-        }
-        let mut at = 0;
-        for m in &msgs {
-            // Every prefix short of the whole message asks for more.
-            let (got, used) = Msg::decode(&buf[at..]).unwrap().unwrap();
-            assert_eq!(&got, m);
-            for cut in 0..used {
-                assert_eq!(Msg::decode(&buf[at..at + cut]).unwrap(), None);
-            }
-            at += used;
-        }
-        assert_eq!(at, buf.len());
-    }
-
-    #[test]
-    fn long_error_is_cut_on_a_character_boundary() {
-        let message = "é".repeat(MAX_BODY); // 2 bytes each
-        let mut buf = Vec::new();
-        Msg::Error {
-            code: ERR_PROTOCOL,
-            message: message.clone(),
-        }
-        .encode(&mut buf);
-        assert!(buf.len() <= 3 + MAX_BODY);
-        let (Msg::Error { message: got, .. }, used) = Msg::decode(&buf).unwrap().unwrap() else {
-            panic!("not an ERROR")
-        };
-        assert_eq!(used, buf.len());
-        assert!(!got.contains('\u{fffd}'));
-        assert!(message.starts_with(&got) && got.len() >= MAX_BODY - 2);
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        assert!(Msg::decode(&[0, 0, 0]).is_err());
-        assert!(Msg::decode(&[9, 0, 0]).is_err());
-        assert!(matches!(
-            Msg::decode(&[1, 0xff, 0xff]),
-            Err(RelayError::TooLong(_))
-        ));
-        assert!(Msg::decode(b"\x01\x00\x0bNOT-RELAY!\x01").is_err());
-        assert!(Msg::decode(&[3, 0, 66, 0, 0]).is_ok()); // incomplete: wait
-        let mut auth = vec![3, 0, 66];
-        auth.extend_from_slice(&[0; 66]);
-        assert!(Msg::decode(&auth).is_err()); // REGISTER with a body
-                                              // Fuzz-ish: random bytes never panic.
-        let mut rng = SeededRng::from_u64(1);
-        for _ in 0..20_000 {
-            let mut b = [0u8; 80];
-            rng.fill_bytes(&mut b);
-            b[0] %= 10;
-            b[1] = 0;
-            let _ = Msg::decode(&b);
-        }
-    }
-
-    #[test]
-    fn proof_checks_key_ownership_and_binding() {
-        let mut rng = SeededRng::from_u64(2);
-        let node = SecretKey::from_bytes([11; 32]);
-        let other = SecretKey::from_bytes([12; 32]);
-        let ch = Challenge::new(&mut rng);
-        let Msg::Challenge { ephemeral, nonce } = ch.msg() else {
-            unreachable!()
-        };
-        let intent = Intent::Connect(other.public_key());
-        let Some(Msg::Auth {
-            key,
-            proof,
-            intent: i,
-        }) = authenticate(&node, &ephemeral, &nonce, intent)
-        else {
-            panic!("no auth")
-        };
-        assert!(ch.verify(&key, &proof, &i));
-        // Claiming another key with this proof fails.
-        assert!(!ch.verify(&other.public_key(), &proof, &i));
-        // The proof is bound to the intent.
-        assert!(!ch.verify(&key, &proof, &Intent::Register));
-        // ... and to this challenge.
-        let ch2 = Challenge::new(&mut rng);
-        assert!(!ch2.verify(&key, &proof, &i));
-        // A low-order key is refused outright.
-        assert!(!ch.verify(&PublicKey([0; 32]), &proof, &i));
-        assert!(authenticate(&node, &[0; 32], &nonce, Intent::Register).is_none());
-    }
-}
+pub use auth::{authenticate, peer_proof, Challenge};
