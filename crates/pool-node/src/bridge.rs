@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
@@ -118,6 +118,10 @@ fn reset_tcp(w: &OwnedWriteHalf) {
     abort_on_close(w.as_ref());
 }
 
+/// The most one read of a bridged socket puts into the session at once
+/// (then the other directions and sessions get their turn).
+const UP_BATCH: usize = 256 << 10;
+
 /// Carries bytes both ways between a TCP connection and a stream until
 /// both directions end, carrying FIN and reset faithfully.
 pub(crate) async fn splice(
@@ -127,15 +131,32 @@ pub(crate) async fn splice(
     idle: Option<Duration>,
     stats: &BridgeStats,
 ) {
-    let (mut tr, mut tw): (OwnedReadHalf, OwnedWriteHalf) = tcp.into_split();
+    let (tr, mut tw): (OwnedReadHalf, OwnedWriteHalf) = tcp.into_split();
     let last = AtomicU64::new(0);
     let start = Instant::now();
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
     let up = async {
-        let mut buf = vec![0u8; 16 << 10];
+        // What the socket has goes straight into the session's replay
+        // buffer (where it waits for the peer's acknowledgement anyway): no
+        // buffer of our own, no copy through it. The stream waits for
+        // flow-control credit first, so a slow peer holds back the socket.
         loop {
-            match tr.read(&mut buf).await {
+            if let Err(e) = tr.readable().await {
+                if is_reset(&e) {
+                    ws.reset(RESET_TCP);
+                }
+                return End::Reset;
+            }
+            let mut tcp_failed = false;
+            let res = ws
+                .write_with(UP_BATCH, |room| {
+                    let r = tr.try_read(room);
+                    tcp_failed = r.is_err();
+                    r
+                })
+                .await;
+            match res {
                 Ok(0) => {
                     let _ = ws.shutdown().await;
                     return End::Fin;
@@ -143,19 +164,16 @@ pub(crate) async fn splice(
                 Ok(n) => {
                     touch();
                     stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    if ws.write_all(&buf[..n]).await.is_err() {
-                        return End::Reset;
-                    }
-                    if n == buf.len() && buf.len() < (256 << 10) {
-                        buf.resize(256 << 10, 0);
-                    }
                 }
-                Err(e) => {
+                // Readiness was stale: wait for the socket again.
+                Err(e) if tcp_failed && e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if tcp_failed => {
                     if is_reset(&e) {
                         ws.reset(RESET_TCP);
                     }
                     return End::Reset;
                 }
+                Err(_) => return End::Reset,
             }
         }
     };

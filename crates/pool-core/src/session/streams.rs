@@ -128,6 +128,77 @@ impl Session {
         Ok(written)
     }
 
+    /// Like [`Session::stream_write`], without a copy: `fill` gets room in
+    /// the replay buffer, writes up to its length of the stream's next
+    /// bytes there and returns how many it wrote. It is called again while
+    /// it fills all the room it gets and flow control and the buffer allow
+    /// more (a bridge's `fill` reads its socket: it stops when the socket
+    /// has nothing more). Returns the bytes written, which may be 0 when
+    /// `fill` wrote nothing, or [`StreamError::Blocked`] without calling
+    /// `fill` when there is no room or credit (then wait for
+    /// [`Event::StreamWritable`]).
+    pub fn stream_write_with(
+        &mut self,
+        id: u64,
+        max: usize,
+        mut fill: impl FnMut(&mut [u8]) -> usize,
+    ) -> Result<usize, StreamError> {
+        self.check_open()?;
+        if self.frozen {
+            if !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        let st = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
+        if let Some(code) = st.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if st.fin_queued {
+            return Err(StreamError::Finished);
+        }
+        let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
+        let mut left = (max as u64).min(credit) as usize;
+        if left == 0 || self.send.space() <= 17 {
+            if max > 0 && !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        let mut hdr = [0u8; 17];
+        let hdr_len = wire::stream_header_fixed(id, 0, &mut hdr);
+        let mut written = 0usize;
+        while left > 0 {
+            // Leave the same headroom as `stream_write` does (a RESET_STREAM
+            // or FIN frame still fits behind a full write).
+            let space = self.send.space();
+            if space <= 17 {
+                break;
+            }
+            let want = left.min(MAX_STREAM_CHUNK).min(space - 17);
+            let room = self.send.spare(hdr_len, want);
+            let offered = room.len();
+            let n = fill(room).min(offered);
+            if n == 0 {
+                break;
+            }
+            wire::stream_header_fixed(id, n, &mut hdr);
+            self.send.commit(&hdr[..hdr_len], n);
+            self.stats.frames_sent += 1;
+            written += n;
+            left -= n;
+            if n < offered {
+                break;
+            }
+        }
+        if let Some(st) = self.streams.get_mut(&id) {
+            st.sent += written as u64;
+        }
+        self.data_sent += written as u64;
+        self.stats.stream_bytes_sent += written as u64;
+        Ok(written)
+    }
+
     /// Ends the sending side (FIN). Reading goes on until the peer's FIN.
     pub fn stream_finish(&mut self, id: u64) -> Result<(), StreamError> {
         self.check_open()?;
