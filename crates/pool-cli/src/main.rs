@@ -12,8 +12,10 @@ mod cmd;
 mod ctl;
 mod demo;
 mod director;
+mod journal;
 mod migrate;
 mod node;
+mod notify;
 mod relay;
 mod trust;
 mod vault;
@@ -43,8 +45,20 @@ struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// How logs are written to stderr: text, or json (one object a line, one field per value; lines inside a session carry its short id in `span`/`spans`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object a line (for journald, Loki, Elasticsearch, ...).
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,7 +166,7 @@ pool director workers\n  pool director drain WORKER_KEY\n\nSee docs/director.md.
     Config(ConfigCmd),
     /// Work with the change journal.
     #[command(subcommand)]
-    Journal(JournalCmd),
+    Journal(journal::JournalCmd),
     /// Paths of sessions: where each runs (direct or relay), and whether a direct path works.
     #[command(subcommand)]
     Migrate(MigrateCmd),
@@ -409,29 +423,6 @@ never sees half a line. A running daemon picks the change up on `pool ctl reload
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum JournalCmd {
-    /// Check the hash chain and the signed checkpoints: finds edited, removed or reordered lines.
-    #[command(
-        after_help = "EXAMPLE:\n  pool journal pubkey /var/lib/pool/journal.log      # once; keep the key off this host\n  \
-pool journal verify /var/lib/pool/journal.log --key KEY\n\n\
-Without --key the checkpoints are checked against the key the file itself names, which a file\n\
-rewritten from scratch could name too. Entries after the last checkpoint are listed as unsigned."
-    )]
-    Verify {
-        /// The journal file.
-        file: PathBuf,
-        /// The journal's public signing key (hex, from `pool journal pubkey`) that every checkpoint must be signed with.
-        #[arg(long, value_name = "PUB")]
-        key: Option<String>,
-    },
-    /// Print the public key that signs a journal's checkpoints (from FILE.key beside it).
-    Pubkey {
-        /// The journal file.
-        file: PathBuf,
-    },
-}
-
 /// Relays and path changes.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct PathArgs {
@@ -600,12 +591,23 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(true)
+            .init(),
+    }
 
     if needs_selftest(&cli.command) {
         if let Err(e) = selftest_gate(pool_core::selftest::run()) {
@@ -658,10 +660,7 @@ fn main() -> ExitCode {
         }) => ctl::apply(&file, confirm_within, &to),
         Command::Config(ConfigCmd::Confirm { to }) => ctl::confirm(&to),
         Command::Config(ConfigCmd::Rollback { to }) => ctl::rollback(&to),
-        Command::Journal(JournalCmd::Verify { file, key }) => {
-            node::journal_verify(&file, key.as_deref())
-        }
-        Command::Journal(JournalCmd::Pubkey { file }) => node::journal_pubkey(&file),
+        Command::Journal(j) => journal::main(j),
         Command::Migrate(MigrateCmd::Status { json, control }) => {
             migrate::status(&control.unwrap_or_else(node::default_control), json)
         }

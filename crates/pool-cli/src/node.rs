@@ -62,6 +62,8 @@ pub(crate) async fn run_daemon(
     if let Some(m) = st["metrics"].as_str() {
         eprintln!("pool: metrics at http://{m}/metrics");
     }
+    // Everything is bound and the journal is open: systemd may go on.
+    crate::notify::ready();
     daemon::run_until_signal(d, drain).await?;
     Ok(())
 }
@@ -441,19 +443,4 @@ pub(crate) fn journal_pubkey(file: &Path) -> Result<()> {
     let key = pool_journal::public_key(file).map_err(|e| CliError::msg(e.to_string()))?;
     println!("{key}");
     Ok(())
-}
-
-pub(crate) fn journal_verify(file: &Path, key: Option<&str>) -> Result<()> {
-    let report =
-        pool_journal::verify_with_key(file, key).map_err(|e| CliError::msg(e.to_string()))?;
-    println!("{report}");
-    if report.problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::msg(format!(
-            "{}: {} problem(s) found; the journal has been altered",
-            file.display(),
-            report.problems.len()
-        )))
-    }
 }

@@ -20,6 +20,9 @@ pub(crate) struct RelayArgs {
     /// Append the change journal to this file.
     #[arg(long, value_name = "FILE")]
     journal: Option<PathBuf>,
+    /// Seal the journal and start a new file (continuing its chain) once it holds this many bytes (0: only on SIGUSR1).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    journal_rotate_bytes: u64,
     /// Connections open at once, all nodes together (more are refused).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_connections: usize,
@@ -77,6 +80,7 @@ fn config(args: RelayArgs) -> Result<RelayConfig, CliError> {
     if let Some(j) = args.journal {
         cfg = cfg.journal(j);
     }
+    cfg = cfg.journal_rotate_bytes(args.journal_rotate_bytes);
     if let Some(m) = args.metrics {
         cfg = cfg.metrics(m);
     }
@@ -123,6 +127,8 @@ pub(crate) async fn relay(args: RelayArgs) -> Result<(), CliError> {
         |k| signal(k).map_err(|e| CliError::msg(format!("cannot install a signal handler: {e}")));
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
+    let mut usr1 = sig(SignalKind::user_defined1())?;
+    let journal = server.journal();
     if let Some(m) = server.metrics_addr() {
         eprintln!("pool: metrics at http://{m}/metrics");
     }
@@ -132,10 +138,23 @@ pub(crate) async fn relay(args: RelayArgs) -> Result<(), CliError> {
     eprintln!("pool: relay listening on {}", server.local_addr());
     let (stop, rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(server.run(rx));
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    crate::notify::ready();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => {
+                if let Some(j) = &journal {
+                    match j.rotate().await {
+                        Ok(Some(p)) => eprintln!("pool: journal sealed as {}", p.display()),
+                        Ok(None) => eprintln!("pool: journal is empty; nothing to seal"),
+                        Err(e) => eprintln!("pool: error: {e}"),
+                    }
+                }
+            }
+        }
     }
+    crate::notify::stopping();
     eprintln!("pool: relay stopping");
     let _ = stop.send(true);
     let _ = run.await;

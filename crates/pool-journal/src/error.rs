@@ -59,4 +59,12 @@ pub enum JournalError {
         /// What was given.
         given: String,
     },
+    /// Rotating the journal failed; it goes on in the same file.
+    #[error("journal {}: not rotated: {reason} (it goes on in the same file)", path.display())]
+    Rotate {
+        /// The live journal file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
 }

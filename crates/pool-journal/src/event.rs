@@ -115,11 +115,15 @@ pub enum Event {
     JournalEntriesLost,
     /// A signed checkpoint (`journal_checkpoint`). Written by the journal itself.
     JournalCheckpoint,
+    /// The first line of a file that continues a rotated one
+    /// (`journal_continued`): its `prev` is the sealed file's last hash.
+    /// Written by the journal itself.
+    JournalContinued,
 }
 
 impl Event {
     /// Every event, in the order `docs/journal.md` lists them.
-    pub const ALL: [Event; 47] = [
+    pub const ALL: [Event; 48] = [
         Event::NodeStarted,
         Event::NodeStopped,
         Event::ConfigApplied,
@@ -167,6 +171,7 @@ impl Event {
         Event::VaultRefused,
         Event::JournalEntriesLost,
         Event::JournalCheckpoint,
+        Event::JournalContinued,
     ];
 
     /// The name written to the file as the entry's `event`.
@@ -220,6 +225,7 @@ impl Event {
             Event::VaultRefused => "vault_refused",
             Event::JournalEntriesLost => "journal_entries_lost",
             Event::JournalCheckpoint => "journal_checkpoint",
+            Event::JournalContinued => "journal_continued",
         }
     }
 
@@ -232,7 +238,10 @@ impl Event {
     /// Written by the journal itself, never by a caller.
     #[must_use]
     pub const fn is_internal(&self) -> bool {
-        matches!(self, Event::JournalEntriesLost | Event::JournalCheckpoint)
+        matches!(
+            self,
+            Event::JournalEntriesLost | Event::JournalCheckpoint | Event::JournalContinued
+        )
     }
 }
 
@@ -293,7 +302,11 @@ mod tests {
         let internal: Vec<Event> = Event::ALL.into_iter().filter(Event::is_internal).collect();
         assert_eq!(
             internal,
-            [Event::JournalEntriesLost, Event::JournalCheckpoint]
+            [
+                Event::JournalEntriesLost,
+                Event::JournalCheckpoint,
+                Event::JournalContinued
+            ]
         );
     }
 }

@@ -69,6 +69,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod record;
+mod series;
 mod verify;
 mod writer;
 
@@ -78,5 +79,6 @@ pub use checkpoint::{
 };
 pub use error::JournalError;
 pub use event::{Event, UnknownEvent};
-pub use verify::{verify, verify_with_key, VerifyReport};
+pub use series::{sealed_path, Continuation, JournalConfig, SeriesReport, CONTINUED_EVENT};
+pub use verify::{series_files, verify, verify_series, verify_with_key, VerifyReport};
 pub use writer::{Journal, JournalStats};

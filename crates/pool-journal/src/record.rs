@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::canonical::{canonical_object, format_ts, hex, unhex32, write_object};
 use crate::checkpoint::{parse_checkpoint, Checkpoint, CHECKPOINT_EVENT};
+use crate::series::CONTINUED_EVENT;
 
 /// `prev` of the first entry.
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -97,6 +98,9 @@ pub(crate) struct Parsed {
     /// Set when the entry is a checkpoint: what it signs, or why it is
     /// malformed.
     pub(crate) checkpoint: Option<Result<Checkpoint, &'static str>>,
+    /// Set when the entry is a `journal_continued` line: the file it names
+    /// as its predecessor.
+    pub(crate) continues: Option<String>,
 }
 
 /// Parses one line (without its newline); `Err` says why it is not an entry.
@@ -126,6 +130,12 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, &'static str> {
     let mut again = String::with_capacity(text.len());
     canonical_object(&obj, &mut again);
     let checkpoint = (event == CHECKPOINT_EVENT).then(|| parse_checkpoint(&obj));
+    let continues = (event == CONTINUED_EVENT).then(|| {
+        obj.get("from_file")
+            .and_then(Value::as_str)
+            .unwrap_or("(unnamed)")
+            .to_owned()
+    });
     Ok(Parsed {
         seq,
         prev,
@@ -134,6 +144,7 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, &'static str> {
         canonical_ok: again == text,
         leaf: leaf_of(&obj),
         checkpoint,
+        continues,
     })
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::canonical::{hex, unhex32};
 use crate::record::{parse_line, Parsed};
+use crate::series::{link_problem, sealed_files, Continuation, SeriesReport, CONTINUED_EVENT};
 use crate::JournalError;
 
 /// What [`verify`] found.
@@ -40,6 +41,10 @@ pub struct VerifyReport {
     /// `line 7: edited (hash does not match its content)`. Empty when the
     /// chain is intact.
     pub problems: Vec<String>,
+    /// Set when the file continues a rotated one (its first line is a
+    /// `journal_continued` entry): whom it names, and where the chain
+    /// picks up. [`verify_series`] checks the link.
+    pub continues: Option<Continuation>,
 }
 
 impl VerifyReport {
@@ -56,6 +61,9 @@ impl fmt::Display for VerifyReport {
         match (self.first_seq, self.last_seq) {
             (Some(a), Some(b)) => write!(f, "{} entries, seq {a} to {b}", self.entries)?,
             _ => write!(f, "no entries")?,
+        }
+        if let Some(c) = &self.continues {
+            write!(f, " (continues {})", c.from_file)?;
         }
         match &self.signing_key {
             Some(k) => write!(
@@ -184,7 +192,20 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
         key_pinned: pinned.is_some(),
         unsigned: Vec::new(),
         problems: Vec::new(),
+        continues: None,
     };
+    // A file that continues a rotated one starts where the sealed file
+    // ended: its first `seq` and `prev` are the continuation's.
+    if let Some(Ok(first)) = lines.first() {
+        if let Some(from_file) = &first.continues {
+            report.continues = Some(Continuation {
+                from_file: from_file.clone(),
+                seq: first.seq,
+                prev: hex(&first.prev),
+            });
+        }
+    }
+    let start_seq = report.continues.as_ref().map_or(1, |c| c.seq);
     // At most one problem per line, the first found.
     let mut problems: BTreeMap<usize, String> = BTreeMap::new();
     let mut max_seq: Option<u64> = None;
@@ -205,12 +226,16 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
         let s = p.seq;
         let problem = if !p.content_ok {
             Some("edited (hash does not match its content)".to_owned())
+        } else if p.continues.is_some() && n != 1 {
+            Some(format!(
+                "a `{CONTINUED_EVENT}` entry not on the first line (files joined, or lines moved)"
+            ))
         } else if !p.canonical_ok {
             Some("edited (reformatted; its content still matches its hash)".to_owned())
         } else if let Some(&(m, _)) = by_seq.get(&s).filter(|(m, _)| *m != n) {
             Some(format!("duplicate (seq {s} is also on line {m})"))
         } else {
-            let expected = max_seq.map_or(1, |m| m.saturating_add(1));
+            let expected = max_seq.map_or(start_seq, |m| m.saturating_add(1));
             let after = prev_seq.map_or_else(|| "the start".to_owned(), |t| t.to_string());
             if s == expected {
                 if s == 1 {
@@ -376,4 +401,60 @@ pub fn verify_with_key(path: &Path, key: Option<&str>) -> Result<VerifyReport, J
         .map(|(n, p)| format!("line {n}: {p}"))
         .collect();
     Ok(report)
+}
+
+/// The files of the series whose live file is `active`: its sealed files
+/// (`active.000001`, ...) oldest first, then `active` itself if it exists.
+///
+/// # Errors
+///
+/// [`JournalError::Read`] when the directory cannot be listed.
+pub fn series_files(active: &Path) -> Result<Vec<PathBuf>, JournalError> {
+    let dir = match active.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let read_err = |source| JournalError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        if let Some(n) = entry.map_err(read_err)?.file_name().to_str() {
+            names.push(n.to_owned());
+        }
+    }
+    let mut out: Vec<PathBuf> = sealed_files(active, &names)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    if active.exists() {
+        out.push(active.to_path_buf());
+    }
+    Ok(out)
+}
+
+/// Checks a series of journal files, oldest first: each file as
+/// [`verify_with_key`] does, and that each file after the first starts
+/// with a `journal_continued` entry chaining to the last hash of the file
+/// before it (so a file missing from the middle, lines cut off the end of
+/// a sealed file, or a journal started afresh are named).
+///
+/// # Errors
+///
+/// As [`verify_with_key`], for any of the files.
+pub fn verify_series(files: &[PathBuf], key: Option<&str>) -> Result<SeriesReport, JournalError> {
+    let mut reports: Vec<VerifyReport> = Vec::with_capacity(files.len());
+    let mut links = Vec::new();
+    for path in files {
+        let r = verify_with_key(path, key)?;
+        if let Some(earlier) = reports.last() {
+            links.extend(link_problem(earlier, &r));
+        }
+        reports.push(r);
+    }
+    Ok(SeriesReport {
+        files: reports,
+        links,
+    })
 }

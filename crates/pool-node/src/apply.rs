@@ -171,6 +171,10 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     restart("[node] control", on.control != nn.control);
     restart("[node] metrics", on.metrics != nn.metrics);
     restart("[node] journal", on.journal != nn.journal);
+    restart(
+        "[node] journal_rotate_bytes",
+        on.journal_rotate_bytes != nn.journal_rotate_bytes,
+    );
     restart("[node] relays", on.relays != nn.relays);
     restart("[node] state_dir", on.state_dir != nn.state_dir);
     restart(

@@ -405,6 +405,11 @@ pub struct NodeSection {
     /// Change journal file; empty disables.
     #[serde(default)]
     pub journal: Option<PathBuf>,
+    /// Seal the journal and start a new file (continuing its chain) once
+    /// it holds this many bytes; 0: only on `pool journal rotate` or
+    /// SIGUSR1. Read at start.
+    #[serde(default)]
+    pub journal_rotate_bytes: u64,
     /// Seconds to let connections finish on SIGTERM.
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
@@ -460,6 +465,7 @@ impl Default for NodeSection {
             control: None,
             metrics: None,
             journal: None,
+            journal_rotate_bytes: 0,
             drain_timeout_secs: default_drain(),
             relays: Vec::new(),
             direct_retry_secs: default_direct_retry(),

@@ -62,6 +62,8 @@ pub enum Request {
     ConfigConfirm,
     /// Go back from the pending change now.
     ConfigRollback,
+    /// Seal the journal and start a new file that continues its chain.
+    JournalRotate,
     /// Hand one accepted session to another worker.
     Handoff {
         /// A session id (prefix) or peer-key prefix from `ctl sessions`.
@@ -103,6 +105,7 @@ impl Request {
             Request::ConfigApply { .. } => "config apply",
             Request::ConfigConfirm => "config confirm",
             Request::ConfigRollback => "config rollback",
+            Request::JournalRotate => "journal rotate",
             Request::Handoff { .. } => "ctl handoff",
             Request::Drain { .. } => "ctl drain",
         }
@@ -287,6 +290,11 @@ impl Daemon {
         match req {
             Request::Sessions => serde_json::to_value(self.sessions()).unwrap_or_default(),
             Request::Status => self.status(),
+            Request::JournalRotate => match self.rotate_journal().await {
+                Ok(Some(p)) => json!({"sealed": p.display().to_string()}),
+                Ok(None) => json!({"sealed": null}),
+                Err(e) => error_reply(e),
+            },
             Request::Reload => match self.reload().await {
                 Ok(plan) => plan_reply(&plan),
                 Err(e) => error_reply(format!("not applied, the running config is unchanged: {e}")),

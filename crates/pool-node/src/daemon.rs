@@ -213,6 +213,10 @@ impl Daemon {
             let s = j.stats();
             c.journal_written = s.written;
             c.journal_failed = s.failed + s.dropped;
+            c.journal_rotations = s.rotations;
+        }
+        if let Ok(p) = self.pending.lock() {
+            c.config_pending = p.is_some();
         }
         c
     }
@@ -337,6 +341,18 @@ impl Daemon {
         }
         self.journal_refusals(out);
         self.router.expire();
+    }
+
+    /// Seals the journal and starts a new file continuing its chain
+    /// (`pool journal rotate`, SIGUSR1). Returns the sealed file's path.
+    pub async fn rotate_journal(&self) -> Result<Option<PathBuf>, String> {
+        let Some(j) = &self.journal else {
+            return Err("this node keeps no journal ([node] journal)".to_owned());
+        };
+        j.rotate().await.map_err(|e| {
+            error!("{e}");
+            e.to_string()
+        })
     }
 
     /// Journals the refusal counts of every open window now, and waits
@@ -482,9 +498,13 @@ pub async fn start(
     };
     let journal = match &cfg.node.journal {
         Some(p) if !p.as_os_str().is_empty() => Some(
-            Journal::open(p)
-                .await
-                .map_err(|e| DaemonError::Key(format!("journal: {e}")))?,
+            Journal::open_with(
+                p,
+                pool_journal::JournalConfig::default()
+                    .rotate_at_bytes(cfg.node.journal_rotate_bytes),
+            )
+            .await
+            .map_err(|e| DaemonError::Key(format!("journal: {e}")))?,
         ),
         _ => None,
     };
@@ -704,8 +724,13 @@ pub async fn run_until_signal(daemon: Arc<Daemon>, drain: Duration) -> Result<()
     let mut hup = sig(SignalKind::hangup())?;
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
+    let mut usr1 = sig(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
+            _ = usr1.recv() => {
+                info!("SIGUSR1: rotating the journal");
+                let _ = daemon.rotate_journal().await;
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 if let Err(e) = daemon.reload().await {

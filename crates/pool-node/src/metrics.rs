@@ -323,6 +323,19 @@ impl Collector for PoolCollector {
             "Change journal entries that could not be written.",
             c.journal_failed,
         )?;
+        let pending = ConstGauge::new(i64::from(c.config_pending));
+        pending.encode(e.encode_descriptor(
+            "pool_config_pending",
+            "1 while an applied config awaits `pool config confirm` (it rolls back by itself at the deadline).",
+            None,
+            pending.metric_type(),
+        )?)?;
+        counter(
+            e,
+            "pool_journal_rotations",
+            "Times the change journal was sealed and a new file started.",
+            c.journal_rotations,
+        )?;
 
         counter(
             e,

@@ -82,6 +82,12 @@ pub struct NodeCounters {
     pub journal_written: u64,
     /// Journal entries that could not be written.
     pub journal_failed: u64,
+    /// Times the journal was sealed and a new file started.
+    #[serde(default)]
+    pub journal_rotations: u64,
+    /// A `pool config apply --confirm-within` awaits `pool config confirm`.
+    #[serde(default)]
+    pub config_pending: bool,
     /// Connections from programs under the shim (source node).
     #[serde(default)]
     pub shim_connections: u64,

@@ -96,6 +96,8 @@ fn fake() -> Arc<FakeSource> {
             handoffs_committed: 25,
             handoffs_imported: 26,
             handoffs_aborted: [("target_refused".to_string(), 27)].into_iter().collect(),
+            journal_rotations: 27,
+            config_pending: true,
         },
     })
 }
@@ -290,7 +292,7 @@ fn parse_exposition(text: &str) -> Exposition {
     x
 }
 
-const AGGREGATE_COUNTERS: [&str; 16] = [
+const AGGREGATE_COUNTERS: [&str; 17] = [
     "pool_sessions_accepted",
     "pool_sessions_dialled",
     "pool_handshakes_refused",
@@ -307,6 +309,7 @@ const AGGREGATE_COUNTERS: [&str; 16] = [
     "pool_handoffs_started",
     "pool_handoffs_committed",
     "pool_handoffs_imported",
+    "pool_journal_rotations",
 ];
 
 const PEER_FAMILIES: [(&str, &str); 9] = [
@@ -348,6 +351,8 @@ async fn metrics_match_the_source() {
             "{name}"
         );
     }
+    assert_eq!(x.types["pool_config_pending"], "gauge");
+    assert_eq!(x.value("pool_config_pending", None), Some(1.0));
     assert_eq!(x.types["pool_handoffs_aborted"], "counter");
     assert_eq!(
         x.samples
@@ -405,11 +410,12 @@ async fn metrics_match_the_source() {
         Some(0.0)
     );
     assert_eq!(x.value("pool_session_path_changes", None), Some(0.0));
-    // 1 + 3 (by path) + 1 (path changes) + 16 aggregate samples, 1
-    // handoff abort reason, 9 + 6 per-peer samples, nothing else.
+    // 1 + 3 (by path) + 1 (path changes) + 1 (config pending) + 17
+    // aggregate samples, 1 handoff abort reason, 9 + 6 per-peer samples,
+    // nothing else.
     assert_eq!(
         x.samples.len(),
-        1 + 3 + 1 + 16 + 1 + 9 + 6,
+        1 + 3 + 1 + 1 + 17 + 1 + 9 + 6,
         "{:?}",
         x.samples.keys()
     );

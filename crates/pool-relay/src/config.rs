@@ -41,6 +41,9 @@ pub struct RelayConfig {
     pub allow: HashSet<PublicKey>,
     /// Append the change journal to this file.
     pub journal: Option<PathBuf>,
+    /// Seal the journal and start a new file once it holds this many
+    /// bytes (0: only when asked, SIGUSR1 to `pool relay`).
+    pub journal_rotate_bytes: u64,
     /// Serve `/metrics` and `/health` here, e.g. `127.0.0.1:9257`.
     pub metrics: Option<String>,
 }
@@ -59,6 +62,7 @@ impl Default for RelayConfig {
             max_unauthenticated_per_address: 64,
             allow: HashSet::new(),
             journal: None,
+            journal_rotate_bytes: 0,
             metrics: None,
         }
     }
@@ -141,6 +145,13 @@ impl RelayConfig {
     #[must_use]
     pub fn journal(mut self, path: impl Into<PathBuf>) -> Self {
         self.journal = Some(path.into());
+        self
+    }
+
+    /// Sets [`RelayConfig::journal_rotate_bytes`].
+    #[must_use]
+    pub fn journal_rotate_bytes(mut self, bytes: u64) -> Self {
+        self.journal_rotate_bytes = bytes;
         self
     }
 

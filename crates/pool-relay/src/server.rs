@@ -77,7 +77,14 @@ impl RelayServer {
                 source,
             })?;
         let journal = match &cfg.journal {
-            Some(p) => Some(Journal::open(p).await?),
+            Some(p) => Some(
+                Journal::open_with(
+                    p,
+                    pool_journal::JournalConfig::default()
+                        .rotate_at_bytes(cfg.journal_rotate_bytes),
+                )
+                .await?,
+            ),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -139,6 +146,12 @@ impl RelayServer {
     #[must_use]
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|m| m.0)
+    }
+
+    /// The relay's journal, if it keeps one (to rotate it while it runs).
+    #[must_use]
+    pub fn journal(&self) -> Option<Journal> {
+        self.shared.journal.clone()
     }
 
     /// A snapshot of the counters.

@@ -21,7 +21,9 @@ use crate::checkpoint::{
     CHECKPOINT_INTERVAL,
 };
 use crate::record::{parse_line, render, Pending, GENESIS, LEAF_LEN};
-use crate::{Event, JournalError};
+use crate::{Event, JournalConfig, JournalError};
+
+mod rotate;
 
 /// Entries that may wait for the writer before [`Journal::record`] drops.
 const QUEUE: usize = 4096;
@@ -50,6 +52,9 @@ pub struct JournalStats {
     /// Bulk entries ([`Journal::record_bulk`]) shed to keep room in the
     /// queue for the others (also counted in `dropped`).
     pub shed: u64,
+    /// Times the file was sealed and a new one started ([`Journal::rotate`]
+    /// or the size set with [`JournalConfig::rotate_at_bytes`]).
+    pub rotations: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +64,7 @@ struct Counters {
     failed: AtomicU64,
     checkpoints: AtomicU64,
     shed: AtomicU64,
+    rotations: AtomicU64,
     /// Set on the first drop of a burst, so that it is logged once.
     dropping: AtomicBool,
 }
@@ -81,6 +87,7 @@ enum Msg {
     Entry(Pending),
     Flush(oneshot::Sender<()>),
     Checkpoint(oneshot::Sender<()>),
+    Rotate(oneshot::Sender<Result<Option<PathBuf>, String>>),
 }
 
 impl fmt::Debug for Journal {
@@ -104,6 +111,18 @@ impl Journal {
     /// [`JournalError::Open`] or [`JournalError::Read`] when the file cannot
     /// be opened or read, [`JournalError::Corrupt`] as above.
     pub async fn open(path: &Path) -> Result<Journal, JournalError> {
+        Journal::open_with(path, JournalConfig::default()).await
+    }
+
+    /// [`Journal::open`], kept as `config` says (rotation by size). An
+    /// empty or missing file whose directory holds sealed files of it
+    /// (`FILE.000001`, ...) continues the chain of the newest one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Journal::open`]; [`JournalError::Corrupt`] also when the newest
+    /// sealed file's last line is not an intact entry.
+    pub async fn open_with(path: &Path, config: JournalConfig) -> Result<Journal, JournalError> {
         let owned = path.to_path_buf();
         let writer = tokio::task::spawn_blocking(move || Writer::open(&owned))
             .await
@@ -115,7 +134,13 @@ impl Journal {
         info!(path = %path.display(), next_seq = writer.seq + 1, signing_key = public_key.as_deref().unwrap_or("none"), "journal opened");
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
-        tokio::spawn(run_writer(rx, writer, counters.clone(), path.to_path_buf()));
+        tokio::spawn(run_writer(
+            rx,
+            writer,
+            counters.clone(),
+            path.to_path_buf(),
+            config,
+        ));
         Ok(Journal {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
@@ -155,6 +180,36 @@ impl Journal {
         let (tx, rx) = oneshot::channel();
         if self.shared.tx.send(Msg::Checkpoint(tx)).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+
+    /// Seals the file and starts a new one that continues its chain: every
+    /// entry recorded before this call goes to the sealed file (after a
+    /// checkpoint signing them), every later one to the new file, in
+    /// order; none is lost while it happens. The sealed file is renamed to
+    /// the next number of the series ([`sealed_path`](crate::sealed_path):
+    /// `FILE.000001`, `FILE.000002`, ...) and the new file's first line is
+    /// a `journal_continued` entry chained to its last hash.
+    ///
+    /// `Ok(None)` when there was nothing to seal (an empty file, or not a
+    /// regular file).
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Rotate`] when the rotation failed (the file is kept
+    /// and written to as before), or the writer has stopped.
+    pub async fn rotate(&self) -> Result<Option<PathBuf>, JournalError> {
+        let err = |reason: String| JournalError::Rotate {
+            path: self.shared.path.clone(),
+            reason,
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.shared.tx.send(Msg::Rotate(tx)).await.is_err() {
+            return Err(err("the journal writer has stopped".to_owned()));
+        }
+        match rx.await {
+            Ok(r) => r.map_err(err),
+            Err(_) => Err(err("the journal writer has stopped".to_owned())),
         }
     }
 
@@ -214,6 +269,7 @@ impl Journal {
             failed: c.failed.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             shed: c.shed.load(Ordering::Relaxed),
+            rotations: c.rotations.load(Ordering::Relaxed),
         }
     }
 
@@ -235,6 +291,7 @@ async fn run_writer(
     mut writer: Writer,
     counters: Arc<Counters>,
     path: PathBuf,
+    config: JournalConfig,
 ) {
     // Entries lost to failed writes since the last successful one.
     let mut lost_failed: u64 = 0;
@@ -260,6 +317,7 @@ async fn run_writer(
         let mut batch = Vec::new();
         let mut waiters = Vec::new();
         let mut want_checkpoint = false;
+        let mut rotate_waiter = None;
         let closed = match msg {
             // A deadline passed with nothing new queued.
             None => false,
@@ -274,8 +332,10 @@ async fn run_writer(
                             want_checkpoint = true;
                             waiters.push(w);
                         }
+                        // Entries queued after it go to the new file.
+                        Msg::Rotate(w) => rotate_waiter = Some(w),
                     }
-                    next = if batch.len() < BATCH {
+                    next = if batch.len() < BATCH && rotate_waiter.is_none() {
                         rx.try_recv().ok()
                     } else {
                         None
@@ -305,12 +365,17 @@ async fn run_writer(
             || !waiters.is_empty()
             || unsynced + batch.len() >= BATCH
             || sync_due.is_some_and(|d| d <= now);
+        let asked = rotate_waiter.is_some();
+        let live = path.clone();
         let job = tokio::task::spawn_blocking(move || {
             let out = writer.append(batch, sync, checkpoint);
-            (writer, out)
+            let rotated =
+                (asked || config.rotation_due(writer.good_len)).then(|| writer.rotate(&live));
+            (writer, out, rotated)
         });
         let out;
-        (writer, out) = match job.await {
+        let rotated;
+        (writer, out, rotated) = match job.await {
             Ok(r) => r,
             Err(e) => {
                 error!(path = %path.display(), error = %e, "journal writer stopped; entries are being dropped (restart the node to resume the journal)");
@@ -369,6 +434,24 @@ async fn run_writer(
         } else {
             checkpoint_due
         };
+        match rotated {
+            Some(Ok(r)) => {
+                if r.is_some() {
+                    counters.rotations.fetch_add(1, Ordering::Relaxed);
+                    checkpoint_due = None;
+                }
+                if let Some(w) = rotate_waiter {
+                    let _ = w.send(Ok(r));
+                }
+            }
+            Some(Err(e)) => {
+                error!(path = %path.display(), error = %e, "journal rotation failed; writing goes on in the same file");
+                if let Some(w) = rotate_waiter {
+                    let _ = w.send(Err(e.to_string()));
+                }
+            }
+            None => {}
+        }
         for w in waiters {
             let _ = w.send(());
         }
@@ -459,6 +542,10 @@ impl Writer {
             path: path.to_path_buf(),
             source,
         };
+        writer.continue_series(path)?;
+        if writer.seq > 0 {
+            return Ok(writer);
+        }
         let Some(line) = last_line(&writer.file, meta.len()).map_err(read_err)? else {
             return Ok(writer);
         };
