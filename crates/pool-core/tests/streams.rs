@@ -387,10 +387,15 @@ fn write_with_fills_in_place_and_survives_a_resume() {
         // A source that gives odd-sized pieces, like a socket would.
         let piece = 1 + (calls * 7919) % 40_000;
         calls += 1;
-        let r = p.a.stream_write_with(id, 300_000, |room| {
-            let n = room.len().min(piece).min(msg.len() - sent);
-            room[..n].copy_from_slice(&msg[sent..sent + n]);
-            sent += n;
+        let r = p.a.stream_write_with(id, 300_000, |rooms| {
+            // Like a vectored read: fills the rooms in order, stops short.
+            let mut n = 0;
+            for room in rooms.iter_mut() {
+                let k = room.len().min(piece - n).min(msg.len() - sent);
+                room[..k].copy_from_slice(&msg[sent..sent + k]);
+                sent += k;
+                n += k;
+            }
             n
         });
         match r {

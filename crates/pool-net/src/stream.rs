@@ -117,7 +117,7 @@ impl Rehomed {
 type Sink<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<usize> + 'a;
 
 /// A producer of a stream's next bytes: see [`SendStream::write_with`].
-type Source<'a> = dyn FnMut(&mut [u8]) -> io::Result<usize> + 'a;
+type Source<'a> = dyn FnMut(&mut [io::IoSliceMut<'_>]) -> io::Result<usize> + 'a;
 
 impl Inner {
     fn finish_now(&self) {
@@ -235,23 +235,15 @@ impl Inner {
             return home.poll_write_with(cx, max, f);
         }
         let mut source_err = None;
-        let mut eof = false;
-        let res = st.core.stream_write_with(self.id, max, |room| {
-            if eof || source_err.is_some() {
-                return 0;
-            }
-            match f(room) {
-                Ok(0) => {
-                    eof = true;
-                    0
-                }
+        let res = st
+            .core
+            .stream_write_with(self.id, max, |rooms| match f(rooms) {
                 Ok(n) => n,
                 Err(e) => {
                     source_err = Some(e);
                     0
                 }
-            }
-        });
+            });
         match res {
             Ok(0) => Poll::Ready(match source_err {
                 Some(e) => Err(e),
@@ -395,22 +387,19 @@ impl SendStream {
     }
 
     /// Writes without copying from a buffer of the caller's: waits until
-    /// the stream may take bytes, then hands `source` room in the
-    /// session's replay buffer (where sent bytes wait for the peer's
-    /// acknowledgement anyway), which fills a prefix of it and returns how
-    /// much, typically by a non-blocking read from a socket. `source` is
-    /// called again while it fills all the room it gets, for up to `max`
-    /// bytes in all. Returns the count written; `Ok(0)` when `source`
-    /// returned `Ok(0)` (its end) before writing anything.
+    /// the stream may take bytes, then hands `source` room for up to `max`
+    /// of them in the session's replay buffer (where sent bytes wait for
+    /// the peer's acknowledgement anyway), as slices to fill in order,
+    /// typically by one non-blocking vectored read from a socket. `source`
+    /// returns how many bytes it wrote. Returns that count; `Ok(0)` when
+    /// `source` returned `Ok(0)` (its end).
     ///
     /// `source` runs with the session locked, so it must not block or
     /// await: a source with nothing to give now returns an error such as
-    /// [`io::ErrorKind::WouldBlock`], which is passed back unchanged when
-    /// nothing was written (after bytes were written, the call returns
-    /// their count and the next call meets the error again).
+    /// [`io::ErrorKind::WouldBlock`], which is passed back unchanged.
     pub async fn write_with<F>(&mut self, max: usize, mut source: F) -> io::Result<usize>
     where
-        F: FnMut(&mut [u8]) -> io::Result<usize>,
+        F: FnMut(&mut [io::IoSliceMut<'_>]) -> io::Result<usize>,
     {
         std::future::poll_fn(|cx| self.inner.poll_write_with(cx, max, &mut source)).await
     }

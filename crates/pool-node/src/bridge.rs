@@ -150,8 +150,8 @@ pub(crate) async fn splice(
             }
             let mut tcp_failed = false;
             let res = ws
-                .write_with(UP_BATCH, |room| {
-                    let r = tr.try_read(room);
+                .write_with(UP_BATCH, |rooms| {
+                    let r = tr.try_read_vectored(rooms);
                     tcp_failed = r.is_err();
                     r
                 })

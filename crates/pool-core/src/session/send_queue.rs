@@ -2,12 +2,13 @@
 //! the send queue.
 //!
 //! The frames are stored encoded, back to back, in one byte ring. A writer
-//! can fill a frame's body in place ([`SendQueue::spare`] and
-//! [`SendQueue::commit`]): a bridge reads from its socket straight into
-//! the replay buffer, and the only copy left on the sending side is the
-//! one into the record being sealed.
+//! can fill frames' bodies in place ([`SendQueue::fill_frames`]): a bridge
+//! reads from its socket straight into the replay buffer with one
+//! vectored read for many frames, and the only copy left on the sending
+//! side is the one into the record being sealed.
 
 use std::collections::VecDeque;
+use std::io::IoSliceMut;
 
 /// The smallest ring the queue allocates.
 const MIN_RING: usize = 4 << 10;
@@ -112,24 +113,63 @@ impl SendQueue {
         self.lens.push_back(total as u32);
     }
 
-    /// Room for a frame of a `hdr`-byte header and up to `body` bytes:
-    /// returns the contiguous part of the body's room (at least one byte,
-    /// at most `body`; shorter only where the ring wraps). Fill a prefix of
-    /// it, then [`SendQueue::commit`] the header and the body's length.
-    pub(super) fn spare(&mut self, hdr: usize, body: usize) -> &mut [u8] {
-        self.reserve(hdr + body);
-        let i = self.at(self.len + hdr);
-        let n = body.min(self.ring.len() - i);
-        &mut self.ring[i..i + n]
-    }
-
-    /// Completes the frame whose body was filled in [`SendQueue::spare`]'s
-    /// room: `header` goes in front of its first `body` bytes.
-    pub(super) fn commit(&mut self, header: &[u8], body: usize) {
-        self.write_at(self.len, header);
-        let total = header.len() + body;
-        self.len += total;
-        self.lens.push_back(total as u32);
+    /// Fills up to `total` bytes of stream data in place, as frames of a
+    /// `hdr_len`-byte header and up to `chunk` bytes each: lays the frames
+    /// out behind the held bytes, hands `fill` their bodies' rooms in order
+    /// (as many slices as the frames and the ring's wrap make), then writes
+    /// each frame's header (`header(body_len, out)`) in front of the bytes
+    /// `fill` says it wrote and queues the frames. Returns the bytes
+    /// queued and the frames made.
+    pub(super) fn fill_frames(
+        &mut self,
+        hdr_len: usize,
+        chunk: usize,
+        total: usize,
+        mut header: impl FnMut(usize, &mut [u8]),
+        fill: impl FnOnce(&mut [IoSliceMut<'_>]) -> usize,
+    ) -> (usize, usize) {
+        if total == 0 {
+            return (0, 0);
+        }
+        let frames = total.div_ceil(chunk);
+        self.reserve(frames * hdr_len + total);
+        let size = self.ring.len();
+        let tail = self.at(self.len);
+        let filled = {
+            // The free space behind the held bytes, in order: the ring from
+            // the tail to its end, then from its start (when it wraps).
+            let (lo, hi) = self.ring.split_at_mut(tail);
+            let free_lo = if self.head <= tail { self.head } else { 0 };
+            let hi_len = if self.head <= tail {
+                size - tail
+            } else {
+                self.head - tail
+            };
+            let mut regions: [&mut [u8]; 2] = [&mut hi[..hi_len], &mut lo[..free_lo]];
+            let mut slices: Vec<IoSliceMut<'_>> = Vec::with_capacity(frames + 1);
+            for j in 0..frames {
+                carve(&mut regions, hdr_len, None);
+                carve(
+                    &mut regions,
+                    chunk.min(total - j * chunk),
+                    Some(&mut slices),
+                );
+            }
+            fill(&mut slices).min(total)
+        };
+        let mut done = 0;
+        let mut made = 0;
+        let mut hdr = [0u8; 17];
+        while done < filled {
+            let body = chunk.min(filled - done);
+            header(body, &mut hdr[..hdr_len]);
+            self.write_at(self.len, &hdr[..hdr_len]);
+            self.len += hdr_len + body;
+            self.lens.push_back((hdr_len + body) as u32);
+            done += body;
+            made += 1;
+        }
+        (filled, made)
     }
 
     /// Drops frames below `next`; returns bytes freed.
@@ -190,6 +230,26 @@ impl SendQueue {
     }
 }
 
+/// Takes the next `n` bytes of `regions` (in order, moving on to the next
+/// region when one is used up), as slices pushed to `out` if given.
+fn carve<'a>(regions: &mut [&'a mut [u8]; 2], n: usize, mut out: Option<&mut Vec<IoSliceMut<'a>>>) {
+    let mut n = n;
+    let mut which = 0;
+    while n > 0 {
+        while regions[which].is_empty() {
+            which += 1;
+        }
+        let r = std::mem::take(&mut regions[which]);
+        let k = n.min(r.len());
+        let (piece, rest) = r.split_at_mut(k);
+        regions[which] = rest;
+        if let Some(out) = out.as_deref_mut() {
+            out.push(IoSliceMut::new(piece));
+        }
+        n -= k;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,19 +289,36 @@ mod tests {
                 f.extend_from_slice(&body);
                 model.push_back(f);
             } else {
-                let room = q.spare(3, body.len());
-                assert!(!room.is_empty() && room.len() <= body.len());
-                let n = room.len();
-                room.copy_from_slice(&body[..n]);
-                q.commit(&[1, 2, 3], n);
-                let mut f = vec![1, 2, 3];
-                f.extend_from_slice(&body[..n]);
-                model.push_back(f);
+                // In place, as frames of at most 100 bytes; the source
+                // gives all but the last 5 bytes.
+                let give = body.len().saturating_sub(5).max(1);
+                let (n, made) = q.fill_frames(
+                    3,
+                    100,
+                    body.len(),
+                    |len, out| out.copy_from_slice(&[1, 2, len as u8]),
+                    |slices| {
+                        let mut n = 0;
+                        for s in slices.iter_mut() {
+                            let k = s.len().min(give - n);
+                            s[..k].copy_from_slice(&body[n..n + k]);
+                            n += k;
+                        }
+                        n
+                    },
+                );
+                assert_eq!(n, give);
+                assert_eq!(made, give.div_ceil(100));
+                for piece in body[..give].chunks(100) {
+                    let mut f = vec![1, 2, piece.len() as u8];
+                    f.extend_from_slice(piece);
+                    model.push_back(f);
+                }
             }
-            if round % 3 == 0 && model.len() > 4 {
-                seq += 3;
+            if round % 3 == 0 && model.len() > 12 {
+                seq += 10;
                 q.ack(seq);
-                model.drain(..3);
+                model.drain(..10);
             }
             assert_eq!(q.bytes_len(), model.iter().map(Vec::len).sum::<usize>());
         }

@@ -2,6 +2,7 @@
 //! read) and close.
 
 use std::collections::VecDeque;
+use std::io::IoSliceMut;
 use std::time::Instant;
 
 use super::*;
@@ -129,19 +130,18 @@ impl Session {
     }
 
     /// Like [`Session::stream_write`], without a copy: `fill` gets room in
-    /// the replay buffer, writes up to its length of the stream's next
-    /// bytes there and returns how many it wrote. It is called again while
-    /// it fills all the room it gets and flow control and the buffer allow
-    /// more (a bridge's `fill` reads its socket: it stops when the socket
-    /// has nothing more). Returns the bytes written, which may be 0 when
-    /// `fill` wrote nothing, or [`StreamError::Blocked`] without calling
-    /// `fill` when there is no room or credit (then wait for
-    /// [`Event::StreamWritable`]).
+    /// the replay buffer for up to `max` bytes (as slices, in order: the
+    /// bodies of the frames they will make), writes the stream's next
+    /// bytes into them and returns how many it wrote; a bridge passes them
+    /// to one vectored read of its socket. Returns the bytes written, which
+    /// may be 0 when `fill` wrote nothing, or [`StreamError::Blocked`]
+    /// without calling `fill` when there is no room or credit (then wait
+    /// for [`Event::StreamWritable`]).
     pub fn stream_write_with(
         &mut self,
         id: u64,
         max: usize,
-        mut fill: impl FnMut(&mut [u8]) -> usize,
+        fill: impl FnOnce(&mut [IoSliceMut<'_>]) -> usize,
     ) -> Result<usize, StreamError> {
         self.check_open()?;
         if self.frozen {
@@ -158,39 +158,33 @@ impl Session {
             return Err(StreamError::Finished);
         }
         let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
-        let mut left = (max as u64).min(credit) as usize;
-        if left == 0 || self.send.space() <= 17 {
+        let mut hdr = [0u8; 17];
+        let hdr_len = wire::stream_header_fixed(id, 0, &mut hdr);
+        // Keep the headroom `stream_write` keeps (a RESET_STREAM or FIN
+        // frame still fits behind a full write): without it a full buffer
+        // could hold reset streams past the peer's stream limit.
+        let avail = self.send.space().saturating_sub(17);
+        let per = MAX_STREAM_CHUNK + hdr_len;
+        let fits = avail / per * MAX_STREAM_CHUNK + (avail % per).saturating_sub(hdr_len);
+        let total = (max as u64).min(credit).min(fits as u64) as usize;
+        if total == 0 {
             if max > 0 && !self.blocked.contains(&id) {
                 self.blocked.push(id);
             }
             return Err(StreamError::Blocked);
         }
-        let mut hdr = [0u8; 17];
-        let hdr_len = wire::stream_header_fixed(id, 0, &mut hdr);
-        let mut written = 0usize;
-        while left > 0 {
-            // Leave the same headroom as `stream_write` does (a RESET_STREAM
-            // or FIN frame still fits behind a full write).
-            let space = self.send.space();
-            if space <= 17 {
-                break;
-            }
-            let want = left.min(MAX_STREAM_CHUNK).min(space - 17);
-            let room = self.send.spare(hdr_len, want);
-            let offered = room.len();
-            let n = fill(room).min(offered);
-            if n == 0 {
-                break;
-            }
-            wire::stream_header_fixed(id, n, &mut hdr);
-            self.send.commit(&hdr[..hdr_len], n);
-            self.stats.frames_sent += 1;
-            written += n;
-            left -= n;
-            if n < offered {
-                break;
-            }
-        }
+        let (written, frames) = self.send.fill_frames(
+            hdr_len,
+            MAX_STREAM_CHUNK,
+            total,
+            |len, out| {
+                let mut h = [0u8; 17];
+                wire::stream_header_fixed(id, len, &mut h);
+                out.copy_from_slice(&h[..out.len()]);
+            },
+            fill,
+        );
+        self.stats.frames_sent += frames as u64;
         if let Some(st) = self.streams.get_mut(&id) {
             st.sent += written as u64;
         }

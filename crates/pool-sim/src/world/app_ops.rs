@@ -120,12 +120,14 @@ impl World {
         // as they were) fill the replay buffer in place, the way a bridge
         // reads its socket into it; the source then runs dry after `len`.
         let r = if len % 2 == 1 {
-            let mut given = 0usize;
-            self.session_mut(side).stream_write_with(id, len, |room| {
-                let n = room.len().min(len - given);
-                fill_pattern(id, dir, off + given as u64, &mut room[..n]);
-                given += n;
-                n
+            self.session_mut(side).stream_write_with(id, len, |rooms| {
+                let mut given = 0usize;
+                for room in rooms.iter_mut() {
+                    let n = room.len().min(len - given);
+                    fill_pattern(id, dir, off + given as u64, &mut room[..n]);
+                    given += n;
+                }
+                given
             })
         } else {
             fill_pattern(id, dir, off, &mut data[..len]);
