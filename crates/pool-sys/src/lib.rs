@@ -101,6 +101,22 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
     Vec::new()
 }
 
+/// Registers a TCP socket with the tokio reactor as an
+/// [`AsyncFd`](tokio::io::unix::AsyncFd), for code that drives its
+/// readiness by hand (reading and writing with the socket's own calls, and
+/// clearing readiness after a short read). The socket must be non-blocking
+/// (as [`tokio::net::TcpStream::into_std`] leaves it). Must be called
+/// within a tokio runtime.
+pub fn async_tcp(
+    sock: std::net::TcpStream,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
+    // SAFETY: a `std::net::TcpStream` owns its file descriptor: it stays
+    // open, and `as_raw_fd` returns that same descriptor, until the stream
+    // is dropped, which happens only when the `AsyncFd` that now owns it is
+    // dropped (or gives it back with `into_inner`).
+    unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
