@@ -107,6 +107,7 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
 /// session (a daemon with 10,000 sessions, or a test that dials them)
 /// needs more than the usual default soft limit of 1,024.
 #[cfg(unix)]
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is `u64` here, not on every target
 pub fn raise_open_files_limit(want: u64) -> std::io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
