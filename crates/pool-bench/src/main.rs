@@ -9,6 +9,8 @@
 //! pool-bench forward LISTEN TARGET         (a bare relay: the floor path of bench-bridge)
 //! pool-bench flood       [--opens 200] [--sources 256] [--parallel 64]
 //! pool-bench reload      [--bridges 100] [--connections 1000] [--rounds 10]
+//! pool-bench scale-clients ADDR KEY [--sessions 2500] [--streams 10]   (scripts/bench-scale)
+//! pool-bench client-keys [--first 0] [--count 1]
 //! ```
 //!
 //! Each prints human lines and then `RESULT name=value unit=...` lines,
@@ -25,10 +27,11 @@ mod handshakes;
 mod idle;
 mod reload;
 mod resume;
+mod scale;
 mod throughput;
 
 const USAGE: &str =
-    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|drain|director|forward> [options]
+    "usage: pool-bench <handshakes|idle-memory|resume|throughput|flood|reload|handoff|drain|director|forward|scale-clients|client-keys> [options]
   handshakes  [--seconds 5] [--parallel 16] [--core-seconds 1.5]
                  sessions/s accepted by a listener on one core, and the
                  core responder handshake rate
@@ -58,7 +61,16 @@ const USAGE: &str =
                  placement's extra time to the first byte
   forward LISTEN TARGET
                  a bare TCP relay, no crypto, a thread per direction: two
-                 in a row are the floor that bench-bridge measures";
+                 in a row are the floor that bench-bridge measures
+  scale-clients ADDR SERVER_KEY [--sessions 2500] [--streams 10] [--first-key 0] [--workers 32] [--service pool.discard]
+                 connect that many sessions (keys --first-key.., one per
+                 worker, each from its own 127.64.x.y source), open S streams
+                 on each naming the service and writing a few bytes, print a
+                 READY line with timings, hold until stdin closes
+                 (scripts/bench-scale)
+  client-keys [--first 0] [--count 1]
+                 the public keys scale-clients uses, one a line (for a
+                 daemon's [trust] authorized file)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -78,6 +90,8 @@ fn main() {
         "handoff" => handoff::run(rest),
         "drain" => drain::run(rest),
         "director" => director::run(rest),
+        "scale-clients" => scale::clients(rest),
+        "client-keys" => scale::keys(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return;

@@ -538,6 +538,19 @@ pub(crate) fn stream_header(id: u64, fin: bool, len: usize, out: &mut [u8; 17]) 
     p
 }
 
+/// Writes the header of a STREAM frame whose length field takes two bytes
+/// whatever `len` is (a valid, non-minimal varint), so that the header's
+/// size is known before the data is: the data can be read into place
+/// behind it. `len` must be below 2^14 (every chunk is).
+pub(crate) fn stream_header_fixed(id: u64, len: usize, out: &mut [u8; 17]) -> usize {
+    debug_assert!(len < 1 << 14);
+    let mut p = 1;
+    out[0] = ty::STREAM;
+    put_varint(out, &mut p, id);
+    out[p..p + 2].copy_from_slice(&((len as u16 & 0x3fff) | 0x4000).to_be_bytes());
+    p + 2
+}
+
 /// Decodes one frame from the front of `r`.
 pub(crate) fn decode_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, WireError> {
     let t = r.u8()?;

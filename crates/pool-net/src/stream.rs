@@ -116,6 +116,9 @@ impl Rehomed {
 /// A consumer of a stream's buffered bytes: see [`RecvStream::read_with`].
 type Sink<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<usize> + 'a;
 
+/// A producer of a stream's next bytes: see [`SendStream::write_with`].
+type Source<'a> = dyn FnMut(&mut [io::IoSliceMut<'_>]) -> io::Result<usize> + 'a;
+
 impl Inner {
     fn finish_now(&self) {
         let mut st = self.shared.lock();
@@ -201,6 +204,51 @@ impl Inner {
             return home.poll_write(cx, data);
         }
         match st.core.stream_write(self.id, data) {
+            Ok(n) => {
+                drop(st);
+                self.shared.wake.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(StreamError::Blocked) => {
+                st.write_wakers.insert(self.id, cx.waker().clone());
+                Poll::Pending
+            }
+            Err(StreamError::Unknown(_)) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream is closed",
+            ))),
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+
+    /// Lets `f` write the stream's next bytes straight into the replay
+    /// buffer: see [`SendStream::write_with`].
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        f: &mut Source<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        if let Some(home) = self.home(&st) {
+            drop(st);
+            return home.poll_write_with(cx, max, f);
+        }
+        let mut source_err = None;
+        let res = st
+            .core
+            .stream_write_with(self.id, max, |rooms| match f(rooms) {
+                Ok(n) => n,
+                Err(e) => {
+                    source_err = Some(e);
+                    0
+                }
+            });
+        match res {
+            Ok(0) => Poll::Ready(match source_err {
+                Some(e) => Err(e),
+                None => Ok(0),
+            }),
             Ok(n) => {
                 drop(st);
                 self.shared.wake.notify_one();
@@ -336,6 +384,24 @@ impl SendStream {
     pub fn reset(&mut self, code: u64) {
         self.inner.reset(code);
         self.finished = true;
+    }
+
+    /// Writes without copying from a buffer of the caller's: waits until
+    /// the stream may take bytes, then hands `source` room for up to `max`
+    /// of them in the session's replay buffer (where sent bytes wait for
+    /// the peer's acknowledgement anyway), as slices to fill in order,
+    /// typically by one non-blocking vectored read from a socket. `source`
+    /// returns how many bytes it wrote. Returns that count; `Ok(0)` when
+    /// `source` returned `Ok(0)` (its end).
+    ///
+    /// `source` runs with the session locked, so it must not block or
+    /// await: a source with nothing to give now returns an error such as
+    /// [`io::ErrorKind::WouldBlock`], which is passed back unchanged.
+    pub async fn write_with<F>(&mut self, max: usize, mut source: F) -> io::Result<usize>
+    where
+        F: FnMut(&mut [io::IoSliceMut<'_>]) -> io::Result<usize>,
+    {
+        std::future::poll_fn(|cx| self.inner.poll_write_with(cx, max, &mut source)).await
     }
 }
 

@@ -8,18 +8,16 @@
 //! target) and the service name that selects the target. The target itself
 //! is never chosen by the peer.
 
-use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pool_net::{Endpoint, PublicKey, RecvStream, SendStream, Session};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use pool_net::{Endpoint, PublicKey, Session};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 pub use crate::router::{RESET_IDLE, RESET_NO_SERVICE, RESET_TARGET_UNREACHABLE, RESET_TCP};
 pub use crate::services::DISCARD_SERVICE;
@@ -92,159 +90,7 @@ pub struct BridgeStats {
     pub bytes_out: AtomicU64,
 }
 
-/// Which way a splice ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    Fin,
-    Reset,
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::BrokenPipe
-    )
-}
-
-/// Abortive close: once the socket is dropped the TCP peer sees RST, as
-/// if the far end had reset.
-pub(crate) fn abort_on_close(s: &TcpStream) {
-    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-}
-
-fn reset_tcp(w: &OwnedWriteHalf) {
-    abort_on_close(w.as_ref());
-}
-
-/// Carries bytes both ways between a TCP connection and a stream until
-/// both directions end, carrying FIN and reset faithfully.
-pub(crate) async fn splice(
-    tcp: TcpStream,
-    mut rs: RecvStream,
-    mut ws: SendStream,
-    idle: Option<Duration>,
-    stats: &BridgeStats,
-) {
-    let (mut tr, mut tw): (OwnedReadHalf, OwnedWriteHalf) = tcp.into_split();
-    let last = AtomicU64::new(0);
-    let start = Instant::now();
-    let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-
-    let up = async {
-        let mut buf = vec![0u8; 16 << 10];
-        loop {
-            match tr.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = ws.shutdown().await;
-                    return End::Fin;
-                }
-                Ok(n) => {
-                    touch();
-                    stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    if ws.write_all(&buf[..n]).await.is_err() {
-                        return End::Reset;
-                    }
-                    if n == buf.len() && buf.len() < (256 << 10) {
-                        buf.resize(256 << 10, 0);
-                    }
-                }
-                Err(e) => {
-                    if is_reset(&e) {
-                        ws.reset(RESET_TCP);
-                    }
-                    return End::Reset;
-                }
-            }
-        }
-    };
-    let down = async {
-        // What arrived on the stream goes straight from the session's
-        // buffer to the socket (one copy fewer than reading it into a
-        // buffer of our own first); it stays there until the socket takes
-        // it, so a slow target holds back the peer through flow control.
-        loop {
-            let mut tcp_failed = false;
-            let res = rs
-                .read_with(|a, b| {
-                    let r = tw.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
-                    tcp_failed = r.is_err();
-                    r
-                })
-                .await;
-            match res {
-                Ok(0) => {
-                    let _ = tw.shutdown().await;
-                    return End::Fin;
-                }
-                Ok(n) => {
-                    touch();
-                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) if tcp_failed && e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if tw.writable().await.is_err() {
-                        return End::Reset;
-                    }
-                }
-                Err(e) if tcp_failed => {
-                    if is_reset(&e) {
-                        rs.reset(RESET_TCP);
-                    }
-                    return End::Reset;
-                }
-                Err(_) => {
-                    reset_tcp(&tw);
-                    return End::Reset;
-                }
-            }
-        }
-    };
-    let idle_watch = async {
-        let Some(limit) = idle else {
-            return std::future::pending::<()>().await;
-        };
-        loop {
-            tokio::time::sleep(limit / 4).await;
-            let quiet = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
-            if quiet >= limit.as_millis() as u64 {
-                return;
-            }
-        }
-    };
-    let reset = {
-        tokio::pin!(up, down, idle_watch);
-        let (mut up_end, mut down_end) = (None, None);
-        loop {
-            if up_end.is_some() && down_end.is_some() {
-                break false;
-            }
-            tokio::select! {
-                e = &mut up, if up_end.is_none() => {
-                    up_end = Some(e);
-                    if e == End::Reset { break true; }
-                }
-                e = &mut down, if down_end.is_none() => {
-                    down_end = Some(e);
-                    if e == End::Reset { break true; }
-                }
-                () = &mut idle_watch => {
-                    debug!("idle timeout: resetting the connection");
-                    break true;
-                }
-            }
-        }
-    };
-    if reset {
-        rs.reset(RESET_TCP);
-        reset_tcp(&tw);
-    }
-    // Dropping an `OwnedWriteHalf` shuts the write side down first, which
-    // sends a FIN ahead of the RST: the peer would read a clean end of
-    // stream instead of a reset. Close the socket with the read half only.
-    tw.forget();
-    drop(tr);
-}
+pub(crate) use crate::splice::{abort_on_close, splice};
 
 /// The `tcp2pool` end.
 #[derive(Clone, Debug)]

@@ -28,6 +28,7 @@ mod refusals;
 pub mod router;
 pub mod services;
 pub mod shim;
+mod splice;
 pub mod types;
 pub mod vault;
 pub mod worker;

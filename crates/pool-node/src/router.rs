@@ -63,8 +63,12 @@ pub fn reset_reason(code: u64) -> &'static str {
 }
 
 /// Streams the router carries at once, all services together; each service
-/// may have a lower limit of its own.
-pub const MAX_STREAMS: usize = 65_536;
+/// may have a lower limit of its own. 262,144: room for a daemon with
+/// 10,000 sessions of 10 streams each (issue 18; `scripts/bench-scale`)
+/// with headroom. An idle stream costs the daemon about 4 KiB, so the cap
+/// bounds the router at about 1 GiB. (It was 65,536, and a node at it
+/// reset every new stream, an active session's included.)
+pub const MAX_STREAMS: usize = 262_144;
 
 /// How long a new stream may take to send its preamble.
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);

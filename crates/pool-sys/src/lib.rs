@@ -101,6 +101,51 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
     Vec::new()
 }
 
+/// Registers a TCP socket with the tokio reactor as an
+/// [`AsyncFd`](tokio::io::unix::AsyncFd), for code that drives its
+/// readiness by hand (reading and writing with the socket's own calls, and
+/// clearing readiness after a short read). The socket must be non-blocking
+/// (as [`tokio::net::TcpStream::into_std`] leaves it). Must be called
+/// within a tokio runtime.
+pub fn async_tcp(
+    sock: std::net::TcpStream,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
+    // SAFETY: a `std::net::TcpStream` owns its file descriptor: it stays
+    // open, and `as_raw_fd` returns that same descriptor, until the stream
+    // is dropped, which happens only when the `AsyncFd` that now owns it is
+    // dropped (or gives it back with `into_inner`).
+    unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(std::io::Error::from)
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to
+/// `want`, or to the hard limit if that is lower; never lowers it. Returns
+/// the soft limit in force afterwards. A process that holds one socket per
+/// session (a daemon with 10,000 sessions, or a test that dials them)
+/// needs more than the usual default soft limit of 1,024.
+#[cfg(unix)]
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is `u64` here, not on every target
+pub fn raise_open_files_limit(want: u64) -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit` for the whole call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let target = (want as libc::rlim_t).min(lim.rlim_max);
+    if target <= lim.rlim_cur {
+        return Ok(lim.rlim_cur as u64);
+    }
+    lim.rlim_cur = target;
+    // SAFETY: `lim` is a valid `rlimit`, read by the kernel only during
+    // the call; a soft limit at or below the hard limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(target as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +162,13 @@ mod tests {
     fn lists_loopback() {
         let a = local_addresses();
         assert!(a.iter().any(|ip| ip.is_loopback()), "{a:?}");
+    }
+
+    #[test]
+    fn open_files_limit_never_drops() {
+        let now = raise_open_files_limit(0).unwrap();
+        assert!(now > 0);
+        assert!(raise_open_files_limit(now + 1).unwrap() >= now);
     }
 
     #[test]

@@ -627,7 +627,7 @@ impl Session {
     pub fn debug_sizes(&self) -> DebugSizes {
         let local_bit = u64::from(self.role == Role::Responder);
         DebugSizes {
-            replay_bytes: self.send.bytes.len(),
+            replay_bytes: self.send.bytes_len(),
             replay_frames: self.send.lens.len(),
             recv_buffered: self.streams.values().map(|s| s.recv_buf.len()).sum(),
             peer_streams: self

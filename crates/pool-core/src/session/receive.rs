@@ -390,9 +390,7 @@ impl Session {
     /// keepalive tick, never on the data path (shrinking there and growing
     /// again on the next write would cost more than the copy itself).
     pub(super) fn shrink_idle_buffers(&mut self) {
-        if self.send.lens.is_empty() && self.send.bytes.capacity() > (64 << 10) {
-            self.send.bytes.shrink_to(0);
-        }
+        self.send.shrink_if_empty(64 << 10);
         for st in self.streams.values_mut() {
             if st.recv_buf.is_empty() && st.recv_buf.capacity() > (16 << 10) {
                 st.recv_buf.shrink_to(0);

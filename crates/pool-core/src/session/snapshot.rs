@@ -63,7 +63,7 @@ impl Session {
     /// The session's state as bytes (see the module docs for what is in
     /// it). Take it between inputs; the session itself is unchanged.
     pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
-        let mut w = W(Vec::with_capacity(256 + self.send.bytes.len()));
+        let mut w = W(Vec::with_capacity(256 + self.send.bytes_len()));
         w.0.extend_from_slice(MAGIC);
         w.u8(match self.role {
             Role::Initiator => 0,

@@ -2,6 +2,7 @@
 //! read) and close.
 
 use std::collections::VecDeque;
+use std::io::IoSliceMut;
 use std::time::Instant;
 
 use super::*;
@@ -120,6 +121,70 @@ impl Session {
             }
             return Err(StreamError::Blocked);
         }
+        if let Some(st) = self.streams.get_mut(&id) {
+            st.sent += written as u64;
+        }
+        self.data_sent += written as u64;
+        self.stats.stream_bytes_sent += written as u64;
+        Ok(written)
+    }
+
+    /// Like [`Session::stream_write`], without a copy: `fill` gets room in
+    /// the replay buffer for up to `max` bytes (as slices, in order: the
+    /// bodies of the frames they will make), writes the stream's next
+    /// bytes into them and returns how many it wrote; a bridge passes them
+    /// to one vectored read of its socket. Returns the bytes written, which
+    /// may be 0 when `fill` wrote nothing, or [`StreamError::Blocked`]
+    /// without calling `fill` when there is no room or credit (then wait
+    /// for [`Event::StreamWritable`]).
+    pub fn stream_write_with(
+        &mut self,
+        id: u64,
+        max: usize,
+        fill: impl FnOnce(&mut [IoSliceMut<'_>]) -> usize,
+    ) -> Result<usize, StreamError> {
+        self.check_open()?;
+        if self.frozen {
+            if !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        let st = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
+        if let Some(code) = st.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if st.fin_queued {
+            return Err(StreamError::Finished);
+        }
+        let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
+        let mut hdr = [0u8; 17];
+        let hdr_len = wire::stream_header_fixed(id, 0, &mut hdr);
+        // Keep the headroom `stream_write` keeps (a RESET_STREAM or FIN
+        // frame still fits behind a full write): without it a full buffer
+        // could hold reset streams past the peer's stream limit.
+        let avail = self.send.space().saturating_sub(17);
+        let per = MAX_STREAM_CHUNK + hdr_len;
+        let fits = avail / per * MAX_STREAM_CHUNK + (avail % per).saturating_sub(hdr_len);
+        let total = (max as u64).min(credit).min(fits as u64) as usize;
+        if total == 0 {
+            if max > 0 && !self.blocked.contains(&id) {
+                self.blocked.push(id);
+            }
+            return Err(StreamError::Blocked);
+        }
+        let (written, frames) = self.send.fill_frames(
+            hdr_len,
+            MAX_STREAM_CHUNK,
+            total,
+            |len, out| {
+                let mut h = [0u8; 17];
+                wire::stream_header_fixed(id, len, &mut h);
+                out.copy_from_slice(&h[..out.len()]);
+            },
+            fill,
+        );
+        self.stats.frames_sent += frames as u64;
         if let Some(st) = self.streams.get_mut(&id) {
             st.sent += written as u64;
         }

@@ -260,6 +260,6 @@ impl Session {
 
     /// Bytes of sequenced frames waiting for the carrier.
     pub fn pending_bytes(&self) -> usize {
-        self.send.bytes.len() - self.send.tx_offset
+        self.send.bytes_len() - self.send.tx_offset
     }
 }

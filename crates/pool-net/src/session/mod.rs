@@ -551,8 +551,16 @@ pub(crate) fn attach(shared: &Arc<Shared>, carrier: BoxedCarrier) {
 async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64) {
     let mut retired = shared.generation.subscribe();
     let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+    // Bytes before `start` are records already handled: the rest (a
+    // partial record) moves to the front only when the buffer is full,
+    // not after every read.
+    let mut start = 0usize;
     let mut last_big = Instant::now();
     loop {
+        if buf.len() == buf.capacity() && start > 0 {
+            buf.drain(..start);
+            start = 0;
+        }
         if buf.len() == buf.capacity() {
             let grow = buf.capacity().clamp(16 << 10, 256 << 10);
             buf.reserve(grow);
@@ -584,12 +592,18 @@ async fn read_loop(shared: Arc<Shared>, mut rd: ReadHalf<BoxedCarrier>, gen: u64
                     return;
                 }
                 Ok(_) => {
-                    let used = st.core.handle_carrier_data(Instant::now(), &mut buf);
+                    let used = st
+                        .core
+                        .handle_carrier_data(Instant::now(), &mut buf[start..]);
                     process_events(&mut st, &shared);
                     let closed = st.core.is_closed();
                     let frozen = st.core.is_frozen();
                     drop(st);
-                    buf.drain(..used);
+                    start += used;
+                    if start == buf.len() || frozen {
+                        buf.drain(..start);
+                        start = 0;
+                    }
                     shared.wake.notify_one();
                     if closed {
                         return;

@@ -116,8 +116,23 @@ impl World {
         let max = self.rng.pick(&[100, 2000, 20000]);
         let len = self.rng.range(1, max) as usize;
         let mut data = std::mem::take(&mut self.scratch);
-        fill_pattern(id, dir, off, &mut data[..len]);
-        let r = self.session_mut(side).stream_write(id, &data[..len]);
+        // Half the writes (odd lengths, so the schedule's random draws stay
+        // as they were) fill the replay buffer in place, the way a bridge
+        // reads its socket into it; the source then runs dry after `len`.
+        let r = if len % 2 == 1 {
+            self.session_mut(side).stream_write_with(id, len, |rooms| {
+                let mut given = 0usize;
+                for room in rooms.iter_mut() {
+                    let n = room.len().min(len - given);
+                    fill_pattern(id, dir, off + given as u64, &mut room[..n]);
+                    given += n;
+                }
+                given
+            })
+        } else {
+            fill_pattern(id, dir, off, &mut data[..len]);
+            self.session_mut(side).stream_write(id, &data[..len])
+        };
         self.scratch = data;
         let name = self.nodes[side].name;
         match r {
