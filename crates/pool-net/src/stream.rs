@@ -203,10 +203,24 @@ impl Inner {
             drop(st);
             return home.poll_write(cx, data);
         }
-        match st.core.stream_write(self.id, data) {
+        let res = st.core.stream_write(self.id, data);
+        self.written(st, cx, res)
+    }
+
+    /// A write's outcome: wakes the driver for what was written, or waits
+    /// for room.
+    fn written(
+        &self,
+        mut st: std::sync::MutexGuard<'_, crate::session::State>,
+        cx: &mut Context<'_>,
+        res: Result<usize, StreamError>,
+    ) -> Poll<io::Result<usize>> {
+        match res {
             Ok(n) => {
                 drop(st);
-                self.shared.wake.notify_one();
+                if n > 0 {
+                    self.shared.wake.notify_one();
+                }
                 Poll::Ready(Ok(n))
             }
             Err(StreamError::Blocked) => {
@@ -244,25 +258,9 @@ impl Inner {
                     0
                 }
             });
-        match res {
-            Ok(0) => Poll::Ready(match source_err {
-                Some(e) => Err(e),
-                None => Ok(0),
-            }),
-            Ok(n) => {
-                drop(st);
-                self.shared.wake.notify_one();
-                Poll::Ready(Ok(n))
-            }
-            Err(StreamError::Blocked) => {
-                st.write_wakers.insert(self.id, cx.waker().clone());
-                Poll::Pending
-            }
-            Err(StreamError::Unknown(_)) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "stream is closed",
-            ))),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+        match (res, source_err) {
+            (Ok(0), Some(e)) => Poll::Ready(Err(e)),
+            (res, _) => self.written(st, cx, res),
         }
     }
 

@@ -82,10 +82,9 @@ impl Session {
         self.stats.frames_sent += 1;
     }
 
-    /// Writes as much of `data` as flow control and the replay buffer
-    /// allow; returns the count, or [`StreamError::Blocked`] if none
-    /// (then wait for [`Event::StreamWritable`]).
-    pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
+    /// What a write on stream `id` may send now (stream and session credit),
+    /// or why it may not write at all.
+    fn write_credit(&mut self, id: u64) -> Result<u64, StreamError> {
         self.check_open()?;
         if self.frozen {
             // Waits for unfreeze (nothing moves) or for the runtime to
@@ -102,7 +101,14 @@ impl Session {
         if st.fin_queued {
             return Err(StreamError::Finished);
         }
-        let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
+        Ok((st.send_max - st.sent).min(self.send_max_data - self.data_sent))
+    }
+
+    /// Writes as much of `data` as flow control and the replay buffer
+    /// allow; returns the count, or [`StreamError::Blocked`] if none
+    /// (then wait for [`Event::StreamWritable`]).
+    pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
+        let credit = self.write_credit(id)?;
         let mut written = 0usize;
         let mut left = (data.len() as u64).min(credit) as usize;
         while left > 0 {
@@ -143,21 +149,7 @@ impl Session {
         max: usize,
         fill: impl FnOnce(&mut [IoSliceMut<'_>]) -> usize,
     ) -> Result<usize, StreamError> {
-        self.check_open()?;
-        if self.frozen {
-            if !self.blocked.contains(&id) {
-                self.blocked.push(id);
-            }
-            return Err(StreamError::Blocked);
-        }
-        let st = self.streams.get(&id).ok_or(StreamError::Unknown(id))?;
-        if let Some(code) = st.reset {
-            return Err(StreamError::Reset(code));
-        }
-        if st.fin_queued {
-            return Err(StreamError::Finished);
-        }
-        let credit = (st.send_max - st.sent).min(self.send_max_data - self.data_sent);
+        let credit = self.write_credit(id)?;
         let mut hdr = [0u8; 17];
         let hdr_len = wire::stream_header_fixed(id, 0, &mut hdr);
         // Keep the headroom `stream_write` keeps (a RESET_STREAM or FIN
