@@ -83,7 +83,7 @@ pub(crate) async fn splice(
             let res = ws
                 .write_with(UP_BATCH, |rooms| {
                     let room: usize = rooms.iter().map(|r| r.len()).sum();
-                    let r = (&*sock.get_ref()).read_vectored(rooms);
+                    let r = sock.get_ref().read_vectored(rooms);
                     match &r {
                         Ok(n) => short = *n < room,
                         Err(e) => tcp_err = Some(e.kind()),
@@ -130,8 +130,9 @@ pub(crate) async fn splice(
                 let mut tcp_err = None;
                 let res = rs
                     .read_with(|a, b| {
-                        let r =
-                            (&*sock.get_ref()).write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
+                        let r = sock
+                            .get_ref()
+                            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
                         if let Err(e) = &r {
                             tcp_err = Some(e.kind());
                         }
