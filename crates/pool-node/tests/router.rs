@@ -54,8 +54,10 @@ async fn ask(session: &Session, service: &str, body: &[u8]) -> Result<Vec<u8>, O
     }
     .encode();
     msg.extend_from_slice(body);
-    ws.write_all(&msg).await.map_err(|_| None)?;
-    ws.shutdown().await.map_err(|_| None)?;
+    // The router may reset the stream before our FIN is queued: then the
+    // write or the shutdown is what meets the reset and its code.
+    ws.write_all(&msg).await.map_err(|e| reset_code(&e))?;
+    ws.shutdown().await.map_err(|e| reset_code(&e))?;
     let mut out = Vec::new();
     match rs.read_to_end(&mut out).await {
         Ok(_) => Ok(out),
