@@ -2,44 +2,19 @@
 //! the line that was edited, removed or reordered. A full disk is counted
 //! and logged, and never blocks the caller.
 
+mod util;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pool_journal::{
     key_path, public_key, verify, verify_with_key, Event, Journal, JournalError, CHECKPOINT_EVENT,
     CHECKPOINT_EVERY,
 };
 use serde_json::{json, Value};
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "pool-journal-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self) -> PathBuf {
-        self.0.join("journal.log")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::TempDir;
 
 async fn flush(j: &Journal) {
     tokio::time::timeout(Duration::from_secs(10), j.flush())

@@ -2,42 +2,18 @@
 //! under load no entry is lost or reordered, the series verifies, and an
 //! edit (or a cut end, or a missing file) is named by file and line.
 
+mod util;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pool_journal::{
     public_key, sealed_path, series_files, verify_series, Event, Journal, JournalConfig,
     CONTINUED_EVENT,
 };
 use serde_json::{json, Value};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "pool-journal-rot-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self) -> PathBuf {
-        self.0.join("journal.log")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::TempDir;
 
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
